@@ -1,0 +1,102 @@
+"""Plain data returned by the library: per-layer symmetry figures and whole-run reports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Symmetry figures of one linear layer (a Gemm/MatMul producer) and its collapse.
+
+    ``width`` counts the layer's output channels; ``fibers``/``opfibers``/``covers`` count the
+    colors of each partition of those channels; ``width_after`` is the width the collapse keeps
+    (equal to ``width`` when ``frozen`` names why the channels may not shrink); ``params`` and
+    ``params_after`` count the scalars in the layer's weight and bias before and after.
+    """
+
+    name: str
+    op_type: str
+    tensor: str
+    width: int
+    fibers: int
+    opfibers: int
+    covers: int
+    largest_fiber: int
+    width_after: int
+    params: int
+    params_after: int
+    frozen: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """Largest absolute and relative difference seen on one model output."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    ok: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Per-output errors of a candidate model against a reference, over all input batches."""
+
+    outputs: list[OutputError]
+    rtol: float
+    atol: float
+    batches: int
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "batches": self.batches,
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+
+@dataclass
+class CompressionReport:
+    """Everything a compression run measured; the CLI's table and ``--report`` JSON show this."""
+
+    eps: float
+    symmetry: str
+    params_before: int
+    params_after: int
+    nodes_before: int
+    nodes_after: int
+    layers: list[LayerReport]
+    seconds: float
+    bytes_before: int | None = None
+    bytes_after: int | None = None
+    validation: ValidationReport | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "eps": self.eps,
+            "symmetry": self.symmetry,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "seconds": self.seconds,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "validation": self.validation.to_dict() if self.validation else None,
+            **self.extra,
+        }
