@@ -1,0 +1,200 @@
+"""Reading, checking and atomically writing ONNX models (with external data when needed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import onnx
+from onnx import external_data_helper
+
+from onnxfib._version import __version__
+from onnxfib.errors import InvalidModelError, OnnxfibError, UsageError
+
+#: Serialized models at or above this size must keep their tensors in an external data file.
+PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF
+
+ModelSource = str | os.PathLike | onnx.ModelProto
+
+
+class LoadedModel(NamedTuple):
+    """A checked model, the file it came from (None when given in memory), and whether that
+    file kept its tensors in external data."""
+
+    model: onnx.ModelProto
+    path: Path | None
+    external_data: bool
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when empty), capped at 300 chars."""
+    text = str(exc).strip() or type(exc).__name__
+    line = text.splitlines()[0].strip()
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def too_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` cannot be serialized as a single protobuf (2 GB limit)."""
+    return model.ByteSize() >= PROTOBUF_LIMIT
+
+
+def _check(model: onnx.ModelProto, path: Path | None) -> None:
+    """Run the full checker on ``path`` (handles external data and > 2 GB) or on ``model``."""
+    if path is not None:
+        onnx.checker.check_model(str(path), full_check=True)
+    elif too_large(model):
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / "model.onnx"
+            write_model(model, target, external_data=True)
+            onnx.checker.check_model(str(target), full_check=True)
+    else:
+        onnx.checker.check_model(model, full_check=True)
+
+
+def open_model(source: ModelSource) -> LoadedModel:
+    """Load ``source`` (a path, or a ModelProto that is copied, never modified) with its external
+    data in memory and pass it through the full checker; any failure raises InvalidModelError."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        try:
+            _check(model, None)
+        except Exception as exc:  # the checker raises several unrelated types
+            raise InvalidModelError(f"model fails the ONNX checker: {first_line(exc)}") from exc
+        return LoadedModel(model, None, False)
+    path = Path(source)
+    if not path.exists():
+        raise InvalidModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise InvalidModelError(f"{path}: not a regular file")
+    try:
+        model = onnx.load_model(str(path), format="protobuf", load_external_data=False)
+    except Exception as exc:
+        raise InvalidModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
+    external = any(
+        external_data_helper.uses_external_data(t)
+        for t in external_data_helper._get_all_tensors(model)  # no public walker in onnx 1.23
+    )
+    try:
+        if external:
+            external_data_helper.load_external_data_for_model(model, str(path.resolve().parent))
+    except Exception as exc:
+        raise InvalidModelError(f"{path}: cannot read its external data ({first_line(exc)})") from exc
+    try:
+        _check(model, path)
+    except Exception as exc:
+        raise InvalidModelError(f"{path}: model fails the ONNX checker: {first_line(exc)}") from exc
+    return LoadedModel(model, path, external)
+
+
+def load_model(source: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
+    """Load and check a model (see ``open_model``); returns the model and its file, if any."""
+    loaded = open_model(source)
+    return loaded.model, loaded.path
+
+
+def check_output_path(path: str | os.PathLike, *, protect: Path | None = None) -> Path:
+    """Return ``path`` if a file may be written there: its directory exists and it is not the
+    (symlink- and relative-path-resolved) file ``protect``; UsageError otherwise."""
+    out = Path(path)
+    if protect is not None and out.resolve() == Path(protect).resolve():
+        raise UsageError(f"{out}: output path is the input file; choose another output path")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"{out}: output directory {parent} does not exist or is not a directory")
+    if out.is_dir():
+        raise UsageError(f"{out}: output path is a directory")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{out}: output directory {parent} is not writable")
+    return out
+
+
+def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool) -> None:
+    """Serialize to ``target`` (not atomic); external data goes to ``<target name>.data`` beside it."""
+    if external_data:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # onnx.save moves tensor bytes out of the proto it is given
+        onnx.save_model(
+            copy,
+            str(target),
+            format="protobuf",
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=target.name + ".data",
+        )
+    else:
+        onnx.save_model(model, str(target), format="protobuf")
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool,
+    protect: Path | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically: files are written in a temporary directory next to
+    the target and renamed into place, so the output appears whole or not at all. Tensors go to
+    ``<name>.data`` when ``external_data`` is set or the model is too large for one protobuf.
+    Refuses (UsageError) to overwrite ``protect`` or to write into a missing/unwritable directory."""
+    out = check_output_path(path, protect=protect)
+    use_external = external_data or too_large(model)
+    data_out = out.with_name(out.name + ".data")
+    if use_external and protect is not None and data_out.resolve() == Path(protect).resolve():
+        raise UsageError(f"{data_out}: external data path is the input file; choose another output")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".onnxfib-", dir=out.resolve().parent))
+    except OSError as exc:
+        raise UsageError(f"{out}: cannot write in its directory ({first_line(exc)})") from exc
+    try:
+        write_model(model, tmp / out.name, external_data=use_external)
+        if (tmp / data_out.name).exists():  # absent when every tensor is under onnx's 1 KB threshold
+            os.replace(tmp / data_out.name, data_out)
+        os.replace(tmp / out.name, out)
+    except OSError as exc:
+        if use_external and not out.exists():
+            data_out.unlink(missing_ok=True)
+        raise UsageError(f"{out}: cannot write the output ({first_line(exc)})") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, protect: Path | None = None) -> Path:
+    """Write ``text`` to ``path`` via a temporary file and a rename (UsageError when impossible)."""
+    out = check_output_path(path, protect=protect)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnxfib-", dir=out.resolve().parent)
+    except OSError as exc:
+        raise UsageError(f"{out}: cannot write in its directory ({first_line(exc)})") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise UsageError(f"{out}: cannot write ({first_line(exc)})") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def finalize_model(model: onnx.ModelProto, *, eps: float, symmetry: str) -> onnx.ModelProto:
+    """Record the run's settings in ``metadata_props`` (``onnxfib.*`` keys, replacing old ones),
+    then require the full checker and strict shape inference to pass; a failure is an internal
+    bug and raises OnnxfibError. Modifies and returns ``model``."""
+    settings = {"onnxfib.version": __version__, "onnxfib.eps": repr(float(eps)), "onnxfib.symmetry": symmetry}
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **settings})
+    try:
+        _check(model, None)
+        if not too_large(model):
+            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise OnnxfibError(
+            f"internal error: the compressed model is not valid ONNX ({first_line(exc)}); "
+            "please report this with the input model"
+        ) from exc
+    return model

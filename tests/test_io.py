@@ -1,0 +1,135 @@
+"""onnxfib.io: loading with checks, atomic saving, external data, finalize_model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from conftest import build_mlp, sha256
+
+from onnxfib import io
+from onnxfib.errors import InvalidModelError, OnnxfibError, UsageError
+
+
+def test_load_model_from_path_and_proto(mlp_path, mlp_model):
+    model, path = io.load_model(mlp_path)
+    assert path == mlp_path
+    assert model.graph.output[0].name == "y"
+    copy, none = io.load_model(mlp_model)
+    assert none is None
+    copy.graph.name = "changed"
+    assert mlp_model.graph.name == "mlp"  # the caller's proto is never modified
+
+
+def test_open_model_reports_external_data(write_model, mlp_model):
+    path = write_model(mlp_model, "ext.onnx", external_data=True)
+    loaded = io.open_model(path)
+    assert loaded.external_data
+    assert all(not onnx.external_data_helper.uses_external_data(t) for t in loaded.model.graph.initializer)
+    assert not io.open_model(write_model(mlp_model, "inline.onnx")).external_data
+
+
+def test_missing_external_data_is_invalid(write_model, mlp_model):
+    path = write_model(mlp_model, "ext.onnx", external_data=True)
+    (path.parent / "ext.onnx.data").unlink()
+    with pytest.raises(InvalidModelError, match="ext.onnx"):
+        io.load_model(path)
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "text", "truncated", "checker"])
+def test_load_failures_name_the_file(tmp_path, mlp_path, kind):
+    target = {"missing": tmp_path / "nope.onnx", "directory": tmp_path}.get(kind, tmp_path / "bad.onnx")
+    if kind == "text":
+        target.write_bytes(b"this is not an onnx model\n" * 10)
+    elif kind == "truncated":
+        data = mlp_path.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    elif kind == "checker":
+        model = build_mlp([8, 16, 3])
+        model.graph.node[0].input[1] = "no_such_tensor"
+        onnx.save_model(model, str(target))
+    with pytest.raises(InvalidModelError) as info:
+        io.load_model(target)
+    message = str(info.value)
+    assert target.name in message and "\n" not in message
+
+
+def test_save_model_roundtrip_and_no_temp_left(tmp_path, mlp_model):
+    out = io.save_model(mlp_model, tmp_path / "out.onnx", external_data=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+    assert onnx.load_model(str(out)) == mlp_model
+
+
+def test_save_model_external_data(tmp_path):
+    mlp_model = build_mlp([8, 64, 3])  # W0 is 2 KB: above onnx's 1 KB external-data threshold
+    out = io.save_model(mlp_model, tmp_path / "out.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    assert any(onnx.external_data_helper.uses_external_data(t) for t in onnx.load_model(str(out), load_external_data=False).graph.initializer)
+    loaded = io.open_model(out)
+    assert loaded.external_data
+    for a, b in zip(loaded.model.graph.initializer, mlp_model.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    # the caller's proto keeps its tensors inline
+    assert all(t.raw_data for t in mlp_model.graph.initializer)
+
+
+def test_save_model_refuses_input_path_also_through_symlink_and_relative(tmp_path, mlp_path, mlp_model, monkeypatch):
+    before = sha256(mlp_path)
+    link = tmp_path / "link.onnx"
+    link.symlink_to(mlp_path)
+    monkeypatch.chdir(tmp_path)
+    for target in (mlp_path, link, "mlp.onnx", "./sub/../mlp.onnx"):
+        with pytest.raises(UsageError, match="input file"):
+            io.save_model(mlp_model, target, external_data=False, protect=mlp_path)
+    assert sha256(mlp_path) == before
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "under_file", "is_dir"])
+def test_save_model_unwritable_target(tmp_path, mlp_model, where):
+    (tmp_path / "plain.txt").write_text("x")
+    (tmp_path / "adir").mkdir()
+    target = {
+        "missing_dir": tmp_path / "nope" / "out.onnx",
+        "under_file": tmp_path / "plain.txt" / "out.onnx",
+        "is_dir": tmp_path / "adir",
+    }[where]
+    listing = sorted(os.listdir(tmp_path))
+    with pytest.raises(UsageError):
+        io.save_model(mlp_model, target, external_data=False)
+    assert sorted(os.listdir(tmp_path)) == listing
+    assert os.listdir(tmp_path / "adir") == []
+
+
+def test_save_model_replaces_existing_output_whole(tmp_path, mlp_model, plain_model):
+    out = tmp_path / "out.onnx"
+    io.save_model(plain_model, out, external_data=False)
+    io.save_model(mlp_model, out, external_data=False)
+    assert onnx.load_model(str(out)) == mlp_model
+
+
+def test_write_text_atomic(tmp_path):
+    out = io.write_text_atomic(tmp_path / "r.json", "{}")
+    assert out.read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    with pytest.raises(UsageError):
+        io.write_text_atomic(tmp_path / "r.json" / "x.json", "{}")
+
+
+def test_finalize_model_sets_namespaced_metadata(mlp_model):
+    onnx.helper.set_model_props(mlp_model, {"author": "me", "onnxfib.eps": "old"})
+    io.finalize_model(mlp_model, eps=0.25, symmetry="cover")
+    props = {p.key: p.value for p in mlp_model.metadata_props}
+    assert props["author"] == "me"
+    assert props["onnxfib.eps"] == "0.25"
+    assert props["onnxfib.symmetry"] == "cover"
+    assert props["onnxfib.version"]
+    assert [p.key for p in mlp_model.metadata_props].count("onnxfib.eps") == 1
+
+
+def test_finalize_model_rejects_invalid_model_as_internal_error(mlp_model):
+    mlp_model.graph.node[0].input[1] = "dangling"
+    with pytest.raises(OnnxfibError, match="internal error") as info:
+        io.finalize_model(mlp_model, eps=0.0, symmetry="fiber")
+    assert not isinstance(info.value, (InvalidModelError, UsageError))
