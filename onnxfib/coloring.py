@@ -1,0 +1,124 @@
+"""Scaled colorings and the clustering that produces them.
+
+A :class:`Coloring` states that channel ``i`` carries ``scales[i] * base[color(i)]`` for every
+input: equal colors with equal scales are fibers (paper Eq. 3); unequal positive scales are the
+scale rule of DESIGN §2. :class:`Tolerance` turns eps into the grouping decisions: exact
+(eps = 0, equal to float rounding) or agglomerative on cosine distance (eps in (0, 2)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+
+from .partition import Partition
+
+#: Largest difference (max-norm, after normalising) still called "equal" in exact mode.
+EXACT_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Coloring:
+    """A partition of a channel axis plus the positive scale of each channel in its color."""
+
+    partition: Partition
+    scales: np.ndarray
+
+    @classmethod
+    def discrete(cls, n: int) -> Coloring:
+        return cls(Partition.discrete(n), np.ones(n))
+
+    def __len__(self) -> int:
+        return len(self.partition)
+
+    @property
+    def is_unit(self) -> bool:
+        return bool(np.all(self.scales == 1.0))
+
+    def with_partition(self, partition: Partition) -> Coloring:
+        """The same scales over a finer partition."""
+        return Coloring(partition, self.scales)
+
+    def relative_scales(self, partition: Partition | None = None) -> np.ndarray:
+        """Scales divided by their mean over each color (1 wherever a color's scales agree)."""
+        partition = partition or self.partition
+        mean = partition.reduce(self.scales, 0, mean=True)
+        return self.scales / mean[partition.labels]
+
+
+def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
+    """Labels grouping rows equal within ``tol`` in max-norm; linear in ``rows.size``.
+
+    Rows are sorted by a fixed random projection; a candidate run of near-equal projections
+    is then split greedily around representatives, so rows farther than ``tol`` apart never
+    share a label.
+    """
+    n = len(rows)
+    rows = np.asarray(rows, dtype=np.float64).reshape(n, -1)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    direction = np.random.default_rng(0).standard_normal(rows.shape[1])
+    direction /= max(np.linalg.norm(direction), 1e-300)
+    projection = rows @ direction
+    order = np.argsort(projection, kind="stable")
+    gaps = np.diff(projection[order]) > tol * np.abs(direction).sum()
+    run_starts = np.concatenate([[0], np.flatnonzero(gaps) + 1, [n]])
+    labels = np.empty(n, dtype=np.int64)
+    next_label = 0
+    for start, stop in zip(run_starts[:-1], run_starts[1:]):
+        members = order[start:stop]
+        while members.size:
+            rep = rows[members[0]]
+            close = np.max(np.abs(rows[members] - rep), axis=1) <= tol
+            labels[members[close]] = next_label
+            next_label += 1
+            members = members[~close]
+    return labels
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close two channels must be to share a color: eps = 0 exact, else cosine clustering."""
+
+    eps: float
+
+    @property
+    def exact(self) -> bool:
+        return self.eps == 0.0
+
+    def cluster(self, signatures: np.ndarray) -> Coloring:
+        """Fibers of rows of ``signatures`` under the scale rule: direction decides the color,
+        the norm is the channel's scale. All-zero rows form one color of their own."""
+        sig = np.asarray(signatures, dtype=np.float64).reshape(len(signatures), -1)
+        norms = np.linalg.norm(sig, axis=1)
+        zero = norms <= 1e-30
+        labels = np.full(len(sig), -1, dtype=np.int64)
+        live = np.flatnonzero(~zero)
+        if live.size:
+            unit = sig[live] / norms[live, None]
+            if self.exact or live.size == 1:
+                labels[live] = equal_row_labels(unit, EXACT_TOL)
+            else:
+                tree = linkage(unit, method="average", metric="cosine")
+                labels[live] = fcluster(tree, t=self.eps, criterion="distance")
+        scales = np.where(zero, 1.0, norms)
+        return Coloring(Partition(labels), scales)
+
+    def split_by_rows(self, coloring: Coloring, keys: np.ndarray) -> Coloring:
+        """Refine so channels of one color also agree on their key rows (relative tolerance)."""
+        keys = np.asarray(keys, dtype=np.float64).reshape(len(coloring), -1)
+        magnitude = float(np.max(np.abs(keys))) if keys.size else 0.0
+        tol = (EXACT_TOL if self.exact else self.eps) * max(magnitude, 1e-30)
+        keyed = Partition(equal_row_labels(keys, tol))
+        return coloring.with_partition(coloring.partition.meet(keyed))
+
+    def unit(self, coloring: Coloring) -> Coloring:
+        """Refine by scale so each color is truly synchronized (before a non-homogeneous op)."""
+        if coloring.is_unit:
+            return coloring
+        log_scales = np.log(coloring.scales)[:, None]
+        tol = EXACT_TOL if self.exact else self.eps
+        keyed = Partition(equal_row_labels(log_scales, tol))
+        return Coloring(coloring.partition.meet(keyed), np.ones(len(coloring)))

@@ -1,0 +1,113 @@
+"""A mutable view of an ONNX model's main graph, built on onnx-graphsurgeon.
+
+It resolves constant weights (initializers and Constant nodes alike), answers shape questions
+from ONNX shape inference, and writes rewritten weights back without disturbing tensors that
+other nodes share. Nothing here knows about colorings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+_CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape-inferred copy of ``model``, or the model itself where inference cannot run."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference is an aid, never a requirement: unknown shapes stay unknown
+        return model
+
+
+class GraphView:
+    """The model's main graph with Constant nodes materialised as constants, in topological order."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._source = model
+        self.graph = gs.import_onnx(_infer_shapes(model))
+        self._materialise_constant_nodes()
+        self.graph.toposort()
+        self.input_names = {t.name for t in self.graph.inputs}
+        self.output_names = {t.name for t in self.graph.outputs}
+        self._renamed = 0
+
+    def _materialise_constant_nodes(self) -> None:
+        for node in self.graph.nodes:
+            if node.op != "Constant" or node.domain not in (None, "", "ai.onnx"):
+                continue
+            out = node.outputs[0]
+            name = next((a for a in _CONSTANT_VALUE_ATTRS if a in node.attrs), None)
+            if name is None or out.name in {t.name for t in self.graph.outputs}:
+                continue
+            value = node.attrs[name]
+            values = value.values if isinstance(value, gs.Constant) else np.asarray(
+                value, dtype=np.float32 if "float" in name else np.int64
+            )
+            node.outputs.clear()
+            out.to_constant(np.asarray(values))
+        self.graph.cleanup(remove_unused_graph_inputs=False)
+
+    @property
+    def nodes(self) -> list[gs.Node]:
+        return list(self.graph.nodes)
+
+    @staticmethod
+    def constant(tensor: gs.Tensor) -> np.ndarray | None:
+        """The value of a constant tensor, None for an activation."""
+        return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+    @staticmethod
+    def rank(tensor: gs.Tensor) -> int | None:
+        shape = tensor.shape
+        return None if shape is None else len(shape)
+
+    @staticmethod
+    def dim(tensor: gs.Tensor, axis: int) -> int | None:
+        """Static size of ``tensor`` along ``axis``, None where unknown."""
+        shape = tensor.shape
+        if shape is None or not -len(shape) <= axis < len(shape):
+            return None
+        size = shape[axis]
+        return int(size) if isinstance(size, (int, np.integer)) and size >= 0 else None
+
+    def is_boundary(self, tensor: gs.Tensor) -> str | None:
+        """'graph input' / 'graph output' when the tensor's shape is part of the model's interface."""
+        if tensor.name in self.input_names:
+            return "graph input"
+        if tensor.name in self.output_names:
+            return "graph output"
+        return None
+
+    def set_constant(self, node: gs.Node, index: int, values: np.ndarray) -> None:
+        """Give ``node`` input ``index`` new constant values, copying the tensor if it is shared."""
+        old = node.inputs[index]
+        values = np.ascontiguousarray(values.astype(np.asarray(old.values).dtype, copy=False))
+        if len(old.outputs) == 1:
+            old.values = values
+            return
+        self._renamed += 1
+        node.inputs[index] = gs.Constant(f"{old.name}__onnxfib{self._renamed}", values)
+
+    def forget_shape(self, tensor: gs.Variable) -> None:
+        """Drop a tensor's recorded shape after its width changed (re-inferred on export)."""
+        tensor.shape = None
+
+    def export(self) -> onnx.ModelProto:
+        """The rewritten model, with the source's IR version, opsets and model-level fields."""
+        self.graph.cleanup(remove_unused_graph_inputs=False)
+        model = gs.export_onnx(self.graph, do_type_check=False)
+        source = self._source
+        model.ir_version = source.ir_version
+        del model.opset_import[:]
+        model.opset_import.extend(source.opset_import)
+        for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            setattr(model, field, getattr(source, field))
+        del model.metadata_props[:]
+        model.metadata_props.extend(source.metadata_props)
+        if not model.functions and source.functions:
+            model.functions.extend(source.functions)
+        return _infer_shapes(model)
+

@@ -1,0 +1,120 @@
+"""The Partition value type: a coloring of one channel axis, and its algebra.
+
+Pure numpy, no graph. Labels are canonical (colors numbered 0..k-1 in order of first
+appearance), so two partitions are equal exactly when their label arrays are equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _canonical(labels: np.ndarray) -> np.ndarray:
+    """Renumber arbitrary integer labels 0..k-1 in order of first appearance."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return rank[inverse.ravel()]
+
+
+class Partition:
+    """A partition of ``n`` channels into colors, held as canonical labels."""
+
+    __slots__ = ("labels",)
+
+    def __init__(self, labels: np.ndarray | Sequence[int]) -> None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1:
+            raise ValueError("partition labels must be one-dimensional")
+        self.labels = _canonical(labels)
+        self.labels.setflags(write=False)
+
+    @classmethod
+    def discrete(cls, n: int) -> Partition:
+        """Every channel its own color."""
+        return cls(np.arange(n))
+
+    @classmethod
+    def uniform(cls, n: int) -> Partition:
+        """All channels one color."""
+        return cls(np.zeros(n, dtype=np.int64))
+
+    @classmethod
+    def from_rows(cls, keys: np.ndarray) -> Partition:
+        """Channels whose key rows are bitwise equal share a color (keys: shape (n, ...))."""
+        keys = np.ascontiguousarray(keys).reshape(len(keys), -1)
+        if keys.shape[1] == 0:
+            return cls.uniform(len(keys))
+        _, inverse = np.unique(keys, axis=0, return_inverse=True)
+        return cls(inverse.ravel())
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Partition) and np.array_equal(self.labels, other.labels)
+
+    def __hash__(self) -> int:
+        return hash(self.labels.tobytes())
+
+    def __repr__(self) -> str:
+        return f"Partition({self.labels.tolist()})"
+
+    @property
+    def n_colors(self) -> int:
+        return int(self.labels.max()) + 1 if self.labels.size else 0
+
+    @property
+    def is_discrete(self) -> bool:
+        return self.n_colors == len(self)
+
+    def sizes(self) -> np.ndarray:
+        """Number of channels of each color."""
+        return np.bincount(self.labels, minlength=self.n_colors)
+
+    def meet(self, *others: Partition) -> Partition:
+        """Common refinement: two channels share a color iff they share one in every operand."""
+        if not others:
+            return self
+        for other in others:
+            if len(other) != len(self):
+                raise ValueError(f"cannot meet partitions of {len(self)} and {len(other)} channels")
+        return Partition.from_rows(np.stack([self.labels, *(o.labels for o in others)], axis=1))
+
+    def is_finer_than(self, other: Partition) -> bool:
+        """True when every color of ``self`` lies inside one color of ``other``."""
+        return len(self) == len(other) and self.meet(other).n_colors == self.n_colors
+
+    @staticmethod
+    def concat(parts: Sequence[Partition]) -> Partition:
+        """Coloring of a concatenated axis: colors of different parts never coincide."""
+        offsets = np.cumsum([0] + [p.n_colors for p in parts[:-1]])
+        return Partition(np.concatenate([p.labels + off for p, off in zip(parts, offsets)]))
+
+    def restrict(self, indices: np.ndarray | Sequence[int] | slice) -> Partition:
+        """Coloring of the selected channels (Split, Slice, Gather along the channel axis)."""
+        return Partition(self.labels[indices])
+
+    def flatten(self, spatial: int) -> Partition:
+        """Coloring of features (c, s), c-major: feature c*spatial+s gets color (color(c), s)."""
+        return Partition((self.labels[:, None] * spatial + np.arange(spatial)[None, :]).ravel())
+
+    def representatives(self) -> np.ndarray:
+        """Index of the first channel of each color, in color order."""
+        return np.unique(self.labels, return_index=True)[1]
+
+    def reduce(self, array: np.ndarray, axis: int, *, mean: bool = False) -> np.ndarray:
+        """Sum (or mean) of ``array`` over the channels of each color along ``axis``."""
+        moved = np.moveaxis(np.asarray(array), axis, 0)
+        order = np.argsort(self.labels, kind="stable")
+        sizes = self.sizes()
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        out = np.add.reduceat(moved[order], starts, axis=0)
+        if mean:
+            out = out / sizes.reshape((-1,) + (1,) * (out.ndim - 1))
+        return np.moveaxis(out, 0, axis)

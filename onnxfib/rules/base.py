@@ -1,0 +1,114 @@
+"""What a rule binds to: sites, ports, the context they read, and per-channel constant helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..coloring import Coloring, Tolerance
+from ..graph import GraphView
+from ..partition import Partition
+
+
+@dataclass(frozen=True)
+class Port:
+    """A channel axis of an activation tensor that a site reads or writes."""
+
+    tensor: gs.Variable
+    axis: int  # counted from the end (negative), so it survives broadcasting
+    width: int
+
+    @property
+    def name(self) -> str:
+        return self.tensor.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one tensor's channels collapse: the partition, and each channel's relative scale."""
+
+    partition: Partition
+    scales: np.ndarray
+
+
+class Context(Protocol):
+    """The per-run analysis state a site reads and writes (implemented in ``analysis``)."""
+
+    graph: GraphView
+    tol: Tolerance
+
+    def fiber(self, port: Port) -> Coloring: ...
+    def set_fiber(self, port: Port, coloring: Coloring) -> None: ...
+    def opfiber(self, port: Port) -> Partition: ...
+    def add_opfiber(self, port: Port, partition: Partition) -> None: ...
+    def plan(self, port: Port) -> Plan | None: ...
+
+
+@dataclass
+class Site:
+    """One application of a rule: the nodes it covers and its channel ports.
+
+    A *coupled* site (element-wise) puts all its ports in one shrink group: they narrow
+    together. An uncoupled (linear) site separates them: it merges the rows of its outputs and
+    the columns of its inputs, each in its own group.
+    """
+
+    nodes: list[gs.Node]
+    inputs: list[Port]
+    outputs: list[Port]
+    coupled: bool = True
+    layer: bool = field(default=False, init=False)
+
+    @property
+    def name(self) -> str:
+        return self.nodes[0].name or self.nodes[0].outputs[0].name
+
+    def forward(self, ctx: Context) -> None:
+        """Set the fiber coloring of every output port from the inputs' colorings."""
+        raise NotImplementedError
+
+    def backward(self, ctx: Context) -> None:
+        """Contribute an opfiber partition to every input port from the outputs' opfibers."""
+        raise NotImplementedError
+
+    def rewrite(self, ctx: Context) -> None:
+        """Rewrite this site's constants for the plans of its ports (nothing to do by default)."""
+
+
+class Rule(Protocol):
+    """Binds a node (and possibly nodes right after it) to a site, or returns None: a barrier.
+
+    ``known`` maps each activation already bound to the port that produced it (its channel
+    axis and width).
+    """
+
+    def __call__(self, node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None: ...
+
+
+def channel_rows(const: np.ndarray, axis: int, width: int) -> np.ndarray | None:
+    """The constant's values seen per channel: shape (width, m). None if it does not
+    broadcast along the channel axis (its size there is neither 1 nor ``width``)."""
+    const = np.asarray(const, dtype=np.float64)
+    size = const.shape[axis] if const.ndim >= -axis else 1
+    if size == width:
+        return np.moveaxis(const, axis, 0).reshape(width, -1)
+    if size == 1:
+        return np.broadcast_to(const.reshape(1, -1), (width, const.size))
+    return None
+
+
+def merge_channels(
+    const: np.ndarray, axis: int, width: int, plan: Plan, *, divide_by_scale: bool
+) -> np.ndarray:
+    """A per-channel constant collapsed by ``plan``: the mean over each color of
+    ``const / scale`` (shifts, biases) or of ``const`` (multipliers). Channel-uniform constants
+    come back unchanged."""
+    if const.ndim < -axis or const.shape[axis] != width:
+        return const
+    moved = np.moveaxis(np.asarray(const, dtype=np.float64), axis, 0)
+    if divide_by_scale:
+        moved = moved / plan.scales.reshape((-1,) + (1,) * (moved.ndim - 1))
+    return np.moveaxis(plan.partition.reduce(moved, 0, mean=True), 0, axis).astype(const.dtype)

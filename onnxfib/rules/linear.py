@@ -1,0 +1,195 @@
+"""Linear producers: Gemm (any transA/transB/alpha/beta) and MatMul with a constant weight on
+either side, optionally followed by the Add of a constant bias (paper Eq. 3 and Eq. 10)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import GraphView
+from .base import Context, Port, Site, channel_rows, merge_channels
+
+
+@dataclass
+class LinearSite(Site):
+    """``y[..., i] = alpha * sum_k W[i, k] x[..., k] + beta * b[i]`` along the channel axes.
+
+    The weight is stored in the model with its output channels on ``out_axis`` and its input
+    channels on ``in_axis``; any further axes (none for dense layers) travel with each entry.
+    """
+
+    weight: tuple[gs.Node, int] = None  # type: ignore[assignment]
+    out_axis: int = 0
+    in_axis: int = 1
+    alpha: float = 1.0
+    bias: tuple[gs.Node, int] | None = None
+    beta: float = 1.0
+    internal: list[gs.Variable] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.coupled = False
+        self.layer = True
+
+    @property
+    def op_type(self) -> str:
+        return "+".join(n.op for n in self.nodes)
+
+    def _stored(self, ref: tuple[gs.Node, int]) -> np.ndarray:
+        node, index = ref
+        return np.asarray(node.inputs[index].values)
+
+    def matrix(self) -> np.ndarray:
+        """The weight as (out channels, in channels, rest), alpha applied, float64."""
+        w = np.moveaxis(self._stored(self.weight).astype(np.float64), (self.out_axis, self.in_axis), (0, 1))
+        return self.alpha * w.reshape(w.shape[0], w.shape[1], -1)
+
+    def bias_rows(self) -> np.ndarray | None:
+        if self.bias is None:
+            return None
+        out = self.outputs[0]
+        return self.beta * channel_rows(self._stored(self.bias), out.axis, out.width)
+
+    def forward(self, ctx: Context) -> None:
+        x = ctx.fiber(self.inputs[0])
+        w = self.matrix() * x.scales[None, :, None]
+        aggregated = x.partition.reduce(w, 1).reshape(w.shape[0], -1)
+        bias = self.bias_rows()
+        signature = aggregated if bias is None else np.hstack([aggregated, bias])
+        ctx.set_fiber(self.outputs[0], ctx.tol.cluster(signature))
+
+    def backward(self, ctx: Context) -> None:
+        w = self.matrix()
+        per_opfiber = ctx.opfiber(self.outputs[0]).reduce(w, 0)  # (out colors, in, rest)
+        signature = np.moveaxis(per_opfiber, 1, 0).reshape(w.shape[1], -1)
+        ctx.add_opfiber(self.inputs[0], ctx.tol.cluster(signature).partition)
+
+    def rewrite(self, ctx: Context) -> None:
+        inp, out = ctx.plan(self.inputs[0]), ctx.plan(self.outputs[0])
+        if inp is None and out is None:
+            return
+        w = self._stored(self.weight).astype(np.float64)
+        if inp is not None:
+            w = inp.partition.reduce(w * _along(inp.scales, self.in_axis, w.ndim), self.in_axis)
+        if out is not None:
+            w = out.partition.reduce(w / _along(out.scales, self.out_axis, w.ndim), self.out_axis, mean=True)
+        ctx.graph.set_constant(*self.weight, w)
+        if out is not None and self.bias is not None:
+            port = self.outputs[0]
+            merged = merge_channels(self._stored(self.bias), port.axis, port.width, out, divide_by_scale=True)
+            ctx.graph.set_constant(*self.bias, merged)
+        for tensor in self.internal:
+            ctx.graph.forget_shape(tensor)
+
+    def parameters(self, in_width: int, out_width: int) -> int:
+        """Scalars in weight and bias once the input has ``in_width`` and output ``out_width``."""
+        w = self._stored(self.weight)
+        total = w.size // (w.shape[self.in_axis] * w.shape[self.out_axis]) * in_width * out_width
+        if self.bias is not None:
+            b = self._stored(self.bias)
+            port = self.outputs[0]
+            per_channel = b.ndim >= -port.axis and b.shape[port.axis] == port.width
+            total += b.size // port.width * out_width if per_channel else b.size
+        return int(total)
+
+
+def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """Reshape a per-channel vector to broadcast along ``axis`` of an ``ndim`` array."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def _bias_add(y: gs.Variable, port_axis: int, width: int, graph: GraphView) -> tuple[gs.Node, int] | None:
+    """The Add of a constant per-channel bias that is ``y``'s only consumer, if there is one."""
+    if graph.is_boundary(y) or len(y.outputs) != 1:
+        return None
+    add = y.outputs[0]
+    if add.op != "Add" or len(add.inputs) != 2:
+        return None
+    index = 1 if add.inputs[0] is y else 0
+    if add.inputs[1 - index] is not y:
+        return None
+    value = graph.constant(add.inputs[index])
+    if value is None or channel_rows(value, port_axis, width) is None:
+        return None
+    return add, index
+
+
+def _linear(node: gs.Node, graph: GraphView, weight_index: int, out_axis: int, in_axis: int,
+            x_axis: int, y_axis: int, alpha: float = 1.0, beta: float = 1.0,
+            bias: tuple[gs.Node, int] | None = None, fuse_bias: bool = False) -> LinearSite | None:
+    w = graph.constant(node.inputs[weight_index])
+    if w is None or w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
+        return None
+    width_in, width_out = int(w.shape[in_axis]), int(w.shape[out_axis])
+    x = node.inputs[1 - weight_index]
+    y = node.outputs[0]
+    nodes, internal = [node], []
+    if fuse_bias and (claimed := _bias_add(y, y_axis, width_out, graph)) is not None:
+        bias = claimed
+        nodes.append(claimed[0])
+        internal.append(y)
+        y = claimed[0].outputs[0]
+    return LinearSite(
+        nodes=nodes,
+        inputs=[Port(x, x_axis, width_in)],
+        outputs=[Port(y, y_axis, width_out)],
+        weight=(node, weight_index),
+        out_axis=out_axis,
+        in_axis=in_axis,
+        alpha=alpha,
+        bias=bias,
+        beta=beta,
+        internal=internal,
+    )
+
+
+def bind_gemm(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """Gemm: ``Y = alpha * A' B' + beta * C``; the constant operand is the weight."""
+    a, b = node.inputs[0], node.inputs[1]
+    trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
+    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        c = graph.constant(node.inputs[2])
+        if c is None:
+            return None
+        bias = (node, 2)
+    if graph.constant(b) is not None and graph.constant(a) is None:
+        # B' is [K, N]: output channels are N (Y axis 1), A's features are its axis 1 (or 0).
+        out_axis, in_axis = (0, 1) if trans_b else (1, 0)
+        site = _linear(node, graph, 1, out_axis, in_axis, -2 if trans_a else -1, -1, alpha, beta, bias)
+    elif graph.constant(a) is not None and graph.constant(b) is None:
+        # A' is [M, K]: output channels are M (Y axis 0), B's features are its axis 0 (or 1).
+        out_axis, in_axis = (1, 0) if trans_a else (0, 1)
+        site = _linear(node, graph, 0, out_axis, in_axis, -1 if trans_b else -2, -2, alpha, beta, bias)
+    else:
+        return None
+    if site is not None and bias is not None:
+        out = site.outputs[0]
+        if channel_rows(graph.constant(node.inputs[2]), out.axis, out.width) is None:
+            return None
+    return site
+
+
+def bind_matmul(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """MatMul with a 2-D constant weight: ``x @ W`` (channels last) or ``W @ x`` (channels on
+    axis -2, or -1 for a vector x); a following constant bias Add is part of the layer."""
+    x, w = node.inputs
+    if graph.constant(w) is not None and graph.constant(x) is None:
+        return _linear(node, graph, 1, 1, 0, -1, -1, fuse_bias=True)
+    if graph.constant(x) is not None and graph.constant(w) is None:
+        rank = graph.rank(w)
+        if rank is None:
+            return None
+        axis = -1 if rank == 1 else -2
+        return _linear(node, graph, 0, 0, 1, axis, axis, fuse_bias=True)
+    return None
+
+
+def register(registry) -> None:
+    registry.register("Gemm", bind_gemm)
+    registry.register("MatMul", bind_matmul)
+
