@@ -1,0 +1,270 @@
+"""Comparing two models' outputs in ONNX Runtime on generated or user-supplied inputs.
+
+Error figures, per output, over every element of every batch (``ref`` = reference output):
+
+- ``max_abs`` = max |cand - ref|;
+- ``max_rel`` = max_abs / max |ref|, the worst error relative to the output's own scale (an
+  element-wise ratio explodes wherever ``ref`` crosses zero, so it says little);
+- an output is ok iff every element satisfies |cand - ref| <= atol * scale + rtol * |ref|, with
+  scale = max(1, max |ref|): np.allclose, except that atol is measured in units of the output's
+  magnitude when that exceeds 1.
+
+Why scale ``atol``: merging neurons reorders float sums, so an exact (eps = 0) merge moves each
+element by a few ulps of the *terms* summed, not of the result; entries near zero in an output
+whose typical magnitude is 100 then differ by ~1e-5 absolute. A fixed atol would fail exact
+merges of real models purely on the output's units; atol = 1e-5 of the output's scale is still
+two orders of magnitude below any real approximation error, and rtol = 1e-5 is invariant 1.
+NaN in the same place in both outputs counts as equal.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxfib.errors import InvalidModelError, UsageError
+from onnxfib.io import first_line, too_large, write_model
+from onnxfib.report import OutputError, ValidationReport
+
+DEFAULT_RTOL = 1e-5
+DEFAULT_ATOL = 1e-5
+
+Batch = dict[str, np.ndarray]
+Shape = tuple[int | str | None, ...]
+
+_FLOAT = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+_INT = (
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
+)
+_KINDS = {**{t: "f" for t in _FLOAT}, **{t: "iu" for t in _INT}, onnx.TensorProto.BOOL: "b"}
+
+
+def graph_inputs(model: onnx.ModelProto) -> dict[str, tuple[int, Shape | None]]:
+    """The inputs a caller must feed (initializer-backed ones excluded): name -> (elem_type,
+    dims or None when the rank is unknown); a dim is an int, a dim_param name, or None."""
+    initializers = {t.name for t in model.graph.initializer}
+    result: dict[str, tuple[int, Shape | None]] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if not value.type.HasField("tensor_type"):
+            raise UsageError(f"input '{value.name}' is not a tensor; onnxfib cannot feed it")
+        tensor = value.type.tensor_type
+        shape = None
+        if tensor.HasField("shape"):
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim
+            )
+        result[value.name] = (tensor.elem_type, shape)
+    return result
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``name:1,64`` (the name may itself contain ':'; ``name:`` is a scalar) into
+    (name, shape) with positive dims; UsageError on anything else."""
+    name, sep, dims = text.rpartition(":")
+    if not sep or not name:
+        raise UsageError(f"malformed --input-shape '{text}': expected NAME:D1,D2,... e.g. input:1,64")
+    try:
+        shape = tuple(int(d) for d in dims.split(",")) if dims.strip() else ()
+    except ValueError:
+        raise UsageError(f"malformed --input-shape '{text}': dims must be integers, e.g. input:1,64") from None
+    if any(d <= 0 for d in shape):
+        raise UsageError(f"malformed --input-shape '{text}': dims must be positive")
+    return name, shape
+
+
+def _resolve_shape(name: str, shape: Shape | None, given: tuple[int, ...] | None) -> tuple[int, ...]:
+    if given is not None:
+        if shape is not None and (
+            len(given) != len(shape) or any(isinstance(s, int) and s > 0 and s != g for s, g in zip(shape, given))
+        ):
+            raise UsageError(f"--input-shape for '{name}' is {list(given)} but the model declares {list(shape)}")
+        return given
+    if shape is None:
+        raise UsageError(f"input '{name}' has no declared shape; pass --input-shape {name}:D1,D2,...")
+    dims = []
+    for axis, dim in enumerate(shape):
+        if isinstance(dim, int) and dim > 0:
+            dims.append(dim)
+        elif axis == 0:
+            dims.append(1)
+        else:
+            raise UsageError(
+                f"input '{name}' has dynamic axis {axis} ({dim or '?'}); pass --input-shape {name}:D1,D2,..."
+            )
+    return tuple(dims)
+
+
+def generate_inputs(
+    model: onnx.ModelProto, *, input_shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0
+) -> list[Batch]:
+    """Two seeded batches for ``model``'s inputs: floats from N(0, 1), then from U(-1, 1); ints and
+    bools in {0, 1} (valid as token ids, type ids and masks alike). Dynamic dims come from
+    ``input_shapes``; an unknown first axis defaults to 1; any other unknown dim is a UsageError."""
+    inputs = graph_inputs(model)
+    given = dict(input_shapes or {})
+    unknown = sorted(set(given) - set(inputs))
+    if unknown:
+        raise UsageError(f"--input-shape names unknown input(s) {unknown}; the model's inputs are {sorted(inputs)}")
+    rng = np.random.default_rng(seed)
+    batches: list[Batch] = [{}, {}]
+    for name, (elem_type, shape) in inputs.items():
+        dims = _resolve_shape(name, shape, given.get(name))
+        if elem_type not in _KINDS:
+            raise UsageError(
+                f"input '{name}' has type {onnx.TensorProto.DataType.Name(elem_type)}; pass values with --data"
+            )
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+        for index, batch in enumerate(batches):
+            if elem_type in _FLOAT:
+                values = rng.standard_normal(dims) if index == 0 else rng.uniform(-1.0, 1.0, dims)
+            else:
+                values = rng.integers(0, 2, dims)
+            batch[name] = np.asarray(values).astype(dtype)
+    return batches
+
+
+def check_data(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], source: str) -> list[Batch]:
+    """Check user batches against ``model``'s inputs (same names, rank, fixed dims, dtype kind)
+    and cast each array to the input's exact dtype; UsageError naming ``source`` otherwise."""
+    inputs = graph_inputs(model)
+    checked: list[Batch] = []
+    for batch in batches:
+        if set(batch) != set(inputs):
+            raise UsageError(f"{source}: holds inputs {sorted(batch)} but the model's inputs are {sorted(inputs)}")
+        out: Batch = {}
+        for name, (elem_type, shape) in inputs.items():
+            array = np.asarray(batch[name])
+            if elem_type not in _KINDS or array.dtype.kind not in _KINDS[elem_type]:
+                raise UsageError(
+                    f"{source}: '{name}' has dtype {array.dtype} but the model expects "
+                    f"{onnx.TensorProto.DataType.Name(elem_type)}"
+                )
+            if shape is not None and (
+                array.ndim != len(shape)
+                or any(isinstance(s, int) and s > 0 and s != a for s, a in zip(shape, array.shape))
+            ):
+                declared = [s if isinstance(s, int) and s > 0 else (s or "?") for s in shape]
+                raise UsageError(f"{source}: '{name}' has shape {list(array.shape)} but the model expects {declared}")
+            out[name] = array.astype(onnx.helper.tensor_dtype_to_np_dtype(elem_type), copy=False)
+        checked.append(out)
+    if not checked:
+        raise UsageError(f"{source}: holds no input batches")
+    return checked
+
+
+def load_data(path: str | os.PathLike, model: onnx.ModelProto) -> list[Batch]:
+    """Read one batch from ``.npz`` (keys = input names) or ``.npy`` (models with one input) and
+    check it against ``model`` (see ``check_data``); any problem is a one-line UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: --data file not found")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            arrays: dict[str | None, np.ndarray] = {None: loaded}
+        else:
+            with loaded:
+                arrays = {key: loaded[key] for key in loaded.files}
+    except Exception as exc:
+        raise UsageError(f"{path}: not a readable .npz/.npy file ({first_line(exc)})") from exc
+    if None in arrays:
+        names = list(graph_inputs(model))
+        if len(names) != 1:
+            raise UsageError(f"{path}: a .npy file feeds one input, but the model has {len(names)}; use .npz")
+        arrays = {names[0]: arrays[None]}
+    batch = {str(key): value for key, value in arrays.items()}
+    return check_data(model, [batch], str(path))
+
+
+def _session(model: onnx.ModelProto, role: str) -> tuple[ort.InferenceSession, tempfile.TemporaryDirectory | None]:
+    """An ORT CPU session; models too large for one protobuf go through a temporary file."""
+    holder = None
+    try:
+        if too_large(model):
+            holder = tempfile.TemporaryDirectory()
+            target = Path(holder.name) / "model.onnx"
+            write_model(model, target, external_data=True)
+            return ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]), holder
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), None
+    except Exception as exc:
+        if holder is not None:
+            holder.cleanup()
+        raise InvalidModelError(f"ONNX Runtime cannot load the {role} model: {first_line(exc)}") from exc
+
+
+def _as_array(value: object) -> np.ndarray:
+    """ORT outputs as float64 arrays; sequences of maps (e.g. ZipMap probabilities) become rows."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return np.array([[row[k] for k in sorted(row)] for row in value], dtype=np.float64)
+    return np.asarray(value).astype(np.float64)
+
+
+def compare_outputs(name: str, refs: list[np.ndarray], cands: list[np.ndarray], *, rtol: float, atol: float) -> OutputError:
+    """Error figures of one output over all batches (see the module docstring)."""
+    max_abs, scale, ok = 0.0, 0.0, True
+    for ref, cand in zip(refs, cands):
+        if ref.shape != cand.shape:
+            return OutputError(name, float("inf"), float("inf"), False)
+        same_nan = np.isnan(ref) & np.isnan(cand)
+        diff = np.where(same_nan, 0.0, np.abs(cand - ref))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        finite_ref = np.where(np.isfinite(ref), np.abs(ref), 0.0)
+        out_scale = max(1.0, float(finite_ref.max(initial=0.0)))
+        ok &= bool(np.all(diff <= atol * out_scale + rtol * np.abs(np.nan_to_num(ref))))
+        max_abs = max(max_abs, float(diff.max(initial=0.0)))
+        scale = max(scale, float(finite_ref.max(initial=0.0)))
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return OutputError(name, max_abs, max_rel, ok)
+
+
+def validate_models(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    inputs: Sequence[Mapping[str, np.ndarray]],
+    *,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+) -> ValidationReport:
+    """Run both models in ONNX Runtime (CPU) on every batch and compare outputs by name.
+    InvalidModelError if ORT cannot load or run a model; UsageError if their outputs differ in name."""
+    ref_names = [o.name for o in reference.graph.output]
+    cand_names = [o.name for o in candidate.graph.output]
+    if sorted(ref_names) != sorted(cand_names):
+        raise UsageError(f"the models have different outputs: {ref_names} vs {cand_names}")
+    ref_session, ref_tmp = _session(reference, "reference")
+    try:
+        cand_session, cand_tmp = _session(candidate, "candidate")
+        try:
+            ref_runs, cand_runs = [], []
+            for batch in inputs:
+                for session, runs, role in ((ref_session, ref_runs, "reference"), (cand_session, cand_runs, "candidate")):
+                    try:
+                        runs.append(dict(zip(ref_names, session.run(ref_names, dict(batch)))))
+                    except Exception as exc:
+                        raise InvalidModelError(f"ONNX Runtime cannot run the {role} model: {first_line(exc)}") from exc
+        finally:
+            if cand_tmp is not None:
+                cand_tmp.cleanup()
+    finally:
+        if ref_tmp is not None:
+            ref_tmp.cleanup()
+    outputs = [
+        compare_outputs(
+            name,
+            [_as_array(r[name]) for r in ref_runs],
+            [_as_array(c[name]) for c in cand_runs],
+            rtol=rtol,
+            atol=atol,
+        )
+        for name in ref_names
+    ]
+    return ValidationReport(outputs=outputs, rtol=rtol, atol=atol, batches=len(inputs))

@@ -1,0 +1,167 @@
+"""onnxfib.validation: input generation, user data, output comparison in ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import build_mlp
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxfib import validation as v
+from onnxfib.errors import InvalidModelError, UsageError
+
+
+def _model(inputs: list[onnx.ValueInfoProto], initializers=()) -> onnx.ModelProto:
+    """Identity on the first input; the other inputs are declared but unused."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [inputs[0].name], ["out"])],
+        "g",
+        inputs,
+        [helper.make_tensor_value_info("out", inputs[0].type.tensor_type.elem_type, None)],
+        list(initializers),
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("x:1,64", ("x", (1, 64))), ("input:0:2,3", ("input:0", (2, 3))), ("s:", ("s", ())), ("a: 3 ", ("a", (3,)))],
+)
+def test_parse_input_shape(text, expected):
+    assert v.parse_input_shape(text) == expected
+
+
+@pytest.mark.parametrize("text", ["x", ":1,2", "x:1,a", "x:0,3", "x:-1", "x:1,,2"])
+def test_parse_input_shape_rejects(text):
+    with pytest.raises(UsageError, match="--input-shape"):
+        v.parse_input_shape(text)
+
+
+def test_generate_inputs_dtypes_and_shapes():
+    model = _model(
+        [
+            helper.make_tensor_value_info("f", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT16, [2, 3]),
+            helper.make_tensor_value_info("i", TensorProto.INT64, ["N", "S"]),
+            helper.make_tensor_value_info("b", TensorProto.BOOL, [5]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [3]),
+        ],
+        [numpy_helper.from_array(np.zeros(3, np.float32), "w")],
+    )
+    first, second = v.generate_inputs(model, input_shapes={"i": (2, 7)}, seed=3)
+    assert set(first) == {"f", "h", "i", "b"}  # initializer-backed "w" is not fed
+    assert first["f"].shape == (1, 4) and first["f"].dtype == np.float32
+    assert first["h"].dtype == np.float16 and first["i"].shape == (2, 7) and first["i"].dtype == np.int64
+    assert set(np.unique(first["i"])) <= {0, 1} and first["b"].dtype == bool
+    assert np.all(np.abs(second["f"]) <= 1.0)
+    again, _ = v.generate_inputs(model, input_shapes={"i": (2, 7)}, seed=3)
+    np.testing.assert_array_equal(first["f"], again["f"])
+
+
+@pytest.mark.parametrize(
+    ("shapes", "match"),
+    [
+        ({}, "dynamic axis 1"),
+        ({"i": (2, 7, 1)}, "declares"),
+        ({"zz": (1, 2)}, "unknown input"),
+    ],
+)
+def test_generate_inputs_needs_shapes(shapes, match):
+    model = _model([helper.make_tensor_value_info("i", TensorProto.INT64, ["N", "S"])])
+    with pytest.raises(UsageError, match=match):
+        v.generate_inputs(model, input_shapes=shapes)
+
+
+def test_fixed_dims_must_agree_with_input_shape(mlp_model):
+    with pytest.raises(UsageError, match="declares"):
+        v.generate_inputs(mlp_model, input_shapes={"x": (2, 9)})
+    assert v.generate_inputs(mlp_model, input_shapes={"x": (5, 8)})[0]["x"].shape == (5, 8)
+
+
+def test_load_data_npz_and_npy(tmp_path, mlp_model):
+    x = np.random.default_rng(0).standard_normal((4, 8))  # float64: cast to the input's float32
+    np.savez(tmp_path / "d.npz", x=x)
+    np.save(tmp_path / "d.npy", x)
+    for name in ("d.npz", "d.npy"):
+        (batch,) = v.load_data(tmp_path / name, mlp_model)
+        assert batch["x"].dtype == np.float32 and batch["x"].shape == (4, 8)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"wrong": np.zeros((1, 8), np.float32)}, "model's inputs"),
+        ({"x": np.zeros((1, 9), np.float32)}, "shape"),
+        ({"x": np.zeros((8,), np.float32)}, "shape"),
+        ({"x": np.zeros((1, 8), np.int64)}, "dtype"),
+    ],
+)
+def test_load_data_rejects(tmp_path, mlp_model, arrays, match):
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(UsageError, match=match) as info:
+        v.load_data(tmp_path / "d.npz", mlp_model)
+    assert "d.npz" in str(info.value)
+
+
+def test_load_data_unreadable(tmp_path, mlp_model):
+    (tmp_path / "junk.npz").write_bytes(b"not numpy")
+    with pytest.raises(UsageError, match="junk.npz"):
+        v.load_data(tmp_path / "junk.npz", mlp_model)
+    with pytest.raises(UsageError, match="not found"):
+        v.load_data(tmp_path / "none.npz", mlp_model)
+
+
+def test_validate_identical_models_is_exact(mlp_model):
+    inputs = v.generate_inputs(mlp_model)
+    report = v.validate_models(mlp_model, mlp_model, inputs)
+    assert report.ok and report.batches == 2
+    assert report.outputs[0].name == "y" and report.outputs[0].max_abs == 0.0
+
+
+def test_validate_different_models_mismatch(mlp_model):
+    other = build_mlp([8, 16, 12, 3], seed=5)
+    report = v.validate_models(mlp_model, other, v.generate_inputs(mlp_model))
+    assert not report.ok
+    assert report.outputs[0].max_abs > 1e-3 and report.outputs[0].max_rel > 1e-3
+
+
+def test_compare_outputs_tolerance_scales_with_output_magnitude():
+    ref = np.array([1000.0, 0.0])
+    assert v.compare_outputs("o", [ref], [ref + [0.0, 5e-3]], rtol=1e-5, atol=1e-5).ok  # 5e-3 <= 1e-5 * 1000
+    assert not v.compare_outputs("o", [ref], [ref + [0.0, 2e-2]], rtol=1e-5, atol=1e-5).ok
+    small = np.array([0.5, 0.0])
+    assert not v.compare_outputs("o", [small], [small + [0.0, 2e-5]], rtol=1e-5, atol=1e-5).ok
+    nan = np.array([np.nan, 1.0])
+    assert v.compare_outputs("o", [nan], [nan.copy()], rtol=0, atol=0).ok
+    out = v.compare_outputs("o", [nan], [np.array([1.0, 1.0])], rtol=0, atol=0)
+    assert not out.ok and out.max_abs == np.inf
+    assert not v.compare_outputs("o", [ref], [ref[:1]], rtol=1, atol=1).ok
+
+
+def test_validate_rejects_models_with_different_outputs(mlp_model):
+    other = build_mlp([8, 16, 12, 3])
+    other.graph.output[0].name = "z"
+    other.graph.node[-1].output[0] = "z"
+    with pytest.raises(UsageError, match="different outputs"):
+        v.validate_models(mlp_model, other, v.generate_inputs(mlp_model))
+
+
+def test_validate_model_ort_cannot_load(mlp_model):
+    broken = build_mlp([8, 16, 12, 3])
+    broken.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(InvalidModelError, match="candidate"):
+        v.validate_models(mlp_model, broken, v.generate_inputs(mlp_model))
+
+
+def test_validate_sklearn_classifier_with_zipmap_output():
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_digits(return_X_y=True)
+    clf = LogisticRegression(max_iter=200).fit(x[:300], y[:300])
+    model = to_onnx(clf, x[:1].astype(np.float32), target_opset=17)
+    inputs = v.check_data(model, [{"X": x[:20]}], "digits")
+    report = v.validate_models(model, model, inputs)
+    assert report.ok and [o.name for o in report.outputs] == ["output_label", "output_probability"]
