@@ -1,0 +1,17 @@
+"""onnxfib: compress ONNX models by merging neurons that share a fibration symmetry."""
+
+from onnxfib._version import __version__
+from onnxfib.api import CompressionResult, compress, inspect, validate
+from onnxfib.errors import InvalidModelError, OnnxfibError, UsageError, ValidationMismatchError
+
+__all__ = [
+    "CompressionResult",
+    "InvalidModelError",
+    "OnnxfibError",
+    "UsageError",
+    "ValidationMismatchError",
+    "__version__",
+    "compress",
+    "inspect",
+    "validate",
+]

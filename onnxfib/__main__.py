@@ -1,0 +1,7 @@
+"""``python -m onnxfib``: the command line."""
+
+import sys
+
+from onnxfib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,245 @@
+"""The ``onnxfib`` command line: a thin shell over ``onnxfib.api`` that parses, calls and renders.
+
+Exit codes: 0 success; 1 validation mismatch (no model written); 2 bad usage or bad input. Every
+error is one ``error: ...`` line on stderr, never a traceback (bugs excepted).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from onnxfib import api, io
+from onnxfib._version import __version__
+from onnxfib.errors import OnnxfibError, UsageError, ValidationMismatchError
+from onnxfib.report import CompressionReport, LayerReport, ValidationReport
+from onnxfib.validation import DEFAULT_ATOL, DEFAULT_RTOL, parse_input_shape
+
+try:  # typer >= 0.22 vendors click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - older typer on click >= 8.2
+    from click.exceptions import ClickException, NoArgsIsHelpError
+
+
+class _App(typer.Typer):
+    """A Typer app whose console-script call goes through ``main`` (central error handling)."""
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        sys.exit(main())
+
+
+app = _App(
+    name="onnxfib",
+    help="Compress ONNX models by merging neurons that share a fibration symmetry.",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+)
+
+EPS_HELP = "Merge tolerance: cosine distance in [0, 2); 0 merges only exact symmetries."
+DATA_HELP = "Inputs to validate on: .npz keyed by input name, or .npy for single-input models."
+SHAPE_HELP = "Shape for an input's dynamic dims, NAME:D1,D2,... (repeatable), e.g. input:1,64."
+RTOL_HELP = "Relative tolerance of the validation."
+ATOL_HELP = "Absolute tolerance of the validation, in units of max(1, the output's largest magnitude)."
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"onnxfib {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Compress ONNX models by merging neurons that share a fibration symmetry."""
+
+
+def _shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in values or []:
+        name, shape = parse_input_shape(text)
+        if name in shapes:
+            raise UsageError(f"--input-shape given twice for '{name}'")
+        shapes[name] = shape
+    return shapes
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _change(before: float, after: float) -> str:
+    return f"{(after - before) / before:+.1%}" if before else "-"
+
+
+def _validation_table(validation: ValidationReport) -> Table:
+    table = Table(title=f"Validation (rtol {validation.rtol:g}, atol {validation.atol:g}, {validation.batches} batches)")
+    for column in ("output", "max abs error", "max rel error", "ok"):
+        table.add_column(column, justify="left" if column == "output" else "right")
+    for out in validation.outputs:
+        table.add_row(out.name, f"{out.max_abs:.3g}", f"{out.max_rel:.3g}", "yes" if out.ok else "[red]NO[/red]")
+    return table
+
+
+def _render_compress(console: Console, report: CompressionReport, output: Path, verbose: bool) -> None:
+    summary = Table(title=f"onnxfib compress -> {output} (eps {report.eps:g}, {report.symmetry})")
+    for column in ("", "before", "after", "change"):
+        summary.add_column(column, justify="left" if not column else "right")
+    summary.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}", _change(report.params_before, report.params_after))
+    summary.add_row("nodes", f"{report.nodes_before:,}", f"{report.nodes_after:,}", _change(report.nodes_before, report.nodes_after))
+    summary.add_row("size", _size(report.bytes_before), _size(report.bytes_after), _change(report.bytes_before or 0, report.bytes_after or 0))
+    summary.add_row("time", "", f"{report.seconds:.2f} s", "")
+    console.print(summary)
+    layers = report.layers if verbose else [layer for layer in report.layers if layer.width_after != layer.width]
+    if layers:
+        table = Table(title="Layers" if verbose else "Layers that shrank (-v: all)")
+        for column in ("layer", "op", "width", "params", "frozen"):
+            table.add_column(column, justify="left" if column in ("layer", "op", "frozen") else "right")
+        for layer in layers:
+            table.add_row(
+                layer.name, layer.op_type, f"{layer.width} -> {layer.width_after}",
+                f"{layer.params:,} -> {layer.params_after:,}", layer.frozen or "",
+            )
+        console.print(table)
+    else:
+        console.print(f"No layer shrank ({len(report.layers)} analysed).")
+    if report.validation is not None:
+        console.print(_validation_table(report.validation))
+    else:
+        console.print("Validation skipped (--no-check).")
+
+
+@app.command()
+def compress(
+    input: Path = typer.Argument(..., help="The ONNX model to compress (never modified)."),
+    output: Path = typer.Argument(..., help="Where to write the compressed model."),
+    eps: float = typer.Option(0.0, "--eps", help=EPS_HELP),
+    symmetry: str = typer.Option("fiber", "--symmetry", help="Base to collapse to: fiber (forward function) or cover."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Validate the result against the input in ONNX Runtime."),
+    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", help=RTOL_HELP),
+    atol: float = typer.Option(DEFAULT_ATOL, "--atol", help=ATOL_HELP),
+    data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
+    input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated validation inputs."),
+    report: Path | None = typer.Option(
+        None, "--report", help="Write the run's report as JSON here (also when validation fails)."
+    ),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print nothing on success."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="List every layer, not only those that shrank."),
+) -> None:
+    """Compress a model; on a validation mismatch exit 1 and write no model."""
+    shapes = _shapes(input_shape)
+    io.check_output_path(output, protect=input)
+    if report is not None:
+        io.check_output_path(report, protect=input)
+        if report.resolve() == output.resolve():
+            raise UsageError(f"{report}: --report path is the output model path")
+    try:
+        result = api.compress(
+            input, eps=eps, symmetry=symmetry, check=check, rtol=rtol, atol=atol,
+            data=data, input_shapes=shapes, seed=seed,
+        )
+    except ValidationMismatchError as exc:
+        if report is not None and isinstance(exc.report, CompressionReport):
+            io.write_text_atomic(report, json.dumps(exc.report.to_dict(), indent=2), protect=input)
+        raise ValidationMismatchError(f"validation mismatch: {exc}; nothing written to {output}", exc.report) from exc
+    result.save(output)
+    if report is not None:
+        io.write_text_atomic(report, json.dumps(result.report.to_dict(), indent=2), protect=input)
+    if not quiet:
+        _render_compress(_console(), result.report, output, verbose)
+
+
+def _layers_table(layers: list[LayerReport], eps: float) -> Table:
+    table = Table(title=f"Layers (eps {eps:g}); width and params: now -> after a collapse")
+    for column in ("layer", "op", "width", "fibers", "opfibers", "covers", "largest", "params", "frozen"):
+        table.add_column(column, justify="left" if column in ("layer", "op", "frozen") else "right")
+    for layer in layers:
+        table.add_row(
+            layer.name, layer.op_type, f"{layer.width} -> {layer.width_after}", str(layer.fibers),
+            str(layer.opfibers), str(layer.covers), str(layer.largest_fiber),
+            f"{layer.params:,} -> {layer.params_after:,}", layer.frozen or "",
+        )
+    return table
+
+
+def _console() -> Console:
+    """A console for stdout; at least 120 columns wide when stdout is not a terminal."""
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 120)
+    return console
+
+
+@app.command()
+def inspect(
+    input: Path = typer.Argument(..., help="The ONNX model to analyse."),
+    eps: float = typer.Option(0.0, "--eps", help=EPS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the per-layer figures as JSON."),
+) -> None:
+    """Show each layer's fibers, opfibers and covers, and what a collapse would remove."""
+    layers = api.inspect(input, eps=eps)
+    if as_json:
+        print(json.dumps([layer.to_dict() for layer in layers], indent=2))
+    else:
+        _console().print(_layers_table(layers, eps))
+
+
+@app.command()
+def validate(
+    reference: Path = typer.Argument(..., help="The reference ONNX model."),
+    candidate: Path = typer.Argument(..., help="The model to compare with it."),
+    data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
+    input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
+    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", help=RTOL_HELP),
+    atol: float = typer.Option(DEFAULT_ATOL, "--atol", help=ATOL_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
+) -> None:
+    """Compare two models' outputs in ONNX Runtime; exit 1 when they differ beyond tolerance."""
+    result = api.validate(
+        reference, candidate, data=data, input_shapes=_shapes(input_shape), seed=seed, rtol=rtol, atol=atol
+    )
+    _console().print(_validation_table(result))
+    if not result.ok:
+        bad = ", ".join(o.name for o in result.outputs if not o.ok)
+        raise ValidationMismatchError(f"validation mismatch: {candidate} differs from {reference} on {bad}")
+
+
+def _error(message: str) -> None:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="onnxfib", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # typer's rich help is already printed; plain help is the message
+        if exc.format_message():
+            print(exc.format_message(), file=sys.stderr)
+        return exc.exit_code
+    except ClickException as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
+        _error(exc.format_message() + hint)
+        return exc.exit_code
+    except typer.Abort:
+        _error("aborted")
+        return 130
+    except OnnxfibError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    return code if isinstance(code, int) else 0
