@@ -1,0 +1,243 @@
+"""Per-rule propagation and rewriting on hand-built graphs with a planted lift.
+
+Truth: the base network's parameter count (known by construction) and the original model's
+outputs in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxfib.analysis import analyze
+from onnxfib.rules import default_registry
+from onnxfib.stats import count_parameters
+from graphs import Builder, compress_and_compare, lift_map
+
+K, N, M, EXTRA = 6, 5, 4, 3
+
+
+def base_weights(seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((N, K)), rng.standard_normal(N), rng.standard_normal((M, N)),
+            rng.standard_normal(M), rng)
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0)])
+@pytest.mark.parametrize("weight_side", ["B", "A"])
+def test_gemm_every_layout_collapses_to_the_base(trans_a, trans_b, alpha, beta, weight_side):
+    w1, b1, w2, b2, rng = base_weights()
+    source, share = lift_map(rng, N, EXTRA)
+    lw1, lb1, lw2 = w1[source], b1[source], w2[:, source] * share
+    g = Builder()
+    attrs = dict(transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
+    batch = 7
+    if weight_side == "B":  # activations are rows: x [batch, K] (or its transpose)
+        x = np.random.default_rng(1).standard_normal((K, batch) if trans_a else (batch, K))
+        stored1 = lw1 if trans_b else lw1.T
+        h = g.op("Relu", [g.op("Gemm", ["x", g.const(stored1), g.const(lb1)], **attrs)])
+        stored2 = w2 if False else (lw2 if trans_b else lw2.T)
+        y = g.op("Gemm", [h, g.const(stored2), g.const(b2)], transB=trans_b, alpha=alpha, beta=beta)
+        out_shape = [batch, M]
+    else:  # activations are columns: x [K, batch] (or its transpose) on the right
+        x = np.random.default_rng(1).standard_normal((batch, K) if trans_b else (K, batch))
+        stored1 = lw1.T if trans_a else lw1
+        h = g.op("Relu", [g.op("Gemm", [g.const(stored1), "x", g.const(lb1[:, None])], **attrs)])
+        stored2 = lw2.T if trans_a else lw2
+        y = g.op("Gemm", [g.const(stored2), h, g.const(b2[:, None])], transA=trans_a, alpha=alpha, beta=beta)
+        out_shape = [M, batch]
+    model = g.model({"x": list(x.shape)}, y, out_shape)
+    _, _, params = compress_and_compare(model, {"x": x.astype(np.float32)})
+    assert params == w1.size + b1.size + w2.size + b2.size
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 21])
+@pytest.mark.parametrize("as_node", [False, True])
+def test_matmul_weight_on_the_left_with_bias_and_constant_nodes(opset, as_node):
+    w1, b1, w2, b2, rng = base_weights(1)
+    source, share = lift_map(rng, N, EXTRA)
+    g = Builder(opset)
+    z = g.op("Add", [g.op("MatMul", [g.const(w1[source], as_node=as_node), "x"]),
+                     g.const(b1[source][:, None], as_node=as_node)])
+    h = g.op("Tanh", [z])
+    y = g.op("Add", [g.op("MatMul", [g.const(w2[:, source] * share, as_node=as_node), h]),
+                     g.const(b2[:, None], as_node=as_node)])
+    model = g.model({"x": [K, "batch"]}, y, [M, "batch"])
+    x = np.random.default_rng(2).standard_normal((K, 9)).astype(np.float32)
+    _, _, params = compress_and_compare(model, {"x": x})
+    assert params == w1.size + b1.size + w2.size + b2.size
+
+
+def test_per_channel_constants_and_activations_merge_with_their_channels():
+    w1, b1, w2, b2, rng = base_weights(2)
+    source, share = lift_map(rng, N, EXTRA)
+    scale, shift, slope, divisor = (rng.uniform(0.5, 2.0, N) for _ in range(4))
+    g = Builder()
+    z = g.op("Add", [g.op("MatMul", ["x", g.const(w1[source].T)]), g.const(b1[source])])
+    z = g.op("Mul", [g.const(scale[source]), z])
+    z = g.op("Sub", [z, g.const(shift[source])])
+    z = g.op("PRelu", [z, g.const(slope[source])])
+    z = g.op("Div", [z, g.const(divisor[source])])
+    z = g.op("Dropout", [g.op("LeakyRelu", [z], alpha=0.1)])
+    z = g.op("Sigmoid", [g.op("Identity", [z])])
+    y = g.op("Add", [g.op("MatMul", [z, g.const((w2[:, source] * share).T)]), g.const(b2)])
+    model = g.model({"x": ["batch", K]}, y, ["batch", M])
+    x = np.random.default_rng(3).standard_normal((11, K)).astype(np.float32)
+    _, _, params = compress_and_compare(model, {"x": x})
+    assert params == w1.size + b1.size + 4 * N + w2.size + b2.size
+
+
+def test_erf_gelu_pattern_and_silu_product_rule():
+    w1, b1, w2, b2, rng = base_weights(3)
+    source, share = lift_map(rng, N, EXTRA)
+    g = Builder()
+    z = g.op("Gemm", ["x", g.const(w1[source]), g.const(b1[source])], transB=1)
+    erf = g.op("Erf", [g.op("Div", [z, g.const(np.sqrt(2.0))])])
+    gelu = g.op("Mul", [g.op("Mul", [z, g.op("Add", [erf, g.const(1.0)])]), g.const(0.5)])
+    silu = g.op("Mul", [gelu, g.op("Sigmoid", [gelu])])
+    y = g.op("Gemm", [silu, g.const(w2[:, source] * share), g.const(b2)], transB=1)
+    model = g.model({"x": ["batch", K]}, y, ["batch", M])
+    x = np.random.default_rng(4).standard_normal((5, K)).astype(np.float32)
+    _, _, params = compress_and_compare(model, {"x": x})
+    assert params == w1.size + b1.size + w2.size + b2.size + 3  # + the pattern's three scalars
+
+
+def proportional_model(activation: str, factors: np.ndarray, seed=4):
+    """A one-hidden-layer net whose lifted rows are ``factors`` times their source row."""
+    w1, b1, w2, b2, rng = base_weights(seed)
+    source, share = lift_map(rng, N, EXTRA)
+    g = Builder()
+    z = g.op("Gemm", ["x", g.const(w1[source] * factors[:, None]), g.const(b1[source] * factors)], transB=1)
+    h = g.op(activation, [z])
+    y = g.op("Gemm", [h, g.const(w2[:, source] * share / factors), g.const(b2)], transB=1)
+    model = g.model({"x": ["batch", K]}, y, ["batch", M])
+    return model, (w1.size + b1.size + w2.size + b2.size)
+
+
+def test_scale_rule_merges_proportional_rows_only_before_homogeneous_activations():
+    factors = np.exp(np.random.default_rng(5).uniform(-1, 1, N + EXTRA))
+    x = np.random.default_rng(6).standard_normal((8, K)).astype(np.float32)
+    relu, base_params = proportional_model("Relu", factors)
+    _, _, params = compress_and_compare(relu, {"x": x})
+    assert params == base_params
+    tanh, _ = proportional_model("Tanh", factors)
+    _, _, params = compress_and_compare(tanh, {"x": x})
+    assert params == count_parameters(tanh)  # tanh(s z) is not s tanh(z): nothing may merge
+    # exact copies (factor 1) still merge before tanh
+    tanh_copies, base_params = proportional_model("Tanh", np.ones(N + EXTRA))
+    _, _, params = compress_and_compare(tanh_copies, {"x": x})
+    assert params == base_params
+
+
+def test_barrier_freezes_only_its_own_neighbourhood():
+    rng = np.random.default_rng(7)
+    wa, ba, wb, bb, wc, bc, wd, bd = (rng.standard_normal(s) for s in
+                                      [(N, K), N, (N, N), N, (N, N), N, (M, N), M])
+    sa, fa = lift_map(rng, N, EXTRA)
+    sc, fc = lift_map(rng, N, EXTRA)
+    g = Builder()
+    h = g.op("Relu", [g.op("Gemm", ["x", g.const(wa[sa]), g.const(ba[sa])], transB=1)])
+    h = g.op("Gemm", [h, g.const(wb[:, sa] * fa), g.const(bb)], transB=1)
+    h = g.op("Softmax", [h], axis=-1)  # barrier: its input keeps its width
+    h = g.op("Tanh", [g.op("Gemm", [h, g.const(wc[sc]), g.const(bc[sc])], transB=1)])
+    y = g.op("Gemm", [h, g.const(wd[:, sc] * fc), g.const(bd)], transB=1)
+    model = g.model({"x": ["batch", K]}, y, ["batch", M])
+    x = rng.standard_normal((6, K)).astype(np.float32)
+    analysis, _, params = compress_and_compare(model, {"x": x})
+    assert params == sum(a.size for a in (wa, ba, wb, bb, wc, bc, wd, bd))
+    frozen = [layer.frozen or "" for layer in analysis.layers]
+    assert ["Softmax" in reason for reason in frozen] == [False, True, False, False]
+
+
+def test_residual_add_merges_coupled_channels_together():
+    rng = np.random.default_rng(8)
+    w1, b1, w2, b2, w3, b3 = (rng.standard_normal(s) for s in [(N, K), N, (N, N), N, (M, N), M])
+    source, share = lift_map(rng, N, EXTRA)
+    g = Builder()
+    a = g.op("Relu", [g.op("Gemm", ["x", g.const(w1[source]), g.const(b1[source])], transB=1)])
+    b = g.op("Gemm", [a, g.const(w2[source][:, source] * share), g.const(b2[source])], transB=1)
+    c = g.op("Relu", [g.op("Add", [a, b])])
+    y = g.op("Gemm", [c, g.const(w3[:, source] * share), g.const(b3)], transB=1)
+    model = g.model({"x": ["batch", K]}, y, ["batch", M])
+    x = rng.standard_normal((6, K)).astype(np.float32)
+    _, _, params = compress_and_compare(model, {"x": x})
+    assert params == sum(a.size for a in (w1, b1, w2, b2, w3, b3))
+
+
+def test_cover_collapse_keeps_fibers_whose_errors_differ():
+    """Neurons 0 and 1 share a fiber, but their outgoing columns point different ways: they are
+    not one opfiber, so ``--symmetry cover`` keeps both while ``fiber`` merges them."""
+    rng = np.random.default_rng(9)
+    w1, b1 = rng.standard_normal((3, K)), rng.standard_normal(3)
+    w2, b2 = rng.standard_normal((M, 3)), rng.standard_normal(M)
+    source = np.array([0, 1, 2, 0])
+    split = rng.standard_normal(M)
+    lw2 = np.column_stack([w2[:, 0] - split, w2[:, 1], w2[:, 2], split])
+    g = Builder()
+    h = g.op("Relu", [g.op("Gemm", ["x", g.const(w1[source]), g.const(b1[source])], transB=1)])
+    y = g.op("Gemm", [h, g.const(lw2), g.const(b2)], transB=1)
+    model = g.model({"x": ["batch", K]}, y, ["batch", M])
+    x = rng.standard_normal((6, K)).astype(np.float32)
+    fiber, _, fiber_params = compress_and_compare(model, {"x": x}, symmetry="fiber")
+    cover, _, cover_params = compress_and_compare(model, {"x": x}, symmetry="cover")
+    assert fiber_params == w1.size + b1.size + w2.size + b2.size
+    assert cover_params == count_parameters(model)
+    layer = fiber.layers[0]
+    assert (layer.width, layer.fibers, layer.opfibers, layer.covers) == (4, 3, 4, 4)
+
+
+def test_tolerant_mode_merges_near_copies_and_exact_mode_does_not():
+    w1, b1, w2, b2, rng = base_weights(10)
+    source, share = lift_map(rng, N, EXTRA)
+    noise = 1e-3 * rng.standard_normal((N + EXTRA, K))
+    g = Builder()
+    h = g.op("Relu", [g.op("Gemm", ["x", g.const(w1[source] + noise), g.const(b1[source])], transB=1)])
+    y = g.op("Gemm", [h, g.const(w2[:, source] * share), g.const(b2)], transB=1)
+    model = g.model({"x": ["batch", K]}, y, ["batch", M])
+    x = rng.standard_normal((20, K)).astype(np.float32)
+    _, _, exact = compress_and_compare(model, {"x": x}, eps=0.0)
+    assert exact == count_parameters(model)
+    _, _, tolerant = compress_and_compare(model, {"x": x}, eps=1e-3, rtol=0, atol=0.05)
+    assert tolerant == w1.size + b1.size + w2.size + b2.size
+
+
+def test_shared_constants_are_copied_not_corrupted():
+    w1, b1, w2, b2, rng = base_weights(11)
+    source, share = lift_map(rng, N, EXTRA)
+    g = Builder()
+    bias = g.const(b1[source])
+    h = g.op("Relu", [g.op("Gemm", ["x", g.const(w1[source]), bias], transB=1)])
+    side = g.op("Gemm", ["x", g.const(rng.standard_normal((N + EXTRA, K))), bias], transB=1)
+    y = g.op("Concat", [g.op("Gemm", [h, g.const(w2[:, source] * share), g.const(b2)], transB=1), side], axis=1)
+    model = g.model({"x": ["batch", K]}, y, ["batch", M + N + EXTRA])
+    x = rng.standard_normal((4, K)).astype(np.float32)
+    compress_and_compare(model, {"x": x})
+
+
+def test_activation_bias_in_gemm_is_a_barrier_not_an_error():
+    w1, b1, w2, b2, rng = base_weights(12)
+    g = Builder()
+    h = g.op("Relu", [g.op("Gemm", ["x", g.const(w1), g.const(b1)], transB=1)])
+    y = g.op("Gemm", [h, g.const(w2), "c"], transB=1)
+    model = g.model({"x": ["batch", K], "c": ["batch", M]}, y, ["batch", M])
+    feeds = {"x": rng.standard_normal((3, K)).astype(np.float32),
+             "c": rng.standard_normal((3, M)).astype(np.float32)}
+    _, _, params = compress_and_compare(model, feeds)
+    assert params == count_parameters(model)
+
+
+def test_registry_refuses_duplicates_and_names_barriers():
+    registry = default_registry()
+    with pytest.raises(ValueError, match="Gemm"):
+        registry.register("Gemm", lambda *a: None)
+    assert ("", "MatMul") in registry.op_types()
+
+
+def test_analysis_refuses_unknown_symmetry():
+    w1, b1, w2, b2, _ = base_weights()
+    g = Builder()
+    y = g.op("Gemm", ["x", g.const(w1), g.const(b1)], transB=1)
+    with pytest.raises(ValueError):
+        analyze(g.model({"x": ["batch", K]}, y, ["batch", N]), eps=0.0, symmetry="orbit")
