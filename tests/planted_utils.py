@@ -185,7 +185,7 @@ def sklearn_param_count(est) -> int:
     return int(sum(c.size for c in est.coefs_) + sum(b.size for b in est.intercepts_))
 
 
-def random_mlp(sizes: list[int], activation: str, seed: int, bias_scale: float = 0.5):
+def random_mlp(sizes: list[int], activation: str, seed: int, bias_scale: float = 0.5, bias: bool = True):
     """A random torch MLP (no training): torch's default init plus a spread-out bias, so that
     units sit in the non-linear regime of their activation on standardized inputs."""
     import torch
@@ -196,9 +196,10 @@ def random_mlp(sizes: list[int], activation: str, seed: int, bias_scale: float =
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
-        lin = nn.Linear(sizes[i], sizes[i + 1])
-        with torch.no_grad():
-            lin.bias.uniform_(-bias_scale, bias_scale)
+        lin = nn.Linear(sizes[i], sizes[i + 1], bias=bias)
+        if bias:
+            with torch.no_grad():
+                lin.bias.uniform_(-bias_scale, bias_scale)
         layers.append(lin)
         if i < len(sizes) - 2:
             layers.append(acts[activation]())
