@@ -64,11 +64,13 @@ def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
     projection = rows @ direction
     order = np.argsort(projection, kind="stable")
     gaps = np.diff(projection[order]) > tol * np.abs(direction).sum()
-    run_starts = np.concatenate([[0], np.flatnonzero(gaps) + 1, [n]])
+    run_starts = np.concatenate([[0], np.flatnonzero(gaps) + 1])
+    run_lengths = np.diff(np.append(run_starts, n))
     labels = np.empty(n, dtype=np.int64)
-    next_label = 0
-    for start, stop in zip(run_starts[:-1], run_starts[1:]):
-        members = order[start:stop]
+    labels[order] = np.repeat(np.arange(run_starts.size), run_lengths)  # a run of one row is a group
+    next_label = run_starts.size
+    for start, length in zip(run_starts[run_lengths > 1], run_lengths[run_lengths > 1]):
+        members = order[start:start + length]
         while members.size:
             rep = rows[members[0]]
             close = np.max(np.abs(rows[members] - rep), axis=1) <= tol

@@ -110,6 +110,8 @@ class Partition:
 
     def reduce(self, array: np.ndarray, axis: int, *, mean: bool = False) -> np.ndarray:
         """Sum (or mean) of ``array`` over the channels of each color along ``axis``."""
+        if self.is_discrete:  # canonical discrete labels are 0..n-1 in order: nothing to do
+            return np.asarray(array)
         moved = np.moveaxis(np.asarray(array), axis, 0)
         order = np.argsort(self.labels, kind="stable")
         sizes = self.sizes()
