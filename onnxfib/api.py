@@ -26,17 +26,18 @@ Data = str | os.PathLike | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.n
 
 @dataclass
 class CompressionResult:
-    """A compressed, checked model and the report of the run that made it."""
+    """A compressed, checked model, the report of the run that made it, the files the input was
+    read from, and whether it kept its tensors in external data."""
 
     model: onnx.ModelProto
     report: CompressionReport
-    source: Path | None = None
+    inputs: tuple[Path, ...] = ()
     external_data: bool = False
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model atomically (external data if the input had it or it exceeds 2 GB);
-        refuses to overwrite the input file."""
-        return io.save_model(self.model, path, external_data=self.external_data, protect=self.source)
+        refuses to overwrite the input's model or data files."""
+        return io.save_model(self.model, path, external_data=self.external_data, protect=self.inputs)
 
 
 def check_eps(eps: float) -> float:
@@ -114,7 +115,7 @@ def compress(
             f"compressed model differs from the original beyond rtol={rtol:g}, atol={atol:g} on {bad}",
             report,
         )
-    return CompressionResult(compressed, report, loaded.path, loaded.external_data)
+    return CompressionResult(compressed, report, loaded.files, loaded.external_data)
 
 
 def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerReport]:

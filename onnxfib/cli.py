@@ -1,13 +1,15 @@
 """The ``onnxfib`` command line: a thin shell over ``onnxfib.api`` that parses, calls and renders.
 
-Exit codes: 0 success; 1 validation mismatch (no model written); 2 bad usage or bad input. Every
-error is one ``error: ...`` line on stderr, never a traceback (bugs excepted).
+Exit codes: 0 success; 1 validation mismatch (no model written); 2 bad usage or bad input; 3 an
+internal error (a bug: its traceback, then one ``error:`` line). Every other error is one
+``error: ...`` line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import typer
@@ -24,6 +26,9 @@ try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # pragma: no cover - older typer on click >= 8.2
     from click.exceptions import ClickException, NoArgsIsHelpError
+
+
+INTERNAL_ERROR = 3
 
 
 class _App(typer.Typer):
@@ -143,9 +148,9 @@ def compress(
 ) -> None:
     """Compress a model; on a validation mismatch exit 1 and write no model."""
     shapes = _shapes(input_shape)
-    io.check_output_path(output, protect=input)
+    io.check_output_path(output, protect=[input])
     if report is not None:
-        io.check_output_path(report, protect=input)
+        io.check_output_path(report, protect=[input])
         if report.resolve() == output.resolve():
             raise UsageError(f"{report}: --report path is the output model path")
     try:
@@ -155,11 +160,11 @@ def compress(
         )
     except ValidationMismatchError as exc:
         if report is not None and isinstance(exc.report, CompressionReport):
-            io.write_text_atomic(report, json.dumps(exc.report.to_dict(), indent=2), protect=input)
+            io.write_text_atomic(report, json.dumps(exc.report.to_dict(), indent=2), protect=[input])
         raise ValidationMismatchError(f"validation mismatch: {exc}; nothing written to {output}", exc.report) from exc
     result.save(output)
     if report is not None:
-        io.write_text_atomic(report, json.dumps(result.report.to_dict(), indent=2), protect=input)
+        io.write_text_atomic(report, json.dumps(result.report.to_dict(), indent=2), protect=result.inputs)
     if not quiet:
         _render_compress(_console(), result.report, output, verbose)
 
@@ -242,4 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxfibError as exc:
         _error(str(exc))
         return exc.exit_code
+    except Exception as exc:  # a bug: keep the traceback for the report, but not Python's exit 1
+        traceback.print_exc()
+        _error(f"internal error ({type(exc).__name__}): this is a bug in onnxfib; please report it with the traceback above")
+        return INTERNAL_ERROR
     return code if isinstance(code, int) else 0

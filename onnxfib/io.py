@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,18 +22,18 @@ ModelSource = str | os.PathLike | onnx.ModelProto
 
 
 class LoadedModel(NamedTuple):
-    """A checked model, the file it came from (None when given in memory), and whether that
-    file kept its tensors in external data."""
+    """A checked model, the file it came from (None when given in memory), whether that file kept
+    its tensors in external data, and every file it was read from (model and data files)."""
 
     model: onnx.ModelProto
     path: Path | None
     external_data: bool
+    files: tuple[Path, ...] = ()
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type when empty), capped at 300 chars."""
-    text = str(exc).strip() or type(exc).__name__
-    line = text.splitlines()[0].strip()
+    """An exception's message (its type when empty) on one line, capped at 300 characters."""
+    line = " ".join(str(exc).split()) or type(exc).__name__
     return line if len(line) <= 300 else line[:297] + "..."
 
 
@@ -74,10 +75,12 @@ def open_model(source: ModelSource) -> LoadedModel:
         model = onnx.load_model(str(path), format="protobuf", load_external_data=False)
     except Exception as exc:
         raise InvalidModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
-    external = any(
-        external_data_helper.uses_external_data(t)
+    data_files = {
+        path.resolve().parent / external_data_helper.ExternalDataInfo(t).location
         for t in external_data_helper._get_all_tensors(model)  # no public walker in onnx 1.23
-    )
+        if external_data_helper.uses_external_data(t)
+    }
+    external = bool(data_files)
     try:
         if external:
             external_data_helper.load_external_data_for_model(model, str(path.resolve().parent))
@@ -87,7 +90,7 @@ def open_model(source: ModelSource) -> LoadedModel:
         _check(model, path)
     except Exception as exc:
         raise InvalidModelError(f"{path}: model fails the ONNX checker: {first_line(exc)}") from exc
-    return LoadedModel(model, path, external)
+    return LoadedModel(model, path, external, (path, *sorted(data_files)))
 
 
 def load_model(source: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
@@ -96,12 +99,16 @@ def load_model(source: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
     return loaded.model, loaded.path
 
 
-def check_output_path(path: str | os.PathLike, *, protect: Path | None = None) -> Path:
-    """Return ``path`` if a file may be written there: its directory exists and it is not the
-    (symlink- and relative-path-resolved) file ``protect``; UsageError otherwise."""
+def _refuse_input(out: Path, protect: Iterable[str | os.PathLike]) -> None:
+    if out.resolve() in {Path(p).resolve() for p in protect}:
+        raise UsageError(f"{out}: output path is an input file; choose another output path")
+
+
+def check_output_path(path: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Return ``path`` if a file may be written there: its directory exists and it is none of the
+    (symlink- and relative-path-resolved) input files ``protect``; UsageError otherwise."""
     out = Path(path)
-    if protect is not None and out.resolve() == Path(protect).resolve():
-        raise UsageError(f"{out}: output path is the input file; choose another output path")
+    _refuse_input(out, protect)
     parent = out.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"{out}: output directory {parent} does not exist or is not a directory")
@@ -134,17 +141,18 @@ def save_model(
     path: str | os.PathLike,
     *,
     external_data: bool,
-    protect: Path | None = None,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write ``model`` to ``path`` atomically: files are written in a temporary directory next to
     the target and renamed into place, so the output appears whole or not at all. Tensors go to
     ``<name>.data`` when ``external_data`` is set or the model is too large for one protobuf.
     Refuses (UsageError) to overwrite ``protect`` or to write into a missing/unwritable directory."""
+    protect = tuple(protect)
     out = check_output_path(path, protect=protect)
     use_external = external_data or too_large(model)
     data_out = out.with_name(out.name + ".data")
-    if use_external and protect is not None and data_out.resolve() == Path(protect).resolve():
-        raise UsageError(f"{data_out}: external data path is the input file; choose another output")
+    if use_external:
+        _refuse_input(data_out, protect)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".onnxfib-", dir=out.resolve().parent))
     except OSError as exc:
@@ -163,7 +171,7 @@ def save_model(
     return out
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, *, protect: Path | None = None) -> Path:
+def write_text_atomic(path: str | os.PathLike, text: str, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
     """Write ``text`` to ``path`` via a temporary file and a rename (UsageError when impossible)."""
     out = check_output_path(path, protect=protect)
     try:

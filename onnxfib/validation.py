@@ -175,7 +175,7 @@ def load_data(path: str | os.PathLike, model: onnx.ModelProto) -> list[Batch]:
             with loaded:
                 arrays = {key: loaded[key] for key in loaded.files}
     except Exception as exc:
-        raise UsageError(f"{path}: not a readable .npz/.npy file ({first_line(exc)})") from exc
+        raise UsageError(f"{path}: not a readable .npz/.npy file (arrays saved by numpy.savez or numpy.save)") from exc
     if None in arrays:
         names = list(graph_inputs(model))
         if len(names) != 1:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,3 +88,16 @@ def mlp_path(write_model: Callable[..., Path], mlp_model: onnx.ModelProto) -> Pa
 def plain_path(write_model: Callable[..., Path], plain_model: onnx.ModelProto) -> Path:
     """``plain_model`` saved as tmp_path/plain.onnx."""
     return write_model(plain_model, "plain.onnx")
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``python -m onnxfib ARGS`` in tmp_path as a real process; returns the completed process."""
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "onnxfib", *map(str, args)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )
+
+    return run

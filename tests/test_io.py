@@ -26,7 +26,7 @@ def test_load_model_from_path_and_proto(mlp_path, mlp_model):
 def test_open_model_reports_external_data(write_model, mlp_model):
     path = write_model(mlp_model, "ext.onnx", external_data=True)
     loaded = io.open_model(path)
-    assert loaded.external_data
+    assert loaded.external_data and loaded.files == (path, path.parent / "ext.onnx.data")
     assert all(not onnx.external_data_helper.uses_external_data(t) for t in loaded.model.graph.initializer)
     assert not io.open_model(write_model(mlp_model, "inline.onnx")).external_data
 
@@ -82,7 +82,7 @@ def test_save_model_refuses_input_path_also_through_symlink_and_relative(tmp_pat
     monkeypatch.chdir(tmp_path)
     for target in (mlp_path, link, "mlp.onnx", "./sub/../mlp.onnx"):
         with pytest.raises(UsageError, match="input file"):
-            io.save_model(mlp_model, target, external_data=False, protect=mlp_path)
+            io.save_model(mlp_model, target, external_data=False, protect=[mlp_path])
     assert sha256(mlp_path) == before
 
 

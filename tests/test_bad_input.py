@@ -1,0 +1,117 @@
+"""Every bad input ends in exit 2 with one ``error:`` line on stderr, no traceback, the input file
+unchanged and nothing new in its directory; a real mismatch ends in exit 1 with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from conftest import build_mlp, sha256
+
+
+#: case name -> command line; the files it names are made by the ``workdir`` fixture.
+CASES = {
+    "missing input": ["compress", "nope.onnx", "out.onnx"],
+    "input is a directory": ["compress", "adir", "out.onnx"],
+    "not onnx bytes": ["compress", "text.onnx", "out.onnx"],
+    "truncated model": ["compress", "half.onnx", "out.onnx"],
+    "fails the checker": ["compress", "unchecked.onnx", "out.onnx"],
+    "missing external data": ["compress", "ext.onnx", "out.onnx"],
+    "output is the input": ["compress", "mlp.onnx", "mlp.onnx"],
+    "output is the input, relative": ["compress", "mlp.onnx", "./adir/../mlp.onnx"],
+    "output is the input, symlink": ["compress", "mlp.onnx", "link.onnx"],
+    "output under a regular file": ["compress", "mlp.onnx", "afile/out.onnx"],
+    "output directory missing": ["compress", "mlp.onnx", "nodir/out.onnx"],
+    "output is a directory": ["compress", "mlp.onnx", "adir"],
+    "output is the input's data file": ["compress", "extok.onnx", "extok.onnx.data"],
+    "report under a regular file": ["compress", "mlp.onnx", "out.onnx", "--report", "afile/r.json"],
+    "eps negative": ["compress", "mlp.onnx", "out.onnx", "--eps", "-0.1"],
+    "eps 2": ["compress", "mlp.onnx", "out.onnx", "--eps", "2.0"],
+    "eps nan": ["compress", "mlp.onnx", "out.onnx", "--eps", "nan"],
+    "eps not a number": ["compress", "mlp.onnx", "out.onnx", "--eps", "abc"],
+    "unknown symmetry": ["compress", "mlp.onnx", "out.onnx", "--symmetry", "orbit"],
+    "unknown option": ["compress", "mlp.onnx", "out.onnx", "--bogus"],
+    "negative atol": ["compress", "mlp.onnx", "out.onnx", "--atol", "-1"],
+    "input shape without colon": ["compress", "mlp.onnx", "out.onnx", "--input-shape", "x"],
+    "input shape not ints": ["compress", "mlp.onnx", "out.onnx", "--input-shape", "x:1,a"],
+    "input shape wrong rank": ["compress", "mlp.onnx", "out.onnx", "--input-shape", "x:1,8,1"],
+    "input shape unknown name": ["compress", "mlp.onnx", "out.onnx", "--input-shape", "zz:1,8"],
+    "data wrong names": ["compress", "mlp.onnx", "out.onnx", "--data", "names.npz"],
+    "data wrong shape": ["compress", "mlp.onnx", "out.onnx", "--data", "shape.npz"],
+    "data wrong dtype": ["compress", "mlp.onnx", "out.onnx", "--data", "dtype.npz"],
+    "data missing": ["compress", "mlp.onnx", "out.onnx", "--data", "none.npz"],
+    "data not numpy": ["compress", "mlp.onnx", "out.onnx", "--data", "text.onnx"],
+    "inspect not onnx": ["inspect", "text.onnx"],
+    "inspect eps 2": ["inspect", "mlp.onnx", "--eps", "2"],
+    "validate missing candidate": ["validate", "mlp.onnx", "nope.onnx"],
+    "validate truncated": ["validate", "mlp.onnx", "half.onnx"],
+    "validate wrong data": ["validate", "mlp.onnx", "mlp.onnx", "--data", "shape.npz"],
+}
+
+
+@pytest.fixture
+def workdir(tmp_path, write_model, mlp_model):
+    """tmp_path filled with one good model and every kind of bad file the cases name."""
+    good = write_model(mlp_model, "mlp.onnx")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("a regular file\n")
+    (tmp_path / "link.onnx").symlink_to(good)
+    (tmp_path / "text.onnx").write_bytes(b"definitely not a protobuf\n" * 20)
+    data = good.read_bytes()
+    (tmp_path / "half.onnx").write_bytes(data[: len(data) // 2])
+    unchecked = build_mlp([8, 16, 3])
+    unchecked.graph.node[0].input[1] = "no_such_tensor"
+    onnx.save_model(unchecked, str(tmp_path / "unchecked.onnx"))
+    write_model(build_mlp([8, 64, 3]), "ext.onnx", external_data=True)
+    (tmp_path / "ext.onnx.data").unlink()
+    write_model(build_mlp([8, 64, 3]), "extok.onnx", external_data=True)
+    np.savez(tmp_path / "names.npz", input=np.zeros((2, 8), np.float32))
+    np.savez(tmp_path / "shape.npz", x=np.zeros((2, 7), np.float32))
+    np.savez(tmp_path / "dtype.npz", x=np.zeros((2, 8), np.int32))
+    return tmp_path
+
+
+def _snapshot(directory):
+    return {name: sha256(directory / name) for name in sorted(os.listdir(directory)) if (directory / name).is_file()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_cleanly(workdir, run_cli, case):
+    before = _snapshot(workdir)
+    listing = sorted(os.listdir(workdir))
+    result = run_cli(*CASES[case])
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert sorted(os.listdir(workdir)) == listing  # no output, no temporary file left
+    assert _snapshot(workdir) == before  # every file, the input included, byte-for-byte unchanged
+    assert os.listdir(workdir / "adir") == []
+
+
+def test_compress_mismatch_exits_1_and_writes_no_model(tmp_path, write_model, plain_model, run_cli):
+    """A large eps on a model without redundancy merges unrelated neurons: lossy, caught by ORT."""
+    source = write_model(plain_model, "plain.onnx")
+    before = sha256(source)
+    result = run_cli("compress", "plain.onnx", "out.onnx", "--eps", "1.9", "--atol", "1e-6", "--report", "r.json")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "validation mismatch" in lines[0] and "nothing written" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
+    assert sha256(source) == before
+    report = json.loads((tmp_path / "r.json").read_text())  # the report documents the failure
+    assert report["validation"]["ok"] is False and report["eps"] == 1.9
+    assert sorted(os.listdir(tmp_path)) == ["plain.onnx", "r.json"]
+
+
+def test_validate_different_models_exits_1(tmp_path, write_model, run_cli):
+    write_model(build_mlp([8, 16, 3], seed=1), "a.onnx")
+    write_model(build_mlp([8, 16, 3], seed=2), "b.onnx")
+    result = run_cli("validate", "a.onnx", "b.onnx")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: validation mismatch")
+    assert "NO" in result.stdout

@@ -1,0 +1,147 @@
+"""The command line and the library API on real files in ONNX Runtime (in-process via ``main``,
+plus real processes for ``python -m onnxfib`` and the console script)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from conftest import build_mlp, sha256
+
+import onnxfib
+from onnxfib.cli import main
+from onnxfib.errors import UsageError, ValidationMismatchError
+
+
+def _props(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load_model(str(path)).metadata_props}
+
+
+def test_compress_writes_checked_smaller_model_and_report(tmp_path, mlp_path, capsys):
+    before = sha256(mlp_path)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert main(["compress", str(mlp_path), str(out), "--report", str(report)]) == 0
+    stdout = capsys.readouterr().out
+    for text in ("parameters", "nodes", "size", "time", "fc0", "16 -> 14", "max abs error", "yes"):
+        assert text in stdout
+    assert sha256(mlp_path) == before
+    onnx.checker.check_model(str(out), full_check=True)
+    assert _props(out)["onnxfib.eps"] == "0.0" and _props(out)["onnxfib.symmetry"] == "fiber"
+    data = json.loads(report.read_text())
+    assert data["params_after"] < data["params_before"] and data["validation"]["ok"] is True
+    assert {layer["name"]: layer["width_after"] for layer in data["layers"]}["fc0"] == 14
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "out.onnx", "report.json"]
+    assert onnxfib.validate(mlp_path, out).ok
+
+
+def test_compress_quiet_no_check_and_verbose(tmp_path, mlp_path, capsys):
+    assert main(["compress", str(mlp_path), str(tmp_path / "q.onnx"), "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["compress", str(mlp_path), str(tmp_path / "v.onnx"), "--no-check", "-v"]) == 0
+    stdout = capsys.readouterr().out
+    assert "Validation skipped" in stdout and "fc2" in stdout  # -v lists the unchanged layer too
+
+
+def test_compress_with_data_input_shape_seed_and_cover(tmp_path, mlp_path):
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32))
+    argv = ["compress", str(mlp_path), str(tmp_path / "a.onnx"), "--data", str(tmp_path / "d.npz"), "-q"]
+    assert main(argv) == 0
+    argv = ["compress", str(mlp_path), str(tmp_path / "b.onnx"), "--input-shape", "x:4,8", "--seed", "7", "-q"]
+    assert main(argv) == 0
+    argv = ["compress", str(mlp_path), str(tmp_path / "c.onnx"), "--symmetry", "cover", "-q"]
+    assert main(argv) == 0
+    assert _props(tmp_path / "c.onnx")["onnxfib.symmetry"] == "cover"
+
+
+def test_compress_keeps_external_data_layout(tmp_path, write_model):
+    source = write_model(build_mlp([8, 64, 32, 3]), "big.onnx", external_data=True)
+    out = tmp_path / "small.onnx"
+    assert main(["compress", str(source), str(out), "-q"]) == 0
+    assert (tmp_path / "small.onnx.data").is_file()
+    assert onnxfib.validate(source, out).ok
+
+
+def test_inspect_table_and_json(mlp_path, capsys):
+    assert main(["inspect", str(mlp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "fibers" in table and "opfibers" in table and "fc1" in table
+    assert main(["inspect", str(mlp_path), "--json", "--eps", "0.1"]) == 0
+    layers = json.loads(capsys.readouterr().out)
+    assert [layer["name"] for layer in layers] == ["fc0", "fc1", "fc2"]
+    assert layers[0]["width"] == 16 and layers[0]["fibers"] <= 14
+
+
+def test_validate_same_model(mlp_path, capsys):
+    assert main(["validate", str(mlp_path), str(mlp_path), "--input-shape", "x:3,8"]) == 0
+    assert "y" in capsys.readouterr().out
+
+
+def test_version_and_help(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"onnxfib {onnxfib.__version__}"
+    assert main(["compress", "--help"]) == 0
+    assert "--input-shape" in capsys.readouterr().out
+    assert main([]) == 2  # no command: help, and the usage-error exit code
+
+
+def test_python_dash_m_and_console_script(tmp_path, mlp_path, run_cli):
+    result = run_cli("compress", mlp_path, "out.onnx")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and "parameters" in result.stdout
+    script = shutil.which("onnxfib")
+    if script is None:
+        pytest.skip("console script not installed (pip install -e .)")
+    result = subprocess.run([script, "inspect", "missing.onnx"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr == "error: missing.onnx: no such file\n"
+
+
+def test_library_compress_from_proto_and_save(tmp_path, mlp_model):
+    snapshot = mlp_model.SerializeToString()
+    result = onnxfib.compress(mlp_model)
+    assert mlp_model.SerializeToString() == snapshot  # the caller's model is untouched
+    assert result.report.params_after < result.report.params_before
+    assert result.report.validation.ok and result.report.seconds > 0
+    path = result.save(tmp_path / "c.onnx")
+    assert onnxfib.validate(mlp_model, path).ok
+
+
+def test_library_save_refuses_input_path(mlp_path):
+    result = onnxfib.compress(mlp_path)
+    before = sha256(mlp_path)
+    with pytest.raises(UsageError):
+        result.save(mlp_path)
+    assert sha256(mlp_path) == before
+
+
+def test_library_mismatch_carries_report(plain_model):
+    with pytest.raises(ValidationMismatchError) as info:
+        onnxfib.compress(plain_model, eps=1.9, atol=1e-6)
+    assert info.value.exit_code == 1
+    assert info.value.report.validation is not None and not info.value.report.validation.ok
+
+
+def test_library_data_as_dict_and_list(mlp_model):
+    x = np.ones((2, 8), np.float32)
+    assert onnxfib.compress(mlp_model, data={"x": x}).report.validation.batches == 1
+    assert onnxfib.validate(mlp_model, mlp_model, data=[{"x": x}, {"x": -x}]).batches == 2
+    with pytest.raises(UsageError):
+        onnxfib.compress(mlp_model, data={"x": np.ones((2, 9), np.float32)})
+
+
+@pytest.mark.parametrize("eps", [-0.1, 2.0, float("nan")])
+def test_library_rejects_eps(mlp_model, eps):
+    with pytest.raises(UsageError, match="eps"):
+        onnxfib.compress(mlp_model, eps=eps)
+    with pytest.raises(UsageError, match="eps"):
+        onnxfib.inspect(mlp_model, eps=eps)
+
+
+def test_library_and_cli_import_without_torch():
+    code = "import sys; sys.modules['torch'] = None; import onnxfib, onnxfib.cli; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
