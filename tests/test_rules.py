@@ -241,3 +241,34 @@ def test_analysis_refuses_unknown_symmetry():
     y = g.op("Gemm", ["x", g.const(w1), g.const(b1)], transB=1)
     with pytest.raises(ValueError):
         analyze(g.model({"x": ["batch", K]}, y, ["batch", N]), eps=0.0, symmetry="orbit")
+
+
+def test_shared_channel_uniform_constants_stay_shared_and_unchanged():
+    """The dynamo exporter shares 0-D constants (GELU's sqrt 2) between layers: a collapse must
+    neither copy nor reshape them."""
+    w1, b1, w2, b2, rng = base_weights(13)
+    s1, f1 = lift_map(rng, N, EXTRA)
+    w_mid = rng.standard_normal((N, N))
+    s2, f2 = lift_map(rng, N, EXTRA)
+    g = Builder()
+    scale = g.const(np.array(1.5))
+    h = g.op("Tanh", [g.op("Mul", [g.op("Gemm", ["x", g.const(w1[s1]), g.const(b1[s1])], transB=1), scale])])
+    h = g.op("Gemm", [h, g.const((w_mid[s2][:, s1] * f1)), g.const(b1[s2])], transB=1)
+    h = g.op("Tanh", [g.op("Mul", [h, scale])])
+    y = g.op("Gemm", [h, g.const(w2[:, s2] * f2), g.const(b2)], transB=1)
+    model = g.model({"x": ["batch", K]}, y, ["batch", M])
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    _, out, params = compress_and_compare(model, {"x": x})
+    assert params == w1.size + b1.size + w_mid.size + b1.size + w2.size + b2.size + 1
+    assert [list(t.dims) for t in out.graph.initializer if t.name == scale] == [[]]
+
+
+def test_scalar_constant_on_a_single_channel():
+    """skl2onnx's binary head computes 1 - sigmoid(z) with a 0-D 1 on a width-1 channel."""
+    rng = np.random.default_rng(14)
+    g = Builder()
+    z = g.op("Sigmoid", [g.op("Gemm", ["x", g.const(rng.standard_normal((1, K))), g.const(np.zeros(1))], transB=1)])
+    y = g.op("Sub", [g.const(np.array(1.0)), z])
+    model = g.model({"x": ["batch", K]}, y, ["batch", 1])
+    _, _, params = compress_and_compare(model, {"x": rng.standard_normal((3, K)).astype(np.float32)})
+    assert params == count_parameters(model)

@@ -88,27 +88,31 @@ class Rule(Protocol):
     def __call__(self, node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None: ...
 
 
+def is_per_channel(const: np.ndarray, axis: int, width: int) -> bool:
+    """True when the constant has its own value for each channel (size ``width`` on ``axis``)."""
+    return const.ndim >= -axis and const.shape[axis] == width
+
+
 def channel_rows(const: np.ndarray, axis: int, width: int) -> np.ndarray | None:
     """The constant's values seen per channel: shape (width, m). None if it does not
     broadcast along the channel axis (its size there is neither 1 nor ``width``)."""
     const = np.asarray(const, dtype=np.float64)
-    size = const.shape[axis] if const.ndim >= -axis else 1
-    if size == width:
+    if is_per_channel(const, axis, width):
         return np.moveaxis(const, axis, 0).reshape(width, -1)
-    if size == 1:
+    if const.ndim < -axis or const.shape[axis] == 1:
         return np.broadcast_to(const.reshape(1, -1), (width, const.size))
     return None
 
 
 def merge_channels(
     const: np.ndarray, axis: int, width: int, plan: Plan, *, divide_by_scale: bool
-) -> np.ndarray:
+) -> np.ndarray | None:
     """A per-channel constant collapsed by ``plan``: the mean over each color of
-    ``const / scale`` (shifts, biases) or of ``const`` (multipliers). Channel-uniform constants
-    come back unchanged."""
-    if const.ndim < -axis or const.shape[axis] != width:
-        return const
+    ``const / scale`` (shifts, biases) or of ``const`` (multipliers). None for a
+    channel-uniform constant, which stays as it is."""
+    if not is_per_channel(const, axis, width):
+        return None
     moved = np.moveaxis(np.asarray(const, dtype=np.float64), axis, 0)
     if divide_by_scale:
         moved = moved / plan.scales.reshape((-1,) + (1,) * (moved.ndim - 1))
-    return np.moveaxis(plan.partition.reduce(moved, 0, mean=True), 0, axis).astype(const.dtype)
+    return np.moveaxis(plan.partition.reduce(moved, 0, mean=True), 0, axis)

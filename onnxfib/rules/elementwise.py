@@ -97,7 +97,8 @@ class ConstantSite(Site):
         values = np.asarray(node.inputs[index].values)
         merged = merge_channels(values, port.axis, port.width, plan,
                                 divide_by_scale=self.role is ConstantRole.SHIFT)
-        ctx.graph.set_constant(node, index, merged)
+        if merged is not None:
+            ctx.graph.set_constant(node, index, merged)
 
 
 class Combination(Enum):

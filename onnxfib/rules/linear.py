@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import GraphView
-from .base import Context, Port, Site, channel_rows, merge_channels
+from .base import Context, Port, Site, is_per_channel, channel_rows, merge_channels
 
 
 @dataclass
@@ -78,7 +78,8 @@ class LinearSite(Site):
         if out is not None and self.bias is not None:
             port = self.outputs[0]
             merged = merge_channels(self._stored(self.bias), port.axis, port.width, out, divide_by_scale=True)
-            ctx.graph.set_constant(*self.bias, merged)
+            if merged is not None:
+                ctx.graph.set_constant(*self.bias, merged)
         for tensor in self.internal:
             ctx.graph.forget_shape(tensor)
 
@@ -89,7 +90,7 @@ class LinearSite(Site):
         if self.bias is not None:
             b = self._stored(self.bias)
             port = self.outputs[0]
-            per_channel = b.ndim >= -port.axis and b.shape[port.axis] == port.width
+            per_channel = is_per_channel(b, port.axis, port.width)
             total += b.size // port.width * out_width if per_channel else b.size
         return int(total)
 
