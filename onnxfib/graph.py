@@ -56,7 +56,10 @@ class GraphView:
 
     @staticmethod
     def constant(tensor: gs.Tensor) -> np.ndarray | None:
-        """The value of a constant tensor, None for an activation."""
+        """The value of a constant tensor (also through Identity nodes, which the legacy torch
+        exporter uses to share equal weights), None for an activation."""
+        while isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Identity":
+            tensor = tensor.inputs[0].inputs[0]
         return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 
     @staticmethod
@@ -82,10 +85,11 @@ class GraphView:
         return None
 
     def set_constant(self, node: gs.Node, index: int, values: np.ndarray) -> None:
-        """Give ``node`` input ``index`` new constant values, copying the tensor if it is shared."""
+        """Give ``node`` input ``index`` new constant values; a tensor that other nodes share (or
+        that reaches the node through Identity) is replaced by a new constant, not changed."""
         old = node.inputs[index]
-        values = np.ascontiguousarray(values.astype(np.asarray(old.values).dtype, copy=False))
-        if len(old.outputs) == 1:
+        values = np.ascontiguousarray(values.astype(self.constant(old).dtype, copy=False))
+        if isinstance(old, gs.Constant) and len(old.outputs) == 1:
             old.values = values
             return
         self._renamed += 1

@@ -272,3 +272,19 @@ def test_scalar_constant_on_a_single_channel():
     model = g.model({"x": ["batch", K]}, y, ["batch", 1])
     _, _, params = compress_and_compare(model, {"x": rng.standard_normal((3, K)).astype(np.float32)})
     assert params == count_parameters(model)
+
+
+def test_weights_reached_through_identity_are_constants():
+    """The legacy torch exporter shares equal initializers through Identity nodes: the layer
+    merges through them, and the other user of the shared weight keeps the original."""
+    w1, b1, w2, b2, rng = base_weights(15)
+    source, share = lift_map(rng, N, EXTRA)
+    g = Builder()
+    shared = g.const(w1[source].T)
+    h = g.op("MatMul", ["x", g.op("Identity", [shared])])
+    h = g.op("Relu", [g.op("Add", [h, g.op("Identity", [g.const(b1[source])])])])
+    main = g.op("Gemm", [h, g.const(w2[:, source] * share), g.const(b2)], transB=1)
+    y = g.op("Concat", [main, g.op("MatMul", ["x", shared])], axis=1)
+    model = g.model({"x": ["batch", K]}, y, ["batch", M + N + EXTRA])
+    _, _, params = compress_and_compare(model, {"x": rng.standard_normal((4, K)).astype(np.float32)})
+    assert params == w1.size + b1.size + w2.size + b2.size + (N + EXTRA) * K

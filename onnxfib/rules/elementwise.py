@@ -66,7 +66,7 @@ class ConstantSite(Site):
     def _rows(self) -> np.ndarray:
         node, index = self.const
         port = self.inputs[0]
-        return channel_rows(np.asarray(node.inputs[index].values), port.axis, port.width)
+        return channel_rows(GraphView.constant(node.inputs[index]), port.axis, port.width)
 
     def _keys(self, x: Coloring) -> np.ndarray:
         rows = self._rows()
@@ -94,7 +94,7 @@ class ConstantSite(Site):
             return
         node, index = self.const
         port = self.inputs[0]
-        values = np.asarray(node.inputs[index].values)
+        values = GraphView.constant(node.inputs[index])
         merged = merge_channels(values, port.axis, port.width, plan,
                                 divide_by_scale=self.role is ConstantRole.SHIFT)
         if merged is not None:

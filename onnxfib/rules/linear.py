@@ -38,7 +38,7 @@ class LinearSite(Site):
 
     def _stored(self, ref: tuple[gs.Node, int]) -> np.ndarray:
         node, index = ref
-        return np.asarray(node.inputs[index].values)
+        return GraphView.constant(node.inputs[index])
 
     def matrix(self) -> np.ndarray:
         """The weight as (out channels, in channels, rest), alpha applied, float64."""
