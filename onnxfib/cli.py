@@ -20,6 +20,7 @@ from onnxfib import api, io
 from onnxfib._version import __version__
 from onnxfib.errors import OnnxfibError, UsageError, ValidationMismatchError
 from onnxfib.report import CompressionReport, LayerReport, ValidationReport
+from onnxfib.rules import default_registry
 from onnxfib.validation import DEFAULT_ATOL, DEFAULT_RTOL, parse_input_shape
 
 try:  # typer >= 0.22 vendors click
@@ -222,6 +223,17 @@ def validate(
     if not result.ok:
         bad = ", ".join(o.name for o in result.outputs if not o.ok)
         raise ValidationMismatchError(f"validation mismatch: {candidate} differs from {reference} on {bad}")
+
+
+@app.command()
+def rules() -> None:
+    """List the ops onnxfib understands; every other op is a barrier that keeps its neighbours' widths."""
+    table = Table(title="Rules (any other op is a barrier)")
+    table.add_column("domain")
+    table.add_column("op")
+    for domain, op_type in default_registry().op_types():
+        table.add_row(domain or "ai.onnx", op_type)
+    _console().print(table)
 
 
 def _error(message: str) -> None:

@@ -81,6 +81,12 @@ def test_validate_same_model(mlp_path, capsys):
     assert "y" in capsys.readouterr().out
 
 
+def test_rules_lists_the_registry(capsys):
+    assert main(["rules"]) == 0
+    out = capsys.readouterr().out
+    assert "Gemm" in out and "MatMul" in out and "Softmax" not in out
+
+
 def test_version_and_help(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"onnxfib {onnxfib.__version__}"
