@@ -13,12 +13,10 @@ import numpy as np
 import onnx
 
 from onnxfib import io, stats
-from onnxfib.analysis import analyze
+from onnxfib.analysis import SYMMETRIES, analyze
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.report import CompressionReport, LayerReport, ValidationReport
 from onnxfib.validation import DEFAULT_ATOL, DEFAULT_RTOL, check_data, generate_inputs, load_data, validate_models
-
-SYMMETRIES = ("fiber", "cover")
 
 #: ``data`` may be a .npz/.npy path, one batch (input name -> array), or a list of batches.
 Data = str | os.PathLike | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]
