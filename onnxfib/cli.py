@@ -102,7 +102,8 @@ def _validation_table(validation: ValidationReport) -> Table:
 
 
 def _render_compress(console: Console, report: CompressionReport, output: Path, verbose: bool) -> None:
-    summary = Table(title=f"onnxfib compress -> {output} (eps {report.eps:g}, {report.symmetry})")
+    console.print(f"[bold]onnxfib compress[/bold] -> {output} (eps {report.eps:g}, {report.symmetry} base)")
+    summary = Table()
     for column in ("", "before", "after", "change"):
         summary.add_column(column, justify="left" if not column else "right")
     summary.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}", _change(report.params_before, report.params_after))
