@@ -133,3 +133,23 @@ def test_finalize_model_rejects_invalid_model_as_internal_error(mlp_model):
     with pytest.raises(OnnxfibError, match="internal error") as info:
         io.finalize_model(mlp_model, eps=0.0, symmetry="fiber")
     assert not isinstance(info.value, (InvalidModelError, UsageError))
+
+
+def test_models_over_the_protobuf_limit_are_written_with_external_data(tmp_path, write_model, monkeypatch):
+    """The 2 GB rule, exercised with the limit lowered to a few KB so the real code path runs:
+    an inline input whose result is 'too large' comes out with external data, checked and
+    validated (onnxruntime reads it from a temporary external-data file too)."""
+    import onnxfib
+
+    mlp_path = write_model(build_mlp([64, 48, 48, 10]), "inline.onnx")  # tensors over onnx's 1 KB threshold
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 2_000)
+    result = onnxfib.compress(mlp_path, eps=0.0, input_shapes={"x": (3, 64)})
+    assert not result.external_data and result.report.validation.ok
+    out = result.save(tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size > 0
+    assert any(onnx.external_data_helper.uses_external_data(t)
+               for t in onnx.load_model(str(out), load_external_data=False).graph.initializer)
+    monkeypatch.undo()
+    reloaded = io.open_model(out)
+    assert reloaded.external_data
+    assert onnxfib.validate(mlp_path, out, input_shapes={"x": (3, 64)}).ok
