@@ -21,6 +21,7 @@ from .coloring import Coloring, Tolerance
 from .graph import GraphView
 from .partition import Partition
 from .report import LayerReport
+from .groups import ShrinkGroup, build_groups
 from .rules import Plan, Port, Registry, Site, default_registry
 from .rules.linear import LinearSite
 
@@ -28,18 +29,14 @@ SYMMETRIES = ("fiber", "cover")
 
 
 @dataclass(frozen=True)
-class Group:
-    """Tensors whose channel axes narrow together, and what the analysis found for them."""
+class MemberFigures:
+    """The partitions of one tensor's channels that its group implies."""
 
-    members: tuple[str, ...]
-    width: int
-    frozen: str | None
     fibers: Partition
     opfibers: Partition
-
-    @property
-    def covers(self) -> Partition:
-        return self.fibers.meet(self.opfibers)
+    covers: Partition
+    collapse: Partition
+    frozen: str | None
 
 
 class Analysis:
@@ -66,8 +63,13 @@ class Analysis:
             for port in site.outputs:
                 self._settle_opfiber(port)
             site.backward(self)
-        self.groups = self._groups()
-        self._decide()
+        self._freeze.update((n, "is not colored") for n in self._ports if n not in self._fibers)
+        port_of = {name: uses[0][1] for name, uses in self._ports.items()}
+        links = [link for site in self.sites for link in site.links()]
+        self.groups = build_groups(port_of, links, self._freeze)
+        self.figures: dict[str, MemberFigures] = {}
+        for group in self.groups:
+            self._decide(group)
         self.layers = self._layer_reports()
 
     # -- the context sites read and write -------------------------------------------------
@@ -141,76 +143,47 @@ class Analysis:
             self._opfibers[port.name] = parts[0].meet(*parts[1:])
         return self._opfibers[port.name]
 
-    def _groups(self) -> list[Group]:
-        parent = {name: name for name in self._ports}
-
-        def root(name: str) -> str:
-            while parent[name] != name:
-                parent[name] = parent[parent[name]]
-                name = parent[name]
-            return name
-
-        for site in self.sites:
-            if site.coupled:
-                names = [p.name for p in (*site.inputs, *site.outputs)]
-                for other in names[1:]:
-                    parent[root(other)] = root(names[0])
-        members: dict[str, list[str]] = defaultdict(list)
-        for name in self._ports:
-            members[root(name)].append(name)
-        return [self._group(tuple(names)) for names in members.values()]
-
-    def _group(self, names: tuple[str, ...]) -> Group:
-        ports = [self._ports[name][0][1] for name in names]
-        widths = {p.width for p in ports}
-        frozen = next((f"'{n}' {self._freeze[n]}" for n in names if n in self._freeze), None)
-        if len(widths) > 1:
-            width = max(widths)
-            frozen = frozen or "its members disagree on the channel count"
-            return Group(names, width, frozen, Partition.discrete(width), Partition.discrete(width))
-        if frozen is None and any(n not in self._fibers for n in names):
-            frozen = "a member is not colored"
-        fibers = self.fiber(ports[0]).partition.meet(*(self.fiber(p).partition for p in ports[1:]))
-        opfibers = self.opfiber(ports[0]).meet(*(self.opfiber(p) for p in ports[1:]))
-        return Group(names, widths.pop(), frozen, fibers, opfibers)
-
-    def _decide(self) -> None:
-        for group in self.groups:
-            if group.frozen:
-                continue
-            partition = group.fibers if self.symmetry == "fiber" else group.covers
-            if partition.is_discrete:
-                continue
-            for name in group.members:
-                self._plans[name] = Plan(partition, self._fibers[name].relative_scales(partition))
-
-    def _group_of(self) -> dict[str, Group]:
-        return {name: group for group in self.groups for name in group.members}
+    def _decide(self, group: ShrinkGroup) -> None:
+        """Figures of every member, and a plan for each when the group's collapse merges anything."""
+        fibers = {n: self.fiber(m.port).partition.labels for n, m in group.members.items()}
+        opfibers = {n: self.opfiber(m.port).labels for n, m in group.members.items()}
+        base_fibers = group.base_partition(fibers, honor_frozen=False)
+        base_opfibers = group.base_partition(opfibers, honor_frozen=False)
+        chosen = (fibers,) if self.symmetry == "fiber" else (fibers, opfibers)
+        collapse = group.base_partition(*chosen, honor_frozen=True)
+        for name in group.members:
+            induced_fibers, induced_opfibers = group.induced(name, base_fibers), group.induced(name, base_opfibers)
+            member_collapse = group.induced(name, collapse)
+            self.figures[name] = MemberFigures(
+                induced_fibers, induced_opfibers, induced_fibers.meet(induced_opfibers),
+                member_collapse, group.frozen_reason(name),
+            )
+            if not collapse.is_discrete:
+                scales = self.fiber(group.members[name].port).relative_scales(member_collapse)
+                self._plans[name] = Plan(member_collapse, scales)
 
     def _layer_reports(self) -> list[LayerReport]:
-        group_of = self._group_of()
         reports = []
         for site in self.sites:
             if not isinstance(site, LinearSite):
                 continue
             inp, out = site.inputs[0], site.outputs[0]
-            group = group_of[out.name]
-            plan_in, plan_out = self._plans.get(inp.name), self._plans.get(out.name)
-            width_in = plan_in.partition.n_colors if plan_in else inp.width
-            width_out = plan_out.partition.n_colors if plan_out else out.width
+            figures = self.figures[out.name]
+            width_in = self.figures[inp.name].collapse.n_colors if inp.name in self.figures else inp.width
+            width_out = figures.collapse.n_colors
             reports.append(LayerReport(
                 name=site.name,
                 op_type=site.op_type,
                 tensor=out.name,
                 width=out.width,
-                fibers=group.fibers.n_colors,
-                opfibers=group.opfibers.n_colors,
-                covers=group.covers.n_colors,
-                largest_fiber=int(group.fibers.sizes().max()) if out.width else 0,
+                fibers=figures.fibers.n_colors,
+                opfibers=figures.opfibers.n_colors,
+                covers=figures.covers.n_colors,
+                largest_fiber=int(figures.fibers.sizes().max()) if out.width else 0,
                 width_after=width_out,
                 params=site.parameters(inp.width, out.width),
                 params_after=site.parameters(width_in, width_out),
-                frozen=group.frozen,
+                frozen=figures.frozen,
             ))
         return reports
 
@@ -234,4 +207,4 @@ def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
     return Analysis(model, eps=eps, symmetry=symmetry, registry=registry)
 
 
-__all__ = ["Analysis", "Group", "SYMMETRIES", "analyze"]
+__all__ = ["Analysis", "MemberFigures", "SYMMETRIES", "analyze"]

@@ -47,13 +47,26 @@ class Context(Protocol):
     def plan(self, port: Port) -> Plan | None: ...
 
 
+@dataclass(frozen=True)
+class Link:
+    """Ties channel ``j`` of ``b`` to channel ``b_to_a[j]`` of ``a`` (identity when None): tied
+    channels narrow together. ``position[j]`` tells apart channels of ``b`` tied to one channel
+    of ``a`` (Flatten's spatial offset, a depthwise channel multiplier); they never merge."""
+
+    a: Port
+    b: Port
+    b_to_a: np.ndarray | None = None
+    position: np.ndarray | None = None
+
+
 @dataclass
 class Site:
     """One application of a rule: the nodes it covers and its channel ports.
 
-    A *coupled* site (element-wise) puts all its ports in one shrink group: they narrow
-    together. An uncoupled (linear) site separates them: it merges the rows of its outputs and
-    the columns of its inputs, each in its own group.
+    A *coupled* site (element-wise) ties all its ports channel by channel: they narrow
+    together. An uncoupled (linear) site ties nothing: it merges the rows of its outputs and
+    the columns of its inputs, each following its own tensor. Sites that move channels around
+    (Flatten, Concat, Split, depthwise Conv) override :meth:`links`.
     """
 
     nodes: list[gs.Node]
@@ -65,6 +78,13 @@ class Site:
     @property
     def name(self) -> str:
         return self.nodes[0].name or self.nodes[0].outputs[0].name
+
+    def links(self) -> list[Link]:
+        """How this site's ports' channels are tied (identity ties for a coupled site)."""
+        if not self.coupled:
+            return []
+        first, *rest = (*self.inputs, *self.outputs)
+        return [Link(first, port) for port in rest]
 
     def forward(self, ctx: Context) -> None:
         """Set the fiber coloring of every output port from the inputs' colorings."""
