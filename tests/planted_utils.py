@@ -204,3 +204,36 @@ def random_mlp(sizes: list[int], activation: str, seed: int, bias_scale: float =
         if i < len(sizes) - 2:
             layers.append(acts[activation]())
     return nn.Sequential(*layers).eval()
+
+
+def export_torch_image(model, path: Path, input_shape: tuple[int, ...], exporter: str = "legacy",
+                       opset: int | None = None, batch: int = 2, output_name: str = "output") -> Path:
+    """Export an image model with input ``input`` ([batch, *input_shape], dynamic batch) and one
+    output ``output_name``. ``exporter`` is ``"legacy"`` (TorchScript; opset 17 by default; folds
+    eval-mode BatchNorm into the preceding Conv) or ``"dynamo"`` (torch.export; opset 18 by
+    default; keeps BatchNormalization nodes)."""
+    import torch
+
+    example = (torch.zeros(batch, *input_shape),)
+    model = model.eval()
+    with quiet():
+        if exporter == "legacy":
+            axes = {0: "batch"}
+            torch.onnx.export(model, example, str(path), dynamo=False, opset_version=opset or 17,
+                              input_names=["input"], output_names=[output_name],
+                              dynamic_axes={"input": axes, output_name: axes})
+        elif exporter == "dynamo":
+            program = torch.onnx.export(model, example, dynamo=True, opset_version=opset or 18,
+                                        input_names=["input"], output_names=[output_name],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+            onnx.save_model(program.model_proto, str(path))
+        else:
+            raise ValueError(exporter)
+    return Path(path)
+
+
+def image_inputs(input_shape: tuple[int, ...], batches: tuple[int, ...] = (8, 3), scales: tuple[float, ...] = (1.0, 3.0),
+                 seed: int = 0) -> list[np.ndarray]:
+    """Seeded Gaussian image batches ([n, *input_shape] float32), one per (batch size, spread)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((n, *input_shape)) * s).astype(np.float32) for n, s in zip(batches, scales)]
