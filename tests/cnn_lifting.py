@@ -34,7 +34,7 @@ builds the lifted architecture.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -51,6 +51,7 @@ __all__ = [
     "collapse_channels",
     "lift_model",
     "train_briefly",
+    "torch_threads",
     "ConvBNAct",
     "ResNetish",
     "DenseNetish",
@@ -262,11 +263,28 @@ def lift_model(base: nn.Module, extra: Mapping[str, int], rng: np.random.Generat
     return lift_channels(base, lifted, maps, base.channel_spec()), maps
 
 
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Run torch with ``n`` intra-op threads, restoring the setting afterwards. Tiny models train
+    and export much faster on one thread when the cores are shared (no spinning workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_briefly(model: nn.Module, input_shape: tuple[int, ...], steps: int = 30, batch: int = 32,
                   lr: float = 0.05, seed: int = 0) -> nn.Module:
     """A few SGD steps on seeded Gaussian images against a random teacher of the same
     architecture (MSE): moves the weights off their initialisation and gives the BatchNorms
     real running statistics. Returns ``model`` in eval mode."""
+    with torch_threads(1):
+        return _train(model, input_shape, steps, batch, lr, seed)
+
+
+def _train(model, input_shape, steps, batch, lr, seed):
     torch.manual_seed(seed)
     teacher = type(model)(widths=model.widths, **model.config).eval()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
