@@ -51,6 +51,11 @@ class GraphView:
         self.graph.cleanup(remove_unused_graph_inputs=False)
 
     @property
+    def opset(self) -> int:
+        """The default-domain opset the model imports."""
+        return next((o.version for o in self._source.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+    @property
     def nodes(self) -> list[gs.Node]:
         return list(self.graph.nodes)
 
@@ -113,5 +118,11 @@ class GraphView:
         model.metadata_props.extend(source.metadata_props)
         if not model.functions and source.functions:
             model.functions.extend(source.functions)
+        if model.ir_version < 4:  # IR 3 requires every initializer to be a graph input as well
+            listed = {i.name for i in model.graph.input}
+            model.graph.input.extend(
+                onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                for t in model.graph.initializer if t.name not in listed
+            )
         return _infer_shapes(model)
 

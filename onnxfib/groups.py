@@ -4,9 +4,11 @@ Sites tie channels of their ports (`Link`): element-wise ops tie channel i to ch
 Concat ties an input's channel to its offset in the output, Flatten ties feature (c, s) to
 channel c, a depthwise Conv ties its output channels to their input channel. Tied channels
 form *base classes* (connected components over all channels); tensors sharing classes form a
-group. A partition of a group's base classes is valid for every member when each member's
-channels at equal positions carry equal colors within a class color, so the group's partition
-is the meet over members of their colors laid out per (class, position).
+group. A member may hold several channels of one class (Flatten's spatial positions); its
+*position* numbers them in channel order, which pairs them across classes (c-major layouts,
+concatenated parts). A partition of the base classes is valid for every member when, within
+a class color, each member's channels at equal positions carry equal colors; the group's
+partition is the meet over members of their colors laid out per (class, position).
 """
 
 from __future__ import annotations
@@ -74,7 +76,6 @@ def build_groups(ports: dict[str, Port], links: list[Link], freeze: dict[str, st
     offsets = dict(zip(names, np.concatenate([[0], np.cumsum(widths)[:-1]]).tolist()))
     total = int(widths.sum())
     heads, tails = [np.arange(total)], [np.arange(total)]
-    positions: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for link in links:
         a, b = ports[link.a.name], ports[link.b.name]
         if (a.width, b.width) != (link.a.width, link.b.width):
@@ -82,8 +83,6 @@ def build_groups(ports: dict[str, Port], links: list[Link], freeze: dict[str, st
         b_to_a = np.arange(b.width) if link.b_to_a is None else np.asarray(link.b_to_a)
         heads.append(offsets[a.name] + b_to_a)
         tails.append(offsets[b.name] + np.arange(b.width))
-        if link.position is not None:
-            positions[b.name].append(np.asarray(link.position))
     heads_all, tails_all = np.concatenate(heads), np.concatenate(tails)
     adjacency = coo_matrix((np.ones(heads_all.size), (heads_all, tails_all)), shape=(total, total))
     _, channel_class = connected_components(adjacency, directed=False)
@@ -110,15 +109,22 @@ def build_groups(ports: dict[str, Port], links: list[Link], freeze: dict[str, st
             width = ports[name].width
             classes = local[start:start + width]
             start += width
-            position = Partition.from_rows(np.column_stack(positions[name])).labels \
-                if positions[name] else np.zeros(width, dtype=np.int64)
             reason = freeze.get(name)
-            if np.unique(classes * (int(position.max()) + 1) + position).size < width:
-                reason = reason or "ties two of its channels together"
             if reason:
                 for cls in classes[~frozen[classes]]:
                     reasons[int(cls)] = f"'{name}' {reason}"
                 frozen[classes] = True
-            built[name] = Member(ports[name], classes, position)
+            built[name] = Member(ports[name], classes, _rank_within_class(classes))
         groups.append(ShrinkGroup(built, unique.size, frozen, reasons))
     return groups
+
+
+def _rank_within_class(classes: np.ndarray) -> np.ndarray:
+    """For each channel, how many channels of the same class come before it."""
+    order = np.argsort(classes, kind="stable")
+    sorted_classes = classes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_classes[1:] != sorted_classes[:-1]])
+    run_start = np.repeat(starts, np.diff(np.r_[starts, classes.size]))
+    rank = np.empty_like(classes)
+    rank[order] = np.arange(classes.size) - run_start
+    return rank

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from . import elementwise, linear
+from . import conv, elementwise, layout, linear
 from .base import Context, Plan, Port, Rule, Site
 
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")
@@ -42,6 +42,8 @@ def default_registry() -> Registry:
     registry = Registry()
     linear.register(registry)
     elementwise.register(registry)
+    conv.register(registry)
+    layout.register(registry)
     return registry
 
 

@@ -50,13 +50,13 @@ class Context(Protocol):
 @dataclass(frozen=True)
 class Link:
     """Ties channel ``j`` of ``b`` to channel ``b_to_a[j]`` of ``a`` (identity when None): tied
-    channels narrow together. ``position[j]`` tells apart channels of ``b`` tied to one channel
-    of ``a`` (Flatten's spatial offset, a depthwise channel multiplier); they never merge."""
+    channels narrow together. Several channels of ``b`` may tie to one of ``a`` (Flatten's
+    spatial positions, a depthwise channel multiplier); they stay apart, paired across
+    channels by their order."""
 
     a: Port
     b: Port
     b_to_a: np.ndarray | None = None
-    position: np.ndarray | None = None
 
 
 @dataclass

@@ -154,14 +154,14 @@ def _channel_input(x: gs.Tensor, known: dict[str, Port]) -> Port | None:
     return known.get(x.name) if isinstance(x, gs.Variable) else None
 
 
-def _only_first_output_used(node: gs.Node, graph: GraphView) -> bool:
+def only_first_output_used(node: gs.Node, graph: GraphView) -> bool:
     return all(not t.outputs and not graph.is_boundary(t) for t in node.outputs[1:])
 
 
 def bind_unary(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
     """Activations and pass-through ops whose extra inputs (Clip bounds, Dropout ratio) are constant."""
     port = _channel_input(node.inputs[0], known) if node.inputs else None
-    if port is None or not _only_first_output_used(node, graph):
+    if port is None or not only_first_output_used(node, graph):
         return None
     if any(t.name and graph.constant(t) is None for t in node.inputs[1:]):
         return None

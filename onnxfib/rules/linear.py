@@ -25,6 +25,7 @@ class LinearSite(Site):
     in_axis: int = 1
     alpha: float = 1.0
     bias: tuple[gs.Node, int] | None = None
+    bias_axis: int | None = None  # the bias's channel axis; None: it broadcasts against the output
     beta: float = 1.0
     internal: list[gs.Variable] = field(default_factory=list)
 
@@ -45,11 +46,14 @@ class LinearSite(Site):
         w = np.moveaxis(self._stored(self.weight).astype(np.float64), (self.out_axis, self.in_axis), (0, 1))
         return self.alpha * w.reshape(w.shape[0], w.shape[1], -1)
 
+    @property
+    def _bias_axis(self) -> int:
+        return self.outputs[0].axis if self.bias_axis is None else self.bias_axis
+
     def bias_rows(self) -> np.ndarray | None:
         if self.bias is None:
             return None
-        out = self.outputs[0]
-        return self.beta * channel_rows(self._stored(self.bias), out.axis, out.width)
+        return self.beta * channel_rows(self._stored(self.bias), self._bias_axis, self.outputs[0].width)
 
     def forward(self, ctx: Context) -> None:
         x = ctx.fiber(self.inputs[0])
@@ -76,8 +80,8 @@ class LinearSite(Site):
             w = out.partition.reduce(w / _along(out.scales, self.out_axis, w.ndim), self.out_axis, mean=True)
         ctx.graph.set_constant(*self.weight, w)
         if out is not None and self.bias is not None:
-            port = self.outputs[0]
-            merged = merge_channels(self._stored(self.bias), port.axis, port.width, out, divide_by_scale=True)
+            merged = merge_channels(self._stored(self.bias), self._bias_axis, self.outputs[0].width, out,
+                                    divide_by_scale=True)
             if merged is not None:
                 ctx.graph.set_constant(*self.bias, merged)
         for tensor in self.internal:
@@ -88,10 +92,8 @@ class LinearSite(Site):
         w = self._stored(self.weight)
         total = w.size // (w.shape[self.in_axis] * w.shape[self.out_axis]) * in_width * out_width
         if self.bias is not None:
-            b = self._stored(self.bias)
-            port = self.outputs[0]
-            per_channel = is_per_channel(b, port.axis, port.width)
-            total += b.size // port.width * out_width if per_channel else b.size
+            b, width = self._stored(self.bias), self.outputs[0].width
+            total += b.size // width * out_width if is_per_channel(b, self._bias_axis, width) else b.size
         return int(total)
 
 

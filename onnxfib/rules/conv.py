@@ -1,0 +1,194 @@
+"""Convolutional layers: Conv (1-D/2-D/3-D, plain or depthwise), ConvTranspose,
+BatchNormalization (inference) and pooling. Channels play the role of neurons (paper Eq. 15):
+the kernel between two channels is one "weight", carried whole in the signature."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..coloring import Coloring
+from ..graph import GraphView
+from .base import Context, Link, Port, Site
+from .elementwise import Kind, UnarySite, only_first_output_used
+from .linear import LinearSite
+
+
+def _channel_first(graph: GraphView, port: Port | None, tensor: gs.Tensor) -> bool:
+    """True when ``port``'s channel axis is axis 1 of ``tensor`` (NCHW layout)."""
+    rank = graph.rank(tensor)
+    return port is not None and rank is not None and rank >= 2 and port.axis == 1 - rank
+
+
+@dataclass
+class DepthwiseSite(LinearSite):
+    """Conv with one input channel per group: output channel o reads input channel o // mult.
+
+    Its input and output axes are tied (the group count must equal the channel count), so it is
+    a producer whose rows merge only together with its input channels."""
+
+    multiplier: int = 1
+
+    def links(self) -> list[Link]:
+        return [Link(self.inputs[0], self.outputs[0], self._source())]
+
+    def _source(self) -> np.ndarray:
+        return np.arange(self.outputs[0].width) // self.multiplier
+
+    def forward(self, ctx: Context) -> None:
+        x = ctx.fiber(self.inputs[0])
+        kernels = self.matrix()[:, 0, :]  # (out channels, kernel size)
+        source = self._source()
+        signature = np.zeros((len(source), x.partition.n_colors, kernels.shape[1]))
+        signature[np.arange(len(source)), x.partition.labels[source]] = kernels * x.scales[source, None]
+        signature = signature.reshape(len(source), -1)
+        bias = self.bias_rows()
+        ctx.set_fiber(self.outputs[0], ctx.tol.cluster(signature if bias is None else np.hstack([signature, bias])))
+
+    def backward(self, ctx: Context) -> None:
+        kernels = self.matrix()[:, 0, :]
+        op = ctx.opfiber(self.outputs[0])
+        signature = np.zeros((self.inputs[0].width, op.n_colors, kernels.shape[1]))
+        np.add.at(signature, (self._source(), op.labels), kernels)
+        ctx.add_opfiber(self.inputs[0], ctx.tol.cluster(signature.reshape(self.inputs[0].width, -1)).partition)
+
+    def rewrite(self, ctx: Context) -> None:
+        inp, out = ctx.plan(self.inputs[0]), ctx.plan(self.outputs[0])
+        if inp is None or out is None:
+            return
+        node, index = self.weight
+        w = self._stored(self.weight).astype(np.float64)
+        factor = inp.scales[self._source()] / out.scales
+        w = out.partition.reduce(w * factor.reshape((-1,) + (1,) * (w.ndim - 1)), 0, mean=True)
+        ctx.graph.set_constant(node, index, w)
+        if self.bias is not None:
+            b = self._stored(self.bias).astype(np.float64)
+            ctx.graph.set_constant(*self.bias, out.partition.reduce(b / out.scales, 0, mean=True))
+        node.attrs["group"] = inp.partition.n_colors
+
+    def parameters(self, in_width: int, out_width: int) -> int:
+        w = self._stored(self.weight)
+        total = w.size // w.shape[0] * out_width
+        if self.bias is not None:
+            total += out_width
+        return int(total)
+
+
+def _conv_bias(node: gs.Node, graph: GraphView) -> tuple[gs.Node, int] | None | bool:
+    """(node, 2) for a constant bias, None without bias, False for a bias that is not constant."""
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return None
+    return (node, 2) if graph.constant(node.inputs[2]) is not None else False
+
+
+def bind_conv(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """Conv with a constant kernel [O, I/group, k...]: plain (group 1) or depthwise."""
+    w = graph.constant(node.inputs[1])
+    bias = _conv_bias(node, graph)
+    if w is None or w.ndim < 3 or bias is False or not np.issubdtype(w.dtype, np.floating):
+        return None
+    axis = 1 - w.ndim
+    groups = int(node.attrs.get("group", 1))
+    out_width, per_group = int(w.shape[0]), int(w.shape[1])
+    x, y = node.inputs[0], node.outputs[0]
+    common = dict(nodes=[node], weight=(node, 1), out_axis=0, in_axis=1, bias=bias, bias_axis=0)
+    if groups == 1:
+        return LinearSite(inputs=[Port(x, axis, per_group)], outputs=[Port(y, axis, out_width)], **common)
+    if per_group == 1 and out_width % groups == 0:
+        return DepthwiseSite(inputs=[Port(x, axis, groups)], outputs=[Port(y, axis, out_width)],
+                             multiplier=out_width // groups, **common)
+    return None  # grouped convolutions need equal widths per group: a barrier for now
+
+
+def bind_conv_transpose(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """ConvTranspose with a constant kernel [I, O/group, k...] and group 1."""
+    w = graph.constant(node.inputs[1])
+    bias = _conv_bias(node, graph)
+    if w is None or w.ndim < 3 or bias is False or int(node.attrs.get("group", 1)) != 1:
+        return None
+    axis = 1 - w.ndim
+    return LinearSite(nodes=[node], inputs=[Port(node.inputs[0], axis, int(w.shape[0]))],
+                      outputs=[Port(node.outputs[0], axis, int(w.shape[1]))], weight=(node, 1),
+                      out_axis=1, in_axis=0, bias=bias, bias_axis=0)
+
+
+@dataclass
+class BatchNormSite(Site):
+    """Inference BatchNormalization: ``y = a x + d`` per channel, with
+    ``a = scale / sqrt(var + eps)`` and ``d = B - mean a``."""
+
+    epsilon: float = 1e-5
+
+    def _constants(self) -> list[np.ndarray]:
+        node = self.nodes[0]
+        return [GraphView.constant(node.inputs[i]).astype(np.float64) for i in range(1, 5)]
+
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        scale, shift, mean, var = self._constants()
+        a = scale / np.sqrt(var + self.epsilon)
+        return a, shift - mean * a
+
+    def forward(self, ctx: Context) -> None:
+        x = ctx.fiber(self.inputs[0])
+        a, d = self._affine()
+        x = ctx.tol.split_by_rows(x, a)
+        ctx.set_fiber(self.outputs[0], ctx.tol.split_by_rows(x, d / x.scales))
+
+    def backward(self, ctx: Context) -> None:
+        op = ctx.opfiber(self.outputs[0])
+        ctx.add_opfiber(self.inputs[0], ctx.tol.split_by_rows(Coloring(op, np.ones(len(op))), self._affine()[0]).partition)
+
+    def rewrite(self, ctx: Context) -> None:
+        plan = ctx.plan(self.outputs[0])
+        if plan is None:
+            return
+        _, _, mean, var = self._constants()
+        a, d = self._affine()
+        merge = plan.partition.reduce
+        a, d = merge(a, 0, mean=True), merge(d / plan.scales, 0, mean=True)
+        mean, var = merge(mean / plan.scales, 0, mean=True), merge(var, 0, mean=True)
+        node = self.nodes[0]
+        for index, values in enumerate((a * np.sqrt(var + self.epsilon), d + mean * a, mean, var), start=1):
+            ctx.graph.set_constant(node, index, values)
+
+
+def bind_batch_norm(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """BatchNormalization in inference mode with constant statistics, over channel axis 1."""
+    x = node.inputs[0]
+    port = known.get(x.name)
+    if not _channel_first(graph, port, x) or not only_first_output_used(node, graph):
+        return None
+    if int(node.attrs.get("training_mode", 0)) or int(node.attrs.get("spatial", 1)) != 1:
+        return None
+    constants = [graph.constant(t) for t in node.inputs[1:5]]
+    if len(constants) != 4 or any(c is None or c.shape != (port.width,) for c in constants):
+        return None
+    out = Port(node.outputs[0], port.axis, port.width)
+    return BatchNormSite(nodes=[node], inputs=[port], outputs=[out], epsilon=float(node.attrs.get("epsilon", 1e-5)))
+
+
+_POOLS = {
+    "AveragePool": Kind.PASS, "GlobalAveragePool": Kind.PASS,
+    "MaxPool": Kind.HOMOGENEOUS, "GlobalMaxPool": Kind.HOMOGENEOUS,
+    "LpPool": Kind.HOMOGENEOUS, "GlobalLpPool": Kind.HOMOGENEOUS,
+}
+
+
+def bind_pool(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """Pooling over the spatial axes of an NCHW tensor: per channel, positively homogeneous."""
+    x = node.inputs[0]
+    port = known.get(x.name)
+    if not _channel_first(graph, port, x) or not only_first_output_used(node, graph):
+        return None
+    out = Port(node.outputs[0], port.axis, port.width)
+    return UnarySite(nodes=[node], inputs=[port], outputs=[out], kind=_POOLS[node.op])
+
+
+def register(registry) -> None:
+    registry.register("Conv", bind_conv)
+    registry.register("ConvTranspose", bind_conv_transpose)
+    registry.register("BatchNormalization", bind_batch_norm)
+    for op in _POOLS:
+        registry.register(op, bind_pool)

@@ -1,0 +1,450 @@
+"""Ops that move channels without computing on them: Flatten and Reshape into features,
+Concat, Split, Slice, Transpose, Squeeze/Unsqueeze, Resize/Upsample and Pad.
+
+They color by restriction, concatenation or index maps (DESIGN §2), tie their ports' channels
+(`Link`), and rewrite the size constants that name a channel count."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..coloring import Coloring
+from ..graph import GraphView
+from ..partition import Partition
+from .base import Context, Link, Port, Site
+from .elementwise import Kind, UnarySite, only_first_output_used
+
+
+def _static(dims: list, indices) -> list[int] | None:
+    """The sizes of ``dims`` at ``indices`` if all are known integers."""
+    picked = [dims[i] for i in indices]
+    return [int(d) for d in picked] if all(isinstance(d, (int, np.integer)) and d >= 0 for d in picked) else None
+
+
+def _given(node: gs.Node, graph: GraphView, index: int, attr: str) -> np.ndarray | None | bool:
+    """Values given as input ``index`` (newer opsets) or attribute ``attr``: None when absent,
+    False when given but not constant."""
+    if len(node.inputs) > index and node.inputs[index].name:
+        value = graph.constant(node.inputs[index])
+        return False if value is None else np.asarray(value).ravel()
+    return np.asarray(node.attrs[attr]).ravel() if attr in node.attrs else None
+
+
+def _ints(node: gs.Node, graph: GraphView, index: int, attr: str) -> list[int] | None | bool:
+    """``_given`` as a list of Python ints."""
+    values = _given(node, graph, index, attr)
+    return values if values is None or values is False else [int(v) for v in values]
+
+
+def _channel_position(graph: GraphView, port: Port, tensor: gs.Tensor) -> tuple[int, int] | None:
+    """(rank, channel axis counted from the front), when the rank is known."""
+    rank = graph.rank(tensor)
+    return None if rank is None else (rank, rank + port.axis)
+
+
+def _write_ints(node: gs.Node, graph: GraphView, index: int, attr: str, values: list[int]) -> None:
+    """Store an integer list where ``_ints`` found it (an input or an attribute)."""
+    if len(node.inputs) > index and node.inputs[index].name:
+        graph.set_constant(node, index, np.asarray(values, dtype=np.int64))
+    else:
+        node.attrs[attr] = list(values)
+
+
+# -- Flatten / Reshape -------------------------------------------------------------------------
+
+
+@dataclass
+class FlattenSite(Site):
+    """Channels and trailing axes folded into one feature axis: feature f carries channel
+    ``channel[f]`` at spatial ``position[f]`` and is colored (color(channel), position)."""
+
+    channel: np.ndarray = None  # type: ignore[assignment]
+    position: np.ndarray = None  # type: ignore[assignment]
+    shape: tuple[gs.Node, int] | None = None  # a Reshape's constant target shape
+
+    def links(self) -> list[Link]:
+        return [Link(self.inputs[0], self.outputs[0], self.channel)]
+
+    def forward(self, ctx: Context) -> None:
+        x = ctx.fiber(self.inputs[0])
+        labels = Partition.from_rows(np.column_stack([x.partition.labels[self.channel], self.position]))
+        ctx.set_fiber(self.outputs[0], Coloring(labels, x.scales[self.channel]))
+
+    def backward(self, ctx: Context) -> None:
+        op = ctx.opfiber(self.outputs[0])
+        keys = np.full((self.inputs[0].width, int(self.position.max()) + 1), -1)
+        keys[self.channel, self.position] = op.labels
+        ctx.add_opfiber(self.inputs[0], Partition.from_rows(keys))
+
+    def rewrite(self, ctx: Context) -> None:
+        plan = ctx.plan(self.outputs[0])
+        if plan is None or self.shape is None:
+            return
+        shape = GraphView.constant(self.shape[0].inputs[self.shape[1]]).copy()
+        if shape[-1] > 0:
+            shape[-1] = plan.partition.n_colors
+            ctx.graph.set_constant(*self.shape, shape)
+
+
+def _flatten(node: gs.Node, graph: GraphView, port: Port, axis: int, shape=None) -> Site | None:
+    x = node.inputs[0]
+    where = _channel_position(graph, port, x)
+    if where is None or x.shape is None:
+        return None
+    rank, channel = where
+    axis = axis + rank if axis < 0 else axis
+    if not 0 < axis <= channel:
+        return None  # the channel axis would fold into the leading (batch) axis
+    before, after = _static(x.shape, range(axis, channel)), _static(x.shape, range(channel + 1, rank))
+    if before is None or after is None:
+        return None
+    s_before, s_after, width = int(np.prod(before)), int(np.prod(after)), port.width
+    feature = np.arange(width * s_before * s_after)
+    channel_of = (feature // s_after) % width
+    position = (feature // (s_after * width)) * s_after + feature % s_after
+    out = Port(node.outputs[0], -1, feature.size)
+    return FlattenSite(nodes=[node], inputs=[port], outputs=[out], coupled=False,
+                       channel=channel_of, position=position, shape=shape)
+
+
+def bind_flatten(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    port = known.get(node.inputs[0].name)
+    return None if port is None else _flatten(node, graph, port, int(node.attrs.get("axis", 1)))
+
+
+def bind_reshape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """Reshape [N, C, ...] -> [N, C*...] with a constant target shape, as Flatten at axis 1."""
+    x = node.inputs[0]
+    port = known.get(x.name)
+    target = graph.constant(node.inputs[1])
+    if port is None or target is None or target.shape != (2,) or x.shape is None or len(x.shape) < 2:
+        return None
+    batch = x.shape[0]
+    features = _static(x.shape, range(1, len(x.shape)))
+    if features is None or (int(node.attrs.get("allowzero", 0)) and 0 in target):
+        return None
+    total = int(np.prod(features))
+    keeps_batch = target[0] == 0 or (isinstance(batch, (int, np.integer)) and target[0] == batch)
+    if not ((keeps_batch and target[1] in (-1, total)) or (target[0] == -1 and target[1] == total)):
+        return None
+    return _flatten(node, graph, port, 1, shape=(node, 1))
+
+
+# -- Concat / Split / Slice ----------------------------------------------------------------------
+
+
+@dataclass
+class ConcatSite(Site):
+    """Concat along the channel axis (colorings concatenate, colors never shared between parts)
+    or along another axis (the And rule over all inputs)."""
+
+    along_channels: bool = True
+
+    def _offsets(self) -> list[int]:
+        return np.cumsum([0] + [p.width for p in self.inputs[:-1]]).tolist()
+
+    def links(self) -> list[Link]:
+        out = self.outputs[0]
+        if not self.along_channels:
+            return [Link(out, port) for port in self.inputs]
+        return [Link(out, port, offset + np.arange(port.width)) for port, offset in zip(self.inputs, self._offsets())]
+
+    def forward(self, ctx: Context) -> None:
+        parts = [ctx.fiber(p) for p in self.inputs]
+        if self.along_channels:
+            colored = Coloring(Partition.concat([c.partition for c in parts]), np.concatenate([c.scales for c in parts]))
+        else:
+            units = [ctx.tol.unit(c).partition for c in parts]
+            colored = Coloring(units[0].meet(*units[1:]), np.ones(len(parts[0])))
+        ctx.set_fiber(self.outputs[0], colored)
+
+    def backward(self, ctx: Context) -> None:
+        op = ctx.opfiber(self.outputs[0])
+        for port, offset in zip(self.inputs, self._offsets()):
+            ctx.add_opfiber(port, op.restrict(slice(offset, offset + port.width)) if self.along_channels else op)
+
+
+def bind_concat(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    ports = [known.get(t.name) for t in node.inputs]
+    if not ports or any(p is None for p in ports) or len({p.axis for p in ports}) != 1:
+        return None
+    where = _channel_position(graph, ports[0], node.outputs[0])
+    if where is None:
+        return None
+    rank, channel = where
+    axis = int(node.attrs["axis"])
+    along = (axis + rank if axis < 0 else axis) == channel
+    if not along and len({p.width for p in ports}) != 1:
+        return None
+    width = sum(p.width for p in ports) if along else ports[0].width
+    out = Port(node.outputs[0], ports[0].axis, width)
+    return ConcatSite(nodes=[node], inputs=ports, outputs=[out], coupled=False, along_channels=along)
+
+
+@dataclass
+class SplitSite(Site):
+    """Split along the channel axis (each output restricts the coloring) or along another axis
+    (every output carries the input's channels)."""
+
+    along_channels: bool = True
+
+    def _offsets(self) -> list[int]:
+        return np.cumsum([0] + [p.width for p in self.outputs[:-1]]).tolist()
+
+    def links(self) -> list[Link]:
+        inp = self.inputs[0]
+        if not self.along_channels:
+            return [Link(inp, port) for port in self.outputs]
+        return [Link(inp, port, offset + np.arange(port.width)) for port, offset in zip(self.outputs, self._offsets())]
+
+    def forward(self, ctx: Context) -> None:
+        x = ctx.fiber(self.inputs[0])
+        for port, offset in zip(self.outputs, self._offsets()):
+            part = slice(offset, offset + port.width) if self.along_channels else slice(None)
+            ctx.set_fiber(port, Coloring(x.partition.restrict(part), x.scales[part]))
+
+    def backward(self, ctx: Context) -> None:
+        ops = [ctx.opfiber(p) for p in self.outputs]
+        ctx.add_opfiber(self.inputs[0], Partition.concat(ops) if self.along_channels else ops[0].meet(*ops[1:]))
+
+    def rewrite(self, ctx: Context) -> None:
+        if not self.along_channels or ctx.plan(self.inputs[0]) is None:
+            return
+        sizes = [plan.partition.n_colors if (plan := ctx.plan(p)) else p.width for p in self.outputs]
+        node = self.nodes[0]
+        if _ints(node, ctx.graph, 1, "split") is not None:
+            _write_ints(node, ctx.graph, 1, "split", sizes)
+        elif len(set(sizes)) > 1:  # an equal split that the merge made unequal: spell the sizes out
+            node.attrs.pop("num_outputs", None)
+            if ctx.graph.opset >= 13:
+                node.inputs.append(gs.Constant(f"{node.outputs[0].name}__onnxfib_split", np.asarray(sizes, np.int64)))
+            else:
+                node.attrs["split"] = sizes
+
+
+def bind_split(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    x = node.inputs[0]
+    port = known.get(x.name)
+    where = None if port is None else _channel_position(graph, port, x)
+    sizes = _ints(node, graph, 1, "split")
+    if where is None or sizes is False:
+        return None
+    rank, channel = where
+    axis = int(node.attrs.get("axis", 0))
+    along = (axis + rank if axis < 0 else axis) == channel
+    count = len(node.outputs)
+    if along:
+        if sizes is None:
+            if port.width % count:
+                return None
+            sizes = [port.width // count] * count
+        if sum(sizes) != port.width or len(sizes) != count:
+            return None
+    else:
+        sizes = [port.width] * count
+    outputs = [Port(t, port.axis, size) for t, size in zip(node.outputs, sizes)]
+    return SplitSite(nodes=[node], inputs=[port], outputs=outputs, coupled=False, along_channels=along)
+
+
+@dataclass
+class SliceSite(Site):
+    """A contiguous range [start, stop) of channels (step 1), or a slice of other axes only."""
+
+    start: int = 0
+    stop: int = 0
+    entry: int = -1  # index of the channel axis in starts/ends; -1 when not sliced
+
+    def links(self) -> list[Link]:
+        if self.entry < 0:
+            return [Link(self.inputs[0], self.outputs[0])]
+        return [Link(self.inputs[0], self.outputs[0], self.start + np.arange(self.stop - self.start))]
+
+    def forward(self, ctx: Context) -> None:
+        x = ctx.fiber(self.inputs[0])
+        part = slice(self.start, self.stop) if self.entry >= 0 else slice(None)
+        ctx.set_fiber(self.outputs[0], Coloring(x.partition.restrict(part), x.scales[part]))
+
+    def backward(self, ctx: Context) -> None:
+        op = ctx.opfiber(self.outputs[0])
+        if self.entry < 0:
+            ctx.add_opfiber(self.inputs[0], op)
+            return
+        labels = np.zeros(self.inputs[0].width, dtype=np.int64)  # unread channels get no error here
+        labels[self.start:self.stop] = op.labels + 1
+        ctx.add_opfiber(self.inputs[0], Partition(labels))
+
+    def rewrite(self, ctx: Context) -> None:
+        source, target = ctx.plan(self.inputs[0]), ctx.plan(self.outputs[0])
+        if self.entry < 0 or source is None:
+            return
+        start = int(source.partition.labels[:self.start].max()) + 1 if self.start else 0
+        stop = start + (target.partition.n_colors if target else self.outputs[0].width)
+        node = self.nodes[0]
+        for index, attr, value in ((1, "starts", start), (2, "ends", stop)):
+            values = _ints(node, ctx.graph, index, attr)
+            values[self.entry] = value
+            _write_ints(node, ctx.graph, index, attr, values)
+
+
+def bind_slice(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    x = node.inputs[0]
+    port = known.get(x.name)
+    where = None if port is None else _channel_position(graph, port, x)
+    starts, ends = _ints(node, graph, 1, "starts"), _ints(node, graph, 2, "ends")
+    axes, steps = _ints(node, graph, 3, "axes"), _ints(node, graph, 4, "steps")
+    if where is None or not starts or not ends or axes is False or steps is False:
+        return None
+    rank, channel = where
+    axes = list(range(len(starts))) if axes is None else [a + rank if a < 0 else a for a in axes]
+    out = Port(node.outputs[0], port.axis, port.width)
+    if channel not in axes:
+        return SliceSite(nodes=[node], inputs=[port], outputs=[out], coupled=False)
+    entry = axes.index(channel)
+    if steps is not None and steps[entry] != 1:
+        return None
+    start, stop = (min(max(v + port.width if v < 0 else v, 0), port.width) for v in (starts[entry], ends[entry]))
+    if start >= stop:
+        return None
+    out = Port(node.outputs[0], port.axis, stop - start)
+    return SliceSite(nodes=[node], inputs=[port], outputs=[out], coupled=False, start=start, stop=stop, entry=entry)
+
+
+# -- axis movers and spatial pass-through ops ---------------------------------------------------
+
+
+def _moved(node: gs.Node, port: Port, axis_from_front: int, rank_out: int) -> Site:
+    out = Port(node.outputs[0], axis_from_front - rank_out, port.width)
+    return UnarySite(nodes=[node], inputs=[port], outputs=[out], kind=Kind.PASS)
+
+
+def bind_transpose(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    x = node.inputs[0]
+    port = known.get(x.name)
+    rank = graph.rank(x) if "perm" not in node.attrs else len(node.attrs["perm"])
+    if port is None or rank is None:
+        return None
+    perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
+    return _moved(node, port, perm.index(rank + port.axis), rank)
+
+
+def bind_squeeze(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """Squeeze/Unsqueeze of axes other than the channel axis."""
+    x = node.inputs[0]
+    port = known.get(x.name)
+    axes = _ints(node, graph, 1, "axes")
+    where = None if port is None else _channel_position(graph, port, x)
+    if where is None or not axes or not only_first_output_used(node, graph):
+        return None
+    rank, channel = where
+    if node.op == "Squeeze":
+        axes = sorted(a + rank if a < 0 else a for a in axes)
+        if channel in axes:
+            return None
+        return _moved(node, port, channel - sum(a < channel for a in axes), rank - len(axes))
+    rank_out = rank + len(axes)
+    axes = {a + rank_out if a < 0 else a for a in axes}
+    kept = [p for p in range(rank_out) if p not in axes]
+    return _moved(node, port, kept[channel], rank_out)
+
+
+_REDUCTIONS = {
+    "ReduceMean": Kind.PASS, "ReduceSum": Kind.PASS, "ReduceMax": Kind.HOMOGENEOUS,
+    "ReduceMin": Kind.HOMOGENEOUS, "ReduceL1": Kind.HOMOGENEOUS, "ReduceL2": Kind.HOMOGENEOUS,
+    "ReduceSumSquare": Kind.FUNCTION, "ReduceLogSumExp": Kind.FUNCTION, "ReduceProd": Kind.FUNCTION,
+}
+
+
+def bind_reduce(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """A reduction over axes other than the channel axis (global pooling as dynamo exports it)."""
+    x = node.inputs[0]
+    port = known.get(x.name)
+    where = None if port is None else _channel_position(graph, port, x)
+    axes = _ints(node, graph, 1, "axes")
+    if where is None or not axes:
+        return None  # no axes: every axis is reduced, the channel axis too
+    rank, channel = where
+    axes = sorted(a + rank if a < 0 else a for a in axes)
+    if channel in axes:
+        return None
+    keep = int(node.attrs.get("keepdims", 1))
+    site = _moved(node, port, channel if keep else channel - sum(a < channel for a in axes),
+                  rank if keep else rank - len(axes))
+    site.kind = _REDUCTIONS[node.op]
+    return site
+
+
+@dataclass
+class ResizeSite(UnarySite):
+    """Resize/Upsample/Pad: per-channel and linear in the input; a constant ``sizes`` input
+    names the channel count, rewritten with it."""
+
+    sizes: tuple[gs.Node, int, int] | None = None  # node, input index, entry of the channel axis
+
+    def rewrite(self, ctx: Context) -> None:
+        plan = ctx.plan(self.outputs[0])
+        if plan is None or self.sizes is None:
+            return
+        node, index, entry = self.sizes
+        values = GraphView.constant(node.inputs[index]).copy()
+        values[entry] = plan.partition.n_colors
+        ctx.graph.set_constant(node, index, values)
+
+
+def bind_resize(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """Resize and Upsample whose scales keep the channel axis (scale 1, or sizes = width)."""
+    x = node.inputs[0]
+    port = known.get(x.name)
+    where = None if port is None else _channel_position(graph, port, x)
+    if where is None or "axes" in node.attrs:
+        return None
+    _, channel = where
+    scales_index, sizes_index = (1, None) if node.op == "Upsample" or graph.opset < 11 else (2, 3)
+    scales = _given(node, graph, scales_index, "scales")
+    sizes = _ints(node, graph, sizes_index, "sizes") if sizes_index else None
+    if scales is False or sizes is False:
+        return None
+    if scales is not None and scales.size and float(scales[channel]) != 1.0:
+        return None
+    if sizes and sizes[channel] != port.width:
+        return None
+    out = Port(node.outputs[0], port.axis, port.width)
+    return ResizeSite(nodes=[node], inputs=[port], outputs=[out], kind=Kind.PASS,
+                      sizes=(node, sizes_index, channel) if sizes else None)
+
+
+def bind_pad(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """Pad that adds nothing along the channel axis; a non-zero constant value breaks scales."""
+    x = node.inputs[0]
+    port = known.get(x.name)
+    where = None if port is None else _channel_position(graph, port, x)
+    pads = _ints(node, graph, 1, "pads")
+    if where is None or not pads or len(node.inputs) > 3 and node.inputs[3].name:
+        return None  # the opset-18 axes input is not supported
+    rank, channel = where
+    if pads[channel] or pads[channel + rank]:
+        return None
+    value = graph.constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else node.attrs.get("value", 0.0)
+    if value is None:
+        return None
+    kind = Kind.PASS if node.attrs.get("mode", "constant") != "constant" or float(np.ravel(value)[0]) == 0.0 else Kind.FUNCTION
+    out = Port(node.outputs[0], port.axis, port.width)
+    return ResizeSite(nodes=[node], inputs=[port], outputs=[out], kind=kind)
+
+
+def register(registry) -> None:
+    registry.register("Flatten", bind_flatten)
+    registry.register("Reshape", bind_reshape)
+    registry.register("Concat", bind_concat)
+    registry.register("Split", bind_split)
+    registry.register("Slice", bind_slice)
+    registry.register("Transpose", bind_transpose)
+    registry.register("Squeeze", bind_squeeze)
+    registry.register("Unsqueeze", bind_squeeze)
+    registry.register("Resize", bind_resize)
+    registry.register("Upsample", bind_resize)
+    registry.register("Pad", bind_pad)
+    for op in _REDUCTIONS:
+        registry.register(op, bind_reduce)
