@@ -29,6 +29,7 @@ class GraphView:
         self._source = model
         self.graph = gs.import_onnx(_infer_shapes(model))
         self._materialise_constant_nodes()
+        self._fold_static_shapes()
         self.graph.toposort()
         self.input_names = {t.name for t in self.graph.inputs}
         self.output_names = {t.name for t in self.graph.outputs}
@@ -49,6 +50,14 @@ class GraphView:
             node.outputs.clear()
             out.to_constant(np.asarray(values))
         self.graph.cleanup(remove_unused_graph_inputs=False)
+
+    def _fold_static_shapes(self) -> None:
+        """Fold shape arithmetic that only reads static sizes (torch's chunk computes its slice
+        bounds from Shape) into constants, so channel counts are visible and rewritable."""
+        if any(node.op == "Shape" for node in self.graph.nodes):
+            self.graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=True,
+                                      size_threshold=1 << 16, flatten_subgraphs=False)
+            self.graph.cleanup(remove_unused_graph_inputs=False)
 
     @property
     def opset(self) -> int:
