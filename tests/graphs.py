@@ -30,13 +30,22 @@ class Builder:
             self.inits.append(numpy_helper.from_array(value, name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], **attrs) -> str:
+    def int_const(self, value: np.ndarray) -> str:
         self._count += 1
-        out = f"t{self._count}"
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"{op_type}_{self._count}", **attrs))
-        return out
+        name = f"c{self._count}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
+        return name
 
-    def model(self, inputs: dict[str, list], output: str, out_shape: list) -> onnx.ModelProto:
+    def op(self, op_type: str, inputs: list[str], **attrs) -> str:
+        return self.multi(op_type, inputs, 1, **attrs)[0]
+
+    def multi(self, op_type: str, inputs: list[str], outputs: int, **attrs) -> list[str]:
+        self._count += 1
+        names = [f"t{self._count}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{op_type}_{self._count}", **attrs))
+        return names
+
+    def model(self, inputs: dict[str, list], output: str, out_shape: list | None) -> onnx.ModelProto:
         self.nodes.append(helper.make_node("Identity", [output], ["y"], name="out"))
         graph = helper.make_graph(
             self.nodes, "g",
@@ -46,6 +55,9 @@ class Builder:
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model.ir_version = 7
+        if out_shape is None:  # let shape inference state the output's shape
+            inferred = onnx.shape_inference.infer_shapes(model)
+            model.graph.output[0].CopyFrom(inferred.graph.output[0])
         onnx.checker.check_model(model, full_check=True)
         return model
 
