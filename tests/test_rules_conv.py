@@ -163,3 +163,34 @@ def test_grouped_conv_is_a_barrier_and_the_rest_still_merges():
     analysis, _, params = compress_and_compare(model, {"x": x})
     assert params == count_parameters(model)
     assert "Conv" in analysis.layers[0].frozen
+
+
+def test_transpose_to_channels_last_and_per_channel_prelu():
+    rng = np.random.default_rng(70)
+    (w1, b1, _, _), (lw1, lb1, _), source = conv_pair(rng)
+    slope = rng.uniform(0.05, 0.3, C)
+    head = rng.standard_normal((C, D))  # MatMul over the channels-last axis
+    g = Builder()
+    h = g.op("Conv", ["x", g.const(lw1), g.const(lb1)], pads=[1, 1, 1, 1])
+    h = g.op("PRelu", [h, g.const(slope[source][:, None, None])])
+    h = g.op("Transpose", [h], perm=[0, 2, 3, 1])
+    y = g.op("MatMul", [h, g.const(head[source] / np.bincount(source)[source][:, None])])
+    model = g.model({"x": [2, CIN, 3, 3]}, y, None)
+    x = rng.standard_normal((2, CIN, 3, 3)).astype(np.float32)
+    _, _, params = compress_and_compare(model, {"x": x})
+    assert params == size(w1, b1, slope, head)
+
+
+def test_opset_9_batch_norm_and_upsample():
+    rng = np.random.default_rng(80)
+    (w1, b1, w2, b2), (lw1, lb1, lw2), source = conv_pair(rng)
+    stats = [rng.uniform(0.5, 2.0, C), rng.standard_normal(C), rng.standard_normal(C), rng.uniform(0.5, 2.0, C)]
+    g = Builder(9)
+    h = g.op("Conv", ["x", g.const(lw1), g.const(lb1)], pads=[1, 1, 1, 1])
+    h = g.op("Relu", [g.op("BatchNormalization", [h, *(g.const(s[source]) for s in stats)])])
+    h = g.op("Upsample", [h, g.const(np.array([1.0, 1.0, 2.0, 2.0]))], mode="nearest")
+    y = g.op("Conv", [h, g.const(lw2), g.const(b2)])
+    model = g.model({"x": [1, CIN, 3, 3]}, y, None)
+    x = rng.standard_normal((1, CIN, 3, 3)).astype(np.float32)
+    _, _, params = compress_and_compare(model, {"x": x})
+    assert params == size(w1, b1, *stats, w2, b2) + 4  # + Upsample's float scales
