@@ -242,7 +242,8 @@ def lift_channels(base: nn.Module, lifted: nn.Module, maps: Mapping[str, Channel
     return lifted.eval()
 
 
-def collapse_channels(lifted: nn.Module, base_like: nn.Module, maps: Mapping[str, ChannelMap], spec: Mapping) -> nn.Module:
+def collapse_channels(lifted: nn.Module, base_like: nn.Module, maps: Mapping[str, ChannelMap],
+                      spec: Mapping) -> nn.Module:
     """The inverse of :func:`lift_channels` (Eq. 10): write ``lifted``'s collapsed parameters into
     ``base_like`` (an instance with the base widths): rows, biases and BN tensors by their
     cluster mean, consumer columns by their cluster sum."""
