@@ -132,6 +132,9 @@ class Analysis:
                     reason = reason or f"feeds {consumer.op} '{consumer.name}'"
             if reason:
                 reasons[name] = reason
+        for site in self.sites:
+            for name, reason in site.pinned().items():
+                reasons.setdefault(name, reason)
         return reasons
 
     def _settle_opfiber(self, port: Port) -> Partition:

@@ -288,3 +288,28 @@ def test_weights_reached_through_identity_are_constants():
     model = g.model({"x": ["batch", K]}, y, ["batch", M + N + EXTRA])
     _, _, params = compress_and_compare(model, {"x": rng.standard_normal((4, K)).astype(np.float32)})
     assert params == w1.size + b1.size + w2.size + b2.size + (N + EXTRA) * K
+
+
+def test_layer_norm_output_fibers_reach_the_layers_reading_it():
+    """Channels 0 and 1 of the residual stream are synchronized; after LayerNormalization (with
+    equal scale and bias on them) they still are, so rows of the next layer that split their
+    weight differently between channels 0 and 1 form one fiber. The stream keeps its width."""
+    rng = np.random.default_rng(16)
+    w1, b1 = rng.standard_normal((4, K)), rng.standard_normal(4)
+    w1[1], b1[1] = w1[0], b1[0]
+    gamma, beta = rng.uniform(0.5, 2, 4), rng.standard_normal(4)
+    gamma[1], beta[1] = gamma[0], beta[0]
+    w2, b2 = rng.standard_normal((3, 3)), rng.standard_normal(3)  # base: columns (ch0+ch1, ch2, ch3)
+    source, share = lift_map(rng, 3, 2)
+    split = rng.uniform(0, 1, len(source))
+    lw2 = np.column_stack([w2[source, 0] * split, w2[source, 0] * (1 - split), w2[source, 1:]])
+    w3 = rng.standard_normal((M, 3))
+    g = Builder(17)
+    h = g.op("Gemm", ["x", g.const(w1), g.const(b1)], transB=1)
+    n = g.op("LayerNormalization", [h, g.const(gamma), g.const(beta)], axis=-1)
+    z = g.op("Relu", [g.op("Gemm", [n, g.const(lw2), g.const(b2[source])], transB=1)])
+    y = g.op("Gemm", [z, g.const(w3[:, source] * share), g.const(np.zeros(M))], transB=1)
+    model = g.model({"x": ["batch", K]}, y, ["batch", M])
+    analysis, _, params = compress_and_compare(model, {"x": rng.standard_normal((5, K)).astype(np.float32)})
+    assert params == count_parameters(model) - 2 * (4 + 1) - 2 * M
+    assert [layer.width_after for layer in analysis.layers] == [4, 3, M]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from . import conv, elementwise, layout, linear
+from . import conv, elementwise, layout, linear, normalization
 from .base import Context, Plan, Port, Rule, Site
 
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")
@@ -44,6 +44,7 @@ def default_registry() -> Registry:
     elementwise.register(registry)
     conv.register(registry)
     layout.register(registry)
+    normalization.register(registry)
     return registry
 
 

@@ -79,6 +79,10 @@ class Site:
     def name(self) -> str:
         return self.nodes[0].name or self.nodes[0].outputs[0].name
 
+    def pinned(self) -> dict[str, str]:
+        """Ports whose width this site needs unchanged, with the reason (none by default)."""
+        return {}
+
     def links(self) -> list[Link]:
         """How this site's ports' channels are tied (identity ties for a coupled site)."""
         if not self.coupled:
