@@ -23,7 +23,6 @@ from .partition import Partition
 from .report import LayerReport
 from .groups import ShrinkGroup, build_groups
 from .rules import Plan, Port, Registry, Site, default_registry
-from .rules.linear import LinearSite
 
 SYMMETRIES = ("fiber", "cover")
 
@@ -168,7 +167,7 @@ class Analysis:
     def _layer_reports(self) -> list[LayerReport]:
         reports = []
         for site in self.sites:
-            if not isinstance(site, LinearSite):
+            if not site.layer:
                 continue
             inp, out = site.inputs[0], site.outputs[0]
             figures = self.figures[out.name]

@@ -313,3 +313,40 @@ def test_layer_norm_output_fibers_reach_the_layers_reading_it():
     analysis, _, params = compress_and_compare(model, {"x": rng.standard_normal((5, K)).astype(np.float32)})
     assert params == count_parameters(model) - 2 * (4 + 1) - 2 * M
     assert [layer.width_after for layer in analysis.layers] == [4, 3, M]
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_recurrent_hidden_units_collapse_with_a_shared_partition(op):
+    """A planted lift of the hidden units of an ONNX LSTM (with peepholes) or GRU
+    (linear_before_reset=0): rows copied in every gate, recurrent and head columns split."""
+    rng = np.random.default_rng(17)
+    gates, hidden, extra = (4, 5, 3) if op == "LSTM" else (3, 5, 3)
+    w, r = rng.standard_normal((1, gates * hidden, K)), rng.standard_normal((1, gates * hidden, hidden)) / 2
+    b = rng.standard_normal((1, 2 * gates * hidden))
+    peep = rng.standard_normal((1, 3 * hidden))
+    head = rng.standard_normal((hidden, M))
+    source, share = lift_map(rng, hidden, extra)
+    rows = np.concatenate([g * hidden + source for g in range(gates)])
+    lifted_b = np.concatenate([blk * hidden + source for blk in range(2 * gates)])
+    g = Builder(14)
+    inputs = ["x", g.const(w[:, rows]), g.const(r[:, rows][:, :, source] * share), g.const(b[:, lifted_b])]
+    if op == "LSTM":
+        inputs += ["", "", "", g.const(peep[:, np.concatenate([p * hidden + source for p in range(3)])])]
+    y = g.multi(op, inputs, 1, hidden_size=len(source))[0]
+    h = g.op("Squeeze", [y, g.int_const(np.array([1]))])
+    out = g.op("MatMul", [h, g.const(head[source] * share[:, None])])
+    model = g.model({"x": [4, 2, K]}, out, [4, 2, M])
+    x = rng.standard_normal((4, 2, K)).astype(np.float32)
+    _, _, params = compress_and_compare(model, {"x": x})
+    assert params == w.size + r.size + b.size + head.size + (peep.size if op == "LSTM" else 0)
+
+
+def test_recurrent_layer_with_a_given_initial_state_is_left_alone():
+    rng = np.random.default_rng(18)
+    w, r = rng.standard_normal((1, 12, K)), rng.standard_normal((1, 12, 4))
+    g = Builder(14)
+    y = g.multi("GRU", ["x", g.const(w), g.const(r), "", "", "h0"], 1, hidden_size=4)[0]
+    model = g.model({"x": [3, 2, K], "h0": [1, 2, 4]}, y, [3, 1, 2, 4])
+    feeds = {"x": rng.standard_normal((3, 2, K)).astype(np.float32), "h0": rng.standard_normal((1, 2, 4)).astype(np.float32)}
+    analysis, _, params = compress_and_compare(model, feeds)
+    assert params == count_parameters(model) and analysis.layers == []

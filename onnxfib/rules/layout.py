@@ -116,21 +116,24 @@ def bind_flatten(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Sit
 
 
 def bind_reshape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
-    """Reshape [N, C, ...] -> [N, C*...] with a constant target shape, as Flatten at axis 1."""
+    """Reshape with a constant target that keeps the leading axes and folds the rest, the
+    channel axis among them, into the last one ([N, C, H, W] -> [N, C*H*W]; an RNN's
+    [S, N, dirs, H] -> [S, N, dirs*H]): Flatten at the target's last axis."""
     x = node.inputs[0]
     port = known.get(x.name)
     target = graph.constant(node.inputs[1])
-    if port is None or target is None or target.shape != (2,) or x.shape is None or len(x.shape) < 2:
+    if port is None or target is None or target.ndim != 1 or x.shape is None or not 2 <= target.size <= len(x.shape):
         return None
-    batch = x.shape[0]
-    features = _static(x.shape, range(1, len(x.shape)))
-    if features is None or (int(node.attrs.get("allowzero", 0)) and 0 in target):
+    axis = target.size - 1
+    folded = _static(x.shape, range(axis, len(x.shape)))
+    if folded is None or (int(node.attrs.get("allowzero", 0)) and 0 in target):
         return None
-    total = int(np.prod(features))
-    keeps_batch = target[0] == 0 or (isinstance(batch, (int, np.integer)) and target[0] == batch)
-    if not ((keeps_batch and target[1] in (-1, total)) or (target[0] == -1 and target[1] == total)):
+    total = int(np.prod(folded))
+    leading = [t == 0 or (isinstance(d, (int, np.integer)) and t == d) for t, d in zip(target[:axis], x.shape)]
+    inferred_leading = list(target[:axis]).count(-1) == 1 and target[axis] == total
+    if not ((all(leading) and target[axis] in (-1, total)) or inferred_leading):
         return None
-    return _flatten(node, graph, port, 1, shape=(node, 1))
+    return _flatten(node, graph, port, axis, shape=(node, 1))
 
 
 # -- Concat / Split / Slice ----------------------------------------------------------------------
