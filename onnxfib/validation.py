@@ -188,13 +188,15 @@ def load_data(path: str | os.PathLike, model: onnx.ModelProto) -> list[Batch]:
 def _session(model: onnx.ModelProto, role: str) -> tuple[ort.InferenceSession, tempfile.TemporaryDirectory | None]:
     """An ORT CPU session; models too large for one protobuf go through a temporary file."""
     holder = None
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures reach the caller as exceptions; keep stderr clean
     try:
         if too_large(model):
             holder = tempfile.TemporaryDirectory()
             target = Path(holder.name) / "model.onnx"
             write_model(model, target, external_data=True)
-            return ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]), holder
-        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), None
+            return ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"]), holder
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), None
     except Exception as exc:
         if holder is not None:
             holder.cleanup()
