@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -63,6 +64,8 @@ class Analysis:
                 self._settle_opfiber(port)
             site.backward(self)
         self._freeze.update((n, "is not colored") for n in self._ports if n not in self._fibers)
+        self._constraints = {n: labels for site in self.sites for n, labels in site.constraints(self).items()}
+        self._blocks = {n: size for site in self.sites for n, size in site.blocks().items()}
         port_of = {name: uses[0][1] for name, uses in self._ports.items()}
         links = [link for site in self.sites for link in site.links()]
         self.groups = build_groups(port_of, links, self._freeze)
@@ -88,6 +91,10 @@ class Analysis:
 
     def plan(self, port: Port) -> Plan | None:
         return self._plans.get(port.name)
+
+    def rescale(self, port: Port, factors: np.ndarray) -> None:
+        producer = next(site for site, p in self._ports[port.name] if p in site.outputs)
+        producer.rescale(self, port, factors)
 
     # -- passes -----------------------------------------------------------------------------
     def _bind(self, registry: Registry) -> list[Site]:
@@ -152,7 +159,14 @@ class Analysis:
         base_fibers = group.base_partition(fibers, honor_frozen=False)
         base_opfibers = group.base_partition(opfibers, honor_frozen=False)
         chosen = (fibers,) if self.symmetry == "fiber" else (fibers, opfibers)
-        collapse = group.base_partition(*chosen, honor_frozen=True)
+        required = {n: np.zeros(len(m.classes), dtype=np.int64) for n, m in group.members.items()}
+        for name, labels in self._constraints.items():
+            if name in required:
+                required[name] = labels
+        collapse = group.base_partition(*chosen, required, honor_frozen=True)
+        for name, size in self._blocks.items():
+            if name in group.members:
+                collapse = group.equal_blocks(name, size, collapse)
         for name in group.members:
             induced_fibers, induced_opfibers = group.induced(name, base_fibers), group.induced(name, base_opfibers)
             member_collapse = group.induced(name, collapse)

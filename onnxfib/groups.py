@@ -59,6 +59,23 @@ class ShrinkGroup:
         member = self.members[name]
         return Partition.from_rows(np.column_stack([base.labels[member.classes], member.position]))
 
+    def equal_blocks(self, name: str, size: int, base: Partition) -> Partition:
+        """Refine ``base`` so each block of ``size`` consecutive channels of member ``name`` (an
+        attention head) keeps as many colors as the block that keeps most: heads stay equal
+        in width. Colors already never cross blocks (the site's constraint labels)."""
+        classes = self.members[name].classes
+        labels = base.labels.copy()
+        blocks = classes.reshape(-1, size)
+        target = max(np.unique(labels[block]).size for block in blocks)
+        fresh = labels.max() + 1
+        for block in blocks:
+            while np.unique(labels[block]).size < target:
+                values, counts = np.unique(labels[block], return_counts=True)
+                largest = values[np.argmax(counts)]
+                labels[block[labels[block] == largest][-1]] = fresh  # split one channel off
+                fresh += 1
+        return Partition(labels)
+
     def frozen_reason(self, name: str) -> str | None:
         """Why (some of) a member's channels may not narrow, None if all may."""
         classes = self.members[name].classes

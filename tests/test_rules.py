@@ -350,3 +350,61 @@ def test_recurrent_layer_with_a_given_initial_state_is_left_alone():
     feeds = {"x": rng.standard_normal((3, 2, K)).astype(np.float32), "h0": rng.standard_normal((1, 2, 4)).astype(np.float32)}
     analysis, _, params = compress_and_compare(model, feeds)
     assert params == count_parameters(model) and analysis.layers == []
+
+
+def attention_model(rng, heads=2, dim=3, extra=2, lift=True, break_key=None):
+    """One attention block [B, S, E] with planted head-dimension lifts: each head gains
+    ``extra`` Q/K dimensions (Q rows divided by the copy count, K rows copied, so every score
+    is unchanged) and ``extra`` V dimensions (copied, output projection columns split)."""
+    e = 5
+    wq, wk, wv = (rng.standard_normal((heads * dim, e)) for _ in range(3))
+    bq, bk, bv = (rng.standard_normal(heads * dim) for _ in range(3))
+    wo, bo = rng.standard_normal((e, heads * dim)), rng.standard_normal(e)
+    base = sum(a.size for a in (wq, wk, wv, bq, bk, bv, wo, bo)) + 1  # + the score scale
+    if lift:
+        within = [lift_map(rng, dim, extra) for _ in range(heads)]
+        rows = np.concatenate([h * dim + s for h, (s, _) in enumerate(within)])
+        copies = np.concatenate([np.bincount(s)[s] for s, _ in within])
+        share = np.concatenate([f for _, f in within])
+        wq, bq = wq[rows] / copies[:, None], bq[rows] / copies
+        wk, bk, wv, bv = wk[rows], bk[rows], wv[rows], bv[rows]
+        wo = wo[:, rows] * share
+        if break_key is not None:  # this K dimension is no longer a copy: its Q/K dims cannot merge
+            wk[break_key] += 0.1
+    width = wq.shape[0] // heads
+    g = Builder(17)
+    q, k, v = (g.op("Add", [g.op("MatMul", ["x", g.const(w.T)]), g.const(b)]) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+    split = g.int_const(np.array([0, 0, heads, width]))
+    q = g.op("Transpose", [g.op("Reshape", [q, split])], perm=[0, 2, 1, 3])
+    k = g.op("Transpose", [g.op("Reshape", [k, g.int_const(np.array([0, 0, -1, width]))])], perm=[0, 2, 3, 1])
+    v = g.op("Transpose", [g.op("Reshape", [v, g.int_const(np.array([0, 0, heads, width]))])], perm=[0, 2, 1, 3])
+    scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, k]), g.const(np.array(0.5))]), "mask"])
+    o = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+    o = g.op("Reshape", [g.op("Transpose", [o], perm=[0, 2, 1, 3]), g.int_const(np.array([0, 0, -1]))])
+    y = g.op("Add", [g.op("MatMul", [o, g.const(wo.T)]), g.const(bo)])
+    model = g.model({"x": [2, 4, e], "mask": [2, 1, 1, 4]}, y, [2, 4, e])
+    feeds = {"x": rng.standard_normal((2, 4, e)).astype(np.float32),
+             "mask": np.where(rng.uniform(size=(2, 1, 1, 4)) < 0.2, -1e4, 0).astype(np.float32)}
+    return model, feeds, base
+
+
+def test_attention_head_dimensions_merge_within_heads_keeping_heads_equal():
+    model, feeds, base = attention_model(np.random.default_rng(19))
+    analysis, out, params = compress_and_compare(model, feeds)
+    assert params == base
+    assert [layer.width_after for layer in analysis.layers] == [6, 6, 6, 5]
+
+
+def test_attention_without_planted_symmetry_is_unchanged():
+    model, feeds, _ = attention_model(np.random.default_rng(20), lift=False)
+    _, _, params = compress_and_compare(model, feeds)
+    assert params == count_parameters(model)
+
+
+def test_heads_keep_equal_widths_when_one_head_merges_less():
+    """Head 1 loses one of its planted Q/K copies, so it keeps 4 dimensions; head 0 could merge
+    down to 3 but must keep 4 too (one Reshape into heads), and the outputs stay exact."""
+    rng = np.random.default_rng(21)
+    model, feeds, _ = attention_model(rng, break_key=5 + 4)  # a planted copy in head 1
+    analysis, _, _ = compress_and_compare(model, feeds)
+    assert [layer.width_after for layer in analysis.layers] == [8, 8, 6, 5]

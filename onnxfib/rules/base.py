@@ -45,6 +45,8 @@ class Context(Protocol):
     def opfiber(self, port: Port) -> Partition: ...
     def add_opfiber(self, port: Port, partition: Partition) -> None: ...
     def plan(self, port: Port) -> Plan | None: ...
+    def rescale(self, port: Port, factors: np.ndarray) -> None:
+        """Ask the site producing ``port`` to multiply its (rewritten) channels by ``factors``."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,18 @@ class Site:
     def pinned(self) -> dict[str, str]:
         """Ports whose width this site needs unchanged, with the reason (none by default)."""
         return {}
+
+    def constraints(self, ctx: Context) -> dict[str, np.ndarray]:
+        """Extra labels per port: channels with different labels must not merge (none by default)."""
+        return {}
+
+    def blocks(self) -> dict[str, int]:
+        """Ports cut into equal blocks (attention heads) that must keep equal widths: block size."""
+        return {}
+
+    def rescale(self, ctx: Context, port: Port, factors: np.ndarray) -> None:
+        """Multiply an output port's channels by ``factors`` after this site's rewrite."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rescale its outputs")
 
     def links(self) -> list[Link]:
         """How this site's ports' channels are tied (identity ties for a coupled site)."""

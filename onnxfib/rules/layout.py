@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from ..coloring import Coloring
 from ..graph import GraphView
 from ..partition import Partition
+from .attention import bind_attention
 from .base import Context, Link, Port, Site
 from .elementwise import Kind, UnarySite, only_first_output_used
 
@@ -116,6 +117,11 @@ def bind_flatten(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Sit
 
 
 def bind_reshape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """Reshape folding trailing axes into one, or the end of an attention block."""
+    return _bind_folding_reshape(node, graph, known) or bind_attention(node, graph, known)
+
+
+def _bind_folding_reshape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
     """Reshape with a constant target that keeps the leading axes and folds the rest, the
     channel axis among them, into the last one ([N, C, H, W] -> [N, C*H*W]; an RNN's
     [S, N, dirs, H] -> [S, N, dirs*H]): Flatten at the target's last axis."""

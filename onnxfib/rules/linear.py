@@ -87,6 +87,15 @@ class LinearSite(Site):
         for tensor in self.internal:
             ctx.graph.forget_shape(tensor)
 
+    def rescale(self, ctx: Context, port: Port, factors: np.ndarray) -> None:
+        """Multiply output channels (rows and per-channel bias) by ``factors``, after the rewrite."""
+        w = self._stored(self.weight).astype(np.float64)
+        ctx.graph.set_constant(*self.weight, w * _along(factors, self.out_axis, w.ndim))
+        if self.bias is not None:
+            b = self._stored(self.bias).astype(np.float64)
+            if is_per_channel(b, self._bias_axis, len(factors)):
+                ctx.graph.set_constant(*self.bias, b * _along(factors, self._bias_axis, b.ndim))
+
     def parameters(self, in_width: int, out_width: int) -> int:
         """Scalars in weight and bias once the input has ``in_width`` and output ``out_width``."""
         w = self._stored(self.weight)

@@ -1,0 +1,195 @@
+"""Scaled dot-product attention written out in ONNX (torch/HuggingFace eager exports).
+
+The pattern, from the Reshape that merges the heads back:
+    q, k, v [.., H*dh] -> Reshape [.., H, dh] -> Transpose (K also moves dh before the keys)
+    scores = MatMul(q, k) (-> Mul/Div by a constant, -> Add of a mask) -> Softmax
+    o = MatMul(probabilities, v) -> Transpose -> Reshape [.., H*dh]
+Head dimensions of Q and K merge together, only where both are fibers (equal, not merely
+proportional), and the merged Q row carries the multiplicity (the score sums over the merged
+dimensions). V dimensions pass through the softmax-weighted sum, so V and the output merge
+together like an element-wise op. Dimensions never merge across heads, and every head keeps
+the same width (a Reshape into heads needs equal widths): heads that merge less keep the
+others from merging more (paper Sec. 8.4.4, 8.5.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..coloring import Coloring
+from ..graph import GraphView
+from ..partition import Partition
+from .base import Context, Link, Port, Site
+
+_HEADS_FIRST = [0, 2, 1, 3]
+
+
+@dataclass
+class AttentionSite(Site):
+    """Ports: inputs q, k, v, output o (all [.., heads*dim] on the last axis)."""
+
+    heads: int = 1
+    shapes: dict[str, gs.Node] = None  # type: ignore[assignment]  # the Reshape of q, k, v, o
+
+    def __post_init__(self) -> None:
+        self.coupled = False
+
+    def _head_of(self, port: Port) -> np.ndarray:
+        return np.arange(port.width) // (port.width // self.heads)
+
+    def links(self) -> list[Link]:
+        q, k, v = self.inputs
+        return [Link(q, k), Link(v, self.outputs[0])]
+
+    def constraints(self, ctx: Context) -> dict[str, np.ndarray]:
+        labels = {}
+        for port in self.inputs[:2]:  # the score needs equal values, not the scale rule
+            unit = ctx.tol.unit(ctx.fiber(port)).partition.labels
+            labels[port.name] = Partition.from_rows(np.column_stack([self._head_of(port), unit])).labels
+        for port in (self.inputs[2], self.outputs[0]):
+            labels[port.name] = self._head_of(port)
+        return labels
+
+    def blocks(self) -> dict[str, int]:
+        return {port.name: port.width // self.heads for port in (*self.inputs, *self.outputs)}
+
+    def forward(self, ctx: Context) -> None:
+        v = ctx.fiber(self.inputs[2])
+        heads = Partition(self._head_of(self.inputs[2]))
+        ctx.set_fiber(self.outputs[0], Coloring(v.partition.meet(heads), v.scales))
+
+    def backward(self, ctx: Context) -> None:
+        q, k, v = self.inputs
+        ctx.add_opfiber(q, Partition.discrete(q.width))
+        ctx.add_opfiber(k, Partition.discrete(k.width))
+        ctx.add_opfiber(v, ctx.opfiber(self.outputs[0]).meet(Partition(self._head_of(v))))
+
+    def rewrite(self, ctx: Context) -> None:
+        q, k, v = self.inputs
+        for node in self.nodes:
+            for tensor in node.outputs:
+                ctx.graph.forget_shape(tensor)
+        if (plan := ctx.plan(q)) is not None:
+            ctx.rescale(q, plan.partition.sizes().astype(np.float64))  # Q . K sums over merged dims
+            for name in ("q", "k"):
+                _set_last(ctx.graph, self.shapes[name], plan.partition.n_colors // self.heads)
+        if (plan := ctx.plan(v)) is not None:
+            _set_last(ctx.graph, self.shapes["v"], plan.partition.n_colors // self.heads)
+            _set_last(ctx.graph, self.shapes["o"], plan.partition.n_colors)
+
+
+def _shape_values(node: gs.Node, graph: GraphView) -> list[int] | None:
+    """A Reshape's target: a constant, or a Concat whose trailing pieces are constants (the
+    leading ones, batch and sequence, computed at run time: reported as 0 here)."""
+    target = node.inputs[1]
+    value = graph.constant(target)
+    if value is not None:
+        return [int(v) for v in value.ravel()]
+    producer = target.inputs[0] if target.inputs else None
+    if producer is None or producer.op != "Concat":
+        return None
+    values = []
+    for piece in producer.inputs:
+        constant = graph.constant(piece)
+        values.extend([0] if constant is None else [int(v) for v in constant.ravel()])
+    return values
+
+
+def _set_last(graph: GraphView, node: gs.Node, value: int) -> None:
+    """Write ``value`` as the last entry of a Reshape's target (unless that entry is -1)."""
+    target = node.inputs[1]
+    constant = graph.constant(target)
+    if constant is not None:
+        if constant.ravel()[-1] != -1:
+            graph.set_constant(node, 1, np.concatenate([constant.ravel()[:-1], [value]]).astype(constant.dtype))
+        return
+    concat = target.inputs[0]
+    last = concat.inputs[-1]
+    piece = graph.constant(last)
+    if piece.ravel()[-1] != -1:
+        graph.set_constant(concat, len(concat.inputs) - 1, np.concatenate([piece.ravel()[:-1], [value]]).astype(piece.dtype))
+
+
+def _producer(tensor: gs.Tensor, op: str, graph: GraphView) -> gs.Node | None:
+    """The node of type ``op`` that produces ``tensor`` and is its only reader's source."""
+    if not tensor.inputs or tensor.inputs[0].op != op or len(tensor.outputs) != 1 or graph.is_boundary(tensor):
+        return None
+    return tensor.inputs[0]
+
+
+def _perm(node: gs.Node | None) -> list[int] | None:
+    return None if node is None else [int(p) for p in node.attrs.get("perm", [])]
+
+
+def _split_heads(tensor: gs.Tensor, perm: list[int], graph: GraphView, known: dict[str, Port]):
+    """Walk back Transpose(perm) <- Reshape [.., H, dh] <- a bound activation; (nodes, port, H, dh)."""
+    transpose = _producer(tensor, "Transpose", graph)
+    if _perm(transpose) != perm:
+        return None
+    reshape = _producer(transpose.inputs[0], "Reshape", graph)
+    if reshape is None or reshape.inputs[0].name not in known:
+        return None
+    target = _shape_values(reshape, graph)
+    port = known[reshape.inputs[0].name]
+    if target is None or len(target) != 4 or port.axis != -1:
+        return None
+    heads, dim = target[2], target[3]
+    if heads == -1 and dim > 0:
+        heads = port.width // dim
+    elif dim == -1 and heads > 0:
+        dim = port.width // heads
+    if heads <= 0 or dim <= 0 or heads * dim != port.width:
+        return None
+    return [reshape, transpose], port, heads, dim
+
+
+def _reaches_scores(tensor: gs.Tensor, graph: GraphView, depth: int = 3) -> bool:
+    """Whether ``tensor`` is the Q.K MatMul of two transposed activations, possibly scaled."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None or depth == 0:
+        return False
+    if producer.op == "MatMul":
+        return all(t.inputs and t.inputs[0].op == "Transpose" for t in producer.inputs)
+    return producer.op in ("Add", "Mul", "Div") and any(_reaches_scores(t, graph, depth - 1) for t in producer.inputs)
+
+
+def bind_attention(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """The attention pattern, anchored at the Reshape that merges the heads back."""
+    target = _shape_values(node, graph)
+    merge = _producer(node.inputs[0], "Transpose", graph)
+    if target is None or len(target) != 3 or _perm(merge) != _HEADS_FIRST:
+        return None
+    weighted = _producer(merge.inputs[0], "MatMul", graph)
+    if weighted is None:
+        return None
+    probabilities, values = weighted.inputs
+    softmax = _producer(probabilities, "Softmax", graph)
+    if softmax is None or int(softmax.attrs.get("axis", -1)) not in (-1, 3):
+        return None
+    nodes, score = [softmax], softmax.inputs[0]
+    while (scores := _producer(score, "MatMul", graph)) is None:  # walk back over scaling and masks
+        step = score.inputs[0] if score.inputs and len(score.outputs) == 1 else None
+        if step is None or step.op not in ("Add", "Mul", "Div"):
+            return None
+        leading = [t for t in step.inputs if _reaches_scores(t, graph)]
+        if len(leading) != 1:
+            return None
+        other = step.inputs[1 - step.inputs.index(leading[0])]
+        if step.op != "Add" and (graph.constant(other) is None or graph.constant(other).size != 1):
+            return None  # only a scalar may scale the scores; Add may bring any mask
+        nodes.append(step)
+        score = leading[0]
+    q = _split_heads(scores.inputs[0], _HEADS_FIRST, graph, known)
+    k = _split_heads(scores.inputs[1], [0, 2, 3, 1], graph, known)
+    v = _split_heads(values, _HEADS_FIRST, graph, known)
+    if q is None or k is None or v is None or not q[2] == k[2] == v[2] or q[3] != k[3]:
+        return None
+    out = Port(node.outputs[0], -1, v[1].width)
+    if target[-1] not in (-1, out.width):
+        return None
+    claimed = [*q[0], *k[0], *v[0], scores, *reversed(nodes), weighted, merge, node]
+    shapes = {"q": q[0][0], "k": k[0][0], "v": v[0][0], "o": node}
+    return AttentionSite(nodes=claimed, inputs=[q[1], k[1], v[1]], outputs=[out], heads=q[2], shapes=shapes)
