@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime
 
 _CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
 
@@ -29,7 +30,7 @@ class GraphView:
         self._source = model
         self.graph = gs.import_onnx(_infer_shapes(model))
         self._materialise_constant_nodes()
-        self._fold_static_shapes()
+        self._fold_constants()
         self.graph.toposort()
         self.input_names = {t.name for t in self.graph.inputs}
         self.output_names = {t.name for t in self.graph.outputs}
@@ -51,13 +52,22 @@ class GraphView:
             out.to_constant(np.asarray(values))
         self.graph.cleanup(remove_unused_graph_inputs=False)
 
-    def _fold_static_shapes(self) -> None:
-        """Fold shape arithmetic that only reads static sizes (torch's chunk computes its slice
-        bounds from Shape) into constants, so channel counts are visible and rewritable."""
-        if any(node.op == "Shape" for node in self.graph.nodes):
+    def _fold_constants(self) -> None:
+        """Fold constant subexpressions (a weight passed through Unsqueeze, shape arithmetic
+        over static sizes such as torch's chunk bounds) into constants of at most 64 Ki
+        elements, so that weights and channel counts are visible and rewritable."""
+        def foldable(node: gs.Node) -> bool:
+            return node.op == "Shape" or (bool(node.inputs) and all(isinstance(t, gs.Constant) for t in node.inputs))
+
+        if not any(foldable(node) for node in self.graph.nodes):
+            return
+        onnxruntime.set_default_logger_severity(3)  # the folder's optimiser notes are noise here
+        try:
             self.graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=True,
                                       size_threshold=1 << 16, flatten_subgraphs=False)
-            self.graph.cleanup(remove_unused_graph_inputs=False)
+        finally:
+            onnxruntime.set_default_logger_severity(2)  # onnxruntime's default (warnings)
+        self.graph.cleanup(remove_unused_graph_inputs=False)
 
     @property
     def opset(self) -> int:

@@ -194,3 +194,24 @@ def test_opset_9_batch_norm_and_upsample():
     x = rng.standard_normal((1, CIN, 3, 3)).astype(np.float32)
     _, _, params = compress_and_compare(model, {"x": x})
     assert params == size(w1, b1, *stats, w2, b2) + 4  # + Upsample's float scales
+
+
+def test_opset_9_sum_residual_and_a_scale_given_through_unsqueeze():
+    """Caffe2-era exports: residuals as the variadic Sum, per-channel scales as
+    Mul(x, Unsqueeze(constant)); both are folded or understood, and the lift still collapses."""
+    rng = np.random.default_rng(90)
+    (w1, b1, _, _), (lw1, lb1, _), source = conv_pair(rng)
+    w2, b2 = rng.standard_normal((C, C, 1, 1)), rng.standard_normal(C)
+    scale = rng.uniform(0.5, 2.0, C)
+    head = rng.standard_normal((D, C, 1, 1))
+    counts = np.bincount(source)[source]
+    g = Builder(9)
+    a = g.op("Relu", [g.op("Conv", ["x", g.const(lw1), g.const(lb1)], pads=[1, 1, 1, 1])])
+    b = g.op("Conv", [a, g.const(w2[source][:, source] / counts[None, :, None, None]), g.const(b2[source])])
+    b = g.op("Mul", [b, g.op("Unsqueeze", [g.const(scale[source])], axes=[1, 2])])
+    c = g.op("Relu", [g.op("Sum", [a, b])])
+    y = g.op("Conv", [c, g.const(head[:, source] / counts[None, :, None, None])])
+    model = g.model({"x": [1, CIN, 4, 4]}, y, None)
+    x = rng.standard_normal((1, CIN, 4, 4)).astype(np.float32)
+    _, _, params = compress_and_compare(model, {"x": x})
+    assert params == size(w1, b1, w2, b2, scale, head)

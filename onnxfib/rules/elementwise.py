@@ -102,9 +102,9 @@ class ConstantSite(Site):
 
 
 class Combination(Enum):
-    """The And rule for two activations (DESIGN §2)."""
+    """The And rule for activations combined element-wise (DESIGN §2)."""
 
-    SUM = "sum"  # Add, Sub: both operands must be synchronized, the pair is the color
+    SUM = "sum"  # Add, Sub, Sum: every operand must be synchronized, the tuple is the color
     PRODUCT = "product"  # Mul: scales multiply
     QUOTIENT = "quotient"  # Div: the denominator must be synchronized
 
@@ -114,23 +114,25 @@ class PairSite(Site):
     combination: Combination = Combination.SUM
 
     def forward(self, ctx: Context) -> None:
-        a, b = (ctx.fiber(p) for p in self.inputs)
-        if self.combination is Combination.PRODUCT:
+        fibers = [ctx.fiber(p) for p in self.inputs]
+        if self.combination is Combination.SUM:
+            units = [ctx.tol.unit(f).partition for f in fibers]
+            colored = Coloring(units[0].meet(*units[1:]), np.ones(len(fibers[0])))
+        elif self.combination is Combination.PRODUCT:
+            a, b = fibers
             colored = Coloring(a.partition.meet(b.partition), a.scales * b.scales)
-        elif self.combination is Combination.QUOTIENT:
-            colored = Coloring(a.partition.meet(ctx.tol.unit(b).partition), a.scales)
         else:
-            a, b = ctx.tol.unit(a), ctx.tol.unit(b)
-            colored = Coloring(a.partition.meet(b.partition), np.ones(len(a)))
+            a, b = fibers
+            colored = Coloring(a.partition.meet(ctx.tol.unit(b).partition), a.scales)
         ctx.set_fiber(self.outputs[0], colored)
 
     def backward(self, ctx: Context) -> None:
         out = self.outputs[0]
-        a, b = self.inputs
         if self.combination is Combination.SUM:
-            ctx.add_opfiber(a, ctx.opfiber(out))
-            ctx.add_opfiber(b, ctx.opfiber(out))
+            for port in self.inputs:
+                ctx.add_opfiber(port, ctx.opfiber(out))
         else:
+            a, b = self.inputs
             ctx.add_opfiber(a, _flavored(ctx, out, b))
             ctx.add_opfiber(b, _flavored(ctx, out, a, ctx.fiber(b).partition))
 
@@ -210,7 +212,17 @@ def bind_arithmetic(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> 
     return ConstantSite(nodes=[node], inputs=[port], outputs=[out], const=(node, index), role=role)
 
 
+def bind_sum(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """Sum of activations that share their channel axis (opset-8 residuals)."""
+    ports = [_channel_input(t, known) for t in node.inputs]
+    if not ports or any(p is None for p in ports) or len({(p.axis, p.width) for p in ports}) != 1:
+        return None
+    out = Port(node.outputs[0], ports[0].axis, ports[0].width)
+    return PairSite(nodes=[node], inputs=ports, outputs=[out], combination=Combination.SUM)
+
+
 def register(registry) -> None:
+    registry.register("Sum", bind_sum)
     for op in [*_UNARY, "Cast"]:
         registry.register(op, bind_unary)
     registry.register("PRelu", bind_prelu)
