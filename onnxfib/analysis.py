@@ -1,11 +1,11 @@
-"""One compression run: bind rules to the graph, color it, group coupled axes, collapse.
+"""One compression run: bind rules to the graph, color it, group tied channels, collapse.
 
 The passes, in order (docs/architecture.md explains each):
 1. bind: every node with a rule becomes a site with channel ports; the rest are barriers;
-2. shrink groups: ports coupled by element-wise sites form groups, frozen when a member is a
-   graph input or output, feeds or comes from a barrier, or disagrees on its channel axis;
+2. freeze reasons: graph inputs and outputs, tensors next to barriers, pinned ports;
 3. forward: fibers (Eq. 3) in topological order; backward: opfibers (Eq. 5) in reverse;
-4. decide: each unfrozen group collapses along the meet of its members' fibers (or covers);
+4. shrink groups (groups.py): channels tied by the sites' links, and per group the partition
+   to collapse along: the meet of its members' fibers (or covers) and the sites' constraints;
 5. collapse: every site rewrites its constants (Eq. 10 with the scale rule); export.
 """
 
@@ -21,8 +21,8 @@ import onnx_graphsurgeon as gs
 from .coloring import Coloring, Tolerance
 from .graph import GraphView
 from .partition import Partition
-from .report import LayerReport
 from .groups import ShrinkGroup, build_groups
+from .report import LayerReport
 from .rules import Plan, Port, Registry, Site, default_registry
 
 SYMMETRIES = ("fiber", "cover")
@@ -106,8 +106,8 @@ class Analysis:
                 continue
             rule = registry.lookup(node)
             site = rule(node, self.graph, known) if rule else None
-            if site is None:
-                continue
+            if site is None or any(id(n) in covered for n in site.nodes):
+                continue  # a barrier (a site may not claim a node another site holds)
             sites.append(site)
             covered.update(id(n) for n in site.nodes)
             known.update((p.name, p) for p in site.outputs)
