@@ -408,3 +408,17 @@ def test_heads_keep_equal_widths_when_one_head_merges_less():
     model, feeds, _ = attention_model(rng, break_key=5 + 4)  # a planted copy in head 1
     analysis, _, _ = compress_and_compare(model, feeds)
     assert [layer.width_after for layer in analysis.layers] == [8, 8, 6, 5]
+
+
+def test_tanh_approximated_gelu_with_pow():
+    w1, b1, w2, b2, rng = base_weights(22)
+    source, share = lift_map(rng, N, EXTRA)
+    g = Builder()
+    z = g.op("Gemm", ["x", g.const(w1[source]), g.const(b1[source])], transB=1)
+    inner = g.op("Add", [z, g.op("Mul", [g.op("Pow", [z, g.const(np.array(3.0))]), g.const(np.array(0.044715))])])
+    t = g.op("Tanh", [g.op("Mul", [inner, g.const(np.array(np.sqrt(2 / np.pi)))])])
+    gelu = g.op("Mul", [g.op("Mul", [z, g.const(np.array(0.5))]), g.op("Add", [t, g.const(np.array(1.0))])])
+    y = g.op("Gemm", [gelu, g.const(w2[:, source] * share), g.const(b2)], transB=1)
+    model = g.model({"x": ["batch", K]}, y, ["batch", M])
+    _, _, params = compress_and_compare(model, {"x": rng.standard_normal((5, K)).astype(np.float32)})
+    assert params == w1.size + b1.size + w2.size + b2.size + 5  # + the pattern's five scalars

@@ -145,7 +145,7 @@ _UNARY = {
     **{op: Kind.FUNCTION for op in (
         "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus", "Softsign", "HardSigmoid",
         "HardSwish", "Erf", "Gelu", "Clip", "Exp", "Abs", "Neg", "Sqrt", "Reciprocal",
-        "ThresholdedRelu", "Mish", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Log",
+        "ThresholdedRelu", "Mish", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Log", "Pow",
     )},
 }
 _FLOAT_CASTS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -165,8 +165,9 @@ def bind_unary(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site 
     port = _channel_input(node.inputs[0], known) if node.inputs else None
     if port is None or not only_first_output_used(node, graph):
         return None
-    if any(t.name and graph.constant(t) is None for t in node.inputs[1:]):
-        return None
+    extras = [graph.constant(t) for t in node.inputs[1:] if t.name]
+    if any(value is None or value.size != 1 for value in extras):
+        return None  # bounds, ratios and exponents must be single constants
     kind = _UNARY.get(node.op, Kind.FUNCTION)
     if node.op == "Cast":
         kind = Kind.PASS if node.attrs.get("to") in _FLOAT_CASTS else Kind.FUNCTION
