@@ -12,6 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime
 
+_GENERATORS = {"ConstantOfShape", "Expand", "Tile", "Range", "EyeLike", "RandomNormal", "RandomUniform"}
 _CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
 
 
@@ -55,16 +56,22 @@ class GraphView:
     def _fold_constants(self) -> None:
         """Fold constant subexpressions (a weight passed through Unsqueeze, shape arithmetic
         over static sizes such as torch's chunk bounds) into constants of at most 64 Ki
-        elements, so that weights and channel counts are visible and rewritable."""
+        elements, so that weights and channel counts are visible and rewritable. Generators
+        (ConstantOfShape, Expand, ...) stay: folding them would grow the model."""
+        def generator(node: gs.Node) -> bool:  # folding these would grow the model
+            return node.op in _GENERATORS
+
         def foldable(node: gs.Node) -> bool:
-            return node.op == "Shape" or (bool(node.inputs) and all(isinstance(t, gs.Constant) for t in node.inputs))
+            return node.op == "Shape" or (not generator(node) and bool(node.inputs)
+                                          and all(isinstance(t, gs.Constant) for t in node.inputs))
 
         if not any(foldable(node) for node in self.graph.nodes):
             return
         onnxruntime.set_default_logger_severity(3)  # the folder's optimiser notes are noise here
         try:
             self.graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=True,
-                                      size_threshold=1 << 16, flatten_subgraphs=False)
+                                      size_threshold=1 << 16, flatten_subgraphs=False,
+                                      should_exclude_node=generator)
         finally:
             onnxruntime.set_default_logger_severity(2)  # onnxruntime's default (warnings)
         self.graph.cleanup(remove_unused_graph_inputs=False)
