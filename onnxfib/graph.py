@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime
 
-_GENERATORS = {"ConstantOfShape", "Expand", "Tile", "Range", "EyeLike", "RandomNormal", "RandomUniform"}
+_GENERATORS = {"ConstantOfShape", "Expand", "Tile", "Range", "EyeLike", "RandomNormal", "RandomUniform", "Identity"}
 _CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
 
 

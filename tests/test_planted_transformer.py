@@ -263,11 +263,7 @@ def test_transformer_stack_base_keeps_its_size(exports, kind, exporter):
     _check_model(result, base, RTOL, 1e-6)
 
 
-@pytest.mark.parametrize("exporter", [
-    pytest.param("legacy", marks=pytest.mark.xfail(
-        strict=True, reason="compress unties initializers the legacy exporter shares between equal layers")),
-    "dynamo",
-])
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
 def test_shared_layer_weights_keep_their_size(exports, exporter):
     """``nn.TransformerEncoder`` deep-copies its layer, so an untrained stack has equal layers and
     the exporters store their weights once. Nothing merges at eps = 0; the model must not grow."""
