@@ -295,17 +295,13 @@ RNN_CONFIGS = {
 }
 RNN_DYNAMO = ("1l-uni-all", "2l-bi-all-tied")
 
-_PER_DIRECTION = pytest.mark.xfail(
-    strict=True, reason="the two directions have different hidden partitions; the LSTM/GRU rule merges "
-                        "only their common refinement")
 _H_N_CONCAT = pytest.mark.xfail(
     strict=True, reason="h_n concatenates every layer's final state along the layer axis, which ties the "
                         "layers' hidden partitions (the Slice keeping only the last layer is not used)")
 _DYNAMO_RESHAPE = pytest.mark.xfail(
     strict=True, reason="dynamo writes the zero initial state as Slice(Expand(0, shape)), not recognised as "
                         "zeros, and reshapes Y through a runtime Shape: the LSTM/GRU stays a barrier")
-RNN_XFAIL = {("1l-bi-all", "legacy"): _PER_DIRECTION, ("2l-bi-all", "legacy"): _PER_DIRECTION,
-             ("2l-uni-last", "legacy"): _H_N_CONCAT}
+RNN_XFAIL = {("2l-uni-last", "legacy"): _H_N_CONCAT}
 
 
 def _rnn_params():

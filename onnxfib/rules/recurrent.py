@@ -17,18 +17,24 @@ import onnx_graphsurgeon as gs
 from ..coloring import Coloring
 from ..graph import GraphView
 from ..partition import Partition
-from .base import Context, Link, Port, Site
+from .base import Context, Link, Plan, Port, Site
 
 _GATES = {"LSTM": 4, "GRU": 3}
 
 
 @dataclass
 class RecurrentSite(Site):
-    """An LSTM or GRU node: W [dirs, G*H, I], R [dirs, G*H, H], B [dirs, 2*G*H], peepholes."""
+    """An LSTM or GRU node: W [dirs, G*H, I], R [dirs, G*H, H], B [dirs, 2*G*H], peepholes.
+
+    With ``apart`` (a bidirectional layer whose output is read as [.., dirs*H] through
+    Transpose and Reshape), each direction has its own hidden partition and the output port
+    holds both directions' units; they keep equal counts (one hidden_size). Otherwise the
+    directions share one partition of the H channels of Y (and Y_h, Y_c)."""
 
     gates: int = 4
     hidden: int = 0
     zero_states: tuple[int, ...] = ()  # inputs that only hold zeros (dropped on rewrite)
+    apart: bool = False
 
     def __post_init__(self) -> None:
         self.coupled = False
@@ -37,6 +43,10 @@ class RecurrentSite(Site):
     @property
     def op_type(self) -> str:
         return self.nodes[0].op
+
+    @property
+    def directions(self) -> int:
+        return int(GraphView.constant(self.nodes[0].inputs[1]).shape[0])
 
     def _constant(self, index: int) -> np.ndarray | None:
         node = self.nodes[0]
@@ -51,36 +61,58 @@ class RecurrentSite(Site):
             return None
         return value.reshape(value.shape[0], blocks, self.hidden, -1)
 
+    def _direction_of(self) -> np.ndarray:
+        return np.repeat(np.arange(self.directions), self.hidden)
+
     def links(self) -> list[Link]:
         first, *rest = self.outputs
         return [Link(first, port) for port in rest]
 
-    def forward(self, ctx: Context) -> None:
+    def constraints(self, ctx: Context) -> dict[str, np.ndarray]:
+        return {self.outputs[0].name: self._direction_of()} if self.apart else {}
+
+    def blocks(self) -> dict[str, int]:
+        return {self.outputs[0].name: self.hidden} if self.apart else {}
+
+    def _stable_partition(self, ctx: Context, direction: int) -> Partition:
+        """Coarsest hidden partition of one direction that the recurrence keeps."""
         x = ctx.fiber(self.inputs[0])
-        w = self._per_unit(1, self.gates) * x.scales
-        recurrent = self._per_unit(2, self.gates)
-        fixed = [x.partition.reduce(w, 3)]
+        w = self._per_unit(1, self.gates)[direction] * x.scales
+        recurrent = self._per_unit(2, self.gates)[direction]
+        fixed = [x.partition.reduce(w, 2)]
         for index, blocks in ((3, 2 * self.gates), (7, 3)):
             extra = self._per_unit(index, blocks)
             if extra is not None:
-                fixed.append(extra)
+                fixed.append(extra[direction])
         hidden = Partition.uniform(self.hidden)
         while True:
-            parts = [*fixed, hidden.reduce(recurrent, 3)]
-            signature = np.concatenate([np.moveaxis(p, 2, 0).reshape(self.hidden, -1) for p in parts], axis=1)
+            parts = [*fixed, hidden.reduce(recurrent, 2)]
+            signature = np.concatenate([np.moveaxis(p, 1, 0).reshape(self.hidden, -1) for p in parts], axis=1)
             refined = ctx.tol.unit(ctx.tol.cluster(signature)).partition.meet(hidden)
             if refined == hidden:
-                break
+                return hidden
             hidden = refined
+
+    def forward(self, ctx: Context) -> None:
+        parts = [self._stable_partition(ctx, d) for d in range(self.directions)]
+        hidden = Partition.concat(parts) if self.apart else parts[0].meet(*parts[1:])
         for port in self.outputs:
-            ctx.set_fiber(port, Coloring(hidden, np.ones(self.hidden)))
+            ctx.set_fiber(port, Coloring(hidden, np.ones(len(hidden))))
 
     def backward(self, ctx: Context) -> None:
         ctx.add_opfiber(self.inputs[0], Partition.discrete(self.inputs[0].width))
 
+    def _direction_plans(self, out: Plan | None) -> list[Partition] | None:
+        if out is None:
+            return None
+        if not self.apart:
+            return [out.partition] * self.directions
+        return [out.partition.restrict(self._direction_of() == d) for d in range(self.directions)]
+
     def rewrite(self, ctx: Context) -> None:
         inp, out = ctx.plan(self.inputs[0]), ctx.plan(self.outputs[0])
-        if inp is None and out is None:
+        hidden = self._direction_plans(out)
+        if inp is None and hidden is None:
             return
         node = self.nodes[0]
         for index, blocks in ((1, self.gates), (2, self.gates), (3, 2 * self.gates), (7, 3)):
@@ -89,24 +121,55 @@ class RecurrentSite(Site):
                 continue
             if index == 1 and inp is not None:
                 value = inp.partition.reduce(value * inp.scales, 3)
-            if index == 2 and out is not None:
-                value = out.partition.reduce(value, 3)
-            if out is not None:
-                value = out.partition.reduce(value, 2, mean=True)
+            if hidden is not None:
+                merged = []
+                for direction, part in zip(value, hidden):
+                    if index == 2:
+                        direction = part.reduce(direction, 2)
+                    merged.append(part.reduce(direction, 1, mean=True))
+                value = np.stack(merged)
             shape = (value.shape[0], -1) if index in (3, 7) else (value.shape[0], value.shape[1] * value.shape[2], -1)
             ctx.graph.set_constant(node, index, value.reshape(shape))
-        if out is not None:
-            node.attrs["hidden_size"] = out.partition.n_colors
+        if hidden is not None:
+            node.attrs["hidden_size"] = hidden[0].n_colors
             for index in self.zero_states:  # absent initial states are zeros by the ONNX spec
                 node.inputs[index] = gs.Variable.empty()
-            for tensor in node.outputs:
-                ctx.graph.forget_shape(tensor)
+            for claimed in self.nodes:
+                for tensor in claimed.outputs:
+                    ctx.graph.forget_shape(tensor)
+            if self.apart:
+                _set_last_dim(ctx.graph, self.nodes[-1], out.partition.n_colors)
 
     def parameters(self, in_width: int, out_width: int) -> int:
-        """Scalars in W, R, B and P with ``in_width`` inputs and ``out_width`` hidden units."""
-        per_unit = {1: self.gates * in_width, 2: self.gates * out_width, 3: 2 * self.gates, 7: 3}
-        return int(sum(value.shape[0] * count * out_width for index, count in per_unit.items()
+        """Scalars in W, R, B and P with ``in_width`` inputs and ``out_width`` output channels."""
+        hidden = out_width // self.directions if self.apart else out_width
+        per_unit = {1: self.gates * in_width, 2: self.gates * hidden, 3: 2 * self.gates, 7: 3}
+        return int(sum(value.shape[0] * count * hidden for index, count in per_unit.items()
                        if (value := self._constant(index)) is not None))
+
+
+def _set_last_dim(graph: GraphView, reshape: gs.Node, value: int) -> None:
+    target = graph.constant(reshape.inputs[1])
+    if target[-1] > 0:
+        graph.set_constant(reshape, 1, np.concatenate([target[:-1], [value]]).astype(target.dtype))
+
+
+def _directions_merged(node: gs.Node, graph: GraphView, hidden: int) -> list[gs.Node] | None:
+    """Transpose [0, 2, 1, 3] then Reshape to [.., dirs*H]: how torch reads a bidirectional Y."""
+    y = node.outputs[0]
+    if graph.is_boundary(y) or len(y.outputs) != 1 or any(t.outputs or graph.is_boundary(t) for t in node.outputs[1:]):
+        return None
+    transpose = y.outputs[0]
+    if transpose.op != "Transpose" or list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3]:
+        return None
+    moved = transpose.outputs[0]
+    if graph.is_boundary(moved) or len(moved.outputs) != 1 or moved.outputs[0].op != "Reshape":
+        return None
+    reshape = moved.outputs[0]
+    target = graph.constant(reshape.inputs[1])
+    if target is None or target.size != 3 or target[-1] not in (-1, 2 * hidden) or any(t not in (0,) for t in target[:2]):
+        return None
+    return [transpose, reshape]
 
 
 def _only_zeros(tensor: gs.Tensor, graph: GraphView) -> bool:
@@ -147,6 +210,11 @@ def bind_recurrent(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> S
         elif graph.constant(node.inputs[index]) is None:
             return None
     port = Port(x, -1, int(w.shape[2]))
+    merged = _directions_merged(node, graph, hidden) if w.shape[0] == 2 else None
+    if merged is not None:
+        out = Port(merged[-1].outputs[0], -1, 2 * hidden)
+        return RecurrentSite(nodes=[node, *merged], inputs=[port], outputs=[out], gates=gates, hidden=hidden,
+                             zero_states=tuple(zero_states), apart=True)
     outputs = [Port(t, -1, hidden) for t in node.outputs if t.outputs or graph.is_boundary(t)]
     if not outputs:
         return None
