@@ -151,18 +151,31 @@ def test_slice_of_channels_and_reduction_over_space():
     assert params == size(w1, b1, head) + D
 
 
-def test_grouped_conv_is_a_barrier_and_the_rest_still_merges():
+def test_grouped_conv_merges_inside_groups_keeping_groups_equal():
+    """A group-2 conv reads a lifted tensor: copies are planted inside each group (2 per group),
+    so both groups narrow by the same count; the grouped conv's own output is a lift too."""
     rng = np.random.default_rng(60)
-    (w1, b1, _, _), (lw1, lb1, _), source = conv_pair(rng, extra=4)  # 8 lifted channels
-    grouped = rng.standard_normal((4, len(source) // 2, 3, 3))
+    w1, b1 = rng.standard_normal((6, CIN, 3, 3)), rng.standard_normal(6)  # two groups of 3 channels
+    within = [lift_map(rng, 3, 2) for _ in range(2)]
+    rows = np.concatenate([g * 3 + s for g, (s, _) in enumerate(within)])
+    share = np.concatenate([f for _, f in within])
+    grouped = rng.standard_normal((4, 3, 3, 3))  # 2 groups: 2 outputs each, reading 3 inputs each
+    gb = rng.standard_normal(4)
+    out_rows = np.array([0, 1, 0, 2, 3, 3])  # group 0 outputs 0,1 (+copy of 0); group 1 outputs 2,3 (+copy of 3)
+    out_share = 1.0 / np.bincount(out_rows)[out_rows]
+    lifted_grouped = np.concatenate([grouped[:2][:, within[0][0]] * within[0][1][None, :, None, None],
+                                     grouped[2:][:, within[1][0]] * within[1][1][None, :, None, None]])
+    lifted_grouped = np.concatenate([lifted_grouped[[0, 1, 0]], lifted_grouped[[2, 3, 3]]])
+    head = rng.standard_normal((D, 4, 1, 1))
     g = Builder()
-    h = g.op("Relu", [g.op("Conv", ["x", g.const(lw1), g.const(lb1)])])
-    y = g.op("Conv", [h, g.const(grouped)], group=2)
+    h = g.op("Relu", [g.op("Conv", ["x", g.const(w1[rows]), g.const(b1[rows])])])
+    h = g.op("Relu", [g.op("Conv", [h, g.const(lifted_grouped), g.const(gb[out_rows])], group=2)])
+    y = g.op("Conv", [h, g.const(head[:, out_rows] * out_share[None, :, None, None])])
     model = g.model({"x": [1, CIN, 5, 5]}, y, None)
     x = rng.standard_normal((1, CIN, 5, 5)).astype(np.float32)
     analysis, _, params = compress_and_compare(model, {"x": x})
-    assert params == count_parameters(model)
-    assert "Conv" in analysis.layers[0].frozen
+    assert params == size(w1, b1, grouped, gb, head)
+    assert [layer.width_after for layer in analysis.layers] == [6, 4, D]
 
 
 def test_transpose_to_channels_last_and_per_channel_prelu():

@@ -76,6 +76,56 @@ class DepthwiseSite(LinearSite):
         return int(total)
 
 
+@dataclass
+class GroupedConvSite(LinearSite):
+    """Conv with ``groups`` > 1 and several input channels per group: a block-diagonal layer.
+
+    Channels merge only inside their group, and every group keeps the same width on each side
+    (the kernel is [O, I/groups, k...]), like attention heads."""
+
+    groups: int = 1
+
+    def _full(self, w: np.ndarray) -> np.ndarray:
+        """The block-diagonal [O, I, k...] kernel of a grouped [O, I/groups, k...] one."""
+        out_per, in_per = w.shape[0] // self.groups, w.shape[1]
+        full = np.zeros((w.shape[0], in_per * self.groups, *w.shape[2:]))
+        for group in range(self.groups):
+            rows = slice(group * out_per, (group + 1) * out_per)
+            full[rows, group * in_per:(group + 1) * in_per] = w[rows]
+        return full
+
+    def matrix(self) -> np.ndarray:
+        w = self._full(self._stored(self.weight).astype(np.float64))
+        return w.reshape(w.shape[0], w.shape[1], -1)
+
+    def constraints(self, ctx: Context) -> dict[str, np.ndarray]:
+        return {port.name: np.arange(port.width) // (port.width // self.groups) for port in (*self.inputs, *self.outputs)}
+
+    def blocks(self) -> dict[str, int]:
+        return {port.name: port.width // self.groups for port in (*self.inputs, *self.outputs)}
+
+    def rewrite(self, ctx: Context) -> None:
+        inp, out = ctx.plan(self.inputs[0]), ctx.plan(self.outputs[0])
+        if inp is None and out is None:
+            return
+        full = self._full(self._stored(self.weight).astype(np.float64))
+        if inp is not None:
+            full = inp.partition.reduce(full * inp.scales.reshape((1, -1) + (1,) * (full.ndim - 2)), 1)
+        if out is not None:
+            full = out.partition.reduce(full / out.scales.reshape((-1,) + (1,) * (full.ndim - 1)), 0, mean=True)
+        out_per, in_per = full.shape[0] // self.groups, full.shape[1] // self.groups
+        blocks = [full[g * out_per:(g + 1) * out_per, g * in_per:(g + 1) * in_per] for g in range(self.groups)]
+        ctx.graph.set_constant(*self.weight, np.concatenate(blocks))
+        if out is not None and self.bias is not None:
+            bias = self._stored(self.bias).astype(np.float64)
+            ctx.graph.set_constant(*self.bias, out.partition.reduce(bias / out.scales, 0, mean=True))
+
+    def parameters(self, in_width: int, out_width: int) -> int:
+        w = self._stored(self.weight)
+        per_kernel = w.size // (w.shape[0] * w.shape[1])
+        return int(out_width * (in_width // self.groups) * per_kernel + (out_width if self.bias else 0))
+
+
 def _conv_bias(node: gs.Node, graph: GraphView) -> tuple[gs.Node, int] | None | bool:
     """(node, 2) for a constant bias, None without bias, False for a bias that is not constant."""
     if len(node.inputs) < 3 or not node.inputs[2].name:
@@ -99,7 +149,10 @@ def bind_conv(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site |
     if per_group == 1 and out_width % groups == 0:
         return DepthwiseSite(inputs=[Port(x, axis, groups)], outputs=[Port(y, axis, out_width)],
                              multiplier=out_width // groups, **common)
-    return None  # grouped convolutions need equal widths per group: a barrier for now
+    if out_width % groups == 0:
+        return GroupedConvSite(inputs=[Port(x, axis, per_group * groups)], outputs=[Port(y, axis, out_width)],
+                               groups=groups, **common)
+    return None
 
 
 def bind_conv_transpose(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
