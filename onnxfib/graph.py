@@ -126,6 +126,53 @@ class GraphView:
         self._renamed += 1
         node.inputs[index] = gs.Constant(f"{old.name}__onnxfib{self._renamed}", values)
 
+    def reshape_target(self, reshape: gs.Node, *, lenient: bool = False) -> list[int] | None:
+        """A Reshape's target: a constant, or a Concat of constant pieces and pieces that read
+        the input's own size at the same position (reported as 0, "copy that axis"). With
+        ``lenient`` any computed piece reads as 0 (the caller relies only on constant ones)."""
+        value = self.constant(reshape.inputs[1])
+        if value is not None:
+            return [int(v) for v in value.ravel()]
+        concat = reshape.inputs[1].inputs[0] if reshape.inputs[1].inputs else None
+        if concat is None or concat.op != "Concat":
+            return None
+        values: list[int] = []
+        for piece in concat.inputs:
+            constant = self.constant(piece)
+            if constant is not None:
+                values.extend(int(v) for v in constant.ravel())
+            elif lenient or self._reads_size(piece, reshape.inputs[0], len(values)):
+                values.append(0)
+            else:
+                return None
+        return values
+
+    def _reads_size(self, piece: gs.Tensor, tensor: gs.Tensor, axis: int) -> bool:
+        """Whether ``piece`` is ``tensor``'s size along ``axis``, read through Shape."""
+        node = piece.inputs[0] if piece.inputs else None
+        if node is not None and node.op == "Unsqueeze":
+            node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        if node is None or node.op not in ("Slice", "Gather") or not node.inputs[0].inputs:
+            return False
+        shape = node.inputs[0].inputs[0]
+        if shape.op != "Shape" or shape.inputs[0] is not tensor or int(shape.attrs.get("start", 0)) != 0:
+            return False
+        if node.op == "Gather":
+            index = self.constant(node.inputs[1])
+            return index is not None and index.size == 1 and int(index.ravel()[0]) == axis
+        starts, ends = self.constant(node.inputs[1]), self.constant(node.inputs[2])
+        return starts is not None and ends is not None and (int(starts[0]), int(ends[0])) == (axis, axis + 1)
+
+    def set_reshape_last(self, reshape: gs.Node, value: int) -> None:
+        """Write ``value`` as the last entry of a Reshape's target (an inferred -1 stays)."""
+        constant = self.constant(reshape.inputs[1])
+        node, index = (reshape, 1) if constant is not None else (reshape.inputs[1].inputs[0], None)
+        if index is None:
+            index = len(node.inputs) - 1
+            constant = self.constant(node.inputs[index])
+        if constant.ravel()[-1] > 0:
+            self.set_constant(node, index, np.concatenate([constant.ravel()[:-1], [value]]).astype(constant.dtype))
+
     def forget_shape(self, tensor: gs.Variable) -> None:
         """Drop a tensor's recorded shape after its width changed (re-inferred on export)."""
         tensor.shape = None

@@ -422,3 +422,23 @@ def test_tanh_approximated_gelu_with_pow():
     model = g.model({"x": ["batch", K]}, y, ["batch", M])
     _, _, params = compress_and_compare(model, {"x": rng.standard_normal((5, K)).astype(np.float32)})
     assert params == w1.size + b1.size + w2.size + b2.size + 5  # + the pattern's five scalars
+
+
+@pytest.mark.parametrize("reads_channels", [False, True])
+def test_shape_of_an_activation_holds_its_width_only_when_the_channel_count_is_read(reads_channels):
+    """Dynamic-axis exports read sizes back with Shape to build Reshape targets: reading the
+    batch size leaves the channels free to merge; a use of the whole shape (here its product,
+    added to the output) freezes them."""
+    w1, b1, w2, b2, rng = base_weights(23)
+    source, share = lift_map(rng, N, EXTRA)
+    g = Builder(13)
+    h = g.op("Relu", [g.op("Gemm", ["x", g.const(w1[source]), g.const(b1[source])], transB=1)])
+    size = g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", [h]), g.int_const(np.array(0))]), g.int_const(np.array([0]))])
+    target = g.op("Concat", [size, g.int_const(np.array([-1]))], axis=0)
+    y = g.op("Gemm", [g.op("Reshape", [h, target]), g.const(w2[:, source] * share), g.const(b2)], transB=1)
+    if reads_channels:
+        count = g.op("Cast", [g.op("ReduceProd", [g.op("Shape", [h])], keepdims=1)], to=1)
+        y = g.op("Add", [y, count])
+    model = g.model({"x": ["batch", K]}, y, ["batch", M])
+    _, _, params = compress_and_compare(model, {"x": rng.standard_normal((3, K)).astype(np.float32)})
+    assert params == (count_parameters(model) if reads_channels else w1.size + b1.size + w2.size + b2.size)

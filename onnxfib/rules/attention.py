@@ -75,42 +75,10 @@ class AttentionSite(Site):
         if (plan := ctx.plan(q)) is not None:
             ctx.rescale(q, plan.partition.sizes().astype(np.float64))  # Q . K sums over merged dims
             for name in ("q", "k"):
-                _set_last(ctx.graph, self.shapes[name], plan.partition.n_colors // self.heads)
+                ctx.graph.set_reshape_last(self.shapes[name], plan.partition.n_colors // self.heads)
         if (plan := ctx.plan(v)) is not None:
-            _set_last(ctx.graph, self.shapes["v"], plan.partition.n_colors // self.heads)
-            _set_last(ctx.graph, self.shapes["o"], plan.partition.n_colors)
-
-
-def _shape_values(node: gs.Node, graph: GraphView) -> list[int] | None:
-    """A Reshape's target: a constant, or a Concat whose trailing pieces are constants (the
-    leading ones, batch and sequence, computed at run time: reported as 0 here)."""
-    target = node.inputs[1]
-    value = graph.constant(target)
-    if value is not None:
-        return [int(v) for v in value.ravel()]
-    producer = target.inputs[0] if target.inputs else None
-    if producer is None or producer.op != "Concat":
-        return None
-    values = []
-    for piece in producer.inputs:
-        constant = graph.constant(piece)
-        values.extend([0] if constant is None else [int(v) for v in constant.ravel()])
-    return values
-
-
-def _set_last(graph: GraphView, node: gs.Node, value: int) -> None:
-    """Write ``value`` as the last entry of a Reshape's target (unless that entry is -1)."""
-    target = node.inputs[1]
-    constant = graph.constant(target)
-    if constant is not None:
-        if constant.ravel()[-1] != -1:
-            graph.set_constant(node, 1, np.concatenate([constant.ravel()[:-1], [value]]).astype(constant.dtype))
-        return
-    concat = target.inputs[0]
-    last = concat.inputs[-1]
-    piece = graph.constant(last)
-    if piece.ravel()[-1] != -1:
-        graph.set_constant(concat, len(concat.inputs) - 1, np.concatenate([piece.ravel()[:-1], [value]]).astype(piece.dtype))
+            ctx.graph.set_reshape_last(self.shapes["v"], plan.partition.n_colors // self.heads)
+            ctx.graph.set_reshape_last(self.shapes["o"], plan.partition.n_colors)
 
 
 def _producer(tensor: gs.Tensor, op: str, graph: GraphView) -> gs.Node | None:
@@ -132,7 +100,7 @@ def _split_heads(tensor: gs.Tensor, perm: list[int], graph: GraphView, known: di
     reshape = _producer(transpose.inputs[0], "Reshape", graph)
     if reshape is None or reshape.inputs[0].name not in known:
         return None
-    target = _shape_values(reshape, graph)
+    target = graph.reshape_target(reshape, lenient=True)
     port = known[reshape.inputs[0].name]
     if target is None or len(target) != 4 or port.axis != -1:
         return None
@@ -158,7 +126,7 @@ def _reaches_scores(tensor: gs.Tensor, graph: GraphView, depth: int = 3) -> bool
 
 def bind_attention(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
     """The attention pattern, anchored at the Reshape that merges the heads back."""
-    target = _shape_values(node, graph)
+    target = graph.reshape_target(node, lenient=True)
     merge = _producer(node.inputs[0], "Transpose", graph)
     if target is None or len(target) != 3 or _perm(merge) != _HEADS_FIRST:
         return None

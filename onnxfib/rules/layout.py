@@ -64,7 +64,7 @@ class FlattenSite(Site):
 
     channel: np.ndarray = None  # type: ignore[assignment]
     position: np.ndarray = None  # type: ignore[assignment]
-    shape: tuple[gs.Node, int] | None = None  # a Reshape's constant target shape
+    reshape: gs.Node | None = None  # a Reshape whose target names the feature count
 
     def links(self) -> list[Link]:
         return [Link(self.inputs[0], self.outputs[0], self.channel)]
@@ -82,15 +82,11 @@ class FlattenSite(Site):
 
     def rewrite(self, ctx: Context) -> None:
         plan = ctx.plan(self.outputs[0])
-        if plan is None or self.shape is None:
-            return
-        shape = GraphView.constant(self.shape[0].inputs[self.shape[1]]).copy()
-        if shape[-1] > 0:
-            shape[-1] = plan.partition.n_colors
-            ctx.graph.set_constant(*self.shape, shape)
+        if plan is not None and self.reshape is not None:
+            ctx.graph.set_reshape_last(self.reshape, plan.partition.n_colors)
 
 
-def _flatten(node: gs.Node, graph: GraphView, port: Port, axis: int, shape=None) -> Site | None:
+def _flatten(node: gs.Node, graph: GraphView, port: Port, axis: int, reshape: gs.Node | None = None) -> Site | None:
     x = node.inputs[0]
     where = _channel_position(graph, port, x)
     if where is None or x.shape is None:
@@ -108,7 +104,7 @@ def _flatten(node: gs.Node, graph: GraphView, port: Port, axis: int, shape=None)
     position = (feature // (s_after * width)) * s_after + feature % s_after
     out = Port(node.outputs[0], -1, feature.size)
     return FlattenSite(nodes=[node], inputs=[port], outputs=[out], coupled=False,
-                       channel=channel_of, position=position, shape=shape)
+                       channel=channel_of, position=position, reshape=reshape)
 
 
 def bind_flatten(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
@@ -122,14 +118,15 @@ def bind_reshape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Sit
 
 
 def _bind_folding_reshape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
-    """Reshape with a constant target that keeps the leading axes and folds the rest, the
+    """Reshape (constant target, or sizes read back from its input) that keeps the leading axes and folds the rest, the
     channel axis among them, into the last one ([N, C, H, W] -> [N, C*H*W]; an RNN's
     [S, N, dirs, H] -> [S, N, dirs*H]): Flatten at the target's last axis."""
     x = node.inputs[0]
     port = known.get(x.name)
-    target = graph.constant(node.inputs[1])
-    if port is None or target is None or target.ndim != 1 or x.shape is None or not 2 <= target.size <= len(x.shape):
+    target = graph.reshape_target(node)
+    if port is None or target is None or x.shape is None or not 2 <= len(target) <= len(x.shape):
         return None
+    target = np.asarray(target)
     axis = target.size - 1
     folded = _static(x.shape, range(axis, len(x.shape)))
     if folded is None or (int(node.attrs.get("allowzero", 0)) and 0 in target):
@@ -139,7 +136,56 @@ def _bind_folding_reshape(node: gs.Node, graph: GraphView, known: dict[str, Port
     inferred_leading = list(target[:axis]).count(-1) == 1 and target[axis] == total
     if not ((all(leading) and target[axis] in (-1, total)) or inferred_leading):
         return None
-    return _flatten(node, graph, port, axis, shape=(node, 1))
+    return _flatten(node, graph, port, axis, reshape=node)
+
+
+@dataclass
+class ShapeSite(Site):
+    """Shape of an activation whose readers only use sizes other than the channel count
+    (batch and sequence sizes in exports with dynamic axes): it does not hold the width."""
+
+    def forward(self, ctx: Context) -> None:
+        """No channels come out of a Shape."""
+
+    def backward(self, ctx: Context) -> None:
+        """No error flows back through a Shape."""
+
+
+def _indices_read(reader: gs.Node, length: int, graph: GraphView) -> set[int] | None:
+    """The entries of a shape vector that a Gather or Slice reads (None: unknown)."""
+    def normal(i: int) -> int:
+        return min(max(i + length if i < 0 else i, 0), length)
+
+    if reader.op == "Gather" and int(reader.attrs.get("axis", 0)) == 0:
+        index = graph.constant(reader.inputs[1])
+        return None if index is None else {normal(int(i)) for i in index.ravel()}
+    if reader.op == "Slice":
+        starts, ends = _ints(reader, graph, 1, "starts"), _ints(reader, graph, 2, "ends")
+        steps = _ints(reader, graph, 4, "steps")
+        if not starts or not ends or steps not in (None, [1]) or len(starts) != 1:
+            return None
+        return set(range(normal(starts[0]), normal(ends[0])))
+    return None
+
+
+def bind_shape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    x = node.inputs[0]
+    port = known.get(x.name)
+    where = None if port is None else _channel_position(graph, port, x)
+    sizes = node.outputs[0]
+    if where is None or graph.is_boundary(sizes) or not sizes.outputs:
+        return None
+    rank, channel = where
+    start = int(node.attrs.get("start", 0))
+    end = int(node.attrs.get("end", rank))
+    start, end = (v + rank if v < 0 else v for v in (start, end))
+    read: set[int] = set()
+    for reader in sizes.outputs:
+        indices = _indices_read(reader, end - start, graph) if reader.inputs[0] is sizes else None
+        if indices is None:
+            return None
+        read |= {start + i for i in indices}
+    return None if channel in read else ShapeSite(nodes=[node], inputs=[port], outputs=[], coupled=False)
 
 
 # -- Concat / Split / Slice ----------------------------------------------------------------------
@@ -455,5 +501,6 @@ def register(registry) -> None:
     registry.register("Resize", bind_resize)
     registry.register("Upsample", bind_resize)
     registry.register("Pad", bind_pad)
+    registry.register("Shape", bind_shape)
     for op in _REDUCTIONS:
         registry.register(op, bind_reduce)

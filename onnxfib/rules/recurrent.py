@@ -138,7 +138,7 @@ class RecurrentSite(Site):
                 for tensor in claimed.outputs:
                     ctx.graph.forget_shape(tensor)
             if self.apart:
-                _set_last_dim(ctx.graph, self.nodes[-1], out.partition.n_colors)
+                ctx.graph.set_reshape_last(self.nodes[-1], out.partition.n_colors)
 
     def parameters(self, in_width: int, out_width: int) -> int:
         """Scalars in W, R, B and P with ``in_width`` inputs and ``out_width`` output channels."""
@@ -146,12 +146,6 @@ class RecurrentSite(Site):
         per_unit = {1: self.gates * in_width, 2: self.gates * hidden, 3: 2 * self.gates, 7: 3}
         return int(sum(value.shape[0] * count * hidden for index, count in per_unit.items()
                        if (value := self._constant(index)) is not None))
-
-
-def _set_last_dim(graph: GraphView, reshape: gs.Node, value: int) -> None:
-    target = graph.constant(reshape.inputs[1])
-    if target[-1] > 0:
-        graph.set_constant(reshape, 1, np.concatenate([target[:-1], [value]]).astype(target.dtype))
 
 
 def _directions_merged(node: gs.Node, graph: GraphView, hidden: int) -> list[gs.Node] | None:
@@ -166,8 +160,8 @@ def _directions_merged(node: gs.Node, graph: GraphView, hidden: int) -> list[gs.
     if graph.is_boundary(moved) or len(moved.outputs) != 1 or moved.outputs[0].op != "Reshape":
         return None
     reshape = moved.outputs[0]
-    target = graph.constant(reshape.inputs[1])
-    if target is None or target.size != 3 or target[-1] not in (-1, 2 * hidden) or any(t not in (0,) for t in target[:2]):
+    target = graph.reshape_target(reshape)
+    if target is None or len(target) != 3 or target[-1] not in (-1, 2 * hidden) or any(t != 0 for t in target[:2]):
         return None
     return [transpose, reshape]
 
@@ -186,6 +180,8 @@ def _only_zeros(tensor: gs.Tensor, graph: GraphView) -> bool:
     if producer.op == "ConstantOfShape":
         fill = producer.attrs.get("value")
         return fill is None or not np.any(np.asarray(fill.values if isinstance(fill, gs.Constant) else fill))
+    if producer.op == "Expand":
+        return _only_zeros(producer.inputs[0], graph)
     return False
 
 
