@@ -64,8 +64,13 @@ class Analysis:
                 self._settle_opfiber(port)
             site.backward(self)
         self._freeze.update((n, "is not colored") for n in self._ports if n not in self._fibers)
-        self._constraints = {n: labels for site in self.sites for n, labels in site.constraints(self).items()}
-        self._blocks = {n: size for site in self.sites for n, size in site.blocks().items()}
+        self._constraints: dict[str, list[np.ndarray]] = defaultdict(list)
+        self._blocks: dict[str, set[int]] = defaultdict(set)
+        for site in self.sites:  # a tensor may be constrained by its producer and its readers
+            for name, labels in site.constraints(self).items():
+                self._constraints[name].append(labels)
+            for name, size in site.blocks().items():
+                self._blocks[name].add(size)
         port_of = {name: uses[0][1] for name, uses in self._ports.items()}
         links = [link for site in self.sites for link in site.links()]
         self.groups = build_groups(port_of, links, self._freeze)
@@ -159,14 +164,19 @@ class Analysis:
         base_fibers = group.base_partition(fibers, honor_frozen=False)
         base_opfibers = group.base_partition(opfibers, honor_frozen=False)
         chosen = (fibers,) if self.symmetry == "fiber" else (fibers, opfibers)
-        required = {n: np.zeros(len(m.classes), dtype=np.int64) for n, m in group.members.items()}
-        for name, labels in self._constraints.items():
-            if name in required:
-                required[name] = labels
+        required = {
+            n: Partition.from_rows(np.column_stack(self._constraints[n])).labels if n in self._constraints
+            else np.zeros(len(m.classes), dtype=np.int64)
+            for n, m in group.members.items()
+        }
         collapse = group.base_partition(*chosen, required, honor_frozen=True)
-        for name, size in self._blocks.items():
-            if name in group.members:
+        blocked = [(n, size) for n in group.members for size in sorted(self._blocks.get(n, ()))]
+        while blocked:  # equalising one block structure may unbalance another: repeat until stable
+            before = collapse
+            for name, size in blocked:
                 collapse = group.equal_blocks(name, size, collapse)
+            if collapse == before:
+                break
         for name in group.members:
             induced_fibers, induced_opfibers = group.induced(name, base_fibers), group.induced(name, base_opfibers)
             member_collapse = group.induced(name, collapse)

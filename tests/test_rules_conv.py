@@ -228,3 +228,24 @@ def test_opset_9_sum_residual_and_a_scale_given_through_unsqueeze():
     x = rng.standard_normal((1, CIN, 4, 4)).astype(np.float32)
     _, _, params = compress_and_compare(model, {"x": x})
     assert params == size(w1, b1, w2, b2, scale, head)
+
+
+def test_tensor_between_two_grouped_convs_respects_both_group_structures():
+    """u is written by a group-2 conv and read by a group-3 conv. Channels 2 and 3 of u are
+    equal but lie in different groups of the writer: they may not merge, although the reader
+    would allow it (ShuffleNet-style stacks of grouped convs)."""
+    rng = np.random.default_rng(100)
+    w1 = rng.standard_normal((3, CIN, 3, 3))
+    t_rows = np.array([0, 1, 2, 0, 1, 2])  # t[3:6] copies t[0:3]
+    b = rng.standard_normal((6, 3, 1, 1))
+    b[3] = b[2]  # u[3] (group 1, reading t[3:6]) equals u[2] (group 0, reading t[0:3])
+    b[1], b[5] = b[0], b[4]  # merges inside the writer's groups, so every reader group merges one pair
+    c = rng.standard_normal((6, 2, 1, 1))
+    g = Builder()
+    t = g.op("Relu", [g.op("Conv", ["x", g.const(w1[t_rows])])])
+    u = g.op("Conv", [t, g.const(b)], group=2)  # read directly: one tensor, both group structures
+    y = g.op("Conv", [u, g.const(c)], group=3)
+    model = g.model({"x": [1, CIN, 4, 4]}, y, None)
+    x = rng.standard_normal((1, CIN, 4, 4)).astype(np.float32)
+    analysis, _, _ = compress_and_compare(model, {"x": x})
+    assert [layer.width_after for layer in analysis.layers][1] == 6  # 2 and 3 apart, so no group may narrow
