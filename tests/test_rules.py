@@ -442,3 +442,21 @@ def test_shape_of_an_activation_holds_its_width_only_when_the_channel_count_is_r
     model = g.model({"x": ["batch", K]}, y, ["batch", M])
     _, _, params = compress_and_compare(model, {"x": rng.standard_normal((3, K)).astype(np.float32)})
     assert params == (count_parameters(model) if reads_channels else w1.size + b1.size + w2.size + b2.size)
+
+
+def test_reshape_of_leading_axes_passes_channels_gpt2_style():
+    """GPT-2's Conv1D runs a Gemm on x.view(-1, C) and views the result back to [B, S, N]:
+    Reshapes that keep the channel axis last and whole pass channels, and the target's
+    channel count (a constant piece of a runtime Concat) is rewritten."""
+    w1, b1, w2, b2, rng = base_weights(24)
+    source, share = lift_map(rng, N, EXTRA)
+    g = Builder(13)
+    flat = g.op("Reshape", ["x", g.int_const(np.array([-1, K]))])
+    leading = g.op("Slice", [g.op("Shape", ["x"]), g.int_const(np.array([0])), g.int_const(np.array([2]))])
+    h = g.op("Gemm", [flat, g.const(w1[source]), g.const(b1[source])], transB=1)
+    h = g.op("Reshape", [h, g.op("Concat", [leading, g.int_const(np.array([len(source)]))], axis=0)])
+    h = g.op("Reshape", [g.op("Tanh", [h]), g.int_const(np.array([-1, len(source)]))])
+    y = g.op("Gemm", [h, g.const(w2[:, source] * share), g.const(b2)], transB=1)
+    model = g.model({"x": [2, 3, K]}, y, [6, M])
+    _, _, params = compress_and_compare(model, {"x": rng.standard_normal((2, 3, K)).astype(np.float32)})
+    assert params == w1.size + b1.size + w2.size + b2.size

@@ -113,8 +113,30 @@ def bind_flatten(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Sit
 
 
 def bind_reshape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
-    """Reshape folding trailing axes into one, or the end of an attention block."""
-    return _bind_folding_reshape(node, graph, known) or bind_attention(node, graph, known)
+    """Reshape folding trailing axes into one, regrouping only the leading axes, or the end
+    of an attention block."""
+    return (_bind_folding_reshape(node, graph, known) or _bind_leading_reshape(node, graph, known)
+            or bind_attention(node, graph, known))
+
+
+@dataclass
+class LeadingReshapeSite(UnarySite):
+    """A Reshape that keeps the channel axis last and whole ([B, S, C] <-> [B*S, C]), so each
+    output row is an input row: channels pass; the target's channel count is rewritten."""
+
+    def rewrite(self, ctx: Context) -> None:
+        plan = ctx.plan(self.outputs[0])
+        if plan is not None:
+            ctx.graph.set_reshape_last(self.nodes[0], plan.partition.n_colors)
+
+
+def _bind_leading_reshape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    port = known.get(node.inputs[0].name)
+    target = graph.reshape_target(node, lenient=True)  # only the last, constant entry matters
+    if port is None or port.axis != -1 or not target or target[-1] != port.width:
+        return None
+    out = Port(node.outputs[0], -1, port.width)
+    return LeadingReshapeSite(nodes=[node], inputs=[port], outputs=[out], kind=Kind.PASS)
 
 
 def _bind_folding_reshape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
