@@ -213,6 +213,19 @@ def bind_shape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site 
 # -- Concat / Split / Slice ----------------------------------------------------------------------
 
 
+def _offsets(parts: list[Port]) -> list[int]:
+    """Where each part starts along the concatenated channel axis."""
+    return np.cumsum([0] + [p.width for p in parts[:-1]]).tolist()
+
+
+def _segment_links(whole: Port, parts: list[Port], along_channels: bool) -> list[Link]:
+    """Each part's channels tied to its segment of ``whole`` (Concat, Split), or channel to
+    channel when the parts are cut along another axis."""
+    if not along_channels:
+        return [Link(whole, part) for part in parts]
+    return [Link(whole, part, offset + np.arange(part.width)) for part, offset in zip(parts, _offsets(parts))]
+
+
 @dataclass
 class ConcatSite(Site):
     """Concat along the channel axis (colorings concatenate, colors never shared between parts)
@@ -220,14 +233,8 @@ class ConcatSite(Site):
 
     along_channels: bool = True
 
-    def _offsets(self) -> list[int]:
-        return np.cumsum([0] + [p.width for p in self.inputs[:-1]]).tolist()
-
     def links(self) -> list[Link]:
-        out = self.outputs[0]
-        if not self.along_channels:
-            return [Link(out, port) for port in self.inputs]
-        return [Link(out, port, offset + np.arange(port.width)) for port, offset in zip(self.inputs, self._offsets())]
+        return _segment_links(self.outputs[0], self.inputs, self.along_channels)
 
     def forward(self, ctx: Context) -> None:
         parts = [ctx.fiber(p) for p in self.inputs]
@@ -240,7 +247,7 @@ class ConcatSite(Site):
 
     def backward(self, ctx: Context) -> None:
         op = ctx.opfiber(self.outputs[0])
-        for port, offset in zip(self.inputs, self._offsets()):
+        for port, offset in zip(self.inputs, _offsets(self.inputs)):
             ctx.add_opfiber(port, op.restrict(slice(offset, offset + port.width)) if self.along_channels else op)
 
 
@@ -268,18 +275,12 @@ class SplitSite(Site):
 
     along_channels: bool = True
 
-    def _offsets(self) -> list[int]:
-        return np.cumsum([0] + [p.width for p in self.outputs[:-1]]).tolist()
-
     def links(self) -> list[Link]:
-        inp = self.inputs[0]
-        if not self.along_channels:
-            return [Link(inp, port) for port in self.outputs]
-        return [Link(inp, port, offset + np.arange(port.width)) for port, offset in zip(self.outputs, self._offsets())]
+        return _segment_links(self.inputs[0], self.outputs, self.along_channels)
 
     def forward(self, ctx: Context) -> None:
         x = ctx.fiber(self.inputs[0])
-        for port, offset in zip(self.outputs, self._offsets()):
+        for port, offset in zip(self.outputs, _offsets(self.outputs)):
             part = slice(offset, offset + port.width) if self.along_channels else slice(None)
             ctx.set_fiber(port, Coloring(x.partition.restrict(part), x.scales[part]))
 
