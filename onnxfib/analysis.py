@@ -210,6 +210,7 @@ class Analysis:
                 params=site.parameters(inp.width, out.width),
                 params_after=site.parameters(width_in, width_out),
                 frozen=figures.frozen,
+                blocks=out.width // min(self._blocks[out.name]) if out.name in self._blocks else 1,
             ))
         return reports
 

@@ -118,7 +118,7 @@ def _render_compress(console: Console, report: CompressionReport, output: Path, 
             table.add_column(column, justify="left" if column in ("layer", "op", "frozen") else "right")
         for layer in layers:
             table.add_row(
-                layer.name, layer.op_type, f"{layer.width} -> {layer.width_after}",
+                layer.name, layer.op_type, _width(layer),
                 f"{layer.params:,} -> {layer.params_after:,}", layer.frozen or "",
             )
         console.print(table)
@@ -171,13 +171,22 @@ def compress(
         _render_compress(_console(), result.report, output, verbose)
 
 
+def _width(layer: LayerReport) -> str:
+    """'before -> after', with the per-block widths of heads, groups or directions."""
+    text = f"{layer.width} -> {layer.width_after}"
+    if layer.blocks > 1:
+        b = layer.blocks
+        text += f" ({b}x{layer.width // b} -> {b}x{layer.width_after // b})"
+    return text
+
+
 def _layers_table(layers: list[LayerReport], eps: float) -> Table:
     table = Table(title=f"Layers (eps {eps:g}); width and params: now -> after a collapse")
     for column in ("layer", "op", "width", "fibers", "opfibers", "covers", "largest", "params", "frozen"):
         table.add_column(column, justify="left" if column in ("layer", "op", "frozen") else "right")
     for layer in layers:
         table.add_row(
-            layer.name, layer.op_type, f"{layer.width} -> {layer.width_after}", str(layer.fibers),
+            layer.name, layer.op_type, _width(layer), str(layer.fibers),
             str(layer.opfibers), str(layer.covers), str(layer.largest_fiber),
             f"{layer.params:,} -> {layer.params_after:,}", layer.frozen or "",
         )

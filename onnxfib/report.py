@@ -12,7 +12,9 @@ class LayerReport:
     ``width`` counts the layer's output channels; ``fibers``/``opfibers``/``covers`` count the
     colors of each partition of those channels; ``width_after`` is the width the collapse keeps
     (equal to ``width`` when ``frozen`` names why the channels may not shrink); ``params`` and
-    ``params_after`` count the scalars in the layer's weight and bias before and after.
+    ``params_after`` count the scalars in the layer's weight and bias before and after;
+    ``blocks`` > 1 says the output is cut into that many blocks of equal width (attention
+    heads, convolution groups, RNN directions).
     """
 
     name: str
@@ -27,6 +29,7 @@ class LayerReport:
     params: int
     params_after: int
     frozen: str | None = None
+    blocks: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)

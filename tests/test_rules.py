@@ -393,6 +393,7 @@ def test_attention_head_dimensions_merge_within_heads_keeping_heads_equal():
     analysis, out, params = compress_and_compare(model, feeds)
     assert params == base
     assert [layer.width_after for layer in analysis.layers] == [6, 6, 6, 5]
+    assert [layer.blocks for layer in analysis.layers] == [2, 2, 2, 1]  # two heads; the projection is whole
 
 
 def test_attention_without_planted_symmetry_is_unchanged():
