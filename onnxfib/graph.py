@@ -163,6 +163,38 @@ class GraphView:
         starts, ends = self.constant(node.inputs[1]), self.constant(node.inputs[2])
         return starts is not None and ends is not None and (int(starts[0]), int(ends[0])) == (axis, axis + 1)
 
+    def sizes_read(self, shape: gs.Node, rank: int) -> set[int] | None:
+        """The axes whose sizes a Shape node's readers take (Gather or Slice of the shape
+        vector), None when some reader uses the shape in another way."""
+        sizes = shape.outputs[0]
+        if self.is_boundary(sizes) or not sizes.outputs:
+            return None
+        start, end = (int(shape.attrs.get(key, default)) for key, default in (("start", 0), ("end", rank)))
+        start, end = (v + rank if v < 0 else v for v in (start, end))
+        length = end - start
+
+        def entry(i: int) -> int:
+            return start + min(max(i + length if i < 0 else i, 0), length)
+
+        read: set[int] = set()
+        for reader in sizes.outputs:
+            if reader.inputs[0] is not sizes:
+                return None
+            if reader.op == "Gather" and int(reader.attrs.get("axis", 0)) == 0:
+                index = self.constant(reader.inputs[1])
+                if index is None:
+                    return None
+                read |= {entry(int(i)) for i in index.ravel()}
+            elif reader.op == "Slice" and len(reader.inputs) >= 3:
+                starts, ends = self.constant(reader.inputs[1]), self.constant(reader.inputs[2])
+                steps = self.constant(reader.inputs[4]) if len(reader.inputs) > 4 and reader.inputs[4].name else None
+                if starts is None or ends is None or starts.size != 1 or (steps is not None and int(steps.ravel()[0]) != 1):
+                    return None
+                read |= set(range(entry(int(starts.ravel()[0])), entry(int(ends.ravel()[0]))))
+            else:
+                return None
+        return read
+
     def set_reshape_last(self, reshape: gs.Node, value: int) -> None:
         """Write ``value`` as the last entry of a Reshape's target (an inferred -1 stays)."""
         constant = self.constant(reshape.inputs[1])

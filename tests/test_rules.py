@@ -352,7 +352,7 @@ def test_recurrent_layer_with_a_given_initial_state_is_left_alone():
     assert params == count_parameters(model) and analysis.layers == []
 
 
-def attention_model(rng, heads=2, dim=3, extra=2, lift=True, break_key=None):
+def attention_model(rng, heads=2, dim=3, extra=2, lift=True, break_key=None, packed=False):
     """One attention block [B, S, E] with planted head-dimension lifts: each head gains
     ``extra`` Q/K dimensions (Q rows divided by the copy count, K rows copied, so every score
     is unchanged) and ``extra`` V dimensions (copied, output projection columns split)."""
@@ -373,7 +373,11 @@ def attention_model(rng, heads=2, dim=3, extra=2, lift=True, break_key=None):
             wk[break_key] += 0.1
     width = wq.shape[0] // heads
     g = Builder(17)
-    q, k, v = (g.op("Add", [g.op("MatMul", ["x", g.const(w.T)]), g.const(b)]) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+    if packed:  # one projection, then Split (nn.MultiheadAttention, GPT-2)
+        qkv = g.op("Add", [g.op("MatMul", ["x", g.const(np.vstack([wq, wk, wv]).T)]), g.const(np.concatenate([bq, bk, bv]))])
+        q, k, v = g.multi("Split", [qkv, g.int_const(np.array([wq.shape[0]] * 3))], 3, axis=-1)
+    else:
+        q, k, v = (g.op("Add", [g.op("MatMul", ["x", g.const(w.T)]), g.const(b)]) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
     split = g.int_const(np.array([0, 0, heads, width]))
     q = g.op("Transpose", [g.op("Reshape", [q, split])], perm=[0, 2, 1, 3])
     k = g.op("Transpose", [g.op("Reshape", [k, g.int_const(np.array([0, 0, -1, width]))])], perm=[0, 2, 3, 1])
@@ -461,3 +465,12 @@ def test_reshape_of_leading_axes_passes_channels_gpt2_style():
     model = g.model({"x": [2, 3, K]}, y, [6, M])
     _, _, params = compress_and_compare(model, {"x": rng.standard_normal((2, 3, K)).astype(np.float32)})
     assert params == w1.size + b1.size + w2.size + b2.size
+
+
+def test_packed_qkv_projection_split_into_heads_collapses():
+    """Q, K and V from one projection and a Split: the merged Q rows carry their multiplicity
+    back through the Split to the packed weight."""
+    model, feeds, base = attention_model(np.random.default_rng(25), packed=True)
+    analysis, _, params = compress_and_compare(model, feeds)
+    assert params == base
+    assert [layer.width_after for layer in analysis.layers] == [18, 5]

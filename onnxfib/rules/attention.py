@@ -82,8 +82,12 @@ class AttentionSite(Site):
 
 
 def _producer(tensor: gs.Tensor, op: str, graph: GraphView) -> gs.Node | None:
-    """The node of type ``op`` that produces ``tensor`` and is its only reader's source."""
-    if not tensor.inputs or tensor.inputs[0].op != op or len(tensor.outputs) != 1 or graph.is_boundary(tensor):
+    """The node of type ``op`` that produces ``tensor``, when the pattern is ``tensor``'s only
+    reader apart from Shape nodes taking its batch and sequence sizes (axes 0 and 1)."""
+    if not tensor.inputs or tensor.inputs[0].op != op or graph.is_boundary(tensor):
+        return None
+    others = [n for n in tensor.outputs if n.op == "Shape"]
+    if len(tensor.outputs) - len(others) != 1 or any(not (graph.sizes_read(n, 4) or {9}) <= {0, 1} for n in others):
         return None
     return tensor.inputs[0]
 
@@ -93,12 +97,19 @@ def _perm(node: gs.Node | None) -> list[int] | None:
 
 
 def _split_heads(tensor: gs.Tensor, perm: list[int], graph: GraphView, known: dict[str, Port]):
-    """Walk back Transpose(perm) <- Reshape [.., H, dh] <- a bound activation; (nodes, port, H, dh)."""
-    transpose = _producer(tensor, "Transpose", graph)
-    if _perm(transpose) != perm:
-        return None
-    reshape = _producer(transpose.inputs[0], "Reshape", graph)
-    if reshape is None or reshape.inputs[0].name not in known:
+    """Walk back Transposes composing to ``perm`` (through single-input Concats, a KV cache
+    with nothing cached) to Reshape [.., H, dh] of a bound activation; (nodes, port, H, dh)."""
+    nodes, composed = [], list(range(4))
+    while True:
+        producer = tensor.inputs[0] if tensor.inputs and len(tensor.outputs) == 1 and not graph.is_boundary(tensor) else None
+        if producer is not None and producer.op == "Transpose":
+            composed = [_perm(producer)[i] for i in composed]
+        elif not (producer is not None and producer.op == "Concat" and len(producer.inputs) == 1):
+            break
+        nodes.append(producer)
+        tensor = producer.inputs[0]
+    reshape = _producer(tensor, "Reshape", graph)
+    if composed != perm or reshape is None or reshape.inputs[0].name not in known:
         return None
     target = graph.reshape_target(reshape, lenient=True)
     port = known[reshape.inputs[0].name]
@@ -111,7 +122,7 @@ def _split_heads(tensor: gs.Tensor, perm: list[int], graph: GraphView, known: di
         dim = port.width // heads
     if heads <= 0 or dim <= 0 or heads * dim != port.width:
         return None
-    return [reshape, transpose], port, heads, dim
+    return [reshape, *reversed(nodes)], port, heads, dim
 
 
 def _reaches_scores(tensor: gs.Tensor, graph: GraphView, depth: int = 3) -> bool:
@@ -120,8 +131,21 @@ def _reaches_scores(tensor: gs.Tensor, graph: GraphView, depth: int = 3) -> bool
     if producer is None or depth == 0:
         return False
     if producer.op == "MatMul":
-        return all(t.inputs and t.inputs[0].op == "Transpose" for t in producer.inputs)
+        return all(t.inputs and t.inputs[0].op in ("Transpose", "Concat") for t in producer.inputs)
     return producer.op in ("Add", "Mul", "Div") and any(_reaches_scores(t, graph, depth - 1) for t in producer.inputs)
+
+
+_LINEAR = {"MatMul", "Gemm", "Add"}  # a projection (Add: its bias)
+_PASSING = {"Split", "Reshape", "Identity", "Relu", "LeakyRelu"}  # commute with positive factors
+
+
+def _rescalable(tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` comes from a projection through ops a positive per-channel factor
+    passes (so the merged Q rows can carry the multiplicity, see ``Context.rescale``)."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None:
+        return False
+    return producer.op in _LINEAR or (producer.op in _PASSING and _rescalable(producer.inputs[0]))
 
 
 def bind_attention(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
@@ -134,10 +158,15 @@ def bind_attention(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> S
     if weighted is None:
         return None
     probabilities, values = weighted.inputs
+    nodes = []
+    if (cast := _producer(probabilities, "Cast", graph)) is not None:  # a float-to-float cast
+        nodes.append(cast)
+        probabilities = cast.inputs[0]
     softmax = _producer(probabilities, "Softmax", graph)
     if softmax is None or int(softmax.attrs.get("axis", -1)) not in (-1, 3):
         return None
-    nodes, score = [softmax], softmax.inputs[0]
+    nodes.append(softmax)
+    score = softmax.inputs[0]
     while (scores := _producer(score, "MatMul", graph)) is None:  # walk back over scaling and masks
         step = score.inputs[0] if score.inputs and len(score.outputs) == 1 else None
         if step is None or step.op not in ("Add", "Mul", "Div"):
@@ -154,6 +183,8 @@ def bind_attention(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> S
     k = _split_heads(scores.inputs[1], [0, 2, 3, 1], graph, known)
     v = _split_heads(values, _HEADS_FIRST, graph, known)
     if q is None or k is None or v is None or not q[2] == k[2] == v[2] or q[3] != k[3]:
+        return None
+    if not _rescalable(q[1].tensor):
         return None
     out = Port(node.outputs[0], -1, v[1].width)
     if target[-1] not in (-1, out.width):

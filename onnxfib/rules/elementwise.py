@@ -46,6 +46,12 @@ class UnarySite(Site):
         op = ctx.opfiber(out) if self.kind is Kind.PASS else _flavored(ctx, out, inp)
         ctx.add_opfiber(inp, op)
 
+    def rescale(self, ctx: Context, port: Port, factors: np.ndarray) -> None:
+        """Positive factors pass through ops that commute with them, to the producer."""
+        if self.kind is Kind.FUNCTION or np.any(factors <= 0):
+            super().rescale(ctx, port, factors)
+        ctx.rescale(self.inputs[0], factors)
+
 
 class ConstantRole(Enum):
     """Role of the constant operand of a binary op whose other operand is an activation."""

@@ -173,41 +173,15 @@ class ShapeSite(Site):
         """No error flows back through a Shape."""
 
 
-def _indices_read(reader: gs.Node, length: int, graph: GraphView) -> set[int] | None:
-    """The entries of a shape vector that a Gather or Slice reads (None: unknown)."""
-    def normal(i: int) -> int:
-        return min(max(i + length if i < 0 else i, 0), length)
-
-    if reader.op == "Gather" and int(reader.attrs.get("axis", 0)) == 0:
-        index = graph.constant(reader.inputs[1])
-        return None if index is None else {normal(int(i)) for i in index.ravel()}
-    if reader.op == "Slice":
-        starts, ends = _ints(reader, graph, 1, "starts"), _ints(reader, graph, 2, "ends")
-        steps = _ints(reader, graph, 4, "steps")
-        if not starts or not ends or steps not in (None, [1]) or len(starts) != 1:
-            return None
-        return set(range(normal(starts[0]), normal(ends[0])))
-    return None
-
-
 def bind_shape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
     x = node.inputs[0]
     port = known.get(x.name)
     where = None if port is None else _channel_position(graph, port, x)
-    sizes = node.outputs[0]
-    if where is None or graph.is_boundary(sizes) or not sizes.outputs:
+    if where is None:
         return None
     rank, channel = where
-    start = int(node.attrs.get("start", 0))
-    end = int(node.attrs.get("end", rank))
-    start, end = (v + rank if v < 0 else v for v in (start, end))
-    read: set[int] = set()
-    for reader in sizes.outputs:
-        indices = _indices_read(reader, end - start, graph) if reader.inputs[0] is sizes else None
-        if indices is None:
-            return None
-        read |= {start + i for i in indices}
-    return None if channel in read else ShapeSite(nodes=[node], inputs=[port], outputs=[], coupled=False)
+    read = graph.sizes_read(node, rank)
+    return None if read is None or channel in read else ShapeSite(nodes=[node], inputs=[port], outputs=[], coupled=False)
 
 
 # -- Concat / Split / Slice ----------------------------------------------------------------------
@@ -283,6 +257,14 @@ class SplitSite(Site):
         for port, offset in zip(self.outputs, _offsets(self.outputs)):
             part = slice(offset, offset + port.width) if self.along_channels else slice(None)
             ctx.set_fiber(port, Coloring(x.partition.restrict(part), x.scales[part]))
+
+    def rescale(self, ctx: Context, port: Port, factors: np.ndarray) -> None:
+        """Pass one output's factors to the input's producer, ones on the other segments."""
+        if not self.along_channels:
+            super().rescale(ctx, port, factors)
+        parts = [np.asarray(factors, dtype=np.float64) if p is port else
+                 np.ones(plan.partition.n_colors if (plan := ctx.plan(p)) else p.width) for p in self.outputs]
+        ctx.rescale(self.inputs[0], np.concatenate(parts))
 
     def backward(self, ctx: Context) -> None:
         ops = [ctx.opfiber(p) for p in self.outputs]
