@@ -290,7 +290,8 @@ def test_weights_reached_through_identity_are_constants():
     assert params == w1.size + b1.size + w2.size + b2.size + (N + EXTRA) * K
 
 
-def test_layer_norm_output_fibers_reach_the_layers_reading_it():
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_layer_norm_output_fibers_reach_the_layers_reading_it(decomposed):
     """Channels 0 and 1 of the residual stream are synchronized; after LayerNormalization (with
     equal scale and bias on them) they still are, so rows of the next layer that split their
     weight differently between channels 0 and 1 form one fiber. The stream keeps its width."""
@@ -306,7 +307,13 @@ def test_layer_norm_output_fibers_reach_the_layers_reading_it():
     w3 = rng.standard_normal((M, 3))
     g = Builder(17)
     h = g.op("Gemm", ["x", g.const(w1), g.const(b1)], transB=1)
-    n = g.op("LayerNormalization", [h, g.const(gamma), g.const(beta)], axis=-1)
+    if decomposed:  # ReduceMean/Sub/Pow/Sqrt/Div, as older exporters write it
+        d = g.op("Sub", [h, g.op("ReduceMean", [h], axes=[-1], keepdims=1)])
+        var = g.op("ReduceMean", [g.op("Pow", [d, g.const(np.array(2.0))])], axes=[-1], keepdims=1)
+        std = g.op("Sqrt", [g.op("Add", [var, g.const(np.array(1e-5))])])
+        n = g.op("Add", [g.op("Div", [g.op("Mul", [d, g.const(gamma)]), std]), g.const(beta)])
+    else:
+        n = g.op("LayerNormalization", [h, g.const(gamma), g.const(beta)], axis=-1)
     z = g.op("Relu", [g.op("Gemm", [n, g.const(lw2), g.const(b2[source])], transB=1)])
     y = g.op("Gemm", [z, g.const(w3[:, source] * share), g.const(np.zeros(M))], transB=1)
     model = g.model({"x": ["batch", K]}, y, ["batch", M])

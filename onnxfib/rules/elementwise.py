@@ -207,7 +207,7 @@ def bind_arithmetic(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> 
         out = Port(node.outputs[0], pa.axis, pa.width)
         return PairSite(nodes=[node], inputs=[pa, pb], outputs=[out], combination=combination)
     port, const, index = (pa, cb, 1) if pa is not None else (pb, ca, 0)
-    if port is None or const is None or channel_rows(const, port.axis, port.width) is None:
+    if port is None:
         return None
     if node.op in ("Add", "Sub"):
         role = ConstantRole.SHIFT
@@ -216,7 +216,37 @@ def bind_arithmetic(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> 
     else:
         role = ConstantRole.NUMERATOR
     out = Port(node.outputs[0], port.axis, port.width)
+    if const is None:  # an activation equal across channels: a row statistic (mean, deviation)
+        other = node.inputs[index]
+        return UniformSite(nodes=[node], inputs=[port], outputs=[out], role=role) \
+            if _channel_uniform(other, port.axis, graph) else None
+    if channel_rows(const, port.axis, port.width) is None:
+        return None
     return ConstantSite(nodes=[node], inputs=[port], outputs=[out], const=(node, index), role=role)
+
+
+def _channel_uniform(tensor: gs.Tensor, axis: int, graph: GraphView) -> bool:
+    """True when ``tensor`` is known to hold one value across the channel axis (size 1 there,
+    or too few axes to reach it), so it broadcasts equally onto every channel."""
+    rank = graph.rank(tensor)
+    return rank is not None and (rank < -axis or graph.dim(tensor, axis) == 1)
+
+
+@dataclass
+class UniformSite(Site):
+    """An activation combined with another that is equal across channels (LayerNorm written
+    out: x - mean, x / deviation). Nothing to rewrite; the other operand is no channel port."""
+
+    role: ConstantRole = ConstantRole.SHIFT
+
+    def forward(self, ctx: Context) -> None:
+        x = ctx.fiber(self.inputs[0])
+        ctx.set_fiber(self.outputs[0], x if self.role is ConstantRole.MULTIPLIER else ctx.tol.unit(x))
+
+    def backward(self, ctx: Context) -> None:
+        out, inp = self.outputs[0], self.inputs[0]
+        op = _flavored(ctx, out, inp) if self.role is ConstantRole.NUMERATOR else ctx.opfiber(out)
+        ctx.add_opfiber(inp, op)
 
 
 def bind_sum(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
