@@ -135,17 +135,24 @@ def _reaches_scores(tensor: gs.Tensor, graph: GraphView, depth: int = 3) -> bool
     return producer.op in ("Add", "Mul", "Div") and any(_reaches_scores(t, graph, depth - 1) for t in producer.inputs)
 
 
-_LINEAR = {"MatMul", "Gemm", "Add"}  # a projection (Add: its bias)
-_PASSING = {"Split", "Reshape", "Identity", "Relu", "LeakyRelu"}  # commute with positive factors
+_PASSING = {"Split", "Identity", "Relu", "LeakyRelu"}  # commute with positive factors
 
 
 def _rescalable(tensor: gs.Tensor) -> bool:
-    """Whether ``tensor`` comes from a projection through ops a positive per-channel factor
-    passes (so the merged Q rows can carry the multiplicity, see ``Context.rescale``)."""
+    """Whether ``tensor`` comes from a projection (Gemm, MatMul, MatMul + constant bias)
+    through ops a positive per-channel factor passes, so the merged Q rows can carry their
+    multiplicity (``Context.rescale``)."""
     producer = tensor.inputs[0] if tensor.inputs else None
     if producer is None:
         return False
-    return producer.op in _LINEAR or (producer.op in _PASSING and _rescalable(producer.inputs[0]))
+    if producer.op == "Add":  # the bias of a MatMul: one constant input, one MatMul output
+        constants = [t for t in producer.inputs if isinstance(t, gs.Constant) or GraphView.constant(t) is not None]
+        others = [t for t in producer.inputs if t not in constants]
+        return len(constants) == 1 and len(others) == 1 and bool(others[0].inputs) and others[0].inputs[0].op == "MatMul"
+    if producer.op == "Reshape":  # only one that keeps the channel axis last and whole
+        width = GraphView.dim(tensor, -1)
+        return width is not None and width == GraphView.dim(producer.inputs[0], -1) and _rescalable(producer.inputs[0])
+    return producer.op in ("MatMul", "Gemm") or (producer.op in _PASSING and _rescalable(producer.inputs[0]))
 
 
 def bind_attention(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
