@@ -18,6 +18,9 @@ from onnxfib.errors import InvalidModelError, OnnxfibError, UsageError
 #: Serialized models at or above this size must keep their tensors in an external data file.
 PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF
 
+#: Tensors of at least this many bytes go to the external data file (onnx's own default).
+EXTERNAL_THRESHOLD = 1024
+
 ModelSource = str | os.PathLike | onnx.ModelProto
 
 
@@ -123,15 +126,13 @@ def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool) ->
     """Serialize to ``target`` (not atomic); external data goes to ``<target name>.data`` beside it."""
     if external_data:
         copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # onnx.save moves tensor bytes out of the proto it is given
-        onnx.save_model(
-            copy,
-            str(target),
-            format="protobuf",
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=target.name + ".data",
-        )
+        copy.CopyFrom(model)  # saving moves tensor bytes out of the proto it is given
+        # Mark the tensors ourselves: onnx's save_as_external_data refuses when a file of the
+        # data file's name exists in the *working* directory, not next to the model.
+        for tensor in copy.graph.initializer:
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+                external_data_helper.set_external_data(tensor, target.name + ".data")
+        onnx.save_model(copy, str(target), format="protobuf")
     else:
         onnx.save_model(model, str(target), format="protobuf")
 

@@ -153,3 +153,17 @@ def test_models_over_the_protobuf_limit_are_written_with_external_data(tmp_path,
     reloaded = io.open_model(out)
     assert reloaded.external_data
     assert onnxfib.validate(mlp_path, out, input_shapes={"x": (3, 64)}).ok
+
+
+def test_saving_again_over_an_external_data_output_works_from_its_directory(tmp_path, write_model, monkeypatch):
+    """Re-running a compression into the same output, from the output's own directory, must
+    replace the model and its data file (onnx's own saver refuses when the working directory
+    holds a file of the data file's name)."""
+    import onnxfib
+
+    source = write_model(build_mlp([64, 48, 48, 10]), "ext.onnx", external_data=True)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        out = onnxfib.compress(source, input_shapes={"x": (3, 64)}).save(tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").stat().st_size > 0
+    assert onnxfib.validate(source, out, input_shapes={"x": (3, 64)}).ok
