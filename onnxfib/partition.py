@@ -104,10 +104,6 @@ class Partition:
         """Coloring of features (c, s), c-major: feature c*spatial+s gets color (color(c), s)."""
         return Partition((self.labels[:, None] * spatial + np.arange(spatial)[None, :]).ravel())
 
-    def representatives(self) -> np.ndarray:
-        """Index of the first channel of each color, in color order."""
-        return np.unique(self.labels, return_index=True)[1]
-
     def reduce(self, array: np.ndarray, axis: int, *, mean: bool = False) -> np.ndarray:
         """Sum (or mean) of ``array`` over the channels of each color along ``axis``."""
         if self.is_discrete:  # canonical discrete labels are 0..n-1 in order: nothing to do

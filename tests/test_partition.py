@@ -90,10 +90,9 @@ def test_reduce_sums_or_averages_each_color(raw, mean):
         np.testing.assert_allclose(out[:, color], expected)
 
 
-def test_representatives_and_from_rows():
+def test_from_rows_colors_equal_rows_alike():
     p = Partition.from_rows(np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [3.0, 4.0], [0.0, 0.0]]))
     assert p.labels.tolist() == [0, 1, 0, 1, 2]
-    assert p.representatives().tolist() == [0, 1, 4]
 
 
 def test_meet_refuses_mismatched_lengths():
