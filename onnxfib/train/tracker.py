@@ -1,0 +1,158 @@
+"""Watch fibers, opfibers and covers form during training (paper Sec. 4.1, Fig. 8 and Fig. 10).
+
+Each record runs the core's analysis on the current weights (an in-memory ONNX export) and
+keeps, per Linear/Conv layer, the numbers of fibers, flavored opfibers (Eq. 5) and covers
+(Eq. 7), their size distributions, how many channels merged, and how many covers of the
+previous record split (Theorem 3.1 says none do under exact gradient descent at eps = 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..partition import Partition
+from .adapter import TorchAnalysis
+
+KINDS = ("fibers", "opfibers", "covers")
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer at one step."""
+
+    step: int
+    epoch: int | None
+    layer: str
+    width: int
+    fibers: int
+    opfibers: int
+    covers: int
+    merged: int  # channels that share a cover with an earlier channel: width - covers
+    splits: int  # covers of the previous record no longer inside one cover
+    fiber_sizes: list[int]
+    opfiber_sizes: list[int]
+    cover_sizes: list[int]
+
+    def sizes(self, kind: str) -> list[int]:
+        return getattr(self, f"{kind[:-1]}_sizes")
+
+
+def splits(before: Partition, after: Partition) -> int:
+    """Colors of ``before`` whose channels no longer share one color in ``after``."""
+    pairs = Partition.from_rows(np.column_stack([before.labels, after.labels]))
+    return int(pairs.n_colors - before.n_colors)
+
+
+class CoverTracker:
+    """Records symmetry figures of ``model`` at tolerance ``eps`` every ``every`` steps;
+    ``example`` is one input batch (its shape fixes the export). ``seconds`` is the time spent
+    recording, for overhead figures."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, *, eps: float = 0.0, every: int = 1) -> None:
+        if every < 1:
+            raise UsageError(f"every must be at least 1, got {every}")
+        self.model, self.example, self.eps, self.every = model, example, float(eps), int(every)
+        self.records: list[LayerRecord] = []
+        self.seconds = 0.0
+        self._last: dict[str, Partition] = {}
+
+    def maybe_record(self, step: int, epoch: int | None = None) -> list[LayerRecord]:
+        """Record when ``step`` is a multiple of ``every``; returns the new records (or none)."""
+        return self.record(step, epoch) if step % self.every == 0 else []
+
+    def record(self, step: int, epoch: int | None = None) -> list[LayerRecord]:
+        """Analyse the current weights and append one record per layer."""
+        start = time.perf_counter()
+        analysis = TorchAnalysis(self.model, self.example, eps=self.eps, symmetry="cover")
+        new = []
+        for layer in analysis.layers:
+            figures = analysis.figures(layer)
+            previous = self._last.get(layer.name)
+            new.append(LayerRecord(
+                step=step, epoch=epoch, layer=layer.name, width=layer.width,
+                fibers=figures.fibers.n_colors, opfibers=figures.opfibers.n_colors,
+                covers=figures.covers.n_colors, merged=layer.width - figures.covers.n_colors,
+                splits=splits(previous, figures.covers) if previous is not None and len(previous) == layer.width else 0,
+                fiber_sizes=sorted(figures.fibers.sizes().tolist(), reverse=True),
+                opfiber_sizes=sorted(figures.opfibers.sizes().tolist(), reverse=True),
+                cover_sizes=sorted(figures.covers.sizes().tolist(), reverse=True),
+            ))
+            self._last[layer.name] = figures.covers
+        self.records.extend(new)
+        self.seconds += time.perf_counter() - start
+        return new
+
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(r.layer for r in self.records))
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps({"eps": self.eps, "seconds": self.seconds,
+                                    "records": [asdict(r) for r in self.records]}, indent=1))
+        return path
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Counts only, one row per layer and record (sizes go to the JSON)."""
+        path = Path(path)
+        columns = ["step", "epoch", "layer", "width", "fibers", "opfibers", "covers", "merged", "splits"]
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            for record in self.records:
+                writer.writerow([getattr(record, c) for c in columns])
+        return path
+
+    def plot_counts(self, path: str | os.PathLike, kind: str = "fibers") -> Path:
+        """Number of ``kind`` per layer against the step (the paper's Fig. 8)."""
+        if kind not in KINDS:
+            raise UsageError(f"kind must be one of {KINDS}, got {kind!r}")
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for layer in self.layers():
+            rows = [r for r in self.records if r.layer == layer]
+            ax.plot([r.step for r in rows], [getattr(r, kind) for r in rows], label=f"{layer} ({rows[0].width})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"number of {kind} (eps={self.eps:g})")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
+    def plot_sizes(self, path: str | os.PathLike, layer: str, kind: str = "covers", records: int = 4) -> Path:
+        """Histograms of ``kind`` sizes of one layer at ``records`` evenly spaced records (Fig. 10)."""
+        if kind not in KINDS:
+            raise UsageError(f"kind must be one of {KINDS}, got {kind!r}")
+        rows = [r for r in self.records if r.layer == layer]
+        if not rows:
+            raise UsageError(f"no records of layer {layer!r}; recorded: {', '.join(self.layers())}")
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        picks = [rows[i] for i in sorted(set(np.linspace(0, len(rows) - 1, min(records, len(rows))).astype(int)))]
+        fig, axes = plt.subplots(1, len(picks), figsize=(3 * len(picks), 3), sharey=True, squeeze=False)
+        for ax, row in zip(axes[0], picks):
+            sizes = row.sizes(kind)
+            ax.hist(sizes, bins=np.arange(1, max(sizes) + 2) - 0.5 if max(sizes) < 40 else 20)
+            ax.set_title(f"step {row.step}: {len(sizes)} {kind}", fontsize="small")
+            ax.set_xlabel(f"{kind[:-1]} size")
+        axes[0][0].set_ylabel(f"count ({layer})")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
+
+__all__ = ["CoverTracker", "KINDS", "LayerRecord", "splits"]
