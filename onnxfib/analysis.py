@@ -98,8 +98,14 @@ class Analysis:
         return self._plans.get(port.name)
 
     def rescale(self, port: Port, factors: np.ndarray) -> None:
-        producer = next(site for site, p in self._ports[port.name] if p in site.outputs)
-        producer.rescale(self, port, factors)
+        self._producer(port).rescale(self, port, factors)
+
+    def can_rescale(self, port: Port) -> bool:
+        producer = self._producer(port)
+        return producer is not None and producer.can_rescale(self, port)
+
+    def _producer(self, port: Port) -> Site | None:
+        return next((site for site, p in self._ports.get(port.name, ()) if p in site.outputs), None)
 
     # -- passes -----------------------------------------------------------------------------
     def _bind(self, registry: Registry) -> list[Site]:

@@ -24,6 +24,13 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
+def _integer(tensor: gs.Tensor) -> bool:
+    try:
+        return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.integer)
+    except TypeError:
+        return False
+
+
 class GraphView:
     """The model's main graph with Constant nodes materialised as constants, in topological order."""
 
@@ -31,10 +38,15 @@ class GraphView:
         self._source = model
         self.graph = gs.import_onnx(_infer_shapes(model))
         self._materialise_constant_nodes()
-        self._fold_constants()
-        self.graph.toposort()
+        if self._fold_constants() and any(node.op == "Shape" for node in self.graph.nodes):
+            # sizes folded into Reshape targets make more shapes static (a head split's width,
+            # read back for 1/sqrt(d) scaling): infer again and fold the sizes that became known
+            self.graph = gs.import_onnx(_infer_shapes(gs.export_onnx(self.graph, do_type_check=False)))
+            self._fold_constants(sizes_only=True)
         self.input_names = {t.name for t in self.graph.inputs}
         self.output_names = {t.name for t in self.graph.outputs}
+        self._bypass_concat_slices()
+        self.graph.toposort()
         self._renamed = 0
 
     def _materialise_constant_nodes(self) -> None:
@@ -53,20 +65,22 @@ class GraphView:
             out.to_constant(np.asarray(values))
         self.graph.cleanup(remove_unused_graph_inputs=False)
 
-    def _fold_constants(self) -> None:
+    def _fold_constants(self, sizes_only: bool = False) -> bool:
         """Fold constant subexpressions (a weight passed through Unsqueeze, shape arithmetic
         over static sizes such as torch's chunk bounds) into constants of at most 64 Ki
         elements, so that weights and channel counts are visible and rewritable. Generators
-        (ConstantOfShape, Expand, ...) stay: folding them would grow the model."""
+        (ConstantOfShape, Expand, ...) stay: folding them would grow the model. ``sizes_only``
+        folds only integer results (no new float constants). Returns whether any node went."""
         def generator(node: gs.Node) -> bool:  # folding these would grow the model
-            return node.op in _GENERATORS
+            return node.op in _GENERATORS or (sizes_only and not all(_integer(t) for t in node.outputs))
 
         def foldable(node: gs.Node) -> bool:
             return node.op == "Shape" or (not generator(node) and bool(node.inputs)
                                           and all(isinstance(t, gs.Constant) for t in node.inputs))
 
         if not any(foldable(node) for node in self.graph.nodes):
-            return
+            return False
+        count = len(self.graph.nodes)
         onnxruntime.set_default_logger_severity(3)  # the folder's optimiser notes are noise here
         try:
             self.graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=True,
@@ -74,6 +88,47 @@ class GraphView:
                                       should_exclude_node=generator)
         finally:
             onnxruntime.set_default_logger_severity(2)  # onnxruntime's default (warnings)
+        self.graph.cleanup(remove_unused_graph_inputs=False)
+        return len(self.graph.nodes) < count
+
+    def _slice_range(self, node: gs.Node) -> tuple[int, int, int] | None:
+        """(axis, start, end) of a one-axis, step-1 Slice with constant bounds (None otherwise)."""
+        if len(node.inputs) > 1:  # opset >= 10: bounds are inputs
+            given = [self.constant(t) if t.name else None for t in node.inputs[1:5]]
+            given += [None] * (4 - len(given))
+            starts, ends, axes, steps = given
+            if starts is None or ends is None or any(t.name and self.constant(t) is None for t in node.inputs[3:5]):
+                return None
+        else:
+            starts, ends, axes, steps = (node.attrs.get(k) for k in ("starts", "ends", "axes", None))
+        if starts is None or ends is None or np.size(starts) != 1 or (steps is not None and int(np.ravel(steps)[0]) != 1):
+            return None
+        axis = 0 if axes is None else int(np.ravel(axes)[0])
+        return axis, int(np.ravel(starts)[0]), int(np.ravel(ends)[0])
+
+    def _bypass_concat_slices(self) -> None:
+        """Let the readers of a Slice that takes exactly one input of a Concat along the same
+        axis read that input (torch stacks every RNN layer's final state into h_n and slices
+        the last layer's back out): the slice no longer ties the other inputs' channels."""
+        for node in self.graph.nodes:
+            concat = node.inputs[0].inputs[0] if node.op == "Slice" and node.inputs[0].inputs else None
+            sliced = node.outputs[0]
+            if concat is None or concat.op != "Concat" or self.is_boundary(sliced) or (where := self._slice_range(node)) is None:
+                continue
+            rank = self.rank(node.inputs[0])
+            sizes = [self.dim(t, int(concat.attrs.get("axis", 0))) for t in concat.inputs]
+            if rank is None or None in sizes or where[0] % rank != int(concat.attrs.get("axis", 0)) % rank:
+                continue
+            total = sum(sizes)
+            start, end = (min(max(v + total if v < 0 else v, 0), total) for v in where[1:])
+            offsets = np.cumsum([0, *sizes]).tolist()
+            part = next((i for i in range(len(sizes)) if (offsets[i], offsets[i + 1]) == (start, end)), None)
+            if part is None:
+                continue
+            for reader in list(sliced.outputs):
+                for index, tensor in enumerate(list(reader.inputs)):
+                    if tensor is sliced:
+                        reader.inputs[index] = concat.inputs[part]
         self.graph.cleanup(remove_unused_graph_inputs=False)
 
     @property
@@ -92,6 +147,16 @@ class GraphView:
         while isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Identity":
             tensor = tensor.inputs[0].inputs[0]
         return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+    @staticmethod
+    def computed_from_constants(tensor: gs.Tensor, depth: int = 12) -> bool:
+        """Whether ``tensor`` is a constant or computed from constants alone (a scale derived
+        from a static size), looking at most ``depth`` nodes back."""
+        if isinstance(tensor, gs.Constant):
+            return True
+        producer = tensor.inputs[0] if tensor.inputs else None
+        return (depth > 0 and producer is not None and producer.op not in _GENERATORS and bool(producer.inputs)
+                and all(GraphView.computed_from_constants(t, depth - 1) for t in producer.inputs if t.name))
 
     @staticmethod
     def rank(tensor: gs.Tensor) -> int | None:
@@ -141,8 +206,10 @@ class GraphView:
             constant = self.constant(piece)
             if constant is not None:
                 values.extend(int(v) for v in constant.ravel())
-            elif lenient or self._reads_size(piece, reshape.inputs[0], len(values)):
+            elif self._reads_size(piece, reshape.inputs[0], len(values)):
                 values.append(0)
+            elif lenient:
+                values.extend([0] * (self.dim(piece, 0) or 1))
             else:
                 return None
         return values
@@ -197,13 +264,48 @@ class GraphView:
 
     def set_reshape_last(self, reshape: gs.Node, value: int) -> None:
         """Write ``value`` as the last entry of a Reshape's target (an inferred -1 stays)."""
-        constant = self.constant(reshape.inputs[1])
-        node, index = (reshape, 1) if constant is not None else (reshape.inputs[1].inputs[0], None)
-        if index is None:
-            index = len(node.inputs) - 1
-            constant = self.constant(node.inputs[index])
-        if constant.ravel()[-1] > 0:
-            self.set_constant(node, index, np.concatenate([constant.ravel()[:-1], [value]]).astype(constant.dtype))
+        self.set_reshape_entry(reshape, -1, value)
+
+    def _target_piece(self, reshape: gs.Node, entry: int) -> tuple[gs.Node, int, int] | None:
+        """Where target entry ``entry`` (counted from the end) is stored: (node, input index,
+        position in that constant counted from its end), when it is a constant value."""
+        if self.constant(reshape.inputs[1]) is not None:
+            return reshape, 1, entry
+        concat = reshape.inputs[1].inputs[0] if reshape.inputs[1].inputs else None
+        if concat is None or concat.op != "Concat":
+            return None
+        for index in range(len(concat.inputs) - 1, -1, -1):
+            piece = concat.inputs[index]
+            constant = self.constant(piece)
+            length = constant.size if constant is not None else self.dim(piece, 0)
+            if length is None:
+                return None
+            if -entry <= length:
+                return (concat, index, entry) if constant is not None else None
+            entry += length
+        return None
+
+    def target_entry_is_constant(self, reshape: gs.Node, entry: int) -> bool:
+        """Whether a Reshape's target entry ``entry`` (from the end) is a constant that
+        :meth:`set_reshape_entry` can rewrite."""
+        return self._target_piece(reshape, entry) is not None
+
+    def set_reshape_entry(self, reshape: gs.Node, entry: int, value: int) -> None:
+        """Write ``value`` as target entry ``entry`` (counted from the end) of a Reshape whose
+        entry is a constant (an inferred -1 or a copying 0 stays)."""
+        node, index, position = self._target_piece(reshape, entry)
+        values = self.constant(node.inputs[index]).ravel().copy()
+        if values[position] > 0:
+            values[position] = value
+            self.set_constant(node, index, values)
+
+    def replace_nodes(self, old: list[gs.Node], new: gs.Node) -> None:
+        """Let ``new`` produce the outputs it names instead of the nodes ``old``, which go."""
+        for node in old:
+            node.inputs.clear()
+            node.outputs.clear()
+        self.graph.nodes.append(new)
+        self.graph.toposort()
 
     def forget_shape(self, tensor: gs.Variable) -> None:
         """Drop a tensor's recorded shape after its width changed (re-inferred on export)."""

@@ -11,7 +11,8 @@ their base, exactly, at eps = 0 (the lifts are in tests/transformer_lifting.py).
   lifts (every head 32 -> 35 dimensions), alone and together with the FFN lifts, compresses to
   exactly the base's parameter count too.
 - **torch transformer stacks** (``nn.TransformerEncoder``/``Decoder``, d_model 16, 2 heads,
-  FFN 32, 2 layers, batch_first) with planted FFN lifts, through both exporters.
+  FFN 32, 2 layers, batch_first) with planted FFN lifts, through both exporters; and with planted
+  copies of head dimensions inside torch's own ``nn.MultiheadAttention`` (packed in-projection).
 - **torch LSTM/GRU** (input 6, hidden 8 lifted to 12; 1 and 2 layers, uni- and bidirectional)
   behind a Linear head, with planted hidden lifts.
 
@@ -45,6 +46,7 @@ from transformer_lifting import (  # noqa: E402
     lift_bert_heads,
     lift_rnn,
     lift_transformer_ffn,
+    plant_mha_head_duplicates,
     rnn_model,
     transformer_stack,
 )
@@ -281,6 +283,25 @@ def test_shared_layer_weights_keep_their_size(exports, exporter):
     _assert_params(result, case, case.params)
 
 
+
+@pytest.mark.parametrize("kind,exporter", STACK_CASES, ids=STACK_IDS)
+def test_torch_attention_planted_head_copies_merge(exports, kind, exporter):
+    """torch's own ``nn.MultiheadAttention`` export: the packed in-projection unstacked by
+    Reshape [.., 3, E] / Unsqueeze / Transpose / Squeeze / Gather (a [.., 2, E] one for the
+    decoder's key-value memory), heads folded into the batch axis ([S, B*H, dh]), q and k each
+    scaled by dh^-1/4 (computed from a static size in the legacy export). Planted copies of head
+    dimensions (one Q/K pair and one V pair per head, in every attention) merge exactly: the
+    parameter count drops by exactly what was planted and the outputs stay the same."""
+    def build(d: Path) -> tuple[Case, int]:
+        planted, removed = plant_mha_head_duplicates(transformer_stack(kind, seed=60 + STACK_CASES.index((kind, exporter))))
+        return Case(export_torch(planted, d / "planted.onnx", 16, exporter, seq=SEQ), _seq_batches(16, 61)), removed
+
+    case, removed = exports.get(("mha", kind, exporter), build)
+    result = case.compress()
+    _assert_params(result, case, case.params - removed)
+    _check_model(result, case, RTOL, 1e-6)
+
+
 # ------------------------------------------------------------------------------ LSTM / GRU
 
 # name -> (num_layers, bidirectional, read, tie_directions)
@@ -292,13 +313,10 @@ RNN_CONFIGS = {
     "1l-bi-all": (1, True, "all", False),
     "2l-bi-all": (2, True, "all", False),
     "2l-uni-last": (2, False, "last", False),
+    "2l-bi-last-tied": (2, True, "last", True),
 }
 RNN_DYNAMO = ("1l-uni-all", "2l-bi-all-tied")
 
-_H_N_CONCAT = pytest.mark.xfail(
-    strict=True, reason="h_n concatenates every layer's final state along the layer axis, which ties the "
-                        "layers' hidden partitions (the Slice keeping only the last layer is not used)")
-RNN_XFAIL = {("2l-uni-last", "legacy"): _H_N_CONCAT}
 
 
 def _rnn_params():
@@ -308,9 +326,7 @@ def _rnn_params():
             for exporter in EXPORTERS:
                 if exporter == "dynamo" and name not in RNN_DYNAMO:
                     continue
-                mark = RNN_XFAIL.get((name, exporter))
-                out.append(pytest.param(cell, name, exporter, id=f"{cell}-{name}-{exporter}",
-                                        marks=[mark] if mark else []))
+                out.append(pytest.param(cell, name, exporter, id=f"{cell}-{name}-{exporter}"))
     return out
 
 
@@ -338,12 +354,7 @@ def _base_after_collapse(base: Case) -> int:
                              if t.name in zeros and not np.any(onnx.numpy_helper.to_array(t)))
 
 
-def _strip(params):
-    """The same cases without their xfail marks (for checks that must hold everywhere)."""
-    return [pytest.param(*p.values, id=p.id) for p in params]
-
-
-@pytest.mark.parametrize("cell,name,exporter", _strip(_rnn_params()))
+@pytest.mark.parametrize("cell,name,exporter", _rnn_params())
 def test_rnn_lift_compresses_exactly(exports, cell, name, exporter):
     """Whatever onnxfib merges, the compressed lift computes the lifted model's function, and the
     base keeps its size."""

@@ -359,10 +359,11 @@ def test_recurrent_layer_with_a_given_initial_state_is_left_alone():
     assert params == count_parameters(model) and analysis.layers == []
 
 
-def attention_model(rng, heads=2, dim=3, extra=2, lift=True, break_key=None, packed=False):
+def attention_model(rng, heads=2, dim=3, extra=2, lift=True, break_key=None, packed=False, q_activation=None):
     """One attention block [B, S, E] with planted head-dimension lifts: each head gains
     ``extra`` Q/K dimensions (Q rows divided by the copy count, K rows copied, so every score
-    is unchanged) and ``extra`` V dimensions (copied, output projection columns split)."""
+    is unchanged) and ``extra`` V dimensions (copied, output projection columns split).
+    ``q_activation`` applies an op to Q after its projection."""
     e = 5
     wq, wk, wv = (rng.standard_normal((heads * dim, e)) for _ in range(3))
     bq, bk, bv = (rng.standard_normal(heads * dim) for _ in range(3))
@@ -385,6 +386,8 @@ def attention_model(rng, heads=2, dim=3, extra=2, lift=True, break_key=None, pac
         q, k, v = g.multi("Split", [qkv, g.int_const(np.array([wq.shape[0]] * 3))], 3, axis=-1)
     else:
         q, k, v = (g.op("Add", [g.op("MatMul", ["x", g.const(w.T)]), g.const(b)]) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+    if q_activation:
+        q = g.op(q_activation, [q])
     split = g.int_const(np.array([0, 0, heads, width]))
     q = g.op("Transpose", [g.op("Reshape", [q, split])], perm=[0, 2, 1, 3])
     k = g.op("Transpose", [g.op("Reshape", [k, g.int_const(np.array([0, 0, -1, width]))])], perm=[0, 2, 3, 1])
@@ -481,3 +484,12 @@ def test_packed_qkv_projection_split_into_heads_collapses():
     analysis, _, params = compress_and_compare(model, feeds)
     assert params == base
     assert [layer.width_after for layer in analysis.layers] == [18, 5]
+
+
+def test_attention_merges_only_values_when_queries_cannot_carry_the_multiplicity():
+    """Q goes through tanh after its projection, so nothing can scale merged Q dimensions by
+    their count: Q and K keep every dimension (their copies stay), V and the output projection
+    still merge, and the outputs stay exact."""
+    model, feeds, _ = attention_model(np.random.default_rng(26), q_activation="Tanh")
+    analysis, _, _ = compress_and_compare(model, feeds)
+    assert [layer.width_after for layer in analysis.layers] == [10, 10, 6, 5]

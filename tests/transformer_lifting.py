@@ -241,6 +241,31 @@ def lift_transformer_ffn(model: nn.Module, extra: int | Sequence[int], rng: np.r
     return lifted, maps
 
 
+
+def plant_mha_head_duplicates(model: nn.Module) -> tuple[nn.Module, int]:
+    """In every ``nn.MultiheadAttention`` (packed ``in_proj``), make head dimension 1 of every
+    head a copy of dimension 0 in both Q and K (weights and bias), and V dimension 3 a copy of
+    dimension 2. The function changes, but the copies are exact fibers: a collapse merges one
+    Q/K pair and one V pair per head, removing ``heads * (3 * (E + 1) + E)`` parameters per
+    attention (Q, K and V rows with their biases, and one ``out_proj`` column). Returns
+    ``(planted copy, parameters the collapse removes)``."""
+    planted = copy.deepcopy(model)
+    removed = 0
+    with torch.no_grad():
+        for m in planted.modules():
+            if not isinstance(m, nn.MultiheadAttention):
+                continue
+            e, dh = m.embed_dim, m.head_dim
+            w, b = m.in_proj_weight, m.in_proj_bias
+            for h in range(m.num_heads):
+                for block, (src, dst) in ((0, (0, 1)), (1, (0, 1)), (2, (2, 3))):  # q, k, v
+                    rows = block * e + h * dh
+                    w[rows + dst] = w[rows + src]
+                    b[rows + dst] = b[rows + src]
+            removed += m.num_heads * (3 * (e + 1) + e)
+    return planted.eval(), removed
+
+
 # ------------------------------------------------------------------------------ LSTM / GRU
 
 RNN_GATES = {"LSTM": 4, "GRU": 3}  # torch's gate blocks: LSTM i, f, g, o; GRU r, z, n

@@ -1,15 +1,19 @@
-"""Scaled dot-product attention written out in ONNX (torch/HuggingFace eager exports).
+"""Scaled dot-product attention written out in ONNX (torch and HuggingFace eager exports).
 
 The pattern, from the Reshape that merges the heads back:
-    q, k, v [.., H*dh] -> Reshape [.., H, dh] -> Transpose (K also moves dh before the keys)
+    q, k, v [.., H*dh] -> head chain -> q [.., H, S, dh], k [.., H, dh, S], v [.., H, S, dh]
     scores = MatMul(q, k) (-> Mul/Div by a constant, -> Add of a mask) -> Softmax
-    o = MatMul(probabilities, v) -> Transpose -> Reshape [.., H*dh]
+    o = MatMul(probabilities, v) -> Transpose [.., H, dh last] -> Reshape [.., H*dh]
+A head chain is a Reshape splitting the last axis into heads of dh (HuggingFace's
+[B, S, H, dh]; torch's [S, B*H, dh]), then Transposes, Reshapes that keep the dh axis
+(torch's [B*H, S, dh] -> [B, H, S, dh]), single-input Concats (a KV cache with nothing
+cached) and scalar scalings (torch scales q and k by dh^-1/4 each).
 Head dimensions of Q and K merge together, only where both are fibers (equal, not merely
 proportional), and the merged Q row carries the multiplicity (the score sums over the merged
-dimensions). V dimensions pass through the softmax-weighted sum, so V and the output merge
-together like an element-wise op. Dimensions never merge across heads, and every head keeps
-the same width (a Reshape into heads needs equal widths): heads that merge less keep the
-others from merging more (paper Sec. 8.4.4, 8.5.3).
+dimensions) when Q's producer can be rescaled. V dimensions pass through the softmax-weighted
+sum, so V and the output merge together like an element-wise op. Dimensions never merge across
+heads, and every head keeps the same width (a Reshape into heads needs equal widths): heads that
+merge less keep the others from merging more (paper Sec. 8.4.4, 8.5.3).
 """
 
 from __future__ import annotations
@@ -24,7 +28,21 @@ from ..graph import GraphView
 from ..partition import Partition
 from .base import Context, Link, Port, Site
 
-_HEADS_FIRST = [0, 2, 1, 3]
+@dataclass
+class HeadChain:
+    """How one of q, k, v goes from its activation [.., heads*dim] to its attention MatMul."""
+
+    port: Port
+    heads: int
+    dim: int
+    nodes: list[gs.Node]  # in graph order, the head split first
+    entries: list[tuple[gs.Node, int]]  # each Reshape and its target entry (from the end) holding dim
+    axis: int  # where the head dimensions lie at the MatMul, counted from the end
+
+    def set_dim(self, graph: GraphView, dim: int) -> None:
+        """Rewrite every Reshape target of the chain for heads of ``dim`` dimensions."""
+        for reshape, entry in self.entries:
+            graph.set_reshape_entry(reshape, entry, dim)
 
 
 @dataclass
@@ -32,7 +50,8 @@ class AttentionSite(Site):
     """Ports: inputs q, k, v, output o (all [.., heads*dim] on the last axis)."""
 
     heads: int = 1
-    shapes: dict[str, gs.Node] = None  # type: ignore[assignment]  # the Reshape of q, k, v, o
+    chains: tuple[HeadChain, HeadChain, HeadChain] = None  # type: ignore[assignment]  # q, k, v
+    merge: gs.Node = None  # type: ignore[assignment]  # the Reshape [.., heads*dim] of o
 
     def __post_init__(self) -> None:
         self.coupled = False
@@ -46,8 +65,9 @@ class AttentionSite(Site):
 
     def constraints(self, ctx: Context) -> dict[str, np.ndarray]:
         labels = {}
+        q_can_carry = ctx.can_rescale(self.inputs[0])
         for port in self.inputs[:2]:  # the score needs equal values, not the scale rule
-            unit = ctx.tol.unit(ctx.fiber(port)).partition.labels
+            unit = ctx.tol.unit(ctx.fiber(port)).partition.labels if q_can_carry else np.arange(port.width)
             labels[port.name] = Partition.from_rows(np.column_stack([self._head_of(port), unit])).labels
         for port in (self.inputs[2], self.outputs[0]):
             labels[port.name] = self._head_of(port)
@@ -68,98 +88,127 @@ class AttentionSite(Site):
         ctx.add_opfiber(v, ctx.opfiber(self.outputs[0]).meet(Partition(self._head_of(v))))
 
     def rewrite(self, ctx: Context) -> None:
-        q, k, v = self.inputs
+        q_chain, k_chain, v_chain = self.chains
         for node in self.nodes:
             for tensor in node.outputs:
                 ctx.graph.forget_shape(tensor)
-        if (plan := ctx.plan(q)) is not None:
-            ctx.rescale(q, plan.partition.sizes().astype(np.float64))  # Q . K sums over merged dims
-            for name in ("q", "k"):
-                ctx.graph.set_reshape_last(self.shapes[name], plan.partition.n_colors // self.heads)
-        if (plan := ctx.plan(v)) is not None:
-            ctx.graph.set_reshape_last(self.shapes["v"], plan.partition.n_colors // self.heads)
-            ctx.graph.set_reshape_last(self.shapes["o"], plan.partition.n_colors)
-
-
-def _producer(tensor: gs.Tensor, op: str, graph: GraphView) -> gs.Node | None:
-    """The node of type ``op`` that produces ``tensor``, when the pattern is ``tensor``'s only
-    reader apart from Shape nodes taking its batch and sequence sizes (axes 0 and 1)."""
-    if not tensor.inputs or tensor.inputs[0].op != op or graph.is_boundary(tensor):
-        return None
-    others = [n for n in tensor.outputs if n.op == "Shape"]
-    if len(tensor.outputs) - len(others) != 1 or any(not (graph.sizes_read(n, 4) or {9}) <= {0, 1} for n in others):
-        return None
-    return tensor.inputs[0]
+        if (plan := ctx.plan(q_chain.port)) is not None:
+            ctx.rescale(q_chain.port, plan.partition.sizes().astype(np.float64))  # Q . K sums over merged dims
+            for chain in (q_chain, k_chain):
+                chain.set_dim(ctx.graph, plan.partition.n_colors // self.heads)
+        if (plan := ctx.plan(v_chain.port)) is not None:
+            v_chain.set_dim(ctx.graph, plan.partition.n_colors // self.heads)
+            ctx.graph.set_reshape_last(self.merge, plan.partition.n_colors)
 
 
 def _perm(node: gs.Node | None) -> list[int] | None:
     return None if node is None else [int(p) for p in node.attrs.get("perm", [])]
 
 
-def _split_heads(tensor: gs.Tensor, perm: list[int], graph: GraphView, known: dict[str, Port]):
-    """Walk back Transposes composing to ``perm`` (through single-input Concats, a KV cache
-    with nothing cached) to Reshape [.., H, dh] of a bound activation; (nodes, port, H, dh)."""
-    nodes, composed = [], list(range(4))
+def _only_reader(tensor: gs.Tensor, reader: gs.Node, graph: GraphView, rank: int, keep: int | None) -> bool:
+    """Whether ``reader`` is the only node reading ``tensor`` apart from Shape nodes taking
+    sizes other than axis ``keep`` (counted from the front)."""
+    if graph.is_boundary(tensor):
+        return False
+    for node in tensor.outputs:
+        if node is reader:
+            continue
+        read = graph.sizes_read(node, rank) if node.op == "Shape" else None
+        if read is None or keep in read:
+            return False
+    return sum(node is reader for node in tensor.outputs) == 1
+
+
+def _producer(tensor: gs.Tensor, op: str, graph: GraphView) -> gs.Node | None:
+    """The node of type ``op`` producing ``tensor``, when ``tensor`` has that one reader apart
+    from Shape nodes taking other sizes than its last."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    rank = graph.rank(tensor)
+    if producer is None or producer.op != op or rank is None or len(tensor.outputs) < 1:
+        return None
+    reader = next((n for n in tensor.outputs if n.op != "Shape"), None)
+    return producer if reader is not None and _only_reader(tensor, reader, graph, rank, rank - 1) else None
+
+
+def _scaled_input(node: gs.Node, graph: GraphView) -> gs.Tensor | None:
+    """The activation a Mul or Div by a one-element constant (or a value computed from
+    constants, such as torch's dh^-1/4 from a static size) scales; None for other nodes."""
+    if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    scalars = [i for i, t in enumerate(node.inputs)
+               if graph.computed_from_constants(t) and t.shape is not None and int(np.prod(t.shape)) == 1]
+    if len(scalars) != 1 or (node.op == "Div" and scalars[0] != 1):
+        return None
+    return node.inputs[1 - scalars[0]]
+
+
+def _head_chain(tensor: gs.Tensor, reader: gs.Node, graph: GraphView, known: dict[str, Port]) -> HeadChain | None:
+    """Walk back from ``tensor`` (read by ``reader``) to the Reshape splitting a bound
+    activation's last axis into heads, then check forward that every step keeps the head
+    dimensions on one axis of unchanged size."""
+    nodes: list[gs.Node] = []
     while True:
-        producer = tensor.inputs[0] if tensor.inputs and len(tensor.outputs) == 1 and not graph.is_boundary(tensor) else None
-        if producer is not None and producer.op == "Transpose":
-            composed = [_perm(producer)[i] for i in composed]
-        elif not (producer is not None and producer.op == "Concat" and len(producer.inputs) == 1):
-            break
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is None:
+            return None
         nodes.append(producer)
-        tensor = producer.inputs[0]
-    reshape = _producer(tensor, "Reshape", graph)
-    if composed != perm or reshape is None or reshape.inputs[0].name not in known:
+        if producer.op == "Reshape" and producer.inputs[0].name in known:
+            break
+        if producer.op in ("Transpose", "Reshape") or (producer.op == "Concat" and len(producer.inputs) == 1):
+            tensor = producer.inputs[0]
+        elif (scaled := _scaled_input(producer, graph)) is not None:
+            tensor = scaled
+        else:
+            return None
+    nodes.reverse()
+    split, port = nodes[0], known[nodes[0].inputs[0].name]
+    target = graph.reshape_target(split, lenient=True)
+    if port.axis != -1 or not target or target[-1] <= 0 or port.width % target[-1]:
         return None
-    target = graph.reshape_target(reshape, lenient=True)
-    port = known[reshape.inputs[0].name]
-    if target is None or len(target) != 4 or port.axis != -1:
+    if not graph.target_entry_is_constant(split, -1):
         return None
-    heads, dim = target[2], target[3]
-    if heads == -1 and dim > 0:
-        heads = port.width // dim
-    elif dim == -1 and heads > 0:
-        dim = port.width // heads
-    if heads <= 0 or dim <= 0 or heads * dim != port.width:
-        return None
-    return [reshape, *reversed(nodes)], port, heads, dim
+    dim, rank, axis = target[-1], len(target), -1
+    entries = [(split, -1)]
+    for node, following in zip(nodes, [*nodes[1:], reader]):
+        if not _only_reader(node.outputs[0], following, graph, rank, rank + axis):
+            return None
+        if following is reader:
+            break
+        x = following.inputs[0]
+        if following.op == "Transpose":
+            perm = _perm(following)
+            if len(perm) != rank:
+                return None
+            axis = perm.index(rank + axis) - rank
+        elif following.op == "Reshape":
+            trailing = [graph.dim(x, a) for a in range(rank + axis + 1, rank)]
+            target = graph.reshape_target(following, lenient=True)
+            at = None if target is None else len(target) - 1 - len(trailing)
+            if at is None or at < 0 or None in trailing or target[at] != dim or target[at + 1:] != trailing:
+                return None
+            rank, axis = len(target), at - len(target)
+            if not graph.target_entry_is_constant(following, axis):
+                return None
+            entries.append((following, axis))
+    return HeadChain(port, port.width // dim, dim, nodes, entries, axis)
 
 
 def _reaches_scores(tensor: gs.Tensor, graph: GraphView, depth: int = 3) -> bool:
-    """Whether ``tensor`` is the Q.K MatMul of two transposed activations, possibly scaled."""
+    """Whether ``tensor`` is the Q.K MatMul of two activations, possibly scaled or masked."""
     producer = tensor.inputs[0] if tensor.inputs else None
     if producer is None or depth == 0:
         return False
     if producer.op == "MatMul":
-        return all(t.inputs and t.inputs[0].op in ("Transpose", "Concat") for t in producer.inputs)
+        return all(graph.constant(t) is None for t in producer.inputs)
     return producer.op in ("Add", "Mul", "Div") and any(_reaches_scores(t, graph, depth - 1) for t in producer.inputs)
-
-
-_PASSING = {"Split", "Identity", "Relu", "LeakyRelu"}  # commute with positive factors
-
-
-def _rescalable(tensor: gs.Tensor) -> bool:
-    """Whether ``tensor`` comes from a projection (Gemm, MatMul, MatMul + constant bias)
-    through ops a positive per-channel factor passes, so the merged Q rows can carry their
-    multiplicity (``Context.rescale``)."""
-    producer = tensor.inputs[0] if tensor.inputs else None
-    if producer is None:
-        return False
-    if producer.op == "Add":  # the bias of a MatMul: one constant input, one MatMul output
-        constants = [t for t in producer.inputs if isinstance(t, gs.Constant) or GraphView.constant(t) is not None]
-        others = [t for t in producer.inputs if t not in constants]
-        return len(constants) == 1 and len(others) == 1 and bool(others[0].inputs) and others[0].inputs[0].op == "MatMul"
-    if producer.op == "Reshape":  # only one that keeps the channel axis last and whole
-        width = GraphView.dim(tensor, -1)
-        return width is not None and width == GraphView.dim(producer.inputs[0], -1) and _rescalable(producer.inputs[0])
-    return producer.op in ("MatMul", "Gemm") or (producer.op in _PASSING and _rescalable(producer.inputs[0]))
 
 
 def bind_attention(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
     """The attention pattern, anchored at the Reshape that merges the heads back."""
     target = graph.reshape_target(node, lenient=True)
     merge = _producer(node.inputs[0], "Transpose", graph)
-    if target is None or len(target) != 3 or _perm(merge) != _HEADS_FIRST:
+    perm = _perm(merge)
+    if not target or perm is None or len(perm) != 4 or perm[-2:] != [1, 3]:
         return None
     weighted = _producer(merge.inputs[0], "MatMul", graph)
     if weighted is None:
@@ -186,16 +235,16 @@ def bind_attention(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> S
             return None  # only a scalar may scale the scores; Add may bring any mask
         nodes.append(step)
         score = leading[0]
-    q = _split_heads(scores.inputs[0], _HEADS_FIRST, graph, known)
-    k = _split_heads(scores.inputs[1], [0, 2, 3, 1], graph, known)
-    v = _split_heads(values, _HEADS_FIRST, graph, known)
-    if q is None or k is None or v is None or not q[2] == k[2] == v[2] or q[3] != k[3]:
+    q = _head_chain(scores.inputs[0], scores, graph, known)
+    k = _head_chain(scores.inputs[1], scores, graph, known)
+    v = _head_chain(values, weighted, graph, known)
+    if q is None or k is None or v is None or (q.axis, k.axis, v.axis) != (-1, -2, -1):
         return None
-    if not _rescalable(q[1].tensor):
+    if not q.heads == k.heads == v.heads or q.dim != k.dim or q.port.width != k.port.width:
         return None
-    out = Port(node.outputs[0], -1, v[1].width)
+    out = Port(node.outputs[0], -1, v.port.width)
     if target[-1] not in (-1, out.width):
         return None
-    claimed = [*q[0], *k[0], *v[0], scores, *reversed(nodes), weighted, merge, node]
-    shapes = {"q": q[0][0], "k": k[0][0], "v": v[0][0], "o": node}
-    return AttentionSite(nodes=claimed, inputs=[q[1], k[1], v[1]], outputs=[out], heads=q[2], shapes=shapes)
+    claimed = [*q.nodes, *k.nodes, *v.nodes, scores, *reversed(nodes), weighted, merge, node]
+    return AttentionSite(nodes=claimed, inputs=[q.port, k.port, v.port], outputs=[out], heads=q.heads,
+                         chains=(q, k, v), merge=node)

@@ -47,6 +47,8 @@ class Context(Protocol):
     def plan(self, port: Port) -> Plan | None: ...
     def rescale(self, port: Port, factors: np.ndarray) -> None:
         """Ask the site producing ``port`` to multiply its (rewritten) channels by ``factors``."""
+    def can_rescale(self, port: Port) -> bool:
+        """Whether the site producing ``port`` (if any) can carry positive per-channel factors."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,10 @@ class Site:
     def blocks(self) -> dict[str, int]:
         """Ports cut into equal blocks (attention heads) that must keep equal widths: block size."""
         return {}
+
+    def can_rescale(self, ctx: Context, port: Port) -> bool:
+        """Whether :meth:`rescale` can multiply output ``port`` by positive factors."""
+        return False
 
     def rescale(self, ctx: Context, port: Port, factors: np.ndarray) -> None:
         """Multiply an output port's channels by ``factors`` after this site's rewrite."""

@@ -46,6 +46,9 @@ class UnarySite(Site):
         op = ctx.opfiber(out) if self.kind is Kind.PASS else _flavored(ctx, out, inp)
         ctx.add_opfiber(inp, op)
 
+    def can_rescale(self, ctx: Context, port: Port) -> bool:
+        return self.kind is not Kind.FUNCTION and ctx.can_rescale(self.inputs[0])
+
     def rescale(self, ctx: Context, port: Port, factors: np.ndarray) -> None:
         """Positive factors pass through ops that commute with them, to the producer."""
         if self.kind is Kind.FUNCTION or np.any(factors <= 0):

@@ -113,10 +113,10 @@ def bind_flatten(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Sit
 
 
 def bind_reshape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
-    """Reshape folding trailing axes into one, regrouping only the leading axes, or the end
-    of an attention block."""
+    """Reshape folding trailing axes into one, regrouping only the leading axes, unstacking a
+    packed projection, or the end of an attention block."""
     return (_bind_folding_reshape(node, graph, known) or _bind_leading_reshape(node, graph, known)
-            or bind_attention(node, graph, known))
+            or _bind_unstack(node, graph, known) or bind_attention(node, graph, known))
 
 
 @dataclass
@@ -258,6 +258,9 @@ class SplitSite(Site):
             part = slice(offset, offset + port.width) if self.along_channels else slice(None)
             ctx.set_fiber(port, Coloring(x.partition.restrict(part), x.scales[part]))
 
+    def can_rescale(self, ctx: Context, port: Port) -> bool:
+        return self.along_channels and ctx.can_rescale(self.inputs[0])
+
     def rescale(self, ctx: Context, port: Port, factors: np.ndarray) -> None:
         """Pass one output's factors to the input's producer, ones on the other segments."""
         if not self.along_channels:
@@ -283,6 +286,63 @@ class SplitSite(Site):
                 node.inputs.append(gs.Constant(f"{node.outputs[0].name}__onnxfib_split", np.asarray(sizes, np.int64)))
             else:
                 node.attrs["split"] = sizes
+
+
+@dataclass
+class UnstackSite(SplitSite):
+    """torch's packed in-projection split: Reshape [.., n, W] -> Unsqueeze(0) -> Transpose
+    (the new axis and n swap) -> Squeeze -> Gather(i) per part, i.e. a Split of the channel
+    axis into n equal parts. A merge replaces the chain with that Split (the parts may no
+    longer be equal)."""
+
+    def rewrite(self, ctx: Context) -> None:
+        if ctx.plan(self.inputs[0]) is None:
+            return
+        sizes = [plan.partition.n_colors if (plan := ctx.plan(p)) else p.width for p in self.outputs]
+        x, parts = self.inputs[0].tensor, [p.tensor for p in self.outputs]
+        name = f"{self.nodes[0].name or x.name}__onnxfib_split"
+        if ctx.graph.opset >= 13:
+            split = gs.Node("Split", name, {"axis": -1}, inputs=[x, gs.Constant(f"{name}_sizes", np.asarray(sizes, np.int64))],
+                            outputs=parts)
+        else:
+            split = gs.Node("Split", name, {"axis": -1, "split": sizes}, inputs=[x], outputs=parts)
+        ctx.graph.replace_nodes(self.nodes, split)
+
+
+def _single_reader(tensor: gs.Tensor, op: str, graph: GraphView) -> gs.Node | None:
+    readers = tensor.outputs
+    return readers[0] if len(readers) == 1 and readers[0].op == op and not graph.is_boundary(tensor) else None
+
+
+def _bind_unstack(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    x, stacked = node.inputs[0], node.outputs[0]
+    port = known.get(x.name)
+    rank = graph.rank(stacked)
+    if port is None or port.axis != -1 or rank is None or graph.rank(x) != rank - 1:
+        return None
+    count, width = graph.dim(stacked, -2), graph.dim(stacked, -1)
+    if count is None or width is None or count * width != port.width or list(stacked.shape[:-2]) != list(x.shape[:-1]):
+        return None
+    unsqueeze = _single_reader(stacked, "Unsqueeze", graph)
+    transpose = unsqueeze and _single_reader(unsqueeze.outputs[0], "Transpose", graph)
+    squeeze = transpose and _single_reader(transpose.outputs[0], "Squeeze", graph)
+    swapped = list(range(rank + 1))
+    swapped[0], swapped[rank - 1] = rank - 1, 0
+    if squeeze is None or _ints(unsqueeze, graph, 1, "axes") != [0] or [int(p) for p in transpose.attrs.get("perm", [])] != swapped:
+        return None
+    if [a % (rank + 1) for a in (_ints(squeeze, graph, 1, "axes") or [])] != [rank - 1]:
+        return None
+    gathers = squeeze.outputs[0].outputs
+    indices = [graph.constant(g.inputs[1]) if g.op == "Gather" and int(g.attrs.get("axis", 0)) == 0 else None
+               for g in gathers]
+    if graph.is_boundary(squeeze.outputs[0]) or any(i is None or i.shape != () for i in indices):
+        return None
+    order = sorted(range(len(gathers)), key=lambda j: int(indices[j]))
+    if [int(indices[j]) for j in order] != list(range(count)):
+        return None
+    outputs = [Port(gathers[j].outputs[0], -1, width) for j in order]
+    return UnstackSite(nodes=[node, unsqueeze, transpose, squeeze, *(gathers[j] for j in order)], inputs=[port],
+                       outputs=outputs, coupled=False, along_channels=True)
 
 
 def bind_split(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:

@@ -87,6 +87,9 @@ class LinearSite(Site):
         for tensor in self.internal:
             ctx.graph.forget_shape(tensor)
 
+    def can_rescale(self, ctx: Context, port: Port) -> bool:
+        return True
+
     def rescale(self, ctx: Context, port: Port, factors: np.ndarray) -> None:
         """Multiply output channels (rows and per-channel bias) by ``factors``, after the rewrite."""
         w = self._stored(self.weight).astype(np.float64)
