@@ -7,6 +7,8 @@ other nodes share. Nothing here knows about colorings.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -47,7 +49,9 @@ class GraphView:
         self.output_names = {t.name for t in self.graph.outputs}
         self._bypass_concat_slices()
         self.graph.toposort()
-        self._renamed = 0
+        self._rewritten: dict[tuple[str, str, tuple[int, ...], bytes], gs.Constant] = {}
+        self._origin: dict[int, str] = {}  # id of a constant made by set_constant -> shared tensor's name
+        self._shared: set[str] = set()  # names of shared constants that set_constant replaced
 
     def _materialise_constant_nodes(self) -> None:
         for node in self.graph.nodes:
@@ -182,14 +186,24 @@ class GraphView:
 
     def set_constant(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         """Give ``node`` input ``index`` new constant values; a tensor that other nodes share (or
-        that reaches the node through Identity) is replaced by a new constant, not changed."""
+        that reaches the node through Identity) is replaced by a new constant, not changed. Uses
+        of one shared tensor rewritten to equal values share the new constant again (the legacy
+        torch exporter stores equal layers' weights once; they must not be stored twice)."""
         old = node.inputs[index]
         values = np.ascontiguousarray(values.astype(self.constant(old).dtype, copy=False))
-        if isinstance(old, gs.Constant) and len(old.outputs) == 1:
+        source = old
+        while isinstance(source, gs.Variable) and len(source.inputs) == 1 and source.inputs[0].op == "Identity":
+            source = source.inputs[0].inputs[0]
+        origin = self._origin.get(id(source), source.name)
+        if source is old and origin not in self._shared and len(old.outputs) == 1:
             old.values = values
             return
-        self._renamed += 1
-        node.inputs[index] = gs.Constant(f"{old.name}__onnxfib{self._renamed}", values)
+        self._shared.add(origin)
+        key = (origin, values.dtype.str, values.shape, hashlib.sha256(values.tobytes()).digest())
+        if key not in self._rewritten:
+            self._rewritten[key] = gs.Constant(f"{origin}__onnxfib{len(self._rewritten) + 1}", values)
+            self._origin[id(self._rewritten[key])] = origin
+        node.inputs[index] = self._rewritten[key]
 
     def reshape_target(self, reshape: gs.Node, *, lenient: bool = False) -> list[int] | None:
         """A Reshape's target: a constant, or a Concat of constant pieces and pieces that read

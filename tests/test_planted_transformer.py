@@ -265,22 +265,26 @@ def test_transformer_stack_base_keeps_its_size(exports, kind, exporter):
     _check_model(result, base, RTOL, 1e-6)
 
 
+@pytest.mark.parametrize("planted", [False, True], ids=["as-is", "planted"])
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-def test_shared_layer_weights_keep_their_size(exports, exporter):
+def test_shared_layer_weights_keep_their_size(exports, exporter, planted):
     """``nn.TransformerEncoder`` deep-copies its layer, so an untrained stack has equal layers and
-    the exporters store their weights once. Nothing merges at eps = 0; the model must not grow."""
+    the exporters store their weights once. Nothing merges at eps = 0; the model must not grow.
+    With planted head-dimension copies (equal in both layers), the rewritten weights are stored
+    once again: the count drops by one layer's planted parameters."""
     import torch.nn as nn
 
-    def build(d: Path) -> Case:
+    def build(d: Path) -> tuple[Case, int]:
         torch.manual_seed(50)
         layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
         model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 5)).eval()
-        return Case(export_torch(model, d / "tied.onnx", 16, exporter, seq=SEQ), _seq_batches(16, 51))
+        model, removed = plant_mha_head_duplicates(model) if planted else (model, 0)
+        return Case(export_torch(model, d / "tied.onnx", 16, exporter, seq=SEQ), _seq_batches(16, 51)), removed // 2
 
-    case = exports.get(("tied", exporter), build)
+    case, removed = exports.get(("tied", exporter, planted), build)
     result = case.compress()
     _check_model(result, case, RTOL, 1e-6)
-    _assert_params(result, case, case.params)
+    _assert_params(result, case, case.params - removed)
 
 
 
