@@ -33,6 +33,16 @@ class Plan:
     partition: Partition
     scales: np.ndarray
 
+    def fit_base(self, values: np.ndarray, axis: int) -> np.ndarray:
+        """Per color, the base ``b`` that best reproduces each channel's ``values`` under its scale
+        (least squares: minimises sum_i ||v_i - s_i b||^2, so b = sum_i s_i v_i / sum_i s_i^2) along
+        ``axis``. Exact when v_i = s_i b; the plain mean of v_i / s_i when a color's scales agree."""
+        values = np.asarray(values, dtype=np.float64)
+        shape = [1] * values.ndim
+        shape[axis] = -1
+        numerator = self.partition.reduce(values * self.scales.reshape(shape), axis)
+        return numerator / self.partition.reduce(self.scales ** 2, 0).reshape(shape)
+
 
 class Context(Protocol):
     """The per-run analysis state a site reads and writes (implemented in ``analysis``)."""
@@ -151,12 +161,11 @@ def channel_rows(const: np.ndarray, axis: int, width: int) -> np.ndarray | None:
 def merge_channels(
     const: np.ndarray, axis: int, width: int, plan: Plan, *, divide_by_scale: bool
 ) -> np.ndarray | None:
-    """A per-channel constant collapsed by ``plan``: the mean over each color of
-    ``const / scale`` (shifts, biases) or of ``const`` (multipliers). None for a
+    """A per-channel constant collapsed by ``plan``: the base fitted under the scales
+    (``Plan.fit_base``: shifts, biases) or the mean over each color (multipliers). None for a
     channel-uniform constant, which stays as it is."""
     if not is_per_channel(const, axis, width):
         return None
     moved = np.moveaxis(np.asarray(const, dtype=np.float64), axis, 0)
-    if divide_by_scale:
-        moved = moved / plan.scales.reshape((-1,) + (1,) * (moved.ndim - 1))
-    return np.moveaxis(plan.partition.reduce(moved, 0, mean=True), 0, axis)
+    merged = plan.fit_base(moved, 0) if divide_by_scale else plan.partition.reduce(moved, 0, mean=True)
+    return np.moveaxis(merged, 0, axis)

@@ -77,7 +77,7 @@ class LinearSite(Site):
         if inp is not None:
             w = inp.partition.reduce(w * _along(inp.scales, self.in_axis, w.ndim), self.in_axis)
         if out is not None:
-            w = out.partition.reduce(w / _along(out.scales, self.out_axis, w.ndim), self.out_axis, mean=True)
+            w = out.fit_base(w, self.out_axis)
         ctx.graph.set_constant(*self.weight, w)
         if out is not None and self.bias is not None:
             merged = merge_channels(self._stored(self.bias), self._bias_axis, self.outputs[0].width, out,
