@@ -255,3 +255,23 @@ def test_bad_arguments_raise_usage_errors() -> None:
         TorchAnalysis("not a model", _x(), eps=0.0)  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         CoverTracker(model, _x(), every=0)
+
+
+def test_break_covers_folds_proportional_relu_neurons_by_the_scale_rule() -> None:
+    """A ReLU neuron twice another (row and bias) is in its fiber with scale 2 (DESIGN's scale
+    rule); breaking folds it with the scales, so the outputs stay, where a plain sum of the
+    two columns would not."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight[1], model[0].bias[1] = 2 * model[0].weight[0], 2 * model[0].bias[0]
+        model[2].weight[:, 1] = 0.5 * model[2].weight[:, 0]
+    x = _x(width=5)
+    before = model(x).detach()
+    columns = model[2].weight[:, :2].detach().clone()
+    broken = break_covers(model, x)
+    assert broken.covers == {"0": [[0, 1]]}
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    # the kept neuron carries 1.5 relu(z) (the mean scale), neuron 0 had 1x and neuron 1 had 2x
+    torch.testing.assert_close(model[2].weight[:, 0], (columns[:, 0] + 2 * columns[:, 1]) / 1.5)
+    assert not torch.allclose(model[2].weight[:, 0], columns.sum(1))  # a plain column sum

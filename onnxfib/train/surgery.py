@@ -1,6 +1,7 @@
 """In-place edits of a unit's neurons: fold a class onto its first member (Eq. 10 with the scale
-rule, the arithmetic done by :meth:`Partition.reduce`), and give neurons fresh input weights and
-zero outgoing weights. Shared by symmetry breaking and continual backprop."""
+rule, the arithmetic done by the core's :meth:`Plan.fit_base` and :meth:`Partition.reduce`),
+and give neurons fresh input weights and zero outgoing weights. Shared by symmetry breaking and
+continual backprop."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from ..partition import Partition
+from ..rules import Plan
 from .adapter import Unit
 
 
@@ -40,18 +42,19 @@ def _feature_partition(partition: Partition, spatial: int) -> Partition:
 @torch.no_grad()
 def fold(unit: Unit, partition: Partition, row_scales: np.ndarray, reader_scales: list[np.ndarray]) -> None:
     """Collapse each color of ``partition`` onto its first channel, in place: its input weights
-    become the mean of the members' rows divided by their relative scales, the readers' columns
+    and bias become the base the core fits to the members' rows under their scales
+    (:meth:`Plan.fit_base`: the mean of row / scale when the scales agree), the readers' columns
     the scale-weighted sum of the members' columns (Eq. 10 and the scale rule); per-channel
-    modules take the members' mean. Scales are taken relative to their color's mean. The other members keep their (now redundant) weights."""
+    modules take the members' mean. Scales are taken relative to their color's mean. The other
+    members keep their (now redundant) weights."""
     kept = first_members(partition)
-    row_scales = relative(row_scales, partition)
+    rows_plan = Plan(partition, relative(row_scales, partition))
     producer = unit.producer.module
     rows = producer.weight.detach().double().cpu().numpy()
-    scale = row_scales.reshape((-1,) + (1,) * (rows.ndim - 1))
-    producer.weight[kept] = _as(partition.reduce(rows / scale, 0, mean=True), producer.weight)
+    producer.weight[kept] = _as(rows_plan.fit_base(rows, 0), producer.weight)
     if producer.bias is not None:
         bias = producer.bias.detach().double().cpu().numpy()
-        producer.bias[kept] = _as(partition.reduce(bias / row_scales, 0, mean=True), producer.bias)
+        producer.bias[kept] = _as(rows_plan.fit_base(bias, 0), producer.bias)
     for module in unit.channel_modules:
         for tensor in (module.weight, module.bias, module.running_mean, module.running_var):
             if tensor is not None:
