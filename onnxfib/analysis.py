@@ -12,6 +12,7 @@ The passes, in order (docs/architecture.md explains each):
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .coloring import Coloring, Tolerance
+from .errors import UsageError
 from .graph import GraphView
 from .partition import Partition
 from .groups import ShrinkGroup, build_groups
@@ -40,15 +42,22 @@ class MemberFigures:
 
 
 class Analysis:
-    """The state of one run over one model (no globals): sites, colorings, groups, plans."""
+    """The state of one run over one model (no globals): sites, colorings, groups, plans.
+
+    ``eps`` is the tolerance of every layer that ``layer_eps`` (layer name -> eps, the names of
+    ``layers``) does not name; a site that is not a layer uses the tolerance of the site
+    producing its first input. With ``record_heights`` each layer's merge distances are kept in
+    ``heights`` (layer name -> sorted cosine distances at which its rows would merge)."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
+                 record_heights: bool = False) -> None:
         if symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
         self.graph = GraphView(model)
         self.tol = Tolerance(float(eps))
         self.symmetry = symmetry
+        self.heights: dict[str, np.ndarray] = {}
         self._fibers: dict[str, Coloring] = {}
         self._opfiber_parts: dict[str, list[Partition]] = defaultdict(list)
         self._opfibers: dict[str, Partition] = {}
@@ -57,12 +66,20 @@ class Analysis:
         self.sites = self._bind(registry or default_registry())
         self._ports = self._ports_by_tensor()
         self._freeze = self._freeze_reasons()
+        self.layer_eps = self._site_eps(float(eps), dict(layer_eps or {}))
+        tolerances = {id(site): Tolerance(self.layer_eps.get(id(site), float(eps))) for site in self.sites}
         for site in self.sites:
+            recorded: list[np.ndarray] | None = [] if record_heights and site.layer else None
+            self.tol = Tolerance(tolerances[id(site)].eps, recorded)
             site.forward(self)
+            if recorded:
+                self.heights[site.name] = recorded[-1]
         for site in reversed(self.sites):
             for port in site.outputs:
                 self._settle_opfiber(port)
+            self.tol = tolerances[id(site)]
             site.backward(self)
+        self.tol = Tolerance(float(eps))
         self._freeze.update((n, "is not colored") for n in self._ports if n not in self._fibers)
         self._constraints: dict[str, list[np.ndarray]] = defaultdict(list)
         self._blocks: dict[str, set[int]] = defaultdict(set)
@@ -123,6 +140,24 @@ class Analysis:
             covered.update(id(n) for n in site.nodes)
             known.update((p.name, p) for p in site.outputs)
         return sites
+
+    def _site_eps(self, eps: float, layer_eps: dict[str, float]) -> dict[int, float]:
+        """The eps of every site: a layer's own (``layer_eps`` or ``eps``), any other site's that of
+        the site producing its first input (``eps`` when none does)."""
+        layers = {site.name for site in self.sites if site.layer}
+        unknown = sorted(set(layer_eps) - layers)
+        if unknown:
+            raise UsageError(f"per-layer eps names unknown layer(s) {unknown}; the layers are {sorted(layers)}")
+        chosen: dict[int, float] = {}
+        of_tensor: dict[str, float] = {}
+        for site in self.sites:
+            if site.layer:
+                value = layer_eps.get(site.name, eps)
+            else:
+                value = next((of_tensor[p.name] for p in site.inputs[:1] if p.name in of_tensor), eps)
+            chosen[id(site)] = value
+            of_tensor.update((p.name, value) for p in site.outputs)
+        return chosen
 
     def _ports_by_tensor(self) -> dict[str, list[tuple[Site, Port]]]:
         ports: dict[str, list[tuple[Site, Port]]] = defaultdict(list)
@@ -217,6 +252,7 @@ class Analysis:
                 params_after=site.parameters(width_in, width_out),
                 frozen=figures.frozen,
                 blocks=out.width // min(self._blocks[out.name]) if out.name in self._blocks else 1,
+                eps=self.layer_eps[id(site)],
             ))
         return reports
 
@@ -235,9 +271,12 @@ class Analysis:
 
 
 def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
-            registry: Registry | None = None) -> Analysis:
-    """Analyse ``model`` (external data loaded) at tolerance ``eps``; see :class:`Analysis`."""
-    return Analysis(model, eps=eps, symmetry=symmetry, registry=registry)
+            registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
+            record_heights: bool = False) -> Analysis:
+    """Analyse ``model`` (external data loaded) at tolerance ``eps`` (``layer_eps`` per layer);
+    see :class:`Analysis`."""
+    return Analysis(model, eps=eps, symmetry=symmetry, registry=registry, layer_eps=layer_eps,
+                    record_heights=record_heights)
 
 
 __all__ = ["Analysis", "MemberFigures", "SYMMETRIES", "analyze"]

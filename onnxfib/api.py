@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -14,12 +15,21 @@ import onnx
 
 from onnxfib import io, stats
 from onnxfib.analysis import SYMMETRIES, analyze
+from onnxfib.calibrate import DEFAULT_RIDGE, refit
 from onnxfib.errors import UsageError, ValidationMismatchError
-from onnxfib.report import CompressionReport, LayerReport, ValidationReport
+from onnxfib.report import CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
+from onnxfib.targets import Evaluator, search
+from onnxfib.targets import sweep as sweep_eps
 from onnxfib.validation import DEFAULT_ATOL, DEFAULT_RTOL, check_data, generate_inputs, load_data, validate_models
 
 #: ``data`` may be a .npz/.npy path, one batch (input name -> array), or a list of batches.
 Data = str | os.PathLike | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]
+
+#: ``labels`` may be a .npy path or an array: one integer class per sample of ``data``.
+Labels = str | os.PathLike | np.ndarray | Sequence[int]
+
+#: Uniform eps values a sweep visits by default.
+SWEEP_EPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass
@@ -49,6 +59,67 @@ def check_eps(eps: float) -> float:
     return value
 
 
+def check_layer_eps(layer_eps: Mapping[str, float] | None) -> dict[str, float]:
+    """Per-layer eps (layer name -> eps) checked like ``eps``; layer names are checked by the analysis."""
+    return {str(name): check_eps(value) for name, value in (layer_eps or {}).items()}
+
+
+def _check_fraction(name: str, value: float, *, upper_open: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number, got {value!r}") from None
+    if math.isnan(number) or not (0.0 < number < 1.0 if upper_open else 0.0 <= number <= 1.0):
+        raise UsageError(f"{name} must be in {'(0, 1)' if upper_open else '[0, 1]'}, got {value}")
+    return number
+
+
+def _target(target_params: float | None, max_error: float | None, max_drop: float | None,
+            labels: np.ndarray | None) -> tuple[str, float] | None:
+    """The one target asked for, as (kind, limit); UsageError for several, a bad value, or a
+    max_drop without labels."""
+    given = [(k, v) for k, v in (("params", target_params), ("error", max_error), ("drop", max_drop)) if v is not None]
+    if len(given) > 1:
+        raise UsageError("give at most one target: target_params, max_error or max_drop")
+    if not given:
+        return None
+    kind, value = given[0]
+    if kind == "params":
+        return kind, _check_fraction("target_params (the fraction of parameters kept)", value, upper_open=True)
+    if kind == "drop":
+        if labels is None:
+            raise UsageError("max_drop needs labels (one integer class per sample of the data)")
+        return kind, _check_fraction("max_drop (accuracy lost, a fraction: 0.01 is one point)", value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"max_error must be a number, got {value!r}") from None
+    if math.isnan(number) or number < 0:
+        raise UsageError(f"max_error must be a non-negative number, got {value}")
+    return kind, number
+
+
+def _labels(labels: Labels | None, batches: list[dict[str, np.ndarray]]) -> np.ndarray | None:
+    """Labels as a flat integer array, one per sample of ``batches`` (first axis of the first input)."""
+    if labels is None:
+        return None
+    if isinstance(labels, (str, os.PathLike)):
+        path = Path(labels)
+        if not path.is_file():
+            raise UsageError(f"{path}: labels file not found")
+        try:
+            labels = np.load(path, allow_pickle=False)
+        except Exception:
+            raise UsageError(f"{path}: not a readable .npy file of integer labels") from None
+    array = np.asarray(labels)
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "iu":
+        raise UsageError(f"labels must be integers (class indices), got dtype {array.dtype}")
+    samples = sum(len(next(iter(batch.values()))) for batch in batches)
+    if array.size != samples:
+        raise UsageError(f"labels hold {array.size} entries but the data holds {samples} samples")
+    return array.reshape(-1)
+
+
 def _check_tolerances(rtol: float, atol: float) -> None:
     for name, value in (("rtol", rtol), ("atol", atol)):
         if math.isnan(value) or value < 0:
@@ -71,6 +142,7 @@ def compress(
     model_or_path: io.ModelSource,
     *,
     eps: float = 0.0,
+    layer_eps: Mapping[str, float] | None = None,
     symmetry: str = "fiber",
     check: bool = True,
     rtol: float = DEFAULT_RTOL,
@@ -78,21 +150,65 @@ def compress(
     data: Data | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    calibrate: bool = False,
+    ridge: float = DEFAULT_RIDGE,
+    target_params: float | None = None,
+    max_error: float | None = None,
+    max_drop: float | None = None,
+    labels: Labels | None = None,
 ) -> CompressionResult:
-    """Merge the model's symmetric neurons (``symmetry`` base, tolerance ``eps``), check the result
-    and, when ``check`` is set, compare it with the original in ONNX Runtime; raises
-    ValidationMismatchError (with the report) beyond tolerance, UsageError for bad arguments,
-    InvalidModelError for an unreadable or invalid input. The input is never modified."""
+    """Merge the model's symmetric neurons (``symmetry`` base, tolerance ``eps``, or ``layer_eps``
+    per layer name), check the result and, when ``check`` is set, compare it with the original
+    in ONNX Runtime on ``data`` (or generated inputs).
+
+    ``calibrate`` refits the merged layers on ``data`` by ridge least squares (``ridge``; see
+    ``onnxfib.calibrate``). A target chooses every layer's eps (``onnxfib.targets``): keep at
+    most ``target_params`` of the parameters (a fraction), keep the largest absolute output
+    error within ``max_error``, or the accuracy lost on ``data`` against ``labels`` within
+    ``max_drop`` (a fraction: 0.01 is one point). With a target the verdict is the target (an
+    approximate model never matches within rtol/atol; the errors are still reported).
+
+    Raises ValidationMismatchError (with the report) beyond tolerance or when the target is not
+    met, UsageError for bad arguments, InvalidModelError for an unreadable or invalid input.
+    The input is never modified."""
     start = time.perf_counter()
     eps = check_eps(eps)
+    layer_eps = check_layer_eps(layer_eps)
     if symmetry not in SYMMETRIES:
         raise UsageError(f"symmetry must be one of {', '.join(SYMMETRIES)}, got {symmetry!r}")
     _check_tolerances(rtol, atol)
+    if calibrate and data is None:
+        raise UsageError("calibrate needs data: the calibration inputs")
+    if labels is not None and data is None:
+        raise UsageError("labels need data: one label per sample of it")
+    if math.isnan(ridge) or not ridge > 0:
+        raise UsageError(f"ridge must be a positive number, got {ridge}")
+    goal = _target(target_params, max_error, max_drop, np.zeros(0) if labels is not None else None)
+    if goal is not None and (eps or layer_eps):
+        raise UsageError("a target chooses every layer's eps: give no eps or per-layer eps with it")
     loaded = io.open_model(model_or_path)
     original = loaded.model
-    batches = _inputs(original, data, input_shapes, seed) if check else None
-    analysis = analyze(original, eps=eps, symmetry=symmetry)
-    compressed = io.finalize_model(analysis.collapse(), eps=eps, symmetry=symmetry)
+    batches = _inputs(original, data, input_shapes, seed) if check or calibrate or goal else None
+    label_array = _labels(labels, batches) if batches is not None else None
+    refits: list[RefitReport] = []
+    target: TargetReport | None = None
+    if goal is not None:
+        evaluator = Evaluator(original, batches, symmetry=symmetry, labels=label_array, calibrate=calibrate, ridge=ridge)
+        outcome = search(evaluator, *goal)
+        analysis, compressed, refits = outcome.analysis, outcome.model, outcome.refit
+        target = evaluator.report(outcome, *goal)
+    else:
+        analysis = analyze(original, eps=eps, symmetry=symmetry, layer_eps=layer_eps)
+        if calibrate:
+            compressed, refits = refit(analysis, original, batches, ridge=ridge)
+        else:
+            compressed = analysis.collapse()
+    layers = list(analysis.layers)
+    settings = {"onnxfib.calibrated": "true"} if calibrate else {}
+    if any(layer.eps != eps for layer in layers):
+        settings["onnxfib.layer_eps"] = json.dumps({layer.name: layer.eps for layer in layers})
+    onnx.helper.set_model_props(compressed, {**{p.key: p.value for p in compressed.metadata_props}, **settings})
+    compressed = io.finalize_model(compressed, eps=eps, symmetry=symmetry)
     validation = validate_models(original, compressed, batches, rtol=rtol, atol=atol) if check else None
     report = CompressionReport(
         eps=eps,
@@ -101,19 +217,68 @@ def compress(
         params_after=stats.count_parameters(compressed),
         nodes_before=stats.count_nodes(original),
         nodes_after=stats.count_nodes(compressed),
-        layers=list(analysis.layers),
+        layers=layers,
         seconds=time.perf_counter() - start,
         bytes_before=original.ByteSize(),
         bytes_after=compressed.ByteSize(),
         validation=validation,
+        target=target,
+        calibrated=calibrate,
+        refit=refits,
     )
-    if validation is not None and not validation.ok:
+    if target is not None:
+        if not target.met:
+            raise ValidationMismatchError(
+                f"target not met: {_describe(target)} (the closest the search reached)", report)
+    elif validation is not None and not validation.ok:
         bad = ", ".join(f"{o.name} (max abs {o.max_abs:.3g})" for o in validation.outputs if not o.ok)
         raise ValidationMismatchError(
             f"compressed model differs from the original beyond rtol={rtol:g}, atol={atol:g} on {bad}",
             report,
         )
     return CompressionResult(compressed, report, loaded.files, loaded.external_data)
+
+
+def _describe(target: TargetReport) -> str:
+    """'<achieved> against <limit>' in the target's own terms."""
+    if target.kind == "params":
+        return f"keeps {target.achieved:.2%} of the parameters, asked at most {target.limit:.2%}"
+    if target.kind == "error":
+        return f"max abs output error {target.achieved:.3g}, asked at most {target.limit:.3g}"
+    return f"accuracy drop {target.achieved:.2%}, asked at most {target.limit:.2%}"
+
+
+def sweep(
+    model_or_path: io.ModelSource,
+    *,
+    eps_values: Sequence[float] = SWEEP_EPS,
+    symmetry: str = "fiber",
+    data: Data | None = None,
+    labels: Labels | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    calibrate: bool = False,
+    ridge: float = DEFAULT_RIDGE,
+) -> list[SweepPoint]:
+    """Parameters kept against output error (and accuracy, with ``labels``) at each uniform eps of
+    ``eps_values``, measured on ``data`` (or generated inputs); ``calibrate`` refits each collapse
+    on ``data`` first. The input is never modified."""
+    values = [check_eps(value) for value in eps_values]
+    if not values:
+        raise UsageError("a sweep needs at least one eps value")
+    if symmetry not in SYMMETRIES:
+        raise UsageError(f"symmetry must be one of {', '.join(SYMMETRIES)}, got {symmetry!r}")
+    if calibrate and data is None:
+        raise UsageError("calibrate needs data: the calibration inputs")
+    if labels is not None and data is None:
+        raise UsageError("labels need data: one label per sample of it")
+    if math.isnan(ridge) or not ridge > 0:
+        raise UsageError(f"ridge must be a positive number, got {ridge}")
+    original = io.open_model(model_or_path).model
+    batches = _inputs(original, data, input_shapes, seed)
+    evaluator = Evaluator(original, batches, symmetry=symmetry, labels=_labels(labels, batches),
+                          calibrate=calibrate, ridge=ridge)
+    return sweep_eps(evaluator, values)
 
 
 def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerReport]:

@@ -19,7 +19,8 @@ from rich.table import Table
 from onnxfib import api, io
 from onnxfib._version import __version__
 from onnxfib.errors import OnnxfibError, UsageError, ValidationMismatchError
-from onnxfib.report import CompressionReport, LayerReport, ValidationReport
+from onnxfib.calibrate import DEFAULT_RIDGE
+from onnxfib.report import CompressionReport, LayerReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.rules import default_registry
 from onnxfib.validation import DEFAULT_ATOL, DEFAULT_RTOL, parse_input_shape
 
@@ -50,6 +51,9 @@ app = _App(
 EPS_HELP = "Merge tolerance: cosine distance in [0, 2); 0 merges only exact symmetries."
 DATA_HELP = "Inputs to validate on: .npz keyed by input name, or .npy for single-input models."
 SHAPE_HELP = "Shape for an input's dynamic dims, NAME:D1,D2,... (repeatable), e.g. input:1,64."
+LABELS_HELP = "Integer class labels (.npy), one per sample of --data: accuracy is the argmax of the first output."
+CALIBRATE_HELP = "Refit the merged layers by ridge least squares on --data (calibration inputs)."
+RIDGE_HELP = "Ridge strength of the refit, relative to the mean diagonal of the normal equations."
 RTOL_HELP = "Relative tolerance of the validation."
 ATOL_HELP = "Absolute tolerance of the validation, in units of max(1, the output's largest magnitude)."
 
@@ -92,17 +96,53 @@ def _change(before: float, after: float) -> str:
     return f"{(after - before) / before:+.1%}" if before else "-"
 
 
-def _validation_table(validation: ValidationReport) -> Table:
-    table = Table(title=f"Validation (rtol {validation.rtol:g}, atol {validation.atol:g}, {validation.batches} batches)")
-    for column in ("output", "max abs error", "max rel error", "ok"):
+def _validation_table(validation: ValidationReport, informative: bool = False) -> Table:
+    """Per-output errors; ``informative``: the verdict is a target's, so rtol/atol decide nothing."""
+    if informative:
+        table = Table(title=f"Output error against the original ({validation.batches} batches)")
+        columns: tuple[str, ...] = ("output", "max abs error", "max rel error")
+    else:
+        table = Table(title=f"Validation (rtol {validation.rtol:g}, atol {validation.atol:g}, {validation.batches} batches)")
+        columns = ("output", "max abs error", "max rel error", "ok")
+    for column in columns:
         table.add_column(column, justify="left" if column == "output" else "right")
     for out in validation.outputs:
-        table.add_row(out.name, f"{out.max_abs:.3g}", f"{out.max_rel:.3g}", "yes" if out.ok else "[red]NO[/red]")
+        cells = [out.name, f"{out.max_abs:.3g}", f"{out.max_rel:.3g}"]
+        table.add_row(*cells if informative else [*cells, "yes" if out.ok else "[red]NO[/red]"])
     return table
 
 
+def _target_line(target: TargetReport) -> str:
+    """The target, what the result achieved, and the accuracies when labels were given."""
+    if target.kind == "params":
+        text = f"Target: keep at most {target.limit:.2%} of the parameters; kept {target.achieved:.2%}"
+    elif target.kind == "error":
+        text = f"Target: max abs output error at most {target.limit:.3g}; reached {target.achieved:.3g}"
+    else:
+        text = f"Target: accuracy drop at most {target.limit:.2%}; dropped {target.achieved:.2%}"
+    if target.accuracy_before is not None and target.accuracy_after is not None:
+        text += f" (accuracy {target.accuracy_before:.2%} -> {target.accuracy_after:.2%})"
+    return text + (" [green]met[/green]" if target.met else " [red]NOT met[/red]")
+
+
+def _layer_eps(values: list[str] | None) -> dict[str, float]:
+    """``NAME=EPS`` options as a mapping (the name may contain '=': the last one splits)."""
+    chosen: dict[str, float] = {}
+    for text in values or []:
+        name, sep, value = text.rpartition("=")
+        if not sep or not name:
+            raise UsageError(f"malformed --layer-eps '{text}': expected NAME=EPS, e.g. /0/Gemm=0.3")
+        try:
+            chosen[name] = float(value)
+        except ValueError:
+            raise UsageError(f"malformed --layer-eps '{text}': EPS must be a number") from None
+    return chosen
+
+
 def _render_compress(console: Console, report: CompressionReport, output: Path, verbose: bool) -> None:
-    console.print(f"[bold]onnxfib compress[/bold] -> {output} (eps {report.eps:g}, {report.symmetry} base)")
+    eps = "eps per layer" if any(layer.eps != report.eps for layer in report.layers) else f"eps {report.eps:g}"
+    calibrated = ", calibrated" if report.calibrated else ""
+    console.print(f"[bold]onnxfib compress[/bold] -> {output} ({eps}, {report.symmetry} base{calibrated})")
     summary = Table()
     for column in ("", "before", "after", "change"):
         summary.add_column(column, justify="left" if not column else "right")
@@ -114,18 +154,20 @@ def _render_compress(console: Console, report: CompressionReport, output: Path, 
     layers = report.layers if verbose else [layer for layer in report.layers if layer.width_after != layer.width]
     if layers:
         table = Table(title="Layers" if verbose else "Layers that shrank (-v: all)")
-        for column in ("layer", "op", "width", "params", "frozen"):
+        for column in ("layer", "op", "eps", "width", "params", "frozen"):
             table.add_column(column, justify="left" if column in ("layer", "op", "frozen") else "right")
         for layer in layers:
             table.add_row(
-                layer.name, layer.op_type, _width(layer),
+                layer.name, layer.op_type, f"{layer.eps:.4g}", _width(layer),
                 f"{layer.params:,} -> {layer.params_after:,}", layer.frozen or "",
             )
         console.print(table)
     else:
         console.print(f"No layer shrank ({len(report.layers)} analysed).")
+    if report.target is not None:
+        console.print(_target_line(report.target))
     if report.validation is not None:
-        console.print(_validation_table(report.validation))
+        console.print(_validation_table(report.validation, informative=report.target is not None))
     else:
         console.print("Validation skipped (--no-check).")
 
@@ -142,13 +184,27 @@ def compress(
     data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
     input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated validation inputs."),
+    layer_eps: list[str] | None = typer.Option(None, "--layer-eps", help="One layer's eps, NAME=EPS (repeatable); --eps is the rest's."),
+    calibrate: bool = typer.Option(False, "--calibrate", help=CALIBRATE_HELP),
+    ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", help=RIDGE_HELP),
+    target_params: float | None = typer.Option(
+        None, "--target-params", help="Target: keep at most this fraction of the parameters (0.2 keeps 20%); eps chosen per layer."),
+    max_error: float | None = typer.Option(
+        None, "--max-error", help="Target: largest absolute output error on the data; eps chosen per layer."),
+    max_drop: float | None = typer.Option(
+        None, "--max-drop", help="Target: accuracy lost on --data against --labels, a fraction (0.01 = one point)."),
+    labels: Path | None = typer.Option(None, "--labels", help=LABELS_HELP),
     report: Path | None = typer.Option(
         None, "--report", help="Write the run's report as JSON here (also when validation fails)."
     ),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print nothing on success."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="List every layer, not only those that shrank."),
 ) -> None:
-    """Compress a model; on a validation mismatch exit 1 and write no model."""
+    """Compress a model; on a validation mismatch exit 1 and write no model.
+
+    With a target (--target-params, --max-error, --max-drop) each layer's eps is searched for,
+    the target is the verdict (exit 0 when met, 1 and no model when not), and the output error
+    against the original is reported, not checked against --rtol/--atol."""
     shapes = _shapes(input_shape)
     io.check_output_path(output, protect=[input])
     if report is not None:
@@ -157,13 +213,15 @@ def compress(
             raise UsageError(f"{report}: --report path is the output model path")
     try:
         result = api.compress(
-            input, eps=eps, symmetry=symmetry, check=check, rtol=rtol, atol=atol,
-            data=data, input_shapes=shapes, seed=seed,
+            input, eps=eps, layer_eps=_layer_eps(layer_eps), symmetry=symmetry, check=check, rtol=rtol,
+            atol=atol, data=data, input_shapes=shapes, seed=seed, calibrate=calibrate, ridge=ridge,
+            target_params=target_params, max_error=max_error, max_drop=max_drop, labels=labels,
         )
     except ValidationMismatchError as exc:
         if report is not None and isinstance(exc.report, CompressionReport):
             io.write_text_atomic(report, json.dumps(exc.report.to_dict(), indent=2), protect=[input])
-        raise ValidationMismatchError(f"validation mismatch: {exc}; nothing written to {output}", exc.report) from exc
+        prefix = "" if str(exc).startswith("target not met") else "validation mismatch: "
+        raise ValidationMismatchError(f"{prefix}{exc}; nothing written to {output}", exc.report) from exc
     result.save(output)
     if report is not None:
         io.write_text_atomic(report, json.dumps(result.report.to_dict(), indent=2), protect=result.inputs)
@@ -233,6 +291,83 @@ def validate(
     if not result.ok:
         bad = ", ".join(o.name for o in result.outputs if not o.ok)
         raise ValidationMismatchError(f"validation mismatch: {candidate} differs from {reference} on {bad}")
+
+
+def _sweep_table(points: list[SweepPoint]) -> Table:
+    labelled = points[0].accuracy is not None
+    table = Table(title="Sweep: parameters kept against output error (uniform eps)")
+    columns = ["eps", "params kept", "params", "max abs error", "rel rms error"] + (["accuracy"] if labelled else [])
+    for column in columns:
+        table.add_column(column, justify="right")
+    for point in points:
+        cells = [f"{point.eps:g}", f"{point.params_kept:.2%}", f"{point.params:,}", f"{point.max_abs:.3g}", f"{point.rms:.3g}"]
+        table.add_row(*cells, *([f"{point.accuracy:.2%}"] if labelled else []))
+    return table
+
+
+def _sweep_png(points: list[SweepPoint], title: str) -> bytes:
+    """A PNG of accuracy (with labels) or relative rms output error against parameters kept."""
+    import io as bytes_io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    labelled = points[0].accuracy is not None
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    kept = [100 * p.params_kept for p in points]
+    values = [100 * p.accuracy for p in points] if labelled else [p.rms for p in points]
+    axes.plot(kept, values, marker="o")
+    for point, x, y in zip(points, kept, values):
+        axes.annotate(f"{point.eps:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes.set_xlabel("parameters kept (%)")
+    axes.set_ylabel("accuracy (%)" if labelled else "relative rms output error")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    buffer = bytes_io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _eps_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"malformed --eps '{text}': expected numbers separated by commas, e.g. 0,0.2,0.4") from None
+
+
+@app.command()
+def sweep(
+    input: Path = typer.Argument(..., help="The ONNX model to sweep (never modified)."),
+    eps: str = typer.Option(",".join(f"{e:g}" for e in api.SWEEP_EPS), "--eps", help="Uniform eps values, comma-separated."),
+    data: Path | None = typer.Option(None, "--data", help="Inputs to measure on (.npz/.npy); generated when absent."),
+    labels: Path | None = typer.Option(None, "--labels", help=LABELS_HELP),
+    calibrate: bool = typer.Option(False, "--calibrate", help=CALIBRATE_HELP),
+    ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", help=RIDGE_HELP),
+    symmetry: str = typer.Option("fiber", "--symmetry", help="Base to collapse to: fiber or cover."),
+    input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the points as JSON here."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (accuracy with --labels, else error)."),
+) -> None:
+    """Parameters kept against output error (or accuracy) over a range of eps: table, JSON, PNG."""
+    values = _eps_list(eps)
+    outputs = [path for path in (json_out, plot) if path is not None]
+    for path in outputs:
+        io.check_output_path(path, protect=[input, *(p for p in (data, labels) if p is not None)])
+    if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
+        raise UsageError(f"{plot}: --json and --plot name the same file")
+    points = api.sweep(input, eps_values=values, symmetry=symmetry, data=data, labels=labels,
+                       input_shapes=_shapes(input_shape), seed=seed, calibrate=calibrate, ridge=ridge)
+    png = _sweep_png(points, f"{input.name}{' (calibrated)' if calibrate else ''}") if plot is not None else None
+    if json_out is not None:
+        io.write_text_atomic(json_out, json.dumps([p.to_dict() for p in points], indent=2), protect=[input])
+    if png is not None:
+        io.write_bytes_atomic(plot, png, protect=[input])
+    _console().print(_sweep_table(points))
 
 
 @app.command()

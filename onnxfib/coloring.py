@@ -8,7 +8,7 @@ scale rule of DESIGN §2. :class:`Tolerance` turns eps into the grouping decisio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -82,9 +82,14 @@ def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How close two channels must be to share a color: eps = 0 exact, else cosine clustering."""
+    """How close two channels must be to share a color: eps = 0 exact, else cosine clustering.
+
+    ``heights``, when given, receives the sorted merge distances (average linkage on cosine
+    distance) of each clustering's non-zero rows, whatever eps is: the thresholds at which the
+    rows would merge further (the target search reads them)."""
 
     eps: float
+    heights: list[np.ndarray] | None = field(default=None, compare=False)
 
     @property
     def exact(self) -> bool:
@@ -100,10 +105,14 @@ class Tolerance:
         live = np.flatnonzero(~zero)
         if live.size:
             unit = sig[live] / norms[live, None]
-            if self.exact or live.size == 1:
+            tree = None
+            if live.size > 1 and (self.heights is not None or not self.exact):
+                tree = linkage(unit, method="average", metric="cosine")
+                if self.heights is not None:
+                    self.heights.append(np.maximum.accumulate(tree[:, 2]))
+            if self.exact or tree is None:
                 labels[live] = equal_row_labels(unit, EXACT_TOL)
             else:
-                tree = linkage(unit, method="average", metric="cosine")
                 labels[live] = fcluster(tree, t=self.eps, criterion="distance")
         scales = np.where(zero, 1.0, norms)
         return Coloring(Partition(labels), scales)

@@ -174,14 +174,19 @@ def save_model(
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
     """Write ``text`` to ``path`` via a temporary file and a rename (UsageError when impossible)."""
+    return write_bytes_atomic(path, text.encode("utf-8"), protect=protect)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write ``data`` to ``path`` via a temporary file and a rename (UsageError when impossible)."""
     out = check_output_path(path, protect=protect)
     try:
         fd, tmp = tempfile.mkstemp(prefix=".onnxfib-", dir=out.resolve().parent)
     except OSError as exc:
         raise UsageError(f"{out}: cannot write in its directory ({first_line(exc)})") from exc
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, out)
     except OSError as exc:
         raise UsageError(f"{out}: cannot write ({first_line(exc)})") from exc

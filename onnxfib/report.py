@@ -14,7 +14,7 @@ class LayerReport:
     (equal to ``width`` when ``frozen`` names why the channels may not shrink); ``params`` and
     ``params_after`` count the scalars in the layer's weight and bias before and after;
     ``blocks`` > 1 says the output is cut into that many blocks of equal width (attention
-    heads, convolution groups, RNN directions).
+    heads, convolution groups, RNN directions); ``eps`` is the tolerance its rows merged at.
     """
 
     name: str
@@ -30,6 +30,7 @@ class LayerReport:
     params_after: int
     frozen: str | None = None
     blocks: int = 1
+    eps: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +72,59 @@ class ValidationReport:
         }
 
 
+@dataclass(frozen=True)
+class RefitReport:
+    """One layer refit on calibration data: its calibration error (root mean square over the
+    pre-activations it is fitted to) with the merged weights it started from, and after."""
+
+    name: str
+    rms_before: float
+    rms_after: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TargetReport:
+    """A compression target and what the result measured on the data it was searched on.
+
+    ``kind`` is ``params`` (``limit``: fraction of parameters kept), ``error`` (largest absolute
+    output error) or ``drop`` (accuracy lost, a fraction: 0.01 is one point); ``achieved`` is
+    the same figure for the result; ``met`` is ``achieved <= limit``. ``max_abs`` is the largest
+    absolute output error; the accuracies (argmax of the first output against the labels) are
+    set when labels were given."""
+
+    kind: str
+    limit: float
+    achieved: float
+    max_abs: float
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+
+    @property
+    def met(self) -> bool:
+        return self.achieved <= self.limit
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "met": self.met}
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One uniform eps of a sweep: parameters kept and the output error (and accuracy) it costs."""
+
+    eps: float
+    params: int
+    params_kept: float
+    max_abs: float
+    rms: float
+    accuracy: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class CompressionReport:
     """Everything a compression run measured; the CLI's table and ``--report`` JSON show this."""
@@ -86,6 +140,9 @@ class CompressionReport:
     bytes_before: int | None = None
     bytes_after: int | None = None
     validation: ValidationReport | None = None
+    target: TargetReport | None = None
+    calibrated: bool = False
+    refit: list[RefitReport] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -101,5 +158,8 @@ class CompressionReport:
             "seconds": self.seconds,
             "layers": [layer.to_dict() for layer in self.layers],
             "validation": self.validation.to_dict() if self.validation else None,
+            "target": self.target.to_dict() if self.target else None,
+            "calibrated": self.calibrated,
+            "refit": [r.to_dict() for r in self.refit],
             **self.extra,
         }

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +270,37 @@ def validate_models(
         for name in ref_names
     ]
     return ValidationReport(outputs=outputs, rtol=rtol, atol=atol, batches=len(inputs))
+
+
+def chunked(batches: Iterable[Mapping[str, np.ndarray]], rows: int = 256) -> Iterator[Batch]:
+    """The batches cut along their first axis into pieces of at most ``rows`` (a batch whose
+    inputs differ in first-axis length, or are scalars, passes whole)."""
+    for batch in batches:
+        lengths = {np.shape(v)[0] if np.ndim(v) else None for v in batch.values()}
+        if len(lengths) != 1 or None in lengths:
+            yield dict(batch)
+            continue
+        total = lengths.pop()
+        for start in range(0, max(total, 1), rows):
+            yield {name: value[start:start + rows] for name, value in batch.items()}
+
+
+def run_tensors(model: onnx.ModelProto, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]],
+                role: str) -> Iterator[list[np.ndarray]]:
+    """For each batch, the named tensors of ``model`` (outputs or intermediate activations) as
+    float64 arrays, computed by ONNX Runtime; InvalidModelError if it cannot load or run it."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    listed = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in listed)
+    session, holder = _session(probe, role)
+    try:
+        for batch in batches:
+            try:
+                values = session.run(list(names), dict(batch))
+            except Exception as exc:
+                raise InvalidModelError(f"ONNX Runtime cannot run the {role} model: {first_line(exc)}") from exc
+            yield [_as_array(v) for v in values]
+    finally:
+        if holder is not None:
+            holder.cleanup()

@@ -90,6 +90,27 @@ class LinearSite(Site):
     def can_rescale(self, ctx: Context, port: Port) -> bool:
         return True
 
+    def dense(self) -> tuple[np.ndarray, np.ndarray, bool] | None:
+        """``(W [out, in], b [out], free)``: the dense map the layer applies (alpha and beta folded
+        in, b zero without a bias); ``free`` says whether :meth:`set_dense` may write a bias of
+        its own per channel. None for a layer whose weight entries are kernels (Conv)."""
+        w = self.matrix()
+        if w.shape[2] != 1:
+            return None
+        width = w.shape[0]  # the current width: the layer may have been collapsed already
+        rows = None if self.bias is None else self.beta * channel_rows(self._stored(self.bias), self._bias_axis, width)
+        if rows is None:
+            return w[:, :, 0], np.zeros(width), False
+        free = rows.shape[1] == 1 and self._stored(self.bias).size == width
+        return w[:, :, 0], rows[:, 0] if rows.shape[1] == 1 else np.zeros(width), free
+
+    def set_dense(self, graph: GraphView, w: np.ndarray, b: np.ndarray | None) -> None:
+        """Store a new dense map (the inverse of :meth:`dense`; ``b`` only where it is free)."""
+        stored = self._stored(self.weight)
+        graph.set_constant(*self.weight, np.moveaxis(w / self.alpha, (0, 1), (self.out_axis, self.in_axis)).reshape(stored.shape))
+        if b is not None:
+            graph.set_constant(*self.bias, (b / self.beta).reshape(self._stored(self.bias).shape))
+
     def rescale(self, ctx: Context, port: Port, factors: np.ndarray) -> None:
         """Multiply output channels (rows and per-channel bias) by ``factors``, after the rewrite."""
         w = self._stored(self.weight).astype(np.float64)

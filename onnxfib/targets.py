@@ -1,0 +1,193 @@
+"""Choosing per-layer eps for a stated cost, and sweeping eps to show the trade-off.
+
+The search (:func:`search`) starts from the exact collapse (eps 0 everywhere) and repeatedly
+takes the step that costs least output error per parameter removed: for every layer it tries
+the eps that merges a few more of its rows (read from the layer's merge distances, so each try
+removes neurons), measures the whole model's outputs on the data against the original's, and
+keeps the try with the smallest increase of mean squared output error per parameter removed.
+This is the paper's greedy per-layer threshold search (Sec. 11.4.1) with layers interleaved
+by cost instead of visited one after another. It stops when
+
+- ``params``: the model keeps at most the given fraction of its parameters (the last step is
+  narrowed to the fewest merges that reach it, so the fraction is met as closely as steps allow);
+- ``error``: no step keeps the largest absolute output error within the limit;
+- ``drop``: no step keeps the accuracy lost (argmax of the first output against the labels)
+  within the limit.
+
+Every evaluation collapses the model (refit on the data when calibrating) and runs it in ONNX
+Runtime; the figures reported are those of the returned eps on the same data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from . import stats
+from .analysis import Analysis, analyze
+from .calibrate import refit
+from .report import RefitReport, SweepPoint, TargetReport
+from .validation import Batch, chunked, run_tensors
+
+TARGET_KINDS = ("params", "error", "drop")
+
+#: A try merges about this fraction of a layer's rows (at least one).
+STEP_FRACTION = 1 / 32
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One collapse evaluated on the data."""
+
+    layer_eps: dict[str, float]
+    analysis: Analysis
+    model: onnx.ModelProto
+    params: int
+    max_abs: float
+    mse: float  # mean squared output error, each output's divided by the output's variance
+    accuracy: float | None
+    refit: list[RefitReport]
+
+
+class Evaluator:
+    """Collapses ``original`` at given per-layer eps and measures the result on ``batches``
+    against the original's outputs (computed once)."""
+
+    def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, symmetry: str = "fiber",
+                 labels: np.ndarray | None = None, calibrate: bool = False, ridge: float = 1e-3) -> None:
+        self.original = original
+        self.batches = list(chunked(batches))
+        self.symmetry = symmetry
+        self.calibrate = calibrate
+        self.ridge = ridge
+        self.names = [o.name for o in original.graph.output]
+        self.reference = list(run_tensors(original, self.names, self.batches, "original"))
+        self.variance = [
+            max(float(np.mean([np.var(run[k]) for run in self.reference])), 1e-30) for k in range(len(self.names))
+        ]
+        self.labels = None if labels is None else np.asarray(labels).reshape(-1)
+        self.params_before = stats.count_parameters(original)
+        self.accuracy_before = self._accuracy(self.reference)
+
+    def _accuracy(self, runs: list[list[np.ndarray]]) -> float | None:
+        if self.labels is None:
+            return None
+        predicted = np.concatenate([run[0].argmax(axis=-1).reshape(-1) for run in runs])
+        return float(np.mean(predicted == self.labels))
+
+    def __call__(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> Outcome:
+        """The collapse at ``layer_eps`` (``eps`` for the layers it does not name), measured."""
+        analysis = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True)
+        refits: list[RefitReport] = []
+        if self.calibrate:
+            model, refits = refit(analysis, self.original, self.batches, ridge=self.ridge)
+        else:
+            model = analysis.collapse()
+        runs = list(run_tensors(model, self.names, self.batches, "compressed"))
+        max_abs, mse = 0.0, 0.0
+        for k, variance in enumerate(self.variance):
+            diffs = [run[k] - ref[k] for run, ref in zip(runs, self.reference)]
+            max_abs = max(max_abs, max(float(np.max(np.abs(d), initial=0.0)) for d in diffs))
+            mse += float(np.mean([np.mean(d * d) for d in diffs])) / variance
+        return Outcome(dict(layer_eps), analysis, model, stats.count_parameters(model), max_abs, mse,
+                       self._accuracy(runs), refits)
+
+    def figure(self, outcome: Outcome, kind: str) -> float:
+        """The outcome's figure for a target ``kind`` (see :class:`TargetReport`)."""
+        if kind == "params":
+            return outcome.params / self.params_before
+        if kind == "error":
+            return outcome.max_abs
+        return self.accuracy_before - outcome.accuracy
+
+    def report(self, outcome: Outcome, kind: str, limit: float) -> TargetReport:
+        return TargetReport(kind, limit, self.figure(outcome, kind), outcome.max_abs,
+                            self.accuracy_before, outcome.accuracy)
+
+
+def _next_eps(heights: np.ndarray, eps: float, more: int) -> float | None:
+    """The eps at which ``more`` further merges of a layer's rows have happened (the middle of the
+    gap after them), None when the layer has no merges left."""
+    done = int(np.searchsorted(heights, eps, side="right"))
+    if done >= len(heights):
+        return None
+    j = min(done + more, len(heights))
+    upper = heights[j] if j < len(heights) else min(heights[-1] + 1e-3, 2.0)
+    value = 0.5 * (heights[j - 1] + upper)
+    return float(value) if value < 2.0 else None
+
+
+def search(evaluate: Evaluator, kind: str, limit: float) -> Outcome:
+    """The per-layer eps meeting target ``kind`` at ``limit`` found by the greedy search of the
+    module docstring; the outcome of eps 0 everywhere when no step qualifies."""
+    current = evaluate({})
+    goal = limit * evaluate.params_before
+    layers = [layer.name for layer in current.analysis.layers
+              if layer.frozen is None or layer.frozen.startswith("partly")]
+
+    def fits(outcome: Outcome) -> bool:
+        return kind == "params" or evaluate.figure(outcome, kind) <= limit
+
+    def attempt(name: str, more: int) -> Outcome | None:
+        heights = current.analysis.heights.get(name)
+        if heights is None:
+            return None
+        eps = _next_eps(heights, current.layer_eps.get(name, 0.0), more)
+        if eps is None:
+            return None
+        outcome = evaluate({**current.layer_eps, name: eps})
+        return outcome if outcome.params < current.params else None
+
+    exhausted: set[str] = set()
+    while not (kind == "params" and current.params <= goal):
+        best: tuple[float, str, int, Outcome] | None = None
+        for name in layers:
+            if name in exhausted:
+                continue
+            width = next(l.width for l in current.analysis.layers if l.name == name)
+            for more in dict.fromkeys((max(1, math.ceil(width * STEP_FRACTION)), 1)):
+                outcome = attempt(name, more)
+                if outcome is None:
+                    if more == 1:
+                        exhausted.add(name)
+                    continue
+                if fits(outcome):
+                    score = (outcome.mse - current.mse) / (current.params - outcome.params)
+                    if best is None or score < best[0]:
+                        best = (score, name, more, outcome)
+                    break
+        if best is None:
+            break
+        _, name, more, outcome = best
+        if kind == "params" and outcome.params < goal and more > 1:
+            outcome = _fewest(attempt, name, more, goal) or outcome
+        current = outcome
+    return current
+
+
+def _fewest(attempt, name: str, more: int, goal: float) -> Outcome | None:
+    """The try on layer ``name`` with the fewest merges (at most ``more``) that reaches ``goal``."""
+    low, high, found = 1, more, None
+    while low <= high:
+        middle = (low + high) // 2
+        outcome = attempt(name, middle)
+        if outcome is not None and outcome.params <= goal:
+            found, high = outcome, middle - 1
+        else:
+            low = middle + 1
+    return found
+
+
+def sweep(evaluate: Evaluator, eps_values: Sequence[float]) -> list[SweepPoint]:
+    """Parameters kept and output error (and accuracy) at each uniform eps; ``rms`` is the root
+    of the mean squared output error relative to the outputs' variance."""
+    points = []
+    for eps in eps_values:
+        outcome = evaluate({}, float(eps))
+        points.append(SweepPoint(float(eps), outcome.params, outcome.params / evaluate.params_before,
+                                 outcome.max_abs, math.sqrt(outcome.mse), outcome.accuracy))
+    return points
