@@ -1,7 +1,7 @@
 """onnxfib: compress ONNX models by merging neurons that share a fibration symmetry."""
 
 from onnxfib._version import __version__
-from onnxfib.api import CompressionResult, compress, inspect, validate
+from onnxfib.api import CompressionResult, compress, inspect, sweep, validate
 from onnxfib.errors import InvalidModelError, OnnxfibError, UsageError, ValidationMismatchError
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "__version__",
     "compress",
     "inspect",
+    "sweep",
     "validate",
 ]

@@ -44,6 +44,20 @@ CASES = {
     "data wrong dtype": ["compress", "mlp.onnx", "out.onnx", "--data", "dtype.npz"],
     "data missing": ["compress", "mlp.onnx", "out.onnx", "--data", "none.npz"],
     "data not numpy": ["compress", "mlp.onnx", "out.onnx", "--data", "text.onnx"],
+    "target params 0": ["compress", "mlp.onnx", "out.onnx", "--target-params", "0"],
+    "two targets": ["compress", "mlp.onnx", "out.onnx", "--target-params", "0.5", "--max-error", "1"],
+    "max drop without labels": ["compress", "mlp.onnx", "out.onnx", "--data", "good.npz", "--max-drop", "0.01"],
+    "labels wrong count": ["compress", "mlp.onnx", "out.onnx", "--data", "good.npz", "--labels", "short.npy",
+                           "--max-drop", "0.01"],
+    "labels not integers": ["compress", "mlp.onnx", "out.onnx", "--data", "good.npz", "--labels", "floats.npy",
+                            "--max-drop", "0.01"],
+    "calibrate without data": ["compress", "mlp.onnx", "out.onnx", "--calibrate"],
+    "ridge zero": ["compress", "mlp.onnx", "out.onnx", "--data", "good.npz", "--calibrate", "--ridge", "0"],
+    "layer eps malformed": ["compress", "mlp.onnx", "out.onnx", "--layer-eps", "fc0"],
+    "layer eps unknown layer": ["compress", "mlp.onnx", "out.onnx", "--layer-eps", "nope=0.1"],
+    "sweep eps malformed": ["sweep", "mlp.onnx", "--eps", "0,a"],
+    "sweep plot directory missing": ["sweep", "mlp.onnx", "--plot", "nodir/p.png"],
+    "sweep json is the input": ["sweep", "mlp.onnx", "--json", "mlp.onnx"],
     "inspect not onnx": ["inspect", "text.onnx"],
     "inspect eps 2": ["inspect", "mlp.onnx", "--eps", "2"],
     "validate missing candidate": ["validate", "mlp.onnx", "nope.onnx"],
@@ -71,6 +85,9 @@ def workdir(tmp_path, write_model, mlp_model):
     np.savez(tmp_path / "names.npz", input=np.zeros((2, 8), np.float32))
     np.savez(tmp_path / "shape.npz", x=np.zeros((2, 7), np.float32))
     np.savez(tmp_path / "dtype.npz", x=np.zeros((2, 8), np.int32))
+    np.savez(tmp_path / "good.npz", x=np.zeros((4, 8), np.float32))
+    np.save(tmp_path / "short.npy", np.zeros(3, np.int64))
+    np.save(tmp_path / "floats.npy", np.zeros(4, np.float32))
     return tmp_path
 
 
@@ -106,6 +123,19 @@ def test_compress_mismatch_exits_1_and_writes_no_model(tmp_path, write_model, pl
     report = json.loads((tmp_path / "r.json").read_text())  # the report documents the failure
     assert report["validation"]["ok"] is False and report["eps"] == 1.9
     assert sorted(os.listdir(tmp_path)) == ["plain.onnx", "r.json"]
+
+
+def test_target_not_met_exits_1_and_writes_no_model(tmp_path, write_model, plain_model, run_cli):
+    source = write_model(plain_model, "plain.onnx")
+    before = sha256(source)
+    result = run_cli("compress", "plain.onnx", "out.onnx", "--target-params", "0.01", "--report", "r.json")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "target not met" in lines[0] and "nothing written" in lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["plain.onnx", "r.json"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["target"]["met"] is False and report["target"]["limit"] == 0.01
+    assert sha256(source) == before
 
 
 def test_validate_different_models_exits_1(tmp_path, write_model, run_cli):

@@ -106,6 +106,32 @@ def test_python_dash_m_and_console_script(tmp_path, mlp_path, run_cli):
     assert result.returncode == 2 and result.stderr == "error: missing.onnx: no such file\n"
 
 
+def test_compress_target_params_meets_target_and_reports_layer_eps(tmp_path, mlp_path, capsys):
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = main(["compress", str(mlp_path), str(out), "--data", str(tmp_path / "data.npz"),
+                 "--target-params", "0.6", "--calibrate", "--report", str(report)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "Target: keep at most 60.00%" in stdout and "met" in stdout and "eps" in stdout
+    data = json.loads(report.read_text())
+    assert data["params_after"] <= 0.6 * data["params_before"]
+    assert data["target"]["met"] is True and data["calibrated"] is True
+    assert any(layer["eps"] > 0 for layer in data["layers"])
+    props = _props(out)
+    assert json.loads(props["onnxfib.layer_eps"]) == {layer["name"]: layer["eps"] for layer in data["layers"]}
+    assert props["onnxfib.calibrated"] == "true"
+
+
+def test_compress_layer_eps_and_calibrated_exact_merge(tmp_path, mlp_path, capsys):
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    assert main(["compress", str(mlp_path), str(out), "--layer-eps", "fc0=0", "--data",
+                 str(tmp_path / "data.npz"), "--calibrate", "-v"]) == 0
+    stdout = capsys.readouterr().out
+    assert "calibrated" in stdout and "yes" in stdout  # exact merges refit stay within rtol
+
+
 def test_library_compress_from_proto_and_save(tmp_path, mlp_model):
     snapshot = mlp_model.SerializeToString()
     result = onnxfib.compress(mlp_model)

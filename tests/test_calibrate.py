@@ -1,0 +1,73 @@
+"""Calibrated merging: the ridge refit never increases the calibration error of the merge it
+starts from (checked in ONNX Runtime against the original model), keeps exact merges exact, and
+does not depend on how the calibration data is cut into batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import build_mlp
+from onnx import numpy_helper
+
+import onnxfib
+from onnxfib.analysis import analyze
+from onnxfib.calibrate import refit
+from onnxfib.errors import UsageError
+from onnxfib.validation import run_tensors
+
+
+def _calibration(n: int = 300, features: int = 8, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, features)).astype(np.float32)
+
+
+def _sse(model, reference, x: np.ndarray, name: str = "y") -> float:
+    (out,), = run_tensors(model, [name], [{"x": x}], "candidate")
+    (ref,), = run_tensors(reference, [name], [{"x": x}], "reference")
+    return float(np.sum((out - ref) ** 2))
+
+
+@pytest.mark.parametrize("eps", [0.6, 0.9])
+def test_refit_never_increases_the_calibration_error_of_the_merge(eps):
+    original = build_mlp([8, 24, 3], seed=3, planted=False)
+    x = _calibration()
+    merged = analyze(original, eps=eps).collapse()
+    refit_model, reports = refit(analyze(original, eps=eps), original, [{"x": x}])
+    assert reports and all(r.rms_after <= r.rms_before for r in reports)
+    before, after = _sse(merged, original, x), _sse(refit_model, original, x)
+    assert before > 1e-3  # the merge is approximate: there is something to refit
+    assert after <= before * (1 + 1e-6)
+    assert after < 0.9 * before
+
+
+def test_refit_improves_every_layer_along_the_graph():
+    original = build_mlp([8, 24, 20, 3], seed=4, planted=False)
+    x = _calibration(seed=2)
+    refit_model, reports = refit(analyze(original, eps=0.8), original, [{"x": x}])
+    assert [r.name for r in reports] == ["fc1", "fc2"]  # fc0 reads the untouched input
+    assert all(r.rms_after <= r.rms_before for r in reports)
+    assert _sse(refit_model, original, x) < _sse(analyze(original, eps=0.8).collapse(), original, x)
+
+
+def test_refit_is_independent_of_the_batching():
+    original = build_mlp([8, 24, 3], seed=3, planted=False)
+    x = _calibration()
+    whole, _ = refit(analyze(original, eps=0.7), original, [{"x": x}])
+    parts, _ = refit(analyze(original, eps=0.7), original, [{"x": x[:100]}, {"x": x[100:170]}, {"x": x[170:]}])
+    for a, b in zip(whole.graph.initializer, parts.graph.initializer):
+        assert a.name == b.name
+        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-4, atol=1e-6)
+
+
+def test_calibrated_exact_merge_stays_exact():
+    model = build_mlp([8, 16, 12, 3])
+    result = onnxfib.compress(model, data={"x": _calibration()}, calibrate=True)
+    assert result.report.validation.ok and result.report.calibrated
+    assert result.report.params_after < result.report.params_before
+
+
+def test_calibrate_needs_data_and_a_positive_ridge():
+    model = build_mlp([8, 16, 3])
+    with pytest.raises(UsageError, match="calibrate needs data"):
+        onnxfib.compress(model, calibrate=True)
+    with pytest.raises(UsageError, match="ridge"):
+        onnxfib.compress(model, data={"x": _calibration()}, calibrate=True, ridge=0.0)

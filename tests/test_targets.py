@@ -1,0 +1,82 @@
+"""Target search: the result meets the target it reports, measured independently (parameter
+count of the written model, ONNX Runtime outputs against the original), and the per-layer eps it
+reports reproduce it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import build_mlp
+
+import onnxfib
+from onnxfib import stats
+from onnxfib.errors import UsageError, ValidationMismatchError
+from onnxfib.validation import run_tensors
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_mlp([12, 32, 24, 4], seed=5, planted=False)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {"x": np.random.default_rng(7).standard_normal((200, 12)).astype(np.float32)}
+
+
+def _outputs(model, data) -> np.ndarray:
+    (y,), = run_tensors(model, ["y"], [data], "model")
+    return y
+
+
+def test_target_params_is_met_and_its_layer_eps_reproduce_it(model, data):
+    result = onnxfib.compress(model, data=data, target_params=0.4)
+    kept = stats.count_parameters(result.model) / stats.count_parameters(model)
+    target = result.report.target
+    assert target.kind == "params" and target.met
+    assert kept <= 0.4 and target.achieved == pytest.approx(kept)
+    assert kept > 0.3  # as close as the search's steps allow, not a collapse to nothing
+    chosen = {layer.name: layer.eps for layer in result.report.layers}
+    assert any(eps > 0 for eps in chosen.values())
+    again = onnxfib.compress(model, layer_eps=chosen, check=False)
+    assert again.report.params_after == result.report.params_after
+
+
+def test_max_error_is_met_on_the_data(model, data):
+    limit = 0.5
+    result = onnxfib.compress(model, data=data, max_error=limit)
+    measured = float(np.max(np.abs(_outputs(result.model, data) - _outputs(model, data))))
+    assert measured <= limit and result.report.target.achieved == pytest.approx(measured, rel=1e-6, abs=1e-7)
+    assert result.report.params_after < result.report.params_before
+    assert result.report.validation is not None  # errors reported, rtol does not decide
+
+
+def test_max_drop_is_met_on_the_labels(model, data):
+    labels = _outputs(model, data).argmax(axis=1)  # the original is right on every sample
+    result = onnxfib.compress(model, data=data, labels=labels, max_drop=0.05, calibrate=True)
+    accuracy = float(np.mean(_outputs(result.model, data).argmax(axis=1) == labels))
+    assert 1.0 - accuracy <= 0.05
+    assert result.report.target.accuracy_after == pytest.approx(accuracy)
+    assert result.report.params_after < result.report.params_before and result.report.refit
+
+
+def test_unreachable_target_raises_with_the_report(model, data):
+    with pytest.raises(ValidationMismatchError, match="target not met") as caught:
+        onnxfib.compress(model, data=data, target_params=0.001)
+    assert caught.value.report.target.achieved > 0.001
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_params": 0.5, "max_error": 1.0}, "at most one target"),
+    ({"target_params": 0.0}, "target_params"),
+    ({"target_params": 1.0}, "target_params"),
+    ({"max_error": -1.0}, "max_error"),
+    ({"max_drop": 0.01}, "labels"),
+    ({"target_params": 0.5, "eps": 0.3}, "no eps"),
+    ({"layer_eps": {"nope": 0.1}}, "unknown layer"),
+    ({"labels": np.zeros(3, dtype=np.int64), "max_drop": 0.1}, "labels hold 3"),
+    ({"labels": np.zeros(200), "max_drop": 0.1}, "integers"),
+])
+def test_bad_target_arguments_are_usage_errors(model, data, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        onnxfib.compress(model, data=data, **kwargs)
