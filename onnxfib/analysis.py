@@ -47,11 +47,13 @@ class Analysis:
     ``eps`` is the tolerance of every layer that ``layer_eps`` (layer name -> eps, the names of
     ``layers``) does not name; a site that is not a layer uses the tolerance of the site
     producing its first input. With ``record_heights`` each layer's merge distances are kept in
-    ``heights`` (layer name -> sorted cosine distances at which its rows would merge)."""
+    ``heights`` (layer name -> sorted cosine distances at which its rows would merge).
+    ``layer_colorings`` imposes a layer's output coloring (layer name -> coloring of its output
+    channels) instead of clustering its rows: merges chosen from calibration data."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
-                 record_heights: bool = False) -> None:
+                 record_heights: bool = False, layer_colorings: Mapping[str, Coloring] | None = None) -> None:
         if symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
         self.graph = GraphView(model)
@@ -70,7 +72,7 @@ class Analysis:
         tolerances = {id(site): Tolerance(self.layer_eps.get(id(site), float(eps))) for site in self.sites}
         for site in self.sites:
             recorded: list[np.ndarray] | None = [] if record_heights and site.layer else None
-            self.tol = Tolerance(tolerances[id(site)].eps, recorded)
+            self.tol = Tolerance(tolerances[id(site)].eps, recorded, (layer_colorings or {}).get(site.name))
             site.forward(self)
             if recorded:
                 self.heights[site.name] = recorded[-1]
@@ -272,11 +274,11 @@ class Analysis:
 
 def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
             registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
-            record_heights: bool = False) -> Analysis:
+            record_heights: bool = False, layer_colorings: Mapping[str, Coloring] | None = None) -> Analysis:
     """Analyse ``model`` (external data loaded) at tolerance ``eps`` (``layer_eps`` per layer);
     see :class:`Analysis`."""
     return Analysis(model, eps=eps, symmetry=symmetry, registry=registry, layer_eps=layer_eps,
-                    record_heights=record_heights)
+                    record_heights=record_heights, layer_colorings=layer_colorings)
 
 
 __all__ = ["Analysis", "MemberFigures", "SYMMETRIES", "analyze"]

@@ -15,7 +15,7 @@ import onnx
 
 from onnxfib import io, stats
 from onnxfib.analysis import SYMMETRIES, analyze
-from onnxfib.calibrate import DEFAULT_RIDGE, refit
+from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.report import CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.targets import Evaluator, search
@@ -197,12 +197,12 @@ def compress(
         outcome = search(evaluator, *goal)
         analysis, compressed, refits = outcome.analysis, outcome.model, outcome.refit
         target = evaluator.report(outcome, *goal)
+    elif calibrate:
+        outcome = Evaluator(original, batches, symmetry=symmetry, calibrate=True, ridge=ridge)(layer_eps, eps)
+        analysis, compressed, refits = outcome.analysis, outcome.model, outcome.refit
     else:
         analysis = analyze(original, eps=eps, symmetry=symmetry, layer_eps=layer_eps)
-        if calibrate:
-            compressed, refits = refit(analysis, original, batches, ridge=ridge)
-        else:
-            compressed = analysis.collapse()
+        compressed = analysis.collapse()
     layers = list(analysis.layers)
     settings = {"onnxfib.calibrated": "true"} if calibrate else {}
     if any(layer.eps != eps for layer in layers):

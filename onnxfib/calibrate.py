@@ -1,27 +1,34 @@
-"""Calibrated merging: refit merged layers by ridge least squares on calibration inputs.
+"""Calibrated merging: refit merged layers by ridge least squares on calibration inputs, and
+choose from the same data which channels a merged layer keeps.
 
 After a collapse, every dense layer (Gemm/MatMul) whose input the merge changed (its own input
-merged, or a layer before it merged), in topological order, is refit so that its pre-activations on the calibration inputs match the
-original model's: with ``X`` the layer's input in the compressed model (already refit layers
-upstream included: the refit proceeds along the graph) and ``T`` the original pre-activations
-(for merged output channels, the base they are fitted to under the scale rule, ``Plan.fit_base``),
-the new weights ``W`` (bias as an extra row) minimise
+merged, or a layer before it merged) is refit, in topological order, so that its pre-activations
+on the calibration inputs match the original model's: with ``X`` the layer's input in the
+compressed model (already refit layers upstream included: the refit proceeds along the graph)
+and ``T`` the original pre-activations (for merged output channels, the base they are fitted to
+under the scale rule, ``Plan.fit_base``), the new weights ``W`` (bias as an extra row) minimise
 
     ||X W - T||^2 + lam ||W - W0||^2,    lam = ridge * trace(X^T X) / columns,
 
 where ``W0`` is the merge's own result. ``W0`` costs no penalty, so the refit's calibration error
 never exceeds the merge's. ``X^T X`` and ``X^T T`` are summed in float64 over batches (memory
 independent of the calibration size) and the system is solved by Cholesky.
+
+:class:`Selector` picks, where a layer feeds one dense reader, the channels to keep from the
+data rather than from weight similarity (see there). Conv layers are not refit yet.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import numpy as np
 import onnx
 from scipy.linalg import cho_factor, cho_solve
 
 from .analysis import Analysis
+from .coloring import Coloring
+from .partition import Partition
 from .report import RefitReport
 from .rules import Plan
 from .rules.linear import LinearSite
@@ -102,3 +109,102 @@ def _refit_layer(analysis: Analysis, site: LinearSite, dense: tuple[np.ndarray, 
         return RefitReport(site.name, before, before)
     site.set_dense(analysis.graph, solved[:w0.shape[1]].T, solved[-1] if free else None)
     return RefitReport(site.name, before, after)
+
+
+class Selector:
+    """Chooses, from calibration data, which channels of a merged layer to keep.
+
+    For a dense layer whose output reaches exactly one dense reader through element-wise sites
+    only (channel i stays channel i), it keeps as many channels as the layer's collapse keeps:
+    those that best reconstruct the reader's pre-activations on the data from the reader's
+    inputs (greedy forward selection on the original model's normal equations, an intercept
+    always in). Every other channel joins the kept channel whose activity it follows most
+    closely, with a vanishing scale, so the kept row stays as it is and the reader's refit
+    re-expresses the rest (merging into the most similar kept neuron, Neuron Merging's rule,
+    with the coefficients fitted instead of guessed). The original model's statistics are
+    computed once per reader and cached.
+    """
+
+    #: Scale of a folded channel relative to its kept one: small enough to leave the kept row be.
+    FOLDED_SCALE = 1e-4
+
+    def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, ridge: float = DEFAULT_RIDGE) -> None:
+        self.original = original
+        self.batches = list(chunked(batches))
+        self.ridge = ridge
+        self._stats: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _statistics(self, reader: LinearSite) -> tuple[np.ndarray, np.ndarray]:
+        """``[H, 1]^T [H, 1]`` and ``[H, 1]^T T`` for the reader's input H and pre-activations T."""
+        key = (reader.inputs[0].name, reader.outputs[0].name)
+        if key not in self._stats:
+            gram, cross = 0.0, 0.0
+            runs = run_tensors(self.original, list(key), self.batches, "original")
+            for x, y in runs:
+                x = _rows(x, reader.inputs[0].axis)
+                x = np.hstack([x, np.ones((len(x), 1))])
+                gram = gram + x.T @ x
+                cross = cross + x.T @ _rows(y, reader.outputs[0].axis)
+            self._stats[key] = (np.asarray(gram), np.asarray(cross))
+        return self._stats[key]
+
+    def colorings(self, analysis: Analysis) -> dict[str, Coloring]:
+        """Layer name -> the output coloring that keeps the selected channels (see the class)."""
+        chosen: dict[str, Coloring] = {}
+        dense = [site for site in analysis.sites if isinstance(site, LinearSite) and site.layer]
+        for site in dense:
+            out = site.outputs[0]
+            plan = analysis.plan(out)
+            group = next((g for g in analysis.groups if out.name in g.members), None)
+            if plan is None or group is None or group.frozen.any():
+                continue
+            readers = [r for r in dense if r.inputs[0].name in group.members]
+            members = group.members.values()
+            if len(readers) != 1 or readers[0].dense() is None or any(m.port.width != out.width for m in members) \
+                    or any(not np.array_equal(m.classes, group.members[out.name].classes) for m in members):
+                continue
+            gram, cross = self._statistics(readers[0])
+            if gram.shape[0] != out.width + 1:
+                continue
+            keep = _forward_selection(gram, cross, plan.partition.n_colors, self.ridge)
+            chosen[site.name] = _fold_into(keep, gram[:-1, :-1], self.FOLDED_SCALE)
+        return chosen
+
+
+def _forward_selection(gram: np.ndarray, cross: np.ndarray, count: int, ridge: float) -> np.ndarray:
+    """``count`` columns of ``[H, 1]`` (the last, the intercept, always in and not counted) that
+    greedily best reconstruct the targets: each step adds the column that most lowers the ridge
+    least-squares residual, through Gram-Schmidt on the normal equations (O(n (k + m)) a step)."""
+    n = gram.shape[0]
+    g = gram + ridge * max(float(np.trace(gram)) / n, 1e-12) * np.eye(n)
+    residual_g = np.diag(g).copy()
+    residual_c = cross.astype(np.float64).copy()
+    basis: list[np.ndarray] = []  # rows a_j: g restricted to the selected columns, orthonormalised
+    selected: list[int] = []
+    for step in range(count + 1):
+        if step == 0:
+            pick = n - 1
+        else:
+            gain = np.sum(residual_c * residual_c, axis=1) / np.maximum(residual_g, 1e-300)
+            gain[selected] = -np.inf
+            gain[n - 1] = -np.inf
+            pick = int(np.argmax(gain))
+        norm = np.sqrt(max(residual_g[pick], 1e-300))
+        a = (g[pick] - sum(row * row[pick] for row in basis)) / norm
+        residual_c -= np.outer(a, residual_c[pick] / norm)
+        basis.append(a)
+        selected.append(pick)
+        residual_g = residual_g - a * a
+    return np.array(sorted(selected[1:]))
+
+
+def _fold_into(keep: np.ndarray, gram: np.ndarray, scale: float) -> Coloring:
+    """A coloring in which each kept channel has a color of its own (scale 1) and every other
+    channel joins the kept one its activity is most aligned with (cosine under ``gram``), at
+    ``scale``."""
+    norms = np.sqrt(np.maximum(np.diag(gram), 1e-300))
+    cosine = gram[:, keep] / np.outer(norms, norms[keep])
+    target = keep[np.argmax(cosine, axis=1)]
+    target[keep] = keep
+    scales = np.where(np.isin(np.arange(len(gram)), keep), 1.0, scale)
+    return Coloring(Partition(target), scales)

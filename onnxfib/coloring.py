@@ -86,10 +86,13 @@ class Tolerance:
 
     ``heights``, when given, receives the sorted merge distances (average linkage on cosine
     distance) of each clustering's non-zero rows, whatever eps is: the thresholds at which the
-    rows would merge further (the target search reads them)."""
+    rows would merge further (the target search reads them). ``chosen``, when given, is the
+    coloring :meth:`cluster` returns whatever the signatures (a layer whose merge was chosen
+    from calibration data)."""
 
     eps: float
     heights: list[np.ndarray] | None = field(default=None, compare=False)
+    chosen: Coloring | None = field(default=None, compare=False)  # returned by cluster() as it is
 
     @property
     def exact(self) -> bool:
@@ -98,6 +101,8 @@ class Tolerance:
     def cluster(self, signatures: np.ndarray) -> Coloring:
         """Fibers of rows of ``signatures`` under the scale rule: direction decides the color,
         the norm is the channel's scale. All-zero rows form one color of their own."""
+        if self.chosen is not None and len(self.chosen) == len(signatures):
+            return self.chosen
         sig = np.asarray(signatures, dtype=np.float64).reshape(len(signatures), -1)
         norms = np.linalg.norm(sig, axis=1)
         zero = norms <= 1e-30

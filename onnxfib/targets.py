@@ -29,7 +29,7 @@ import onnx
 
 from . import stats
 from .analysis import Analysis, analyze
-from .calibrate import refit
+from .calibrate import Selector, refit
 from .report import RefitReport, SweepPoint, TargetReport
 from .validation import Batch, chunked, run_tensors
 
@@ -45,6 +45,7 @@ class Outcome:
 
     layer_eps: dict[str, float]
     analysis: Analysis
+    heights: dict[str, np.ndarray]  # each layer's merge distances (Analysis.heights)
     model: onnx.ModelProto
     params: int
     max_abs: float
@@ -55,7 +56,9 @@ class Outcome:
 
 class Evaluator:
     """Collapses ``original`` at given per-layer eps and measures the result on ``batches``
-    against the original's outputs (computed once)."""
+    against the original's outputs (computed once). With ``calibrate`` the collapse is refit on
+    ``batches`` twice, once as merged and once with the kept channels chosen from the data
+    (``calibrate.Selector``), and the one with the smaller output error is kept."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, symmetry: str = "fiber",
                  labels: np.ndarray | None = None, calibrate: bool = False, ridge: float = 1e-3) -> None:
@@ -70,6 +73,7 @@ class Evaluator:
             max(float(np.mean([np.var(run[k]) for run in self.reference])), 1e-30) for k in range(len(self.names))
         ]
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
+        self.selector = Selector(original, self.batches, ridge=ridge) if calibrate else None
         self.params_before = stats.count_parameters(original)
         self.accuracy_before = self._accuracy(self.reference)
 
@@ -82,18 +86,28 @@ class Evaluator:
     def __call__(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> Outcome:
         """The collapse at ``layer_eps`` (``eps`` for the layers it does not name), measured."""
         analysis = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True)
-        refits: list[RefitReport] = []
-        if self.calibrate:
-            model, refits = refit(analysis, self.original, self.batches, ridge=self.ridge)
-        else:
-            model = analysis.collapse()
+        if self.selector is None:
+            return self._measure(layer_eps, analysis, analysis.collapse(), [], analysis.heights)
+        model, refits = refit(analysis, self.original, self.batches, ridge=self.ridge)
+        best = self._measure(layer_eps, analysis, model, refits, analysis.heights)
+        chosen = self.selector.colorings(analysis)
+        if chosen:
+            selected = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps,
+                               layer_colorings=chosen)
+            model, refits = refit(selected, self.original, self.batches, ridge=self.ridge)
+            other = self._measure(layer_eps, selected, model, refits, analysis.heights)
+            best = other if other.mse < best.mse else best
+        return best
+
+    def _measure(self, layer_eps: Mapping[str, float], analysis: Analysis, model: onnx.ModelProto,
+                 refits: list[RefitReport], heights: dict[str, np.ndarray]) -> Outcome:
         runs = list(run_tensors(model, self.names, self.batches, "compressed"))
         max_abs, mse = 0.0, 0.0
         for k, variance in enumerate(self.variance):
             diffs = [run[k] - ref[k] for run, ref in zip(runs, self.reference)]
             max_abs = max(max_abs, max(float(np.max(np.abs(d), initial=0.0)) for d in diffs))
             mse += float(np.mean([np.mean(d * d) for d in diffs])) / variance
-        return Outcome(dict(layer_eps), analysis, model, stats.count_parameters(model), max_abs, mse,
+        return Outcome(dict(layer_eps), analysis, heights, model, stats.count_parameters(model), max_abs, mse,
                        self._accuracy(runs), refits)
 
     def figure(self, outcome: Outcome, kind: str) -> float:
@@ -133,7 +147,7 @@ def search(evaluate: Evaluator, kind: str, limit: float) -> Outcome:
         return kind == "params" or evaluate.figure(outcome, kind) <= limit
 
     def attempt(name: str, more: int) -> Outcome | None:
-        heights = current.analysis.heights.get(name)
+        heights = current.heights.get(name)
         if heights is None:
             return None
         eps = _next_eps(heights, current.layer_eps.get(name, 0.0), more)

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 import onnxfib
 from onnxfib.analysis import analyze
-from onnxfib.calibrate import refit
+from onnxfib.calibrate import Selector, refit
 from onnxfib.errors import UsageError
 from onnxfib.validation import run_tensors
 
@@ -71,3 +71,27 @@ def test_calibrate_needs_data_and_a_positive_ridge():
         onnxfib.compress(model, calibrate=True)
     with pytest.raises(UsageError, match="ridge"):
         onnxfib.compress(model, data={"x": _calibration()}, calibrate=True, ridge=0.0)
+
+
+def _half_unused_model():
+    """An 8-12-3 MLP whose hidden neurons 6..11 feed nothing (zero columns in the reader)."""
+    model = build_mlp([8, 12, 3], seed=6, planted=False)
+    reader = next(t for t in model.graph.initializer if t.name == "W1")
+    weights = numpy_helper.to_array(reader).copy()
+    weights[:, 6:] = 0.0
+    reader.CopyFrom(numpy_helper.from_array(weights, "W1"))
+    return model
+
+
+def test_selection_keeps_the_channels_the_reader_uses_and_refits_exactly():
+    model = _half_unused_model()
+    x = _calibration(400)
+    heights = analyze(model, eps=0.0, record_heights=True).heights["fc0"]
+    eps = float(0.5 * (heights[5] + heights[6]))  # six merges: twelve rows into six colors
+    analysis = analyze(model, eps=eps)
+    assert next(layer.width_after for layer in analysis.layers if layer.name == "fc0") == 6
+    chosen = Selector(model, [{"x": x}]).colorings(analysis)["fc0"]
+    assert sorted(np.flatnonzero(chosen.scales == 1.0)) == [0, 1, 2, 3, 4, 5]
+    result = onnxfib.compress(model, layer_eps={"fc0": eps}, data={"x": x}, calibrate=True, check=False)
+    assert result.report.params_after < result.report.params_before
+    assert _sse(result.model, model, x) < 1e-6 * _sse(analysis.collapse(), model, x)
