@@ -1,7 +1,7 @@
 """Calibrated merging: refit merged layers by ridge least squares on calibration inputs, and
 choose from the same data which channels a merged layer keeps.
 
-After a collapse, every dense layer (Gemm/MatMul) whose input the merge changed (its own input
+After a collapse, every dense layer (Gemm/MatMul) and plain Conv whose input the merge changed (its own input
 merged, or a layer before it merged) is refit, in topological order, so that its pre-activations
 on the calibration inputs match the original model's: with ``X`` the layer's input in the
 compressed model (already refit layers upstream included: the refit proceeds along the graph)
@@ -15,18 +15,20 @@ never exceeds the merge's. ``X^T X`` and ``X^T T`` are summed in float64 over ba
 independent of the calibration size) and the system is solved by Cholesky.
 
 :class:`Selector` picks, where a layer feeds one dense reader, the channels to keep from the
-data rather than from weight similarity (see there). Conv layers are not refit yet.
+data rather than from weight similarity (see there). A Conv is refit on its input's patches (im2col); grouped, depthwise
+and transposed convolutions are not refit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
 from scipy.linalg import cho_factor, cho_solve
 
 from .analysis import Analysis
+from .graph import GraphView
 from .coloring import Coloring
 from .partition import Partition
 from .report import RefitReport
@@ -46,7 +48,7 @@ def _rows(values: np.ndarray, axis: int) -> np.ndarray:
 
 def refit(analysis: Analysis, original: onnx.ModelProto, batches: Sequence[Batch], *,
           ridge: float = DEFAULT_RIDGE) -> tuple[onnx.ModelProto, list[RefitReport]]:
-    """The analysis's collapsed model with its dense layers refit on ``batches`` (see the module
+    """The analysis's collapsed model with its dense and Conv layers refit on ``batches`` (see the module
     docstring), and a report per refit layer. ``ridge`` must be positive."""
     if not ridge > 0:
         raise ValueError(f"ridge must be positive, got {ridge}")
@@ -60,21 +62,54 @@ def refit(analysis: Analysis, original: onnx.ModelProto, batches: Sequence[Batch
         in_plan, out_plan = analysis.plan(site.inputs[0]), analysis.plan(site.outputs[0])
         changed_input = upstream_changed or in_plan is not None
         upstream_changed = changed_input or out_plan is not None
-        dense = site.dense()
-        if not changed_input or dense is None:
+        inputs_as_rows = _input_rows(site)
+        if not changed_input or inputs_as_rows is None:
             continue
-        report = _refit_layer(analysis, site, dense, out_plan, model, original, pieces, ridge)
+        report = _refit_layer(analysis, site, inputs_as_rows, out_plan, model, original, pieces, ridge)
         if report is not None:
             reports.append(report)
             model = analysis.graph.export()
     return model, reports
 
 
-def _refit_layer(analysis: Analysis, site: LinearSite, dense: tuple[np.ndarray, np.ndarray, bool], out_plan: Plan | None,
-                 model: onnx.ModelProto, original: onnx.ModelProto, pieces: list[Batch],
+def _input_rows(site: LinearSite) -> Callable[[np.ndarray], np.ndarray] | None:
+    """How a layer's input activation becomes rows that its flat weights (``LinearSite.flat``)
+    multiply: the channels of a dense layer, the patches of a plain Conv (``_patches``); None
+    for the layers not refit (grouped, depthwise and transposed convolutions)."""
+    if type(site) is not LinearSite:
+        return None
+    node = site.nodes[0]
+    if node.op in ("Gemm", "MatMul"):
+        return lambda x: _rows(x, site.inputs[0].axis)
+    if node.op != "Conv" or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return None
+    kernel = tuple(GraphView.constant(node.inputs[1]).shape[2:])
+    spatial = len(kernel)
+    strides = tuple(node.attrs.get("strides", [1] * spatial))
+    dilations = tuple(node.attrs.get("dilations", [1] * spatial))
+    pads = tuple(node.attrs.get("pads", [0] * (2 * spatial)))
+    return lambda x: _patches(x, kernel, strides, pads, dilations)
+
+
+def _patches(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
+             dilations: tuple[int, ...]) -> np.ndarray:
+    """The Conv input [N, C, *spatial] as rows of patches [N * out positions, C * kernel size]
+    (im2col), each row's entries channel-major like a flattened [C, *kernel] kernel."""
+    spatial = len(kernel)
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
+    window = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
+    view = np.lib.stride_tricks.sliding_window_view(padded, window, axis=tuple(range(2, 2 + spatial)))
+    view = view[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+                + tuple(slice(None, None, d) for d in dilations)]
+    view = np.moveaxis(view, 1, 1 + spatial)  # [N, *out positions, C, *kernel]
+    return view.reshape(-1, int(np.prod(view.shape[1 + spatial:])))
+
+
+def _refit_layer(analysis: Analysis, site: LinearSite, input_rows: Callable[[np.ndarray], np.ndarray],
+                 out_plan: Plan | None, model: onnx.ModelProto, original: onnx.ModelProto, pieces: list[Batch],
                  ridge: float) -> RefitReport | None:
     """Refit one layer in place (through its site); None when it has no activations to fit."""
-    w0, b0, free = dense
+    w0, b0, free = site.flat()
     inp, out = site.inputs[0], site.outputs[0]
     columns = w0.shape[1] + int(free)
     gram = np.zeros((columns, columns))
@@ -83,7 +118,7 @@ def _refit_layer(analysis: Analysis, site: LinearSite, dense: tuple[np.ndarray, 
     compressed_runs = run_tensors(model, [inp.name], pieces, "compressed")
     original_runs = run_tensors(original, [out.name], pieces, "original")
     for (x,), (y,) in zip(compressed_runs, original_runs):
-        x, y = _rows(x, inp.axis), _rows(y, out.axis)
+        x, y = input_rows(x), _rows(y, out.axis)
         target = y if out_plan is None else out_plan.fit_base(y, 1)
         if not free:
             target = target - b0
@@ -107,7 +142,7 @@ def _refit_layer(analysis: Analysis, site: LinearSite, dense: tuple[np.ndarray, 
     before, after = rms(start), rms(solved)
     if after > before:  # only float rounding can do this: keep the merge
         return RefitReport(site.name, before, before)
-    site.set_dense(analysis.graph, solved[:w0.shape[1]].T, solved[-1] if free else None)
+    site.set_flat(analysis.graph, solved[:w0.shape[1]].T, solved[-1] if free else None)
     return RefitReport(site.name, before, after)
 
 
@@ -160,7 +195,7 @@ class Selector:
                 continue
             readers = [r for r in dense if r.inputs[0].name in group.members]
             members = group.members.values()
-            if len(readers) != 1 or readers[0].dense() is None or any(m.port.width != out.width for m in members) \
+            if len(readers) != 1 or readers[0].nodes[0].op not in ("Gemm", "MatMul") or any(m.port.width != out.width for m in members) \
                     or any(not np.array_equal(m.classes, group.members[out.name].classes) for m in members):
                 continue
             gram, cross = self._statistics(readers[0])

@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import build_mlp
-from onnx import numpy_helper
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxfib
 from onnxfib.analysis import analyze
-from onnxfib.calibrate import Selector, refit
+from onnxfib.calibrate import Selector, _input_rows, refit
 from onnxfib.errors import UsageError
 from onnxfib.validation import run_tensors
 
@@ -95,3 +96,40 @@ def test_selection_keeps_the_channels_the_reader_uses_and_refits_exactly():
     result = onnxfib.compress(model, layer_eps={"fc0": eps}, data={"x": x}, calibrate=True, check=False)
     assert result.report.params_after < result.report.params_before
     assert _sse(result.model, model, x) < 1e-6 * _sse(analysis.collapse(), model, x)
+
+
+def _cnn() -> onnx.ModelProto:
+    """Conv(3->10, 3x3, pad 1) -> Relu -> Conv(10->4, 3x3, stride 2, dilation 1) on 9x9 images."""
+    rng = np.random.default_rng(8)
+    w0 = rng.standard_normal((10, 3, 3, 3)).astype(np.float32) / 5
+    w1 = rng.standard_normal((4, 10, 3, 3)).astype(np.float32) / 9
+    inits = [numpy_helper.from_array(w0, "K0"), numpy_helper.from_array(rng.uniform(-0.3, 0.3, 10).astype(np.float32), "c0"),
+             numpy_helper.from_array(w1, "K1"), numpy_helper.from_array(rng.uniform(-0.3, 0.3, 4).astype(np.float32), "c1")]
+    nodes = [helper.make_node("Conv", ["x", "K0", "c0"], ["h"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu0"),
+             helper.make_node("Conv", ["r", "K1", "c1"], ["y"], name="conv1", strides=[2, 2], pads=[0, 1, 0, 1])]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_conv_patches_reproduce_onnx_runtime():
+    model = _cnn()
+    x = np.random.default_rng(3).standard_normal((5, 3, 9, 9)).astype(np.float32)
+    (r, y), = run_tensors(model, ["r", "y"], [{"x": x}], "model")
+    site = next(s for s in analyze(model, eps=0.0).sites if s.name == "conv1")
+    w, b, free = site.flat()
+    rows = _input_rows(site)(r)
+    assert free and rows.shape == (5 * 4 * 5, 10 * 9)  # H: (9 - 3) // 2 + 1, W: (9 + 2 - 3) // 2 + 1
+    expected = np.moveaxis(y, 1, -1).reshape(-1, 4)
+    np.testing.assert_allclose(rows @ w.T + b, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_refit_never_increases_the_calibration_error():
+    model = _cnn()
+    x = np.random.default_rng(4).standard_normal((40, 3, 9, 9)).astype(np.float32)
+    merged = analyze(model, eps=0.8).collapse()
+    refit_model, reports = refit(analyze(model, eps=0.8), model, [{"x": x}])
+    assert [r.name for r in reports] == ["conv1"]
+    before, after = _sse(merged, model, x), _sse(refit_model, model, x)
+    assert before > 1e-3 and after < 0.9 * before

@@ -90,24 +90,25 @@ class LinearSite(Site):
     def can_rescale(self, ctx: Context, port: Port) -> bool:
         return True
 
-    def dense(self) -> tuple[np.ndarray, np.ndarray, bool] | None:
-        """``(W [out, in], b [out], free)``: the dense map the layer applies (alpha and beta folded
-        in, b zero without a bias); ``free`` says whether :meth:`set_dense` may write a bias of
-        its own per channel. None for a layer whose weight entries are kernels (Conv)."""
+    def flat(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """``(W [out, in * kernel], b [out], free)``: the map the layer applies, each row its
+        input channels' entries in order (a kernel's entries together), alpha and beta folded in,
+        b zero without a bias; ``free`` says whether :meth:`set_flat` may write a bias of its own
+        per channel."""
         w = self.matrix()
-        if w.shape[2] != 1:
-            return None
         width = w.shape[0]  # the current width: the layer may have been collapsed already
         rows = None if self.bias is None else self.beta * channel_rows(self._stored(self.bias), self._bias_axis, width)
+        flat = w.reshape(width, -1)
         if rows is None:
-            return w[:, :, 0], np.zeros(width), False
+            return flat, np.zeros(width), False
         free = rows.shape[1] == 1 and self._stored(self.bias).size == width
-        return w[:, :, 0], rows[:, 0] if rows.shape[1] == 1 else np.zeros(width), free
+        return flat, rows[:, 0] if rows.shape[1] == 1 else np.zeros(width), free
 
-    def set_dense(self, graph: GraphView, w: np.ndarray, b: np.ndarray | None) -> None:
-        """Store a new dense map (the inverse of :meth:`dense`; ``b`` only where it is free)."""
+    def set_flat(self, graph: GraphView, w: np.ndarray, b: np.ndarray | None) -> None:
+        """Store a new map (the inverse of :meth:`flat`; ``b`` only where it is free)."""
         stored = self._stored(self.weight)
-        graph.set_constant(*self.weight, np.moveaxis(w / self.alpha, (0, 1), (self.out_axis, self.in_axis)).reshape(stored.shape))
+        moved = np.moveaxis(stored, (self.out_axis, self.in_axis), (0, 1))
+        graph.set_constant(*self.weight, np.moveaxis((w / self.alpha).reshape(moved.shape), (0, 1), (self.out_axis, self.in_axis)))
         if b is not None:
             graph.set_constant(*self.bias, (b / self.beta).reshape(self._stored(self.bias).shape))
 
