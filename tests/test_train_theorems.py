@@ -188,3 +188,22 @@ def test_relu_synchronization_does_not_imply_fibers_negative_control() -> None:
     assert fibers.is_discrete
     assert activity_partition(torch.relu(layer_outputs(relu, x)[0]["0"])).n_colors == 1
     assert activity_partition(layer_outputs(linear, x)[0]["0"]) == fibers
+
+
+@pytest.mark.parametrize("activation, flavored", [(nn.Tanh, True), (nn.Identity, False)])
+def test_opfibers_are_flavored_by_fibers_only_when_nonlinear_eq5(activation: type[nn.Module],
+                                                                 flavored: bool) -> None:
+    """Two neurons with equal outgoing weights but different inputs: their errors differ through
+    sigma'(z) in a tanh network, so Eq. 5's flavor must keep them apart; with a linear activation
+    (q = 1) their errors agree and they share an opfiber."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), activation(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        model[2].weight[:, 1] = model[2].weight[:, 0]
+    x, target = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    opfibers = _figures(model, x)["0"].opfibers
+    pair = Partition([0, 0, 1])
+    _, errors = layer_outputs(model, x, loss=_mse(target))
+    assert synchronized(errors["0"], pair) is not flavored
+    assert (opfibers == pair) is not flavored
+    assert opfibers.is_discrete is flavored
