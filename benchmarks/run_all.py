@@ -1,0 +1,38 @@
+"""Regenerate every benchmark section of RESULTS.md, its JSON files and plots, in one command.
+
+    python benchmarks/run_all.py                # about 10 minutes on 2 CPU cores
+    python benchmarks/run_all.py --no-write     # print the tables only
+
+Runs, in order: ``fashion_cnn.py`` (the CNN across eps) and ``lenet_fashion.py`` (LeNet-300-100
+and 784-500-500-500-10 against the baselines of ``baselines.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SCRIPTS = ("fashion_cnn", "lenet_fashion")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=SCRIPTS, default=list(SCRIPTS))
+    parser.add_argument("--no-write", action="store_true", help="print the tables, write nothing")
+    args = parser.parse_args(argv)
+    status = 0
+    for name in args.only:
+        start = time.perf_counter()
+        code = importlib.import_module(name).main(["--no-write"] if args.no_write else [])
+        print(f"{name}: exit {code}, {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        status = status or code
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
