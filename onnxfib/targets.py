@@ -14,6 +14,10 @@ by cost instead of visited one after another. It stops when
 - ``drop``: no step keeps the accuracy lost (argmax of the first output against the labels)
   within the limit.
 
+For ``params`` an exchange phase follows: it trades merges between pairs of layers at the same
+budget (a step more in one, as many fewer in the other as the budget allows) while that lowers
+the output error, which the greedy order alone can miss.
+
 Every evaluation collapses the model (refit on the data when calibrating) and runs it in ONNX
 Runtime; the figures reported are those of the returned eps on the same data.
 """
@@ -99,6 +103,11 @@ class Evaluator:
             best = other if other.mse < best.mse else best
         return best
 
+    def params(self, layer_eps: Mapping[str, float]) -> int:
+        """The parameters of the collapse at ``layer_eps``, without measuring it."""
+        analysis = analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps)
+        return stats.count_parameters(analysis.collapse())
+
     def _measure(self, layer_eps: Mapping[str, float], analysis: Analysis, model: onnx.ModelProto,
                  refits: list[RefitReport], heights: dict[str, np.ndarray]) -> Outcome:
         runs = list(run_tensors(model, self.names, self.batches, "compressed"))
@@ -125,14 +134,21 @@ class Evaluator:
 
 def _next_eps(heights: np.ndarray, eps: float, more: int) -> float | None:
     """The eps at which ``more`` further merges of a layer's rows have happened (the middle of the
-    gap after them), None when the layer has no merges left."""
+    gap after them; ``more`` < 0 undoes merges, down to eps 0), None when there is no such merge."""
     done = int(np.searchsorted(heights, eps, side="right"))
-    if done >= len(heights):
-        return None
     j = min(done + more, len(heights))
+    if (more > 0 and done >= len(heights)) or (more < 0 and done == 0):
+        return None
+    if j <= 0:
+        return 0.0
     upper = heights[j] if j < len(heights) else min(heights[-1] + 1e-3, 2.0)
     value = 0.5 * (heights[j - 1] + upper)
     return float(value) if value < 2.0 else None
+
+
+def _merged(heights: np.ndarray, eps: float) -> int:
+    """How many merges of a layer's rows eps makes."""
+    return int(np.searchsorted(heights, eps, side="right"))
 
 
 def search(evaluate: Evaluator, kind: str, limit: float) -> Outcome:
@@ -180,7 +196,53 @@ def search(evaluate: Evaluator, kind: str, limit: float) -> Outcome:
         if kind == "params" and outcome.params < goal and more > 1:
             outcome = _fewest(attempt, name, more, goal) or outcome
         current = outcome
+    if kind == "params" and current.params <= goal:
+        current = _exchange(evaluate, current, layers, goal)
     return current
+
+
+def _exchange(evaluate: Evaluator, current: Outcome, layers: list[str], goal: float, rounds: int = 8) -> Outcome:
+    """Trade merges between layers at the parameter budget ``goal``: merge a step more in one
+    layer, undo as many merges of another as the budget allows (parameters counted without
+    measuring), and keep the trade when the output error falls; repeat while any trade helps."""
+    for _ in range(rounds):
+        improved = False
+        for more_in in layers:
+            for fewer_in in layers:
+                heights_a, heights_b = current.heights.get(more_in), current.heights.get(fewer_in)
+                if more_in == fewer_in or heights_a is None or heights_b is None:
+                    continue
+                width = next(l.width for l in current.analysis.layers if l.name == more_in)
+                undo = _merged(heights_b, current.layer_eps.get(fewer_in, 0.0))
+                for step in dict.fromkeys((1, max(1, math.ceil(width * STEP_FRACTION)))):
+                    eps_a = _next_eps(heights_a, current.layer_eps.get(more_in, 0.0), step)
+                    if eps_a is None or undo == 0:
+                        break
+                    candidate = _trade(evaluate, current, (more_in, eps_a), fewer_in, heights_b, undo, goal)
+                    if candidate is not None and candidate.params <= goal and candidate.mse < current.mse:
+                        current, improved = candidate, True
+                        break
+        if not improved:
+            break
+    return current
+
+
+def _trade(evaluate: Evaluator, current: Outcome, more: tuple[str, float], fewer_in: str, heights: np.ndarray,
+           undo: int, goal: float) -> Outcome | None:
+    """The outcome of ``more`` (a layer and its larger eps) with as many merges of ``fewer_in``
+    undone (at most ``undo``) as keep the parameters within ``goal``; None when none can be."""
+    def eps_of(count: int) -> dict[str, float]:
+        eps_b = _next_eps(heights, current.layer_eps.get(fewer_in, 0.0), -count)
+        return {**current.layer_eps, more[0]: more[1], fewer_in: eps_b}
+
+    low, high, best = 1, undo, 0
+    while low <= high:  # parameters only: no collapse is measured here
+        middle = (low + high) // 2
+        if evaluate.params(eps_of(middle)) <= goal:
+            best, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return evaluate(eps_of(best)) if best else None
 
 
 def _fewest(attempt, name: str, more: int, goal: float) -> Outcome | None:
