@@ -12,8 +12,9 @@ continual backprop re-seeds the lowest-utility mature neurons; symmetry breaking
 redundant members of mature covers (recomputed periodically at a cosine tolerance) after
 folding them into the kept neuron. A cover tracker records the second hidden layer's covers at
 the end of every task (its cost is reported as overhead). Writes ``results/continual.json``,
-``results/continual_accuracy.png``, ``results/continual_covers.png`` and the ``continual``
-section of ``RESULTS.md``.
+``results/continual_accuracy.png``, ``results/continual_covers.png``,
+``results/continual_cover_sizes.png`` (like the paper's Fig. 10) and the ``continual`` section
+of ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ RECOMPUTE_EVERY = 50
 RESULTS_JSON = HERE / "results" / f"{NAME}.json"
 ACCURACY_PNG = HERE / "results" / f"{NAME}_accuracy.png"
 COVERS_PNG = HERE / "results" / f"{NAME}_covers.png"
+SIZES_PNG = HERE / "results" / f"{NAME}_cover_sizes.png"
 RESULTS_MD = HERE / "RESULTS.md"
 
 
@@ -100,6 +102,7 @@ def run(method: str, seed: int, tasks: int, data: dict, epochs: int) -> dict:
     by_class_train = [np.flatnonzero(y_train == c) for c in range(10)]
     by_class_test = [np.flatnonzero(y_test == c) for c in range(10)]
     accuracy, covers, dead, replaced = [], [], [], []
+    cover_sizes: dict[str, list[int]] = {}
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     for task, pair in enumerate(task_sequence(tasks, seed)):
@@ -133,13 +136,20 @@ def run(method: str, seed: int, tasks: int, data: dict, epochs: int) -> dict:
             raise FloatingPointError(f"{method}, seed {seed}: weights not finite after task {task}")
         record = {r.layer: r for r in tracker.record(task)}["2"]
         covers.append(record.covers)
+        if task in checkpoints(tasks):
+            cover_sizes[str(task)] = record.cover_sizes
         replaced.append((helper.replaced if helper is not None else 0) - before)
     seconds = time.perf_counter() - start
     return {"method": method, "seed": seed, "accuracy": accuracy, "covers": covers, "dead": dead,
             "replaced": replaced, "seconds": seconds, "tracker_seconds": tracker.seconds,
             "tracker_records": len(covers),
             "breaking_seconds": getattr(helper, "seconds", 0.0),
-            "cover_sizes_last": record.cover_sizes}
+            "cover_sizes": cover_sizes}
+
+
+def checkpoints(tasks: int) -> list[int]:
+    """Tasks whose cover size distribution is kept (first, quarters, last)."""
+    return sorted({0, tasks // 4, tasks // 2, 3 * tasks // 4, tasks - 1})
 
 
 def summarize(runs: list[dict], tasks: int) -> dict:
@@ -193,6 +203,24 @@ def plot(runs: list[dict], tasks: int) -> None:
     fig.tight_layout()
     fig.savefig(COVERS_PNG, dpi=120)
     plt.close(fig)
+    marks = checkpoints(tasks)
+    largest = max(max(sizes) for r in runs for sizes in r["cover_sizes"].values())
+    fig, axes = plt.subplots(len(METHODS), len(marks), figsize=(2.6 * len(marks), 2.2 * len(METHODS)),
+                             sharex=True, sharey=True, squeeze=False)
+    for row, method in enumerate(METHODS):
+        for col, task in enumerate(marks):
+            sizes = [s for r in runs if r["method"] == method for s in r["cover_sizes"][str(task)]]
+            axes[row][col].hist(sizes, bins=np.arange(1, largest + 2) - 0.5, color=colors[method])
+            axes[row][col].set_yscale("log")
+            if row == 0:
+                axes[row][col].set_title(f"after task {task + 1}", fontsize="small")
+        axes[row][0].set_ylabel(method.replace("_", " "), fontsize="small")
+    for ax in axes[-1]:
+        ax.set_xlabel("cover size")
+    fig.suptitle(f"Cover sizes in hidden layer 2 (eps={EPS:g}, all seeds pooled)", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(SIZES_PNG, dpi=120)
+    plt.close(fig)
 
 
 def markdown(result: dict) -> str:
@@ -229,6 +257,7 @@ def markdown(result: dict) -> str:
         "",
         f"![accuracy per task]({ACCURACY_PNG.relative_to(HERE).as_posix()})",
         f"![covers per task]({COVERS_PNG.relative_to(HERE).as_posix()})",
+        f"![cover sizes]({SIZES_PNG.relative_to(HERE).as_posix()})",
         "",
         result["finding"],
         "",
