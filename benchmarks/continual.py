@@ -75,7 +75,7 @@ def task_sequence(tasks: int, seed: int) -> list[tuple[int, int]]:
     return [tuple(int(c) for c in rng.choice(10, size=2, replace=False)) for _ in range(tasks)]
 
 
-def run(method: str, seed: int, tasks: int, data: dict, epochs: int) -> dict:
+def run(method: str, seed: int, tasks: int, data: dict, epochs: int, lr: float) -> dict:
     """Train one method on one seed's task sequence; per-task accuracy and cover figures."""
     import torch
     from torch import nn
@@ -88,7 +88,7 @@ def run(method: str, seed: int, tasks: int, data: dict, epochs: int) -> dict:
     model = nn.Sequential(nn.Linear(196, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
                           nn.Linear(HIDDEN, 2))
     head = model[4]
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
     example = torch.zeros(1, 196)
     schedule = dict(optimizer=optimizer, replacement_rate=REPLACEMENT_RATE, maturity=MATURITY, seed=seed)
     if method == "continual_backprop":
@@ -234,7 +234,7 @@ def markdown(result: dict) -> str:
         "",
         f"{tasks} binary tasks (random class pair, random label order), MLP 196-{HIDDEN}-{HIDDEN}-2 (ReLU, "
         f"14x14 inputs), output layer reset per task, {TRAIN_PER_CLASS} training images per class, "
-        f"{result['epochs']} epochs of batch {BATCH}, SGD lr {LR} momentum {MOMENTUM}; tested on {TEST_PER_CLASS} test images "
+        f"{result['epochs']} epochs of batch {BATCH}, SGD lr {result['lr']:g} momentum {MOMENTUM}; tested on {TEST_PER_CLASS} test images "
         f"per class. Replacement rate {REPLACEMENT_RATE:g} per mature neuron and step, maturity {MATURITY} steps; "
         f"continual backprop utility decay {DECAY}; symmetry breaking covers at eps {EPS:g}, recomputed every "
         f"{RECOMPUTE_EVERY} steps. Seeds {', '.join(map(str, result['seeds']))}: mean ± std over seeds.",
@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=TASKS)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")
     args = parser.parse_args(argv)
@@ -310,13 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data()
     jobs = [(method, seed) for seed in args.seeds for method in METHODS]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(run, method, seed, args.tasks, data, args.epochs) for method, seed in jobs]
+        futures = [pool.submit(run, method, seed, args.tasks, data, args.epochs, args.lr) for method, seed in jobs]
         runs = []
         for future in futures:
             runs.append(future.result())
             print(f"{runs[-1]['method']} seed {runs[-1]['seed']}: {runs[-1]['seconds']:.0f} s", file=sys.stderr)
     summary = summarize(runs, args.tasks)
-    result = {"tasks": args.tasks, "seeds": args.seeds, "epochs": args.epochs, "summary": summary,
+    result = {"tasks": args.tasks, "seeds": args.seeds, "epochs": args.epochs, "lr": args.lr, "summary": summary,
               "finding": finding(summary), "runs": runs, "seconds": time.perf_counter() - start,
               "platform": f"{platform.machine()}, {platform.python_version()}"}
     section = markdown(result)
