@@ -75,7 +75,7 @@ def _check_fraction(name: str, value: float, *, upper_open: bool = False) -> flo
 
 
 def _target(target_params: float | None, max_error: float | None, max_drop: float | None,
-            labels: np.ndarray | None) -> tuple[str, float] | None:
+            has_labels: bool) -> tuple[str, float] | None:
     """The one target asked for, as (kind, limit); UsageError for several, a bad value, or a
     max_drop without labels."""
     given = [(k, v) for k, v in (("params", target_params), ("error", max_error), ("drop", max_drop)) if v is not None]
@@ -87,7 +87,7 @@ def _target(target_params: float | None, max_error: float | None, max_drop: floa
     if kind == "params":
         return kind, _check_fraction("target_params (the fraction of parameters kept)", value, upper_open=True)
     if kind == "drop":
-        if labels is None:
+        if not has_labels:
             raise UsageError("max_drop needs labels (one integer class per sample of the data)")
         return kind, _check_fraction("max_drop (accuracy lost, a fraction: 0.01 is one point)", value)
     try:
@@ -161,8 +161,8 @@ def compress(
     per layer name), check the result and, when ``check`` is set, compare it with the original
     in ONNX Runtime on ``data`` (or generated inputs).
 
-    ``calibrate`` refits the merged layers on ``data`` by ridge least squares (``ridge``; see
-    ``onnxfib.calibrate``). A target chooses every layer's eps (``onnxfib.targets``): keep at
+    ``calibrate`` refits the merged layers on ``data`` by ridge least squares (``ridge``) and
+    lets the data choose which channels merged layers keep (see ``onnxfib.calibrate``). A target chooses every layer's eps (``onnxfib.targets``): keep at
     most ``target_params`` of the parameters (a fraction), keep the largest absolute output
     error within ``max_error``, or the accuracy lost on ``data`` against ``labels`` within
     ``max_drop`` (a fraction: 0.01 is one point). With a target the verdict is the target (an
@@ -183,7 +183,7 @@ def compress(
         raise UsageError("labels need data: one label per sample of it")
     if math.isnan(ridge) or not ridge > 0:
         raise UsageError(f"ridge must be a positive number, got {ridge}")
-    goal = _target(target_params, max_error, max_drop, np.zeros(0) if labels is not None else None)
+    goal = _target(target_params, max_error, max_drop, labels is not None)
     if goal is not None and (eps or layer_eps):
         raise UsageError("a target chooses every layer's eps: give no eps or per-layer eps with it")
     loaded = io.open_model(model_or_path)
