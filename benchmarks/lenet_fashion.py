@@ -259,11 +259,12 @@ def plot(key: str, net: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colors = {name: f"C{i}" for i, name in enumerate(("onnxfib", *BASELINES))}
     for ax, mode in zip(axes, MODES):
         rows = [level[mode] for level in net["levels"]]
         removed = [100 * row["removed"] for row in rows]
         for name in rows[0]["accuracy"]:
-            ax.plot(removed, [100 * row["accuracy"][name] for row in rows], marker="o",
+            ax.plot(removed, [100 * row["accuracy"][name] for row in rows], marker="o", color=colors[name],
                     lw=2.5 if name == "onnxfib" else 1.2, label=name)
         if key == "lenet_300_100":
             for name, points in ANCHORS.items():
@@ -274,7 +275,7 @@ def plot(key: str, net: dict, path: Path) -> None:
         ax.set_xlabel("parameters removed (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    axes[1].legend(fontsize=7, loc="lower left")
+    axes[0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
