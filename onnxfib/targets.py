@@ -180,10 +180,13 @@ def search(evaluate: Evaluator, kind: str, limit: float) -> Outcome:
                 continue
             width = next(l.width for l in current.analysis.layers if l.name == name)
             for more in dict.fromkeys((max(1, math.ceil(width * STEP_FRACTION)), 1)):
-                outcome = attempt(name, more)
-                if outcome is None:
+                heights = current.heights.get(name)
+                if heights is None or _next_eps(heights, current.layer_eps.get(name, 0.0), more) is None:
                     if more == 1:
-                        exhausted.add(name)
+                        exhausted.add(name)  # no merge left in this layer
+                    continue
+                outcome = attempt(name, more)
+                if outcome is None:  # merging here now unmerges a later layer (its input colors changed)
                     continue
                 if fits(outcome):
                     score = (outcome.mse - current.mse) / (current.params - outcome.params)
