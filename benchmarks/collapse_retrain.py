@@ -28,7 +28,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import fashion_mnist  # noqa: E402
-from continual import write_section  # noqa: E402
+from sections import fashion_mnist_missing, write_section  # noqa: E402
 
 NAME = "collapse_retrain"
 SEED = 0
@@ -45,7 +45,6 @@ PLOT_PNG = HERE / "results" / f"{NAME}.png"
 TRACK_CSV = HERE / "results" / f"{NAME}_tracking.csv"
 FIBERS_PNG = HERE / "results" / f"{NAME}_fibers.png"
 COVERS_PNG = HERE / "results" / f"{NAME}_cover_sizes.png"
-RESULTS_MD = HERE / "RESULTS.md"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")
     args = parser.parse_args(argv)
-    if not fashion_mnist.available():
-        print(f"Fashion-MNIST not found in {fashion_mnist.data_dir()}: apt-get install -y dataset-fashion-mnist",
-              file=sys.stderr)
+    if fashion_mnist_missing():
         return 2
     import torch
     from torch import nn
@@ -138,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker.to_csv(TRACK_CSV)
         tracker.plot_counts(FIBERS_PNG, kind="fibers")
         tracker.plot_sizes(COVERS_PNG, layer="2", kind="covers")
-        write_section(RESULTS_MD, section, NAME)
+        write_section(NAME, section)
     return 0
 
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import platform
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +33,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import fashion_mnist  # noqa: E402
+from sections import fashion_mnist_missing, write_section  # noqa: E402
 
 NAME = "continual"
 METHODS = ("sgd", "continual_backprop", "symmetry_breaking")
@@ -55,7 +55,6 @@ RESULTS_JSON = HERE / "results" / f"{NAME}.json"
 ACCURACY_PNG = HERE / "results" / f"{NAME}_accuracy.png"
 COVERS_PNG = HERE / "results" / f"{NAME}_covers.png"
 SIZES_PNG = HERE / "results" / f"{NAME}_cover_sizes.png"
-RESULTS_MD = HERE / "RESULTS.md"
 
 
 def load_data() -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -285,15 +284,6 @@ def finding(summary: dict) -> str:
                else "is not reproduced at this scale."))
 
 
-def write_section(path: Path, section: str, name: str = NAME) -> None:
-    """Replace the section ``name`` of ``path`` (between its markers), or append it."""
-    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\nOne section per benchmark script.\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text if text.endswith("\n") else text + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=TASKS)
@@ -303,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")
     args = parser.parse_args(argv)
-    if not fashion_mnist.available():
-        print(f"Fashion-MNIST not found in {fashion_mnist.data_dir()}: apt-get install -y dataset-fashion-mnist",
-              file=sys.stderr)
+    if fashion_mnist_missing():
         return 2
     start = time.perf_counter()
     data = load_data()
@@ -326,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_JSON.write_text(json.dumps(result, indent=1))
         plot(runs, args.tasks)
-        write_section(RESULTS_MD, section)
+        write_section(NAME, section)
     return 0
 
 

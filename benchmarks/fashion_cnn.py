@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import fashion_mnist  # noqa: E402
+from sections import fashion_mnist_missing, markers, write_section  # noqa: E402
 
 import onnxfib  # noqa: E402
 from onnxfib.stats import count_parameters  # noqa: E402
@@ -47,8 +47,7 @@ EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 #: pixel statistics of the Fashion-MNIST training set (x / 255)
 MEAN, STD = 0.2860, 0.3530
 RESULTS_JSON = HERE / "results" / f"{NAME}.json"
-RESULTS_MD = HERE / "RESULTS.md"
-BEGIN, END = f"<!-- {NAME} -->", f"<!-- /{NAME} -->"
+BEGIN, END = markers(NAME)
 
 
 def preprocess(images: np.ndarray) -> np.ndarray:
@@ -220,26 +219,13 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (between its markers), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\nOne section per benchmark script.\n"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text if text.endswith("\n") else text + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--eps", type=float, nargs="+", default=list(EPS))
     parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")
     args = parser.parse_args(argv)
-    if not fashion_mnist.available():
-        print(f"Fashion-MNIST not found in {fashion_mnist.data_dir()}: apt-get install -y dataset-fashion-mnist",
-              file=sys.stderr)
+    if fashion_mnist_missing():
         return 2
     data = run(args.epochs, tuple(args.eps))
     section = markdown(data)
@@ -247,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_JSON.write_text(json.dumps(data, indent=2) + "\n")
-        write_section(RESULTS_MD, section)
+        write_section(NAME, section)
     return 0
 
 

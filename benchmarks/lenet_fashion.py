@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import baselines  # noqa: E402
 import fashion_mnist  # noqa: E402
+from sections import fashion_mnist_missing, markers, write_section  # noqa: E402
 from fashion_cnn import quiet  # noqa: E402
 
 import onnxfib  # noqa: E402
@@ -65,8 +65,7 @@ MEAN, STD = 0.2860, 0.3530
 ANCHORS = {"Neuron Merging (published)": {0.5: 0.8869, 0.7: 0.8275, 0.8: 0.8002},
            "L1 pruning (published)": {0.5: 0.8840, 0.7: 0.7126, 0.8: 0.6676}}
 RESULTS_JSON = HERE / "results" / f"{NAME}.json"
-RESULTS_MD = HERE / "RESULTS.md"
-BEGIN, END = f"<!-- {NAME} -->", f"<!-- /{NAME} -->"
+BEGIN, END = markers(NAME)
 
 #: baselines narrowed to given widths; Model Folding's clusters are computed once per level
 BASELINES = ("random pruning", "L2 pruning", "Model Folding", "Model Folding + approx. REPAIR",
@@ -352,17 +351,6 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (between its markers), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\nOne section per benchmark script.\n"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text if text.endswith("\n") else text + "\n")
-
-
 def run(networks: Sequence[str]) -> dict:
     import sklearn
     import torch
@@ -392,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--networks", nargs="+", choices=list(NETWORKS), default=list(NETWORKS))
     parser.add_argument("--no-write", action="store_true", help="print the tables, write nothing")
     args = parser.parse_args(argv)
-    if not fashion_mnist.available():
-        print(f"Fashion-MNIST not found in {fashion_mnist.data_dir()}: apt-get install -y dataset-fashion-mnist",
-              file=sys.stderr)
+    if fashion_mnist_missing():
         return 2
     data = run(args.networks)
     section = markdown(data)
@@ -405,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, net in data["networks"].items():
             if net["levels"]:
                 plot(key, net, RESULTS_JSON.parent / f"{key}.png")
-        write_section(RESULTS_MD, section)
+        write_section(NAME, section)
     return 0
 
 

@@ -215,7 +215,7 @@ def onnx_mlp(weights, biases, activation: str = "relu", use_gemm: bool = True, o
     """A hand-made ONNX MLP: ``Gemm`` (transB=1) or ``MatMul`` + ``Add`` per layer, ``activation``
     between layers (none after the last). ``weights`` are ``(out, in)`` matrices."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     act = _ONNX_ACT[activation.lower()]
     nodes, inits = [], []

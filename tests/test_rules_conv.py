@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxfib.stats import count_parameters
 from graphs import Builder, compress_and_compare, lift_map
 
 CIN, C, D = 3, 4, 5
@@ -158,7 +157,6 @@ def test_grouped_conv_merges_inside_groups_keeping_groups_equal():
     w1, b1 = rng.standard_normal((6, CIN, 3, 3)), rng.standard_normal(6)  # two groups of 3 channels
     within = [lift_map(rng, 3, 2) for _ in range(2)]
     rows = np.concatenate([g * 3 + s for g, (s, _) in enumerate(within)])
-    share = np.concatenate([f for _, f in within])
     grouped = rng.standard_normal((4, 3, 3, 3))  # 2 groups: 2 outputs each, reading 3 inputs each
     gb = rng.standard_normal(4)
     out_rows = np.array([0, 1, 0, 2, 3, 3])  # group 0 outputs 0,1 (+copy of 0); group 1 outputs 2,3 (+copy of 3)
