@@ -1,10 +1,12 @@
 """Regenerate every benchmark section of RESULTS.md, its JSON files and plots, in one command.
 
-    python benchmarks/run_all.py                # about 10 minutes on 2 CPU cores
+    python benchmarks/run_all.py                # about 30 minutes on 2 idle CPU cores
+    python benchmarks/run_all.py --only lenet_fashion
     python benchmarks/run_all.py --no-write     # print the tables only
 
-Runs, in order: ``fashion_cnn.py`` (the CNN across eps) and ``lenet_fashion.py`` (LeNet-300-100
-and 784-500-500-500-10 against the baselines of ``baselines.py``).
+Runs, in order: ``fashion_cnn.py`` (the CNN across eps), ``lenet_fashion.py`` (LeNet-300-100
+and 784-500-500-500-10 against the baselines of ``baselines.py``), ``continual.py`` (continual
+learning: SGD, continual backprop, symmetry breaking) and ``collapse_retrain.py`` (Algorithm 1).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SCRIPTS = ("fashion_cnn", "lenet_fashion")
+SCRIPTS = ("fashion_cnn", "lenet_fashion", "continual", "collapse_retrain")
 
 
 def main(argv: list[str] | None = None) -> int:
