@@ -51,7 +51,8 @@ app = _App(
 EPS_HELP = "Merge tolerance: cosine distance in [0, 2); 0 merges only exact symmetries."
 DATA_HELP = "Inputs to validate on: .npz keyed by input name, or .npy for single-input models."
 SHAPE_HELP = "Shape for an input's dynamic dims, NAME:D1,D2,... (repeatable), e.g. input:1,64."
-LABELS_HELP = "Integer class labels (.npy), one per sample of --data: accuracy is the argmax of the first output."
+LABELS_HELP = ("Integer class labels (.npy), one per sample of --data: accuracy compares them with the model's "
+               "integer label output if it has one, else with the argmax of its first output.")
 CALIBRATE_HELP = "Refit the merged layers by ridge least squares on --data (calibration inputs)."
 RIDGE_HELP = "Ridge strength of the refit, relative to the mean diagonal of the normal equations."
 RTOL_HELP = "Relative tolerance of the validation."

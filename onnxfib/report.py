@@ -92,8 +92,8 @@ class TargetReport:
     ``kind`` is ``params`` (``limit``: fraction of parameters kept), ``error`` (largest absolute
     output error) or ``drop`` (accuracy lost, a fraction: 0.01 is one point); ``achieved`` is
     the same figure for the result; ``met`` is ``achieved <= limit``. ``max_abs`` is the largest
-    absolute output error; the accuracies (argmax of the first output against the labels) are
-    set when labels were given."""
+    absolute output error; the accuracies (the model's integer label output, or the argmax of
+    its first output, against the labels) are set when labels were given."""
 
     kind: str
     limit: float

@@ -11,7 +11,7 @@ by cost instead of visited one after another. It stops when
 - ``params``: the model keeps at most the given fraction of its parameters (the last step is
   narrowed to the fewest merges that reach it, so the fraction is met as closely as steps allow);
 - ``error``: no step keeps the largest absolute output error within the limit;
-- ``drop``: no step keeps the accuracy lost (argmax of the first output against the labels)
+- ``drop``: no step keeps the accuracy lost (:func:`predicted_classes` against the labels)
   within the limit.
 
 For ``params`` an exchange phase follows: it trades merges between pairs of layers at the same
@@ -41,6 +41,28 @@ TARGET_KINDS = ("params", "error", "drop")
 
 #: A try merges about this fraction of a layer's rows (at least one).
 STEP_FRACTION = 1 / 32
+
+
+_INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+                  onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
+
+
+def label_output(model: onnx.ModelProto) -> int | None:
+    """The index of a classifier's label output (integer, one value per sample, as skl2onnx
+    writes it), None when the model has none."""
+    for index, output in enumerate(model.graph.output):
+        tensor = output.type.tensor_type
+        if tensor.elem_type in _INTEGER_TYPES and tensor.HasField("shape") and len(tensor.shape.dim) == 1:
+            return index
+    return None
+
+
+def predicted_classes(outputs: Sequence[np.ndarray], label_index: int | None) -> np.ndarray:
+    """A classifier's predictions: its label output when it has one, else the argmax over the
+    last axis of its first output."""
+    if label_index is not None:
+        return np.asarray(outputs[label_index]).reshape(-1).astype(np.int64)
+    return outputs[0].argmax(axis=-1).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,7 @@ class Evaluator:
             max(float(np.mean([np.var(run[k]) for run in self.reference])), 1e-30) for k in range(len(self.names))
         ]
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
+        self.label_index = label_output(original)
         self.selector = Selector(original, self.batches, ridge=ridge) if calibrate else None
         self.params_before = stats.count_parameters(original)
         self.accuracy_before = self._accuracy(self.reference)
@@ -84,7 +107,7 @@ class Evaluator:
     def _accuracy(self, runs: list[list[np.ndarray]]) -> float | None:
         if self.labels is None:
             return None
-        predicted = np.concatenate([run[0].argmax(axis=-1).reshape(-1) for run in runs])
+        predicted = np.concatenate([predicted_classes(run, self.label_index) for run in runs])
         return float(np.mean(predicted == self.labels))
 
     def __call__(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> Outcome:

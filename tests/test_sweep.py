@@ -51,3 +51,23 @@ def test_sweep_command_writes_table_json_and_png(tmp_path, mlp_path, capsys):
     assert [p["eps"] for p in points] == [0.0, 0.4, 0.8] and all("params_kept" in p for p in points)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sha256(mlp_path) == before
+
+
+def test_accuracy_of_a_classifier_with_a_label_output(tmp_path):
+    """skl2onnx classifiers put an integer ``label`` output first and the probabilities second:
+    the accuracy is the label output's, and at eps 0 it equals scikit-learn's own score."""
+    pytest.importorskip("skl2onnx")
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+
+    from planted_utils import export_sklearn
+
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    clf = MLPClassifier((24,), max_iter=300, random_state=0).fit(X[:1200], y[:1200])
+    path = export_sklearn(clf, tmp_path / "digits_clf.onnx")
+    data, labels = {"input": X[1200:]}, y[1200:]
+    points = onnxfib.sweep(str(path), eps_values=[0.0, 0.6], data=data, labels=labels)
+    assert points[0].accuracy == pytest.approx(clf.score(X[1200:], labels))
+    result = onnxfib.compress(str(path), data=data, labels=labels, max_drop=0.02)
+    assert result.report.target.met and result.report.target.accuracy_after >= clf.score(X[1200:], labels) - 0.02
