@@ -120,6 +120,19 @@ def _labels(labels: Labels | None, batches: list[dict[str, np.ndarray]]) -> np.n
     return array.reshape(-1)
 
 
+def _check_measuring(symmetry: str, data: Data | None, calibrate: bool, labels: object, ridge: float) -> None:
+    """UsageError for a symmetry onnxfib does not know, calibration or labels without data, or a
+    ridge that is not a positive number."""
+    if symmetry not in SYMMETRIES:
+        raise UsageError(f"symmetry must be one of {', '.join(SYMMETRIES)}, got {symmetry!r}")
+    if calibrate and data is None:
+        raise UsageError("calibrate needs data: the calibration inputs")
+    if labels is not None and data is None:
+        raise UsageError("labels need data: one label per sample of it")
+    if math.isnan(ridge) or not ridge > 0:
+        raise UsageError(f"ridge must be a positive number, got {ridge}")
+
+
 def _check_tolerances(rtol: float, atol: float) -> None:
     for name, value in (("rtol", rtol), ("atol", atol)):
         if math.isnan(value) or value < 0:
@@ -174,15 +187,8 @@ def compress(
     start = time.perf_counter()
     eps = check_eps(eps)
     layer_eps = check_layer_eps(layer_eps)
-    if symmetry not in SYMMETRIES:
-        raise UsageError(f"symmetry must be one of {', '.join(SYMMETRIES)}, got {symmetry!r}")
+    _check_measuring(symmetry, data, calibrate, labels, ridge)
     _check_tolerances(rtol, atol)
-    if calibrate and data is None:
-        raise UsageError("calibrate needs data: the calibration inputs")
-    if labels is not None and data is None:
-        raise UsageError("labels need data: one label per sample of it")
-    if math.isnan(ridge) or not ridge > 0:
-        raise UsageError(f"ridge must be a positive number, got {ridge}")
     goal = _target(target_params, max_error, max_drop, labels is not None)
     if goal is not None and (eps or layer_eps):
         raise UsageError("a target chooses every layer's eps: give no eps or per-layer eps with it")
@@ -266,14 +272,7 @@ def sweep(
     values = [check_eps(value) for value in eps_values]
     if not values:
         raise UsageError("a sweep needs at least one eps value")
-    if symmetry not in SYMMETRIES:
-        raise UsageError(f"symmetry must be one of {', '.join(SYMMETRIES)}, got {symmetry!r}")
-    if calibrate and data is None:
-        raise UsageError("calibrate needs data: the calibration inputs")
-    if labels is not None and data is None:
-        raise UsageError("labels need data: one label per sample of it")
-    if math.isnan(ridge) or not ridge > 0:
-        raise UsageError(f"ridge must be a positive number, got {ridge}")
+    _check_measuring(symmetry, data, calibrate, labels, ridge)
     original = io.open_model(model_or_path).model
     batches = _inputs(original, data, input_shapes, seed)
     evaluator = Evaluator(original, batches, symmetry=symmetry, labels=_labels(labels, batches),
