@@ -14,15 +14,11 @@ regenerates the ``fashion_cnn`` section of ``RESULTS.md`` (only that section).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import logging
 import platform
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +28,7 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import fashion_mnist  # noqa: E402
-from sections import fashion_mnist_missing, markers, write_section  # noqa: E402
+from sections import fashion_mnist_missing, fit, markers, quiet, write_section  # noqa: E402
 
 import onnxfib  # noqa: E402
 from onnxfib.stats import count_parameters  # noqa: E402
@@ -76,37 +72,7 @@ def train(X: np.ndarray, y: np.ndarray, epochs: int):
 
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
-    model = build_model()
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y.astype(np.int64))
-    gen = torch.Generator().manual_seed(SEED)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(Xt), generator=gen)
-        for start in range(0, len(Xt), BATCH):
-            idx = order[start:start + BATCH]
-            opt.zero_grad()
-            loss_fn(model(Xt[idx]), yt[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence the exporter's prints, warnings and log lines."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    buf = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return fit(build_model(), X, y, epochs=epochs, lr=LR, batch=BATCH, seed=SEED)
 
 
 def export(model, path: Path) -> None:

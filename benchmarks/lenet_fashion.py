@@ -39,8 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import baselines  # noqa: E402
 import fashion_mnist  # noqa: E402
-from sections import fashion_mnist_missing, markers, write_section  # noqa: E402
-from fashion_cnn import quiet  # noqa: E402
+from sections import fashion_mnist_missing, fit, markers, quiet, write_section  # noqa: E402
 
 import onnxfib  # noqa: E402
 
@@ -99,19 +98,7 @@ def train(hidden: Sequence[int], X: np.ndarray, y: np.ndarray, epochs: int):
     modules: list = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         modules += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*modules[:-1])
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y.astype(np.int64))
-    gen = torch.Generator().manual_seed(SEED)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(Xt), generator=gen)
-        for start in range(0, len(Xt), BATCH):
-            idx = order[start:start + BATCH]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(Xt[idx]), yt[idx]).backward()
-            opt.step()
-    return model.eval()
+    return fit(torch.nn.Sequential(*modules[:-1]), X, y, epochs=epochs, lr=LR, batch=BATCH, seed=SEED)
 
 
 def export(model) -> onnx.ModelProto:

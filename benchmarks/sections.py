@@ -1,10 +1,17 @@
-"""The pieces every benchmark script shares: its section of RESULTS.md, and the data check."""
+"""The pieces the benchmark scripts share: their sections of RESULTS.md, the data check, the
+seeded training loop, and silencing the exporters."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import re
 import sys
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 import fashion_mnist
 
@@ -33,3 +40,39 @@ def fashion_mnist_missing() -> bool:
     print(f"Fashion-MNIST not found in {fashion_mnist.data_dir()}: apt-get install -y dataset-fashion-mnist",
           file=sys.stderr)
     return True
+
+
+def fit(model, X: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch: int, seed: int):
+    """``model`` after ``epochs`` of Adam (``lr``, minibatches of ``batch`` in an order drawn from
+    ``seed``) on the cross-entropy of (X, y), in eval mode."""
+    import torch
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y.astype(np.int64))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(Xt), generator=gen)
+        for start in range(0, len(Xt), batch):
+            idx = order[start:start + batch]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(Xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the exporter's prints, warnings and log lines."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    buf = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
