@@ -97,18 +97,11 @@ class GraphView:
 
     def _slice_range(self, node: gs.Node) -> tuple[int, int, int] | None:
         """(axis, start, end) of a one-axis, step-1 Slice with constant bounds (None otherwise)."""
-        if len(node.inputs) > 1:  # opset >= 10: bounds are inputs
-            given = [self.constant(t) if t.name else None for t in node.inputs[1:5]]
-            given += [None] * (4 - len(given))
-            starts, ends, axes, steps = given
-            if starts is None or ends is None or any(t.name and self.constant(t) is None for t in node.inputs[3:5]):
-                return None
-        else:
-            starts, ends, axes, steps = (node.attrs.get(k) for k in ("starts", "ends", "axes", None))
-        if starts is None or ends is None or np.size(starts) != 1 or (steps is not None and int(np.ravel(steps)[0]) != 1):
+        starts, ends = self.ints(node, 1, "starts"), self.ints(node, 2, "ends")
+        axes, steps = self.ints(node, 3, "axes"), self.ints(node, 4, "steps")
+        if not starts or not ends or len(starts) != 1 or axes is False or steps is False or (steps and steps[0] != 1):
             return None
-        axis = 0 if axes is None else int(np.ravel(axes)[0])
-        return axis, int(np.ravel(starts)[0]), int(np.ravel(ends)[0])
+        return (0 if axes is None else axes[0]), starts[0], ends[0]
 
     def _bypass_concat_slices(self) -> None:
         """Let the readers of a Slice that takes exactly one input of a Concat along the same
@@ -119,9 +112,9 @@ class GraphView:
             sliced = node.outputs[0]
             if concat is None or concat.op != "Concat" or self.is_boundary(sliced) or (where := self._slice_range(node)) is None:
                 continue
-            rank = self.rank(node.inputs[0])
-            sizes = [self.dim(t, int(concat.attrs.get("axis", 0))) for t in concat.inputs]
-            if rank is None or None in sizes or where[0] % rank != int(concat.attrs.get("axis", 0)) % rank:
+            rank, axis = self.rank(node.inputs[0]), int(concat.attrs.get("axis", 0))
+            sizes = [self.dim(t, axis) for t in concat.inputs]
+            if rank is None or None in sizes or where[0] % rank != axis % rank:
                 continue
             total = sum(sizes)
             start, end = (min(max(v + total if v < 0 else v, 0), total) for v in where[1:])
@@ -145,12 +138,31 @@ class GraphView:
         return list(self.graph.nodes)
 
     @staticmethod
-    def constant(tensor: gs.Tensor) -> np.ndarray | None:
-        """The value of a constant tensor (also through Identity nodes, which the legacy torch
-        exporter uses to share equal weights), None for an activation."""
+    def _through_identity(tensor: gs.Tensor) -> gs.Tensor:
+        """The tensor behind a chain of Identity nodes (the legacy torch exporter shares equal
+        weights that way), or ``tensor`` itself."""
         while isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Identity":
             tensor = tensor.inputs[0].inputs[0]
+        return tensor
+
+    @staticmethod
+    def constant(tensor: gs.Tensor) -> np.ndarray | None:
+        """The value of a constant tensor (also through Identity nodes), None for an activation."""
+        tensor = GraphView._through_identity(tensor)
         return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+    def given(self, node: gs.Node, index: int, attr: str) -> np.ndarray | None | bool:
+        """Values given as input ``index`` (newer opsets) or attribute ``attr``: None when absent,
+        False when given but not constant."""
+        if len(node.inputs) > index and node.inputs[index].name:
+            value = self.constant(node.inputs[index])
+            return False if value is None else np.asarray(value).ravel()
+        return np.asarray(node.attrs[attr]).ravel() if attr in node.attrs else None
+
+    def ints(self, node: gs.Node, index: int, attr: str) -> list[int] | None | bool:
+        """:meth:`given` as a list of Python ints."""
+        values = self.given(node, index, attr)
+        return values if values is None or values is False else [int(v) for v in values]
 
     @staticmethod
     def computed_from_constants(tensor: gs.Tensor, depth: int = 12) -> bool:
@@ -191,9 +203,7 @@ class GraphView:
         torch exporter stores equal layers' weights once; they must not be stored twice)."""
         old = node.inputs[index]
         values = np.ascontiguousarray(values.astype(self.constant(old).dtype, copy=False))
-        source = old
-        while isinstance(source, gs.Variable) and len(source.inputs) == 1 and source.inputs[0].op == "Identity":
-            source = source.inputs[0].inputs[0]
+        source = self._through_identity(old)
         origin = self._origin.get(id(source), source.name)
         if source is old and origin not in self._shared and len(old.outputs) == 1:
             old.values = values

@@ -25,21 +25,6 @@ def _static(dims: list, indices) -> list[int] | None:
     return [int(d) for d in picked] if all(isinstance(d, (int, np.integer)) and d >= 0 for d in picked) else None
 
 
-def _given(node: gs.Node, graph: GraphView, index: int, attr: str) -> np.ndarray | None | bool:
-    """Values given as input ``index`` (newer opsets) or attribute ``attr``: None when absent,
-    False when given but not constant."""
-    if len(node.inputs) > index and node.inputs[index].name:
-        value = graph.constant(node.inputs[index])
-        return False if value is None else np.asarray(value).ravel()
-    return np.asarray(node.attrs[attr]).ravel() if attr in node.attrs else None
-
-
-def _ints(node: gs.Node, graph: GraphView, index: int, attr: str) -> list[int] | None | bool:
-    """``_given`` as a list of Python ints."""
-    values = _given(node, graph, index, attr)
-    return values if values is None or values is False else [int(v) for v in values]
-
-
 def _channel_position(graph: GraphView, port: Port, tensor: gs.Tensor) -> tuple[int, int] | None:
     """(rank, channel axis counted from the front), when the rank is known."""
     rank = graph.rank(tensor)
@@ -47,7 +32,7 @@ def _channel_position(graph: GraphView, port: Port, tensor: gs.Tensor) -> tuple[
 
 
 def _write_ints(node: gs.Node, graph: GraphView, index: int, attr: str, values: list[int]) -> None:
-    """Store an integer list where ``_ints`` found it (an input or an attribute)."""
+    """Store an integer list where ``GraphView.ints`` found it (an input or an attribute)."""
     if len(node.inputs) > index and node.inputs[index].name:
         graph.set_constant(node, index, np.asarray(values, dtype=np.int64))
     else:
@@ -278,7 +263,7 @@ class SplitSite(Site):
             return
         sizes = [plan.partition.n_colors if (plan := ctx.plan(p)) else p.width for p in self.outputs]
         node = self.nodes[0]
-        if _ints(node, ctx.graph, 1, "split") is not None:
+        if ctx.graph.ints(node, 1, "split") is not None:
             _write_ints(node, ctx.graph, 1, "split", sizes)
         elif len(set(sizes)) > 1:  # an equal split that the merge made unequal: spell the sizes out
             node.attrs.pop("num_outputs", None)
@@ -328,9 +313,9 @@ def _bind_unstack(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Si
     squeeze = transpose and _single_reader(transpose.outputs[0], "Squeeze", graph)
     swapped = list(range(rank + 1))
     swapped[0], swapped[rank - 1] = rank - 1, 0
-    if squeeze is None or _ints(unsqueeze, graph, 1, "axes") != [0] or [int(p) for p in transpose.attrs.get("perm", [])] != swapped:
+    if squeeze is None or graph.ints(unsqueeze, 1, "axes") != [0] or [int(p) for p in transpose.attrs.get("perm", [])] != swapped:
         return None
-    if [a % (rank + 1) for a in (_ints(squeeze, graph, 1, "axes") or [])] != [rank - 1]:
+    if [a % (rank + 1) for a in (graph.ints(squeeze, 1, "axes") or [])] != [rank - 1]:
         return None
     gathers = squeeze.outputs[0].outputs
     indices = [graph.constant(g.inputs[1]) if g.op == "Gather" and int(g.attrs.get("axis", 0)) == 0 else None
@@ -349,7 +334,7 @@ def bind_split(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site 
     x = node.inputs[0]
     port = known.get(x.name)
     where = None if port is None else _channel_position(graph, port, x)
-    sizes = _ints(node, graph, 1, "split")
+    sizes = graph.ints(node, 1, "split")
     if where is None or sizes is False:
         return None
     rank, channel = where
@@ -404,7 +389,7 @@ class SliceSite(Site):
         stop = start + (target.partition.n_colors if target else self.outputs[0].width)
         node = self.nodes[0]
         for index, attr, value in ((1, "starts", start), (2, "ends", stop)):
-            values = _ints(node, ctx.graph, index, attr)
+            values = ctx.graph.ints(node, index, attr)
             values[self.entry] = value
             _write_ints(node, ctx.graph, index, attr, values)
 
@@ -413,8 +398,8 @@ def bind_slice(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site 
     x = node.inputs[0]
     port = known.get(x.name)
     where = None if port is None else _channel_position(graph, port, x)
-    starts, ends = _ints(node, graph, 1, "starts"), _ints(node, graph, 2, "ends")
-    axes, steps = _ints(node, graph, 3, "axes"), _ints(node, graph, 4, "steps")
+    starts, ends = graph.ints(node, 1, "starts"), graph.ints(node, 2, "ends")
+    axes, steps = graph.ints(node, 3, "axes"), graph.ints(node, 4, "steps")
     if where is None or not starts or not ends or axes is False or steps is False:
         return None
     rank, channel = where
@@ -454,7 +439,7 @@ def bind_squeeze(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Sit
     """Squeeze/Unsqueeze of axes other than the channel axis."""
     x = node.inputs[0]
     port = known.get(x.name)
-    axes = _ints(node, graph, 1, "axes")
+    axes = graph.ints(node, 1, "axes")
     where = None if port is None else _channel_position(graph, port, x)
     if where is None or not axes or not only_first_output_used(node, graph):
         return None
@@ -482,7 +467,7 @@ def bind_reduce(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site
     x = node.inputs[0]
     port = known.get(x.name)
     where = None if port is None else _channel_position(graph, port, x)
-    axes = _ints(node, graph, 1, "axes")
+    axes = graph.ints(node, 1, "axes")
     if where is None or not axes:
         return None  # no axes: every axis is reduced, the channel axis too
     rank, channel = where
@@ -522,8 +507,8 @@ def bind_resize(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site
         return None
     _, channel = where
     scales_index, sizes_index = (1, None) if node.op == "Upsample" or graph.opset < 11 else (2, 3)
-    scales = _given(node, graph, scales_index, "scales")
-    sizes = _ints(node, graph, sizes_index, "sizes") if sizes_index else None
+    scales = graph.given(node, scales_index, "scales")
+    sizes = graph.ints(node, sizes_index, "sizes") if sizes_index else None
     if scales is False or sizes is False:
         return None
     if scales is not None and scales.size and float(scales[channel]) != 1.0:
@@ -540,7 +525,7 @@ def bind_pad(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | 
     x = node.inputs[0]
     port = known.get(x.name)
     where = None if port is None else _channel_position(graph, port, x)
-    pads = _ints(node, graph, 1, "pads")
+    pads = graph.ints(node, 1, "pads")
     if where is None or not pads or len(node.inputs) > 3 and node.inputs[3].name:
         return None  # the opset-18 axes input is not supported
     rank, channel = where
