@@ -174,14 +174,13 @@ def _head_chain(tensor: gs.Tensor, reader: gs.Node, graph: GraphView, known: dic
             return None
         if following is reader:
             break
-        x = following.inputs[0]
         if following.op == "Transpose":
             perm = _perm(following)
             if len(perm) != rank:
                 return None
             axis = perm.index(rank + axis) - rank
         elif following.op == "Reshape":
-            trailing = [graph.dim(x, a) for a in range(rank + axis + 1, rank)]
+            trailing = [graph.dim(following.inputs[0], a) for a in range(rank + axis + 1, rank)]
             target = graph.reshape_target(following, lenient=True)
             at = None if target is None else len(target) - 1 - len(trailing)
             if at is None or at < 0 or None in trailing or target[at] != dim or target[at + 1:] != trailing:
