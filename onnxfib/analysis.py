@@ -49,11 +49,12 @@ class Analysis:
     producing its first input. With ``record_heights`` each layer's merge distances are kept in
     ``heights`` (layer name -> sorted cosine distances at which its rows would merge).
     ``layer_colorings`` imposes a layer's output coloring (layer name -> coloring of its output
-    channels) instead of clustering its rows: merges chosen from calibration data."""
+    channels, or a partition whose scales the rows' norms give) instead of clustering its rows:
+    merges chosen from calibration data or by folding."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
-                 record_heights: bool = False, layer_colorings: Mapping[str, Coloring] | None = None) -> None:
+                 record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None) -> None:
         if symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
         self.graph = GraphView(model)
@@ -274,7 +275,7 @@ class Analysis:
 
 def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
             registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
-            record_heights: bool = False, layer_colorings: Mapping[str, Coloring] | None = None) -> Analysis:
+            record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None) -> Analysis:
     """Analyse ``model`` (external data loaded) at tolerance ``eps`` (``layer_eps`` per layer);
     see :class:`Analysis`."""
     return Analysis(model, eps=eps, symmetry=symmetry, registry=registry, layer_eps=layer_eps,

@@ -80,32 +80,62 @@ def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
     return labels
 
 
+def fitted_scales(rows: np.ndarray, partition: Partition, norms: np.ndarray) -> np.ndarray:
+    """Per channel, the scale ``t_i`` of the best rank-one fit of its color's rows, ``r_i ~ t_i u``
+    with ``u`` a unit direction (least squares: ``u`` the leading right singular vector, ``t_i =
+    r_i . u``); ``Plan.fit_base`` then returns ``u`` itself. Equal to the norms where rows are
+    proportional; larger than the norms where a color's rows spread, which the plain norms would
+    shrink. A channel pointing away from its color gets a vanishing positive scale (the scale
+    rule needs positive scales); channels alone in their color keep ``norms``."""
+    scales = np.asarray(norms, dtype=np.float64).copy()
+    order = np.argsort(partition.labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(partition.sizes())])
+    for start, stop in zip(starts[:-1], starts[1:]):
+        if stop - start < 2:
+            continue
+        members = order[start:stop]
+        block = rows[members]
+        values, vectors = np.linalg.eigh(block @ block.T)  # leading eigenvector: r_i . u / sigma
+        t = np.sqrt(max(values[-1], 0.0)) * vectors[:, -1]
+        t = t if t.sum() >= 0 else -t
+        top = float(t.max())
+        if top > 0:
+            scales[members] = np.maximum(t, 1e-4 * top)
+    return scales
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """How close two channels must be to share a color: eps = 0 exact, else cosine clustering.
 
     ``heights``, when given, receives the sorted merge distances (average linkage on cosine
     distance) of each clustering's non-zero rows, whatever eps is: the thresholds at which the
-    rows would merge further (the target search reads them). ``chosen``, when given, is the
-    coloring :meth:`cluster` returns whatever the signatures (a layer whose merge was chosen
-    from calibration data)."""
+    rows would merge further (the target search reads them). ``chosen``, when given, decides the
+    colors :meth:`cluster` returns whatever the signatures (a layer whose merge was chosen
+    otherwise: from calibration data, or by folding): a Coloring as it is, a Partition with
+    the signatures' norms as scales (the scale rule)."""
 
     eps: float
     heights: list[np.ndarray] | None = field(default=None, compare=False)
-    chosen: Coloring | None = field(default=None, compare=False)  # returned by cluster() as it is
+    chosen: Coloring | Partition | None = field(default=None, compare=False)
 
     @property
     def exact(self) -> bool:
         return self.eps == 0.0
 
     def cluster(self, signatures: np.ndarray) -> Coloring:
-        """Fibers of rows of ``signatures`` under the scale rule: direction decides the color,
-        the norm is the channel's scale. All-zero rows form one color of their own."""
-        if self.chosen is not None and len(self.chosen) == len(signatures):
+        """Fibers of rows of ``signatures`` under the scale rule: direction decides the color.
+        Exact colors take each row's norm as its scale; approximate ones (eps > 0 or chosen) the
+        least-squares scales of :func:`fitted_scales`. All-zero rows form one color of their own
+        (unless chosen otherwise)."""
+        if isinstance(self.chosen, Coloring) and len(self.chosen) == len(signatures):
             return self.chosen
         sig = np.asarray(signatures, dtype=np.float64).reshape(len(signatures), -1)
         norms = np.linalg.norm(sig, axis=1)
         zero = norms <= 1e-30
+        scales = np.where(zero, 1.0, norms)
+        if isinstance(self.chosen, Partition) and len(self.chosen) == len(signatures):
+            return Coloring(self.chosen, fitted_scales(sig, self.chosen, scales))
         labels = np.full(len(sig), -1, dtype=np.int64)
         live = np.flatnonzero(~zero)
         if live.size:
@@ -119,8 +149,8 @@ class Tolerance:
                 labels[live] = equal_row_labels(unit, EXACT_TOL)
             else:
                 labels[live] = fcluster(tree, t=self.eps, criterion="distance")
-        scales = np.where(zero, 1.0, norms)
-        return Coloring(Partition(labels), scales)
+        partition = Partition(labels)
+        return Coloring(partition, scales if self.exact else fitted_scales(sig, partition, scales))
 
     def split_by_rows(self, coloring: Coloring, keys: np.ndarray) -> Coloring:
         """Refine so channels of one color also agree on their key rows (relative tolerance)."""

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxfib.coloring import Coloring, Tolerance, equal_row_labels
+from onnxfib.coloring import Coloring, Tolerance, equal_row_labels, fitted_scales
 from onnxfib.partition import Partition
 
 
@@ -90,3 +90,45 @@ def test_equal_row_labels_never_joins_rows_farther_than_tol(n, seed):
     for i in range(n):
         for j in range(n):
             assert (labels[i] == labels[j]) == bool(np.all(rows[i] == rows[j]))
+
+
+@given(st.integers(2, 8), st.integers(3, 12), st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_fitted_scales_are_the_leading_singular_fit_of_each_color(members, dim, seed):
+    rng = np.random.default_rng(seed)
+    direction = rng.standard_normal(dim)
+    direction *= 3 / np.linalg.norm(direction)
+    rows = direction * rng.uniform(0.5, 2, (members, 1)) + 0.3 * rng.standard_normal((members, dim))
+    stacked = np.vstack([rows, rng.standard_normal((1, dim))])
+    partition = Partition([0] * members + [1])
+    norms = np.linalg.norm(stacked, axis=1)
+    scales = fitted_scales(stacked, partition, norms)
+    u, s, _ = np.linalg.svd(rows)  # independent truth: the best rank-one fit of the color
+    np.testing.assert_allclose(scales[:members], np.abs(u[:, 0] * s[0]), rtol=1e-8)
+    assert scales[members] == norms[members]  # alone in its color
+
+    def residual(weights: np.ndarray) -> float:  # rows fitted as weights_i * base (Plan.fit_base's base)
+        base = weights @ rows / (weights @ weights)
+        return float(np.linalg.norm(rows - np.outer(weights, base)))
+
+    assert residual(scales[:members]) <= residual(norms[:members]) + 1e-9
+
+
+def test_fitted_scales_equal_the_norms_for_proportional_rows_and_stay_positive():
+    rng = np.random.default_rng(3)
+    u = rng.standard_normal(6)
+    factors = np.array([0.5, 1.0, 3.0])
+    rows = np.vstack([factors[:, None] * u, -u])  # the last row points away from the color
+    partition = Partition([0, 0, 0, 0])
+    scales = fitted_scales(rows, partition, np.linalg.norm(rows, axis=1))
+    np.testing.assert_allclose(scales[:3] / scales[0], factors / factors[0], rtol=1e-10)
+    assert 0 < scales[3] <= 1e-4 * scales.max() * (1 + 1e-12)
+
+
+def test_a_chosen_partition_takes_fitted_scales_from_the_signatures():
+    rng = np.random.default_rng(4)
+    rows = rng.standard_normal((5, 7))
+    chosen = Partition([0, 0, 1, 1, 1])
+    coloring = Tolerance(0.3, chosen=chosen).cluster(rows)
+    assert coloring.partition == chosen
+    np.testing.assert_allclose(coloring.scales, fitted_scales(rows, chosen, np.linalg.norm(rows, axis=1)))
