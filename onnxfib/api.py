@@ -30,6 +30,9 @@ Labels = str | os.PathLike | np.ndarray | Sequence[int]
 
 #: Uniform eps values a sweep visits by default.
 SWEEP_EPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+#: Without data, a target search or sweep measures on generated inputs whose unknown first axis
+#: (the batch) is this long (per distribution), so the error it compares is not that of one sample.
+MEASURING_ROWS = 128
 
 
 @dataclass
@@ -140,11 +143,13 @@ def _check_tolerances(rtol: float, atol: float) -> None:
 
 
 def _inputs(
-    model: onnx.ModelProto, data: Data | None, input_shapes: Mapping[str, tuple[int, ...]] | None, seed: int
+    model: onnx.ModelProto, data: Data | None, input_shapes: Mapping[str, tuple[int, ...]] | None, seed: int,
+    rows: int = 1,
 ) -> list[dict[str, np.ndarray]]:
-    """User data checked against ``model``, or seeded generated batches when ``data`` is None."""
+    """User data checked against ``model``, or seeded generated batches when ``data`` is None (an
+    unknown first axis ``rows`` long)."""
     if data is None:
-        return generate_inputs(model, input_shapes=input_shapes, seed=seed)
+        return generate_inputs(model, input_shapes=input_shapes, seed=seed, rows=rows)
     if isinstance(data, (str, os.PathLike)):
         return load_data(data, model)
     batches = [data] if isinstance(data, Mapping) else list(data)
@@ -194,12 +199,14 @@ def compress(
         raise UsageError("a target chooses every layer's eps: give no eps or per-layer eps with it")
     loaded = io.open_model(model_or_path)
     original = loaded.model
-    batches = _inputs(original, data, input_shapes, seed) if check or calibrate or goal else None
+    rows = MEASURING_ROWS if goal is not None else 1
+    batches = _inputs(original, data, input_shapes, seed, rows) if check or calibrate or goal else None
     label_array = _labels(labels, batches) if batches is not None else None
     refits: list[RefitReport] = []
     target: TargetReport | None = None
     if goal is not None:
-        evaluator = Evaluator(original, batches, symmetry=symmetry, labels=label_array, calibrate=calibrate, ridge=ridge)
+        evaluator = Evaluator(original, batches, symmetry=symmetry, labels=label_array, calibrate=calibrate, ridge=ridge,
+                              fold=True)
         outcome = search(evaluator, *goal)
         analysis, compressed, refits = outcome.analysis, outcome.model, outcome.refit
         target = evaluator.report(outcome, *goal)
@@ -274,7 +281,7 @@ def sweep(
         raise UsageError("a sweep needs at least one eps value")
     _check_measuring(symmetry, data, calibrate, labels, ridge)
     original = io.open_model(model_or_path).model
-    batches = _inputs(original, data, input_shapes, seed)
+    batches = _inputs(original, data, input_shapes, seed, MEASURING_ROWS)
     evaluator = Evaluator(original, batches, symmetry=symmetry, labels=_labels(labels, batches),
                           calibrate=calibrate, ridge=ridge)
     return sweep_eps(evaluator, values)

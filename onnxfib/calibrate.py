@@ -30,6 +30,7 @@ from scipy.linalg import cho_factor, cho_solve
 from .analysis import Analysis
 from .graph import GraphView
 from .coloring import Coloring
+from .folding import sole_reader
 from .partition import Partition
 from .report import RefitReport
 from .rules import Plan
@@ -186,20 +187,15 @@ class Selector:
     def colorings(self, analysis: Analysis) -> dict[str, Coloring]:
         """Layer name -> the output coloring that keeps the selected channels (see the class)."""
         chosen: dict[str, Coloring] = {}
-        dense = [site for site in analysis.sites if isinstance(site, LinearSite) and site.layer]
-        for site in dense:
-            out = site.outputs[0]
-            plan = analysis.plan(out)
-            group = next((g for g in analysis.groups if out.name in g.members), None)
-            if plan is None or group is None or group.frozen.any():
+        for site in analysis.sites:
+            if not (isinstance(site, LinearSite) and site.layer):
                 continue
-            readers = [r for r in dense if r.inputs[0].name in group.members]
-            members = group.members.values()
-            if len(readers) != 1 or readers[0].nodes[0].op not in ("Gemm", "MatMul") or any(m.port.width != out.width for m in members) \
-                    or any(not np.array_equal(m.classes, group.members[out.name].classes) for m in members):
+            plan = analysis.plan(site.outputs[0])
+            reader = sole_reader(analysis, site) if plan is not None else None
+            if reader is None or reader.nodes[0].op not in ("Gemm", "MatMul"):
                 continue
-            gram, cross = self._statistics(readers[0])
-            if gram.shape[0] != out.width + 1:
+            gram, cross = self._statistics(reader)
+            if gram.shape[0] != site.outputs[0].width + 1:
                 continue
             keep = _forward_selection(gram, cross, plan.partition.n_colors, self.ridge)
             chosen[site.name] = _fold_into(keep, gram[:-1, :-1], self.FOLDED_SCALE)

@@ -34,6 +34,7 @@ import onnx
 from . import stats
 from .analysis import Analysis, analyze
 from .calibrate import Selector, refit
+from .folding import Folder
 from .report import RefitReport, SweepPoint, TargetReport
 from .validation import Batch, chunked, run_tensors
 
@@ -82,12 +83,15 @@ class Outcome:
 
 class Evaluator:
     """Collapses ``original`` at given per-layer eps and measures the result on ``batches``
-    against the original's outputs (computed once). With ``calibrate`` the collapse is refit on
-    ``batches`` twice, once as merged and once with the kept channels chosen from the data
-    (``calibrate.Selector``), and the one with the smaller output error is kept."""
+    against the original's outputs (computed once). Besides the merge the eps choose, it measures
+    the same widths with the channels grouped otherwise, and keeps whichever has the smaller
+    output error: with ``fold`` (target searches, which choose the widths themselves) folded by
+    weights (``folding.Folder``); with ``calibrate`` kept channels chosen from the data
+    (``calibrate.Selector``), and every collapse is refit on ``batches``."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, symmetry: str = "fiber",
-                 labels: np.ndarray | None = None, calibrate: bool = False, ridge: float = 1e-3) -> None:
+                 labels: np.ndarray | None = None, calibrate: bool = False, ridge: float = 1e-3,
+                 fold: bool = False) -> None:
         self.original = original
         self.batches = list(chunked(batches))
         self.symmetry = symmetry
@@ -100,7 +104,9 @@ class Evaluator:
         ]
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
         self.label_index = label_output(original)
-        self.selector = Selector(original, self.batches, ridge=ridge) if calibrate else None
+        self.choosers: list[Folder | Selector] = [Folder(original)] if fold else []
+        if calibrate:
+            self.choosers.append(Selector(original, self.batches, ridge=ridge))
         self.params_before = stats.count_parameters(original)
         self.accuracy_before = self._accuracy(self.reference)
 
@@ -111,20 +117,27 @@ class Evaluator:
         return float(np.mean(predicted == self.labels))
 
     def __call__(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> Outcome:
-        """The collapse at ``layer_eps`` (``eps`` for the layers it does not name), measured."""
+        """The collapse at ``layer_eps`` (``eps`` for the layers it does not name), measured: the
+        best of its merge and its regroupings at no more parameters."""
         analysis = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True)
-        if self.selector is None:
-            return self._measure(layer_eps, analysis, analysis.collapse(), [], analysis.heights)
-        model, refits = refit(analysis, self.original, self.batches, ridge=self.ridge)
-        best = self._measure(layer_eps, analysis, model, refits, analysis.heights)
-        chosen = self.selector.colorings(analysis)
-        if chosen:
-            selected = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps,
-                               layer_colorings=chosen)
-            model, refits = refit(selected, self.original, self.batches, ridge=self.ridge)
-            other = self._measure(layer_eps, selected, model, refits, analysis.heights)
-            best = other if other.mse < best.mse else best
+        best = self._collapse(layer_eps, analysis, analysis.heights)
+        for chooser in self.choosers:
+            chosen = chooser.colorings(analysis)
+            if not chosen:
+                continue
+            regrouped = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps,
+                                layer_colorings=chosen)
+            other = self._collapse(layer_eps, regrouped, analysis.heights)
+            if other.mse < best.mse and other.params <= best.params:
+                best = other
         return best
+
+    def _collapse(self, layer_eps: Mapping[str, float], analysis: Analysis, heights: dict[str, np.ndarray]) -> Outcome:
+        """``analysis`` collapsed (and refit when calibrating), measured."""
+        if not self.calibrate:
+            return self._measure(layer_eps, analysis, analysis.collapse(), [], heights)
+        model, refits = refit(analysis, self.original, self.batches, ridge=self.ridge)
+        return self._measure(layer_eps, analysis, model, refits, heights)
 
     def params(self, layer_eps: Mapping[str, float]) -> int:
         """The parameters of the collapse at ``layer_eps``, without measuring it."""

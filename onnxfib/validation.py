@@ -81,7 +81,7 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
-def _resolve_shape(name: str, shape: Shape | None, given: tuple[int, ...] | None) -> tuple[int, ...]:
+def _resolve_shape(name: str, shape: Shape | None, given: tuple[int, ...] | None, rows: int) -> tuple[int, ...]:
     if given is not None:
         if shape is not None and (
             len(given) != len(shape) or any(isinstance(s, int) and s > 0 and s != g for s, g in zip(shape, given))
@@ -95,7 +95,7 @@ def _resolve_shape(name: str, shape: Shape | None, given: tuple[int, ...] | None
         if isinstance(dim, int) and dim > 0:
             dims.append(dim)
         elif axis == 0:
-            dims.append(1)
+            dims.append(rows)
         else:
             raise UsageError(
                 f"input '{name}' has dynamic axis {axis} ({dim or '?'}); pass --input-shape {name}:D1,D2,..."
@@ -104,11 +104,12 @@ def _resolve_shape(name: str, shape: Shape | None, given: tuple[int, ...] | None
 
 
 def generate_inputs(
-    model: onnx.ModelProto, *, input_shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0
+    model: onnx.ModelProto, *, input_shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0,
+    rows: int = 1,
 ) -> list[Batch]:
     """Two seeded batches for ``model``'s inputs: floats from N(0, 1), then from U(-1, 1); ints and
     bools in {0, 1} (valid as token ids, type ids and masks alike). Dynamic dims come from
-    ``input_shapes``; an unknown first axis defaults to 1; any other unknown dim is a UsageError."""
+    ``input_shapes``; an unknown first axis is ``rows`` long; any other unknown dim is a UsageError."""
     inputs = graph_inputs(model)
     given = dict(input_shapes or {})
     unknown = sorted(set(given) - set(inputs))
@@ -117,7 +118,7 @@ def generate_inputs(
     rng = np.random.default_rng(seed)
     batches: list[Batch] = [{}, {}]
     for name, (elem_type, shape) in inputs.items():
-        dims = _resolve_shape(name, shape, given.get(name))
+        dims = _resolve_shape(name, shape, given.get(name), rows)
         if elem_type not in _KINDS:
             raise UsageError(
                 f"input '{name}' has type {onnx.TensorProto.DataType.Name(elem_type)}; pass values with --data"

@@ -57,6 +57,8 @@ def test_generate_inputs_dtypes_and_shapes():
     assert np.all(np.abs(second["f"]) <= 1.0)
     again, _ = v.generate_inputs(model, input_shapes={"i": (2, 7)}, seed=3)
     np.testing.assert_array_equal(first["f"], again["f"])
+    many, _ = v.generate_inputs(model, input_shapes={"i": (2, 7)}, seed=3, rows=64)
+    assert many["f"].shape == (64, 4) and many["h"].shape == (2, 3)  # only an unknown first axis grows
 
 
 @pytest.mark.parametrize(
