@@ -191,9 +191,11 @@ def compress(
     target_params: float | None = typer.Option(
         None, "--target-params", help="Target: keep at most this fraction of the parameters (0.2 keeps 20%); eps chosen per layer."),
     max_error: float | None = typer.Option(
-        None, "--max-error", help="Target: largest absolute output error on the data; eps chosen per layer."),
+        None, "--max-error", help="Target: largest absolute output error on the data (with --calibrate: held out, "
+             "each quarter of the rows on a refit of the rest); eps chosen per layer."),
     max_drop: float | None = typer.Option(
-        None, "--max-drop", help="Target: accuracy lost on --data against --labels, a fraction (0.01 = one point)."),
+        None, "--max-drop", help="Target: accuracy lost on --data against --labels, a fraction (0.01 = one point); held out "
+             "like --max-error with --calibrate."),
     labels: Path | None = typer.Option(None, "--labels", help=LABELS_HELP),
     report: Path | None = typer.Option(
         None, "--report", help="Write the run's report as JSON here (also when validation fails)."

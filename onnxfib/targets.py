@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -36,7 +36,7 @@ from .analysis import Analysis, analyze
 from .calibrate import Selector, refit
 from .folding import Folder
 from .report import RefitReport, SweepPoint, TargetReport
-from .validation import Batch, chunked, run_tensors
+from .validation import Batch, chunked, common_rows, run_tensors
 
 TARGET_KINDS = ("params", "error", "drop")
 
@@ -79,6 +79,16 @@ class Outcome:
     mse: float  # mean squared output error, each output's divided by the output's variance
     accuracy: float | None
     refit: list[RefitReport]
+    grouping: str = "merge"  # how the channels were grouped: "merge" (the eps clustering), "fold" or "select"
+
+#: Parts the rows are dealt into when a calibrated target is measured held out (:class:`HeldOut`).
+HELD_OUT_FOLDS = 4
+
+
+def best_of(outcomes: Sequence[Outcome]) -> Outcome:
+    """The outcome with the smallest output error among those with no more parameters than the
+    first (the merge); the merge on ties."""
+    return min((o for o in outcomes if o.params <= outcomes[0].params), key=lambda o: o.mse)
 
 
 class Evaluator:
@@ -87,13 +97,15 @@ class Evaluator:
     the same widths with the channels grouped otherwise, and keeps whichever has the smaller
     output error: with ``fold`` (target searches, which choose the widths themselves) folded by
     weights (``folding.Folder``); with ``calibrate`` kept channels chosen from the data
-    (``calibrate.Selector``), and every collapse is refit on ``batches``."""
+    (``calibrate.Selector``), and every collapse is refit, on ``fit_batches`` (default: the
+    measuring ``batches`` themselves)."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, symmetry: str = "fiber",
                  labels: np.ndarray | None = None, calibrate: bool = False, ridge: float = 1e-3,
-                 fold: bool = False) -> None:
+                 fold: bool = False, fit_batches: Sequence[Batch] | None = None) -> None:
         self.original = original
         self.batches = list(chunked(batches))
+        self.fit_batches = self.batches if fit_batches is None else list(chunked(fit_batches))
         self.symmetry = symmetry
         self.calibrate = calibrate
         self.ridge = ridge
@@ -104,9 +116,9 @@ class Evaluator:
         ]
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
         self.label_index = label_output(original)
-        self.choosers: list[Folder | Selector] = [Folder(original)] if fold else []
+        self.choosers: dict[str, Folder | Selector] = {"fold": Folder(original)} if fold else {}
         if calibrate:
-            self.choosers.append(Selector(original, self.batches, ridge=ridge))
+            self.choosers["select"] = Selector(original, self.fit_batches, ridge=ridge)
         self.params_before = stats.count_parameters(original)
         self.accuracy_before = self._accuracy(self.reference)
 
@@ -118,34 +130,28 @@ class Evaluator:
 
     def __call__(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> Outcome:
         """The collapse at ``layer_eps`` (``eps`` for the layers it does not name), measured: the
-        best of its merge and its regroupings at no more parameters."""
-        analysis = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True)
-        best = self._collapse(layer_eps, analysis, analysis.heights)
-        for chooser in self.choosers:
-            chosen = chooser.colorings(analysis)
-            if not chosen:
-                continue
-            regrouped = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps,
-                                layer_colorings=chosen)
-            other = self._collapse(layer_eps, regrouped, analysis.heights)
-            if other.mse < best.mse and other.params <= best.params:
-                best = other
-        return best
+        best of its merge and its regroupings at no more parameters (:func:`best_of`)."""
+        return best_of(self.groupings(layer_eps, eps))
 
-    def _collapse(self, layer_eps: Mapping[str, float], analysis: Analysis, heights: dict[str, np.ndarray]) -> Outcome:
+    def groupings(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> list[Outcome]:
+        """The collapse at ``layer_eps`` as merged, then regrouped by each chooser that applies."""
+        analysis = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True)
+        outcomes = [self._collapse(layer_eps, analysis, analysis.heights, "merge")]
+        for name, chooser in self.choosers.items():
+            chosen = chooser.colorings(analysis)
+            if chosen:
+                regrouped = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps,
+                                    layer_colorings=chosen)
+                outcomes.append(self._collapse(layer_eps, regrouped, analysis.heights, name))
+        return outcomes
+
+    def _collapse(self, layer_eps: Mapping[str, float], analysis: Analysis, heights: dict[str, np.ndarray],
+                  grouping: str) -> Outcome:
         """``analysis`` collapsed (and refit when calibrating), measured."""
         if not self.calibrate:
-            return self._measure(layer_eps, analysis, analysis.collapse(), [], heights)
-        model, refits = refit(analysis, self.original, self.batches, ridge=self.ridge)
-        return self._measure(layer_eps, analysis, model, refits, heights)
-
-    def params(self, layer_eps: Mapping[str, float]) -> int:
-        """The parameters of the collapse at ``layer_eps``, without measuring it."""
-        analysis = analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps)
-        return stats.count_parameters(analysis.collapse())
-
-    def _measure(self, layer_eps: Mapping[str, float], analysis: Analysis, model: onnx.ModelProto,
-                 refits: list[RefitReport], heights: dict[str, np.ndarray]) -> Outcome:
+            model, refits = analysis.collapse(), []
+        else:
+            model, refits = refit(analysis, self.original, self.fit_batches, ridge=self.ridge)
         runs = list(run_tensors(model, self.names, self.batches, "compressed"))
         max_abs, mse = 0.0, 0.0
         for k, variance in enumerate(self.variance):
@@ -153,7 +159,16 @@ class Evaluator:
             max_abs = max(max_abs, max(float(np.max(np.abs(d), initial=0.0)) for d in diffs))
             mse += float(np.mean([np.mean(d * d) for d in diffs])) / variance
         return Outcome(dict(layer_eps), analysis, heights, model, stats.count_parameters(model), max_abs, mse,
-                       self._accuracy(runs), refits)
+                       self._accuracy(runs), refits, grouping)
+
+    def params(self, layer_eps: Mapping[str, float]) -> int:
+        """The parameters of the collapse at ``layer_eps``, without measuring it."""
+        analysis = analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps)
+        return stats.count_parameters(analysis.collapse())
+
+    def finish(self, outcome: Outcome) -> Outcome:
+        """The outcome a search returns: as measured."""
+        return outcome
 
     def figure(self, outcome: Outcome, kind: str) -> float:
         """The outcome's figure for a target ``kind`` (see :class:`TargetReport`)."""
@@ -166,6 +181,72 @@ class Evaluator:
     def report(self, outcome: Outcome, kind: str, limit: float) -> TargetReport:
         return TargetReport(kind, limit, self.figure(outcome, kind), outcome.max_abs,
                             self.accuracy_before, outcome.accuracy)
+
+
+class HeldOut(Evaluator):
+    """An Evaluator whose figures are measured on data the refit did not see (cross-fitting): the
+    rows are dealt into ``folds`` parts; each part is measured on a collapse refit on the others
+    (channels selected from the others too), and the figures pool every part (mse and accuracy
+    weighted by the parts' rows, the largest error over all). The grouping with the smallest
+    pooled error is kept; :meth:`finish` refits it on all the data and reports the pooled figures.
+    For targets on the error or the accuracy of a calibrated collapse, whose in-sample figures
+    flatter it; the rows must allow it (:func:`can_deal`). Serves the search (call, ``params``,
+    ``finish``, ``figure``, ``report``); its parts are plain Evaluators."""
+
+    def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, folds: int,
+                 labels: np.ndarray | None = None, **options) -> None:
+        self.whole = Evaluator(original, batches, labels=labels, **options)
+        parts, part_labels, self.rows = deal_rows(self.whole.batches, labels, folds)
+        self.parts = [
+            Evaluator(original, part, labels=part_labels[k],
+                      fit_batches=[b for j, other in enumerate(parts) if j != k for b in other], **options)
+            for k, part in enumerate(parts)
+        ]
+        self.params_before, self.accuracy_before = self.whole.params_before, self.whole.accuracy_before
+
+    def __call__(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> Outcome:
+        runs = [part.groupings(layer_eps, eps) for part in self.parts]
+        weights = np.asarray(self.rows, dtype=np.float64) / sum(self.rows)
+        pooled = []
+        for grouping in zip(*runs):
+            accuracy = None if grouping[0].accuracy is None else float(weights @ [o.accuracy for o in grouping])
+            pooled.append(replace(grouping[0], max_abs=max(o.max_abs for o in grouping),
+                                  mse=float(weights @ [o.mse for o in grouping]), accuracy=accuracy,
+                                  params=max(o.params for o in grouping)))
+        return best_of(pooled)
+
+    def params(self, layer_eps: Mapping[str, float]) -> int:
+        return self.whole.params(layer_eps)
+
+    def finish(self, outcome: Outcome) -> Outcome:
+        """The outcome's grouping refit on all the data, with the pooled held-out figures."""
+        full = next(o for o in self.whole.groupings(outcome.layer_eps) if o.grouping == outcome.grouping)
+        return replace(full, max_abs=outcome.max_abs, mse=outcome.mse, accuracy=outcome.accuracy)
+
+
+def can_deal(batches: Sequence[Batch], folds: int) -> bool:
+    """Whether :func:`deal_rows` applies: every batch has one first axis for all its inputs, and
+    there are at least two rows per part."""
+    lengths = [common_rows(batch) for batch in batches]
+    return None not in lengths and sum(lengths) >= 2 * folds
+
+
+def deal_rows(batches: Sequence[Batch], labels: np.ndarray | None, folds: int
+              ) -> tuple[list[list[Batch]], list[np.ndarray | None], list[int]]:
+    """The batches' rows dealt into ``folds`` parts (row r of all the rows in order to part
+    r mod folds), the labels dealt alike, and each part's rows (see :func:`can_deal`)."""
+    parts: list[list[Batch]] = [[] for _ in range(folds)]
+    offset = 0
+    for batch in batches:
+        length = common_rows(batch)
+        for k in range(folds):
+            start = (k - offset) % folds
+            if start < length:
+                parts[k].append({name: value[start::folds] for name, value in batch.items()})
+        offset += length
+    rows = [len(range(k, offset, folds)) for k in range(folds)]
+    part_labels = [None if labels is None else np.asarray(labels).reshape(-1)[k::folds] for k in range(folds)]
+    return parts, part_labels, rows
 
 
 def _next_eps(heights: np.ndarray, eps: float, more: int) -> float | None:
@@ -237,7 +318,7 @@ def search(evaluate: Evaluator, kind: str, limit: float) -> Outcome:
         current = outcome
     if kind == "params" and current.params <= goal:
         current = _exchange(evaluate, current, layers, goal)
-    return current
+    return evaluate.finish(current)
 
 
 def _exchange(evaluate: Evaluator, current: Outcome, layers: list[str], goal: float, rounds: int = 8) -> Outcome:

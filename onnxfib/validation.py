@@ -273,15 +273,21 @@ def validate_models(
     return ValidationReport(outputs=outputs, rtol=rtol, atol=atol, batches=len(inputs))
 
 
+def common_rows(batch: Mapping[str, np.ndarray]) -> int | None:
+    """The length of the first axis all of a batch's inputs share; None when they differ or one
+    is a scalar."""
+    lengths = {np.shape(v)[0] if np.ndim(v) else None for v in batch.values()}
+    return None if len(lengths) != 1 or None in lengths else lengths.pop()
+
+
 def chunked(batches: Iterable[Mapping[str, np.ndarray]], rows: int = 256) -> Iterator[Batch]:
     """The batches cut along their first axis into pieces of at most ``rows`` (a batch whose
     inputs differ in first-axis length, or are scalars, passes whole)."""
     for batch in batches:
-        lengths = {np.shape(v)[0] if np.ndim(v) else None for v in batch.values()}
-        if len(lengths) != 1 or None in lengths:
+        total = common_rows(batch)
+        if total is None:
             yield dict(batch)
             continue
-        total = lengths.pop()
         for start in range(0, max(total, 1), rows):
             yield {name: value[start:start + rows] for name, value in batch.items()}
 
