@@ -21,7 +21,7 @@ and transposed convolutions are not refit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -47,14 +47,47 @@ def _rows(values: np.ndarray, axis: int) -> np.ndarray:
     return moved.reshape(-1, moved.shape[-1])
 
 
+class OriginalActivations:
+    """The original model's tensors on fixed batches, computed on demand, and kept for the next
+    refit while they fit in ``budget`` bytes (a target search refits against the same ones
+    again and again); a tensor that would not fit is streamed batch by batch each time."""
+
+    def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, budget: int = 256 << 20) -> None:
+        self.original = original
+        self.pieces = list(chunked(batches))
+        self.budget = budget
+        self._kept: dict[str, list[np.ndarray]] = {}
+
+    def __call__(self, name: str) -> Iterator[np.ndarray]:
+        """The tensor ``name`` of the original model, one array per batch piece."""
+        if name in self._kept:
+            yield from self._kept[name]
+            return
+        runs = (run[0] for run in run_tensors(self.original, [name], self.pieces, "original"))
+        first = next(runs, None)
+        if first is None:
+            return
+        if first.nbytes * len(self.pieces) > self.budget:
+            yield first
+            yield from runs
+            return
+        kept = [first, *runs]
+        self.budget -= sum(array.nbytes for array in kept)
+        self._kept[name] = kept
+        yield from kept
+
+
 def refit(analysis: Analysis, original: onnx.ModelProto, batches: Sequence[Batch], *,
-          ridge: float = DEFAULT_RIDGE) -> tuple[onnx.ModelProto, list[RefitReport]]:
+          ridge: float = DEFAULT_RIDGE, activations: OriginalActivations | None = None
+          ) -> tuple[onnx.ModelProto, list[RefitReport]]:
     """The analysis's collapsed model with its dense and Conv layers refit on ``batches`` (see the module
-    docstring), and a report per refit layer. ``ridge`` must be positive."""
+    docstring), and a report per refit layer. ``ridge`` must be positive. ``activations``, the
+    original's tensors on the same ``batches``, may carry them over from an earlier refit."""
     if not ridge > 0:
         raise ValueError(f"ridge must be positive, got {ridge}")
     model = analysis.collapse()
     pieces = list(chunked(batches))
+    activations = activations or OriginalActivations(original, pieces, budget=0)
     reports: list[RefitReport] = []
     upstream_changed = False  # a layer reading unchanged inputs is already optimal: skip it
     for site in analysis.sites:
@@ -66,7 +99,7 @@ def refit(analysis: Analysis, original: onnx.ModelProto, batches: Sequence[Batch
         inputs_as_rows = _input_rows(site)
         if not changed_input or inputs_as_rows is None:
             continue
-        report = _refit_layer(analysis, site, inputs_as_rows, out_plan, model, original, pieces, ridge)
+        report = _refit_layer(analysis, site, inputs_as_rows, out_plan, model, activations, pieces, ridge)
         if report is not None:
             reports.append(report)
             model = analysis.graph.export()
@@ -107,8 +140,8 @@ def _patches(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], p
 
 
 def _refit_layer(analysis: Analysis, site: LinearSite, input_rows: Callable[[np.ndarray], np.ndarray],
-                 out_plan: Plan | None, model: onnx.ModelProto, original: onnx.ModelProto, pieces: list[Batch],
-                 ridge: float) -> RefitReport | None:
+                 out_plan: Plan | None, model: onnx.ModelProto, activations: OriginalActivations,
+                 pieces: list[Batch], ridge: float) -> RefitReport | None:
     """Refit one layer in place (through its site); None when it has no activations to fit."""
     w0, b0, free = site.flat()
     inp, out = site.inputs[0], site.outputs[0]
@@ -117,8 +150,7 @@ def _refit_layer(analysis: Analysis, site: LinearSite, input_rows: Callable[[np.
     cross = np.zeros((columns, w0.shape[0]))
     target_energy, samples = 0.0, 0
     compressed_runs = run_tensors(model, [inp.name], pieces, "compressed")
-    original_runs = run_tensors(original, [out.name], pieces, "original")
-    for (x,), (y,) in zip(compressed_runs, original_runs):
+    for (x,), y in zip(compressed_runs, activations(out.name)):
         x, y = input_rows(x), _rows(y, out.axis)
         target = y if out_plan is None else out_plan.fit_base(y, 1)
         if not free:

@@ -88,19 +88,18 @@ def fitted_scales(rows: np.ndarray, partition: Partition, norms: np.ndarray) -> 
     shrink. A channel pointing away from its color gets a vanishing positive scale (the scale
     rule needs positive scales); channels alone in their color keep ``norms``."""
     scales = np.asarray(norms, dtype=np.float64).copy()
+    sizes = partition.sizes()
     order = np.argsort(partition.labels, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(partition.sizes())])
-    for start, stop in zip(starts[:-1], starts[1:]):
-        if stop - start < 2:
-            continue
-        members = order[start:stop]
-        block = rows[members]
-        values, vectors = np.linalg.eigh(block @ block.T)  # leading eigenvector: r_i . u / sigma
-        t = np.sqrt(max(values[-1], 0.0)) * vectors[:, -1]
-        t = t if t.sum() >= 0 else -t
-        top = float(t.max())
-        if top > 0:
-            scales[members] = np.maximum(t, 1e-4 * top)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for size in np.unique(sizes[sizes > 1]):  # colors of one size in one batched eigh
+        members = order[starts[sizes == size][:, None] + np.arange(size)]  # (colors, size)
+        blocks = rows[members]
+        values, vectors = np.linalg.eigh(blocks @ np.swapaxes(blocks, 1, 2))  # leading: r_i . u / sigma
+        t = np.sqrt(np.maximum(values[:, -1:], 0.0)) * vectors[:, :, -1]
+        t *= np.where(t.sum(axis=1, keepdims=True) >= 0, 1.0, -1.0)
+        top = t.max(axis=1, keepdims=True)
+        fitted = np.maximum(t, 1e-4 * top)
+        scales[members] = np.where(top > 0, fitted, scales[members])
     return scales
 
 
@@ -132,10 +131,22 @@ class Tolerance:
             return self.chosen
         sig = np.asarray(signatures, dtype=np.float64).reshape(len(signatures), -1)
         norms = np.linalg.norm(sig, axis=1)
+        partition = self._partition(sig, norms)
+        scales = np.where(norms <= 1e-30, 1.0, norms)
+        exact = self.exact and not isinstance(self.chosen, Partition)
+        return Coloring(partition, scales if exact else fitted_scales(sig, partition, scales))
+
+    def partition(self, signatures: np.ndarray) -> Partition:
+        """The colors :meth:`cluster` gives, without the scales (opfibers need no more)."""
+        if isinstance(self.chosen, Coloring) and len(self.chosen) == len(signatures):
+            return self.chosen.partition
+        sig = np.asarray(signatures, dtype=np.float64).reshape(len(signatures), -1)
+        return self._partition(sig, np.linalg.norm(sig, axis=1))
+
+    def _partition(self, sig: np.ndarray, norms: np.ndarray) -> Partition:
+        if isinstance(self.chosen, Partition) and len(self.chosen) == len(sig):
+            return self.chosen
         zero = norms <= 1e-30
-        scales = np.where(zero, 1.0, norms)
-        if isinstance(self.chosen, Partition) and len(self.chosen) == len(signatures):
-            return Coloring(self.chosen, fitted_scales(sig, self.chosen, scales))
         labels = np.full(len(sig), -1, dtype=np.int64)
         live = np.flatnonzero(~zero)
         if live.size:
@@ -149,8 +160,7 @@ class Tolerance:
                 labels[live] = equal_row_labels(unit, EXACT_TOL)
             else:
                 labels[live] = fcluster(tree, t=self.eps, criterion="distance")
-        partition = Partition(labels)
-        return Coloring(partition, scales if self.exact else fitted_scales(sig, partition, scales))
+        return Partition(labels)
 
     def split_by_rows(self, coloring: Coloring, keys: np.ndarray) -> Coloring:
         """Refine so channels of one color also agree on their key rows (relative tolerance)."""

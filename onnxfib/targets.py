@@ -33,7 +33,7 @@ import onnx
 
 from . import stats
 from .analysis import Analysis, analyze
-from .calibrate import Selector, refit
+from .calibrate import OriginalActivations, Selector, refit
 from .folding import Folder
 from .report import RefitReport, SweepPoint, TargetReport
 from .validation import Batch, chunked, common_rows, run_tensors
@@ -119,6 +119,7 @@ class Evaluator:
         self.choosers: dict[str, Folder | Selector] = {"fold": Folder(original)} if fold else {}
         if calibrate:
             self.choosers["select"] = Selector(original, self.fit_batches, ridge=ridge)
+        self.activations = OriginalActivations(original, self.fit_batches)
         self.params_before = stats.count_parameters(original)
         self.accuracy_before = self._accuracy(self.reference)
 
@@ -151,7 +152,8 @@ class Evaluator:
         if not self.calibrate:
             model, refits = analysis.collapse(), []
         else:
-            model, refits = refit(analysis, self.original, self.fit_batches, ridge=self.ridge)
+            model, refits = refit(analysis, self.original, self.fit_batches, ridge=self.ridge,
+                                  activations=self.activations)
         runs = list(run_tensors(model, self.names, self.batches, "compressed"))
         max_abs, mse = 0.0, 0.0
         for k, variance in enumerate(self.variance):

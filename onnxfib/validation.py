@@ -191,6 +191,8 @@ def _session(model: onnx.ModelProto, role: str) -> tuple[ort.InferenceSession, t
     holder = None
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures reach the caller as exceptions; keep stderr clean
+    # idle ORT threads must not spin: numpy's BLAS runs between ORT calls (refits) on the same cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         if too_large(model):
             holder = tempfile.TemporaryDirectory()

@@ -52,7 +52,7 @@ class DepthwiseSite(LinearSite):
         op = ctx.opfiber(self.outputs[0])
         signature = np.zeros((self.inputs[0].width, op.n_colors, kernels.shape[1]))
         np.add.at(signature, (self._source(), op.labels), kernels)
-        ctx.add_opfiber(self.inputs[0], ctx.tol.cluster(signature.reshape(self.inputs[0].width, -1)).partition)
+        ctx.add_opfiber(self.inputs[0], ctx.tol.partition(signature.reshape(self.inputs[0].width, -1)))
 
     def rewrite(self, ctx: Context) -> None:
         inp, out = ctx.plan(self.inputs[0]), ctx.plan(self.outputs[0])

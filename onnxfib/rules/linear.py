@@ -67,7 +67,7 @@ class LinearSite(Site):
         w = self.matrix()
         per_opfiber = ctx.opfiber(self.outputs[0]).reduce(w, 0)  # (out colors, in, rest)
         signature = np.moveaxis(per_opfiber, 1, 0).reshape(w.shape[1], -1)
-        ctx.add_opfiber(self.inputs[0], ctx.tol.cluster(signature).partition)
+        ctx.add_opfiber(self.inputs[0], ctx.tol.partition(signature))
 
     def rewrite(self, ctx: Context) -> None:
         inp, out = ctx.plan(self.inputs[0]), ctx.plan(self.outputs[0])
