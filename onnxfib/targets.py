@@ -168,6 +168,10 @@ class Evaluator:
         analysis = analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps)
         return stats.count_parameters(analysis.collapse())
 
+    def heights(self, layer_eps: Mapping[str, float]) -> dict[str, np.ndarray]:
+        """Each layer's merge distances at ``layer_eps`` (they depend on the layers before it)."""
+        return analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True).heights
+
     def finish(self, outcome: Outcome) -> Outcome:
         """The outcome a search returns: as measured."""
         return outcome
@@ -193,7 +197,7 @@ class HeldOut(Evaluator):
     pooled error is kept; :meth:`finish` refits it on all the data and reports the pooled figures.
     For targets on the error or the accuracy of a calibrated collapse, whose in-sample figures
     flatter it; the rows must allow it (:func:`can_deal`). Serves the search (call, ``params``,
-    ``finish``, ``figure``, ``report``); its parts are plain Evaluators."""
+    ``heights``, ``finish``, ``figure``, ``report``); its parts are plain Evaluators."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, folds: int,
                  labels: np.ndarray | None = None, **options) -> None:
@@ -219,6 +223,9 @@ class HeldOut(Evaluator):
 
     def params(self, layer_eps: Mapping[str, float]) -> int:
         return self.whole.params(layer_eps)
+
+    def heights(self, layer_eps: Mapping[str, float]) -> dict[str, np.ndarray]:
+        return self.whole.heights(layer_eps)
 
     def finish(self, outcome: Outcome) -> Outcome:
         """The outcome's grouping refit on all the data, with the pooled held-out figures."""
@@ -251,18 +258,23 @@ def deal_rows(batches: Sequence[Batch], labels: np.ndarray | None, folds: int
     return parts, part_labels, rows
 
 
+def _eps_for(heights: np.ndarray, merges: int) -> float | None:
+    """The eps at which a layer's rows make ``merges`` merges (the middle of the gap after the
+    last of them; 0 for none), None when that eps would reach 2 (the largest cosine distance)."""
+    if merges <= 0:
+        return 0.0
+    upper = heights[merges] if merges < len(heights) else min(heights[-1] + 1e-3, 2.0)
+    value = 0.5 * (heights[merges - 1] + upper)
+    return float(value) if value < 2.0 else None
+
+
 def _next_eps(heights: np.ndarray, eps: float, more: int) -> float | None:
-    """The eps at which ``more`` further merges of a layer's rows have happened (the middle of the
-    gap after them; ``more`` < 0 undoes merges, down to eps 0), None when there is no such merge."""
-    done = int(np.searchsorted(heights, eps, side="right"))
-    j = min(done + more, len(heights))
+    """The eps at which ``more`` further merges of a layer's rows have happened (``more`` < 0
+    undoes merges, down to eps 0), None when there is no such merge."""
+    done = _merged(heights, eps)
     if (more > 0 and done >= len(heights)) or (more < 0 and done == 0):
         return None
-    if j <= 0:
-        return 0.0
-    upper = heights[j] if j < len(heights) else min(heights[-1] + 1e-3, 2.0)
-    value = 0.5 * (heights[j - 1] + upper)
-    return float(value) if value < 2.0 else None
+    return _eps_for(heights, min(done + more, len(heights)))
 
 
 def _merged(heights: np.ndarray, eps: float) -> int:
@@ -288,7 +300,11 @@ def search(evaluate: Evaluator, kind: str, limit: float) -> Outcome:
         eps = _next_eps(heights, current.layer_eps.get(name, 0.0), more)
         if eps is None:
             return None
-        outcome = evaluate({**current.layer_eps, name: eps})
+        layer_eps = {**current.layer_eps, name: eps}
+        outcome = evaluate(layer_eps)
+        if outcome.params >= current.params:  # a later layer lost merges: re-cut it and try again
+            kept = _keep_merges(evaluate, layer_eps, outcome.heights, current)
+            outcome = evaluate(kept) if kept != layer_eps else outcome
         return outcome if outcome.params < current.params else None
 
     exhausted: set[str] = set()
@@ -321,6 +337,27 @@ def search(evaluate: Evaluator, kind: str, limit: float) -> Outcome:
     if kind == "params" and current.params <= goal:
         current = _exchange(evaluate, current, layers, goal)
     return evaluate.finish(current)
+
+
+def _keep_merges(evaluate: Evaluator, layer_eps: dict[str, float], heights: dict[str, np.ndarray],
+                 current: Outcome) -> dict[str, float]:
+    """``layer_eps`` with each layer that makes fewer merges than in ``current`` re-cut to make as
+    many again. A layer's merge distances move when its input's colors change, so raising one
+    layer's eps can leave a later layer's eps below merges it made before; the first such layer
+    is re-cut, the distances recomputed, and so on."""
+    for _ in range(len(heights)):
+        lost = [(name, _merged(current.heights[name], current.layer_eps.get(name, 0.0)))
+                for name in heights if name in current.heights]
+        lost = [(name, before) for name, before in lost if _merged(heights[name], layer_eps.get(name, 0.0)) < before]
+        if not lost:
+            break
+        name, before = lost[0]
+        eps = _eps_for(heights[name], min(before, len(heights[name])))
+        if eps is None:
+            break
+        layer_eps = {**layer_eps, name: eps}
+        heights = evaluate.heights(layer_eps)
+    return layer_eps
 
 
 def _exchange(evaluate: Evaluator, current: Outcome, layers: list[str], goal: float, rounds: int = 8) -> Outcome:
