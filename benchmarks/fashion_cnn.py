@@ -1,4 +1,4 @@
-"""Fashion-MNIST CNN: test accuracy against parameters kept, across onnxfib tolerances.
+"""Fashion-MNIST CNN: onnxfib across tolerances, and against pruning and folding baselines.
 
     python benchmarks/fashion_cnn.py            # train, export, compress, evaluate, write results
 
@@ -6,9 +6,17 @@ A small CNN (conv 1->16 3x3, BN, ReLU, maxpool, conv 16->32 3x3, BN, ReLU, maxpo
 linear 1568->64, ReLU, linear 64->10) is trained on the 60k Fashion-MNIST training images
 (Debian package ``dataset-fashion-mnist``, see ``fashion_mnist.py``) for a couple of epochs on
 CPU with fixed seeds, exported with the legacy torch.onnx exporter (eval mode), then compressed
-by ``onnxfib.compress`` at each eps with ``check=False``. Every model, the original included,
-is evaluated on the 10k test images in ONNX Runtime. Writes ``results/fashion_cnn.json`` and
-regenerates the ``fashion_cnn`` section of ``RESULTS.md`` (only that section).
+by ``onnxfib.compress`` at each eps with ``check=False``.
+
+Second part, as ``lenet_fashion.py`` does for MLPs: at each removal level (share of parameters
+removed) ``onnxfib.compress(model, target_params=1 - level)`` chooses every layer's eps and so the
+widths of conv1, conv2 and fc1, data-free (generated measuring inputs, no refit) and calibrated
+(1024 training images picked with a fixed seed, ``calibrate=True``); every baseline of
+``cnn_baselines.py`` is then narrowed to exactly those widths (same parameter count), and in the
+calibrated mode refit on the same images. Every model, the original included, is evaluated on the
+10k test images in ONNX Runtime. Writes ``results/fashion_cnn.json``, ``results/fashion_cnn.png``
+and regenerates the ``fashion_cnn`` section of ``RESULTS.md`` (only that section). Runs single
+threaded (torch, BLAS): on a shared machine, oversubscribed threads made training ten times slower.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import cnn_baselines  # noqa: E402
 import fashion_mnist  # noqa: E402
 from sections import fashion_mnist_missing, fit, markers, quiet, write_section  # noqa: E402
 
@@ -40,9 +49,17 @@ BATCH = 128
 LR = 1e-3
 OPSET = 17
 EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+LEVELS = (0.5, 0.7, 0.8)  # shares of parameters removed, for the comparison with the baselines
+CALIBRATION = 1024  # training images the calibrated rows may use
+RANDOM_SEEDS = 5  # random pruning: mean over this many draws
+MODES = {"data_free": "Data-free", "calibrated": "Calibrated"}
+#: baselines narrowed to onnxfib's widths; Model Folding's clusters are computed once per level
+BASELINES = ("random pruning", "L2 pruning", "Model Folding", "Model Folding + approx. REPAIR",
+             "plain collapse (Eq. 10)")
 #: pixel statistics of the Fashion-MNIST training set (x / 255)
 MEAN, STD = 0.2860, 0.3530
 RESULTS_JSON = HERE / "results" / f"{NAME}.json"
+PLOT = HERE / "results" / f"{NAME}.png"
 BEGIN, END = markers(NAME)
 
 
@@ -89,6 +106,7 @@ def export(model, path: Path) -> None:
 def logits(model: onnx.ModelProto, X: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = 1
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return np.concatenate([sess.run(None, {"input": X[i:i + 2000]})[0] for i in range(0, len(X), 2000)])
 
@@ -101,13 +119,83 @@ def widths(report) -> list[dict]:
     ]
 
 
-def run(epochs: int, eps_values: tuple[float, ...]) -> dict:
+def accuracy(model: onnx.ModelProto, X: np.ndarray, y: np.ndarray) -> float:
+    """Test accuracy of ``model`` in ONNX Runtime (CPU)."""
+    return float((logits(model, X).argmax(1) == y).mean())
+
+
+def layer_widths(report) -> list[int]:
+    """Widths after compression of conv1, conv2 and fc1 (every Conv/Gemm but the last)."""
+    return [layer.width_after for layer in report.layers if layer.op_type in ("Conv", "Gemm")][:-1]
+
+
+def reductions(name: str, layers: list, widths: list[int], folds: list[np.ndarray]) -> list:
+    """The baseline ``name`` at ``widths`` (random pruning: one per seed)."""
+    if name == "random pruning":
+        return [cnn_baselines.random_prune(layers, widths, seed=seed) for seed in range(RANDOM_SEEDS)]
+    if name == "L2 pruning":
+        return [cnn_baselines.l2_prune(layers, widths)]
+    if name.startswith("Model Folding"):
+        return [cnn_baselines.fold(layers, widths, labels=folds, repair="REPAIR" in name)]
+    return [cnn_baselines.plain_collapse(layers, widths)]
+
+
+def compare(original: onnx.ModelProto, layers: list, X: np.ndarray, y: np.ndarray, *, removed: float,
+            calib: np.ndarray | None = None, fitted: list | None = None) -> dict:
+    """onnxfib at ``target_params = 1 - removed`` (calibrated on ``calib`` when given, else
+    data-free), then every baseline narrowed to the widths onnxfib chose, refit on ``calib`` when
+    given (the REPAIR variant is left out there: the refit replaces its weights)."""
+    keep = round(1.0 - removed, 6)
+    given = {} if calib is None else {"data": {"input": calib}, "calibrate": True}
+    t0 = time.perf_counter()
+    result = onnxfib.compress(original, target_params=keep, check=False, **given)
+    compress_seconds = time.perf_counter() - t0
+    report = result.report
+    widths = layer_widths(report)
+    row = {"widths": widths, "params": report.params_after, "removed": 1.0 - report.params_after / report.params_before,
+           "layer_eps": {layer.name: layer.eps for layer in report.layers},
+           "compress_seconds": round(compress_seconds, 1), "accuracy": {"onnxfib": accuracy(result.model, X, y)}}
+    t0 = time.perf_counter()
+    folds = cnn_baselines.fold_labels(layers, widths, seed=SEED)
+    seeds = []
+    for name in BASELINES:
+        if calib is not None and "REPAIR" in name:
+            continue
+        draws = reductions(name, layers, widths, folds)
+        counts = {cnn_baselines.count_params(d.layers) for d in draws}
+        assert counts == {report.params_after}, f"{name}: {counts} parameters, onnxfib {report.params_after}"
+        if calib is not None:
+            draws = [cnn_baselines.refit(d, layers, calib, fitted=fitted) for d in draws]
+        scores = [accuracy(cnn_baselines.to_onnx(d.layers, opset=OPSET), X, y) for d in draws]
+        row["accuracy"][name] = float(np.mean(scores))
+        if name == "random pruning":
+            seeds = scores
+    row["random_pruning_seeds"] = seeds
+    row["baseline_seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"  {100 * removed:.0f}% {'calibrated' if calib is not None else 'data-free'}: widths {widths}, "
+          f"{100 * row['removed']:.1f}% removed, onnxfib {row['accuracy']['onnxfib']:.4f} "
+          f"({compress_seconds:.0f} s), baselines {row['baseline_seconds']:.0f} s", file=sys.stderr)
+    return row
+
+
+def run(epochs: int, eps_values: tuple[float, ...], levels: tuple[float, ...]) -> dict:
+    import sklearn
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        return _run(epochs, eps_values, levels, versions={"scikit-learn": sklearn.__version__})
+
+
+def _run(epochs: int, eps_values: tuple[float, ...], levels: tuple[float, ...], versions: dict) -> dict:
     import torch
 
     start = time.perf_counter()
     X_train, y_train = fashion_mnist.load("train")
     X_test, y_test = fashion_mnist.load("test")
-    X_train, X_test = preprocess(X_train), preprocess(X_test)
+    pick = np.random.default_rng(SEED).choice(len(X_train), CALIBRATION, replace=False)
+    X_train, X_test, calib = preprocess(X_train), preprocess(X_test), preprocess(X_train[pick])
     model = train(X_train, y_train, epochs)
     train_seconds = time.perf_counter() - start
     with torch.no_grad():
@@ -140,6 +228,17 @@ def run(epochs: int, eps_values: tuple[float, ...]) -> dict:
             "compress_seconds": round(seconds, 2),
             "layers": widths(result.report),
         })
+    eps_seconds = time.perf_counter() - start - train_seconds
+    layers = cnn_baselines.from_torch(model)
+    baseline_diff = float(np.abs(logits(cnn_baselines.to_onnx(layers, opset=OPSET), X_test) - base_logits).max())
+    assert baseline_diff < 1e-3, f"the baselines' network differs from the export by {baseline_diff}"
+    fitted = cnn_baselines.targets(layers, calib)
+    comparison = [
+        {"target_removed": removed,
+         "data_free": compare(original, layers, X_test, y_test, removed=removed),
+         "calibrated": compare(original, layers, X_test, y_test, removed=removed, calib=calib, fitted=fitted)}
+        for removed in levels
+    ]
     return {
         "benchmark": NAME,
         "model": "conv1-16 bn relu pool, conv16-32 bn relu pool, flatten, fc1568-64 relu, fc64-10",
@@ -152,8 +251,15 @@ def run(epochs: int, eps_values: tuple[float, ...]) -> dict:
         "params": base_params,
         "test_accuracy": base_acc,
         "results": rows,
+        "eps_seconds": round(eps_seconds, 1),
+        "calibration": CALIBRATION,
+        "random_seeds": RANDOM_SEEDS,
+        "baseline_network_max_abs_diff_vs_export": baseline_diff,
+        "levels": comparison,
+        "seconds": round(time.perf_counter() - start, 1),
         "versions": {"onnxfib": onnxfib.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-                     "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
+                     "torch": torch.__version__, "numpy": np.__version__, **versions,
+                     "python": platform.python_version()},
     }
 
 
@@ -180,25 +286,145 @@ def markdown(data: dict) -> str:
             f"{100 * row['test_accuracy']:.2f}% | {100 * row['accuracy_change']:+.2f} | "
             f"{100 * row['agreement_with_original']:.2f}% | {row['max_abs_logit_diff']:.2g} | {layer_widths} |"
         )
-    lines += ["", f"Regenerate: `python benchmarks/fashion_cnn.py` (onnxfib {data['versions']['onnxfib']}, "
-              f"torch {data['versions']['torch']}, onnxruntime {data['versions']['onnxruntime']}).", END]
+    if data.get("levels"):
+        lines += ["", *comparison_markdown(data)]
+    lines += ["", f"Regenerate: `python benchmarks/fashion_cnn.py` ({data['seconds']:.0f} s here, single-threaded; "
+              f"onnxfib {data['versions']['onnxfib']}, torch {data['versions']['torch']}, onnxruntime "
+              f"{data['versions']['onnxruntime']}).", END]
     return "\n".join(lines)
+
+
+def table(columns: list[tuple[str, dict]]) -> list[str]:
+    """Methods down, levels across: parameters removed, onnxfib's widths, then each method's test
+    accuracy (bold: best in the column)."""
+    methods = list(dict.fromkeys(name for _, row in columns for name in row["accuracy"]))
+    lines = ["| | " + " | ".join(header for header, _ in columns) + " |", "|---|" + "---:|" * len(columns),
+             "| parameters removed | " + " | ".join(f"{100 * row['removed']:.1f}%" for _, row in columns) + " |",
+             "| widths conv1-conv2-fc1 | " + " | ".join("-".join(map(str, row["widths"])) for _, row in columns) + " |"]
+    for name in methods:
+        cells = []
+        for _, row in columns:
+            value = row["accuracy"].get(name)
+            if value is None:
+                cells.append("–")
+            else:
+                best = value >= max(row["accuracy"].values())
+                cells.append(f"**{100 * value:.2f}%**" if best else f"{100 * value:.2f}%")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def conclusion(levels: list[dict]) -> str:
+    """One sentence from the numbers: which method is the most accurate at which level, per mode,
+    and onnxfib's margin over the best baseline."""
+    clauses = []
+    for mode, label in MODES.items():
+        leaders: dict[str, list[str]] = {}
+        margins = []
+        for level in levels:
+            acc = level[mode]["accuracy"]
+            top = max(acc.values())
+            for name in (name for name, value in acc.items() if value == top):
+                leaders.setdefault(name, []).append(f"{100 * level['target_removed']:.0f}%")
+            margins.append(100 * (acc["onnxfib"] - max(v for k, v in acc.items() if k != "onnxfib")))
+        parts = [f"{name} at {_listed(at)}" for name, at in leaders.items()]
+        parts[0] = parts[0].replace(" at ", " is the most accurate at ", 1) + " removed"
+        clauses.append(f"{label.lower()}, " + ", ".join(parts) + " (onnxfib minus the best baseline: "
+                       + " / ".join(f"{m:+.2f}" for m in margins) + " points)")
+    text = "; ".join(clauses) + "."
+    return text[0].upper() + text[1:]
+
+
+def comparison_markdown(data: dict) -> list[str]:
+    levels = data["levels"]
+    lines = [
+        "### Against pruning and folding baselines at onnxfib's widths",
+        "",
+        "At each removal level `onnxfib.compress(model, target_params=1 - level, check=False)` chooses every "
+        "layer's eps, hence the widths of conv1, conv2 and fc1; every baseline is then narrowed to exactly "
+        "those widths and has exactly onnxfib's parameter count (asserted). Data-free: the library's search "
+        "measures output error on generated inputs and merges without refitting. Calibrated: "
+        f"{data['calibration']} training images picked with seed {data['training']['seed']} (`data=`, "
+        "`calibrate=True`: the search measures on them and merged layers are refit); the baselines keep their "
+        "choice of channels and units and refit every layer after the first by ridge least squares (convolutions "
+        "through im2col) to the original pre-activations on the same images. Baselines "
+        "(`benchmarks/cnn_baselines.py`, on the trained weights with BatchNorm folded into the convolutions, "
+        "as in the export): random channel pruning "
+        f"(mean of {data['random_seeds']} seeds); L2-norm filter pruning (largest incoming-filter norms kept); "
+        "Model Folding (Wang et al., ICLR 2025: k-means on each channel's incoming filter, bias and outgoing "
+        "weights, conv2's outgoing weights being fc1's 49 columns of the channel; cluster means, outgoing "
+        "weights summed), with and without its data-free approximate REPAIR (variance factor "
+        "sqrt(n / (1 + (n - 1) c)) on the merged filter, the BatchNorm it would scale being folded; no "
+        "calibrated row, the refit replaces it); the fibration paper's plain collapse (Eq. 10: filters summed "
+        "over the previous layer's clusters per kernel position, average-linkage cosine clustering cut at the "
+        "widths, plain averaging). Test accuracy in ONNX Runtime; bold: best in the column.",
+    ]
+    for mode, label in MODES.items():
+        columns = [(f"{100 * level['target_removed']:.0f}% target", level[mode]) for level in levels]
+        lines += ["", f"**{label}**", "", *table(columns)]
+    seconds = {mode: [level[mode]["compress_seconds"] for level in levels] for mode in MODES}
+    lines += ["", conclusion(levels), "",
+              f"![accuracy against parameters removed](results/{PLOT.name})", "",
+              "onnxfib's time per level: " + "; ".join(
+                  f"{MODES[mode].lower()} " + " / ".join(f"{s:.0f}" for s in values) + " s"
+                  for mode, values in seconds.items()) + "."]
+    return lines
+
+
+def plot(data: dict, path: Path) -> None:
+    """Accuracy against parameters removed, one line per method; data-free and calibrated panels
+    (the data-free one also shows the uniform-eps points of the first table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    colors = {name: f"C{i}" for i, name in enumerate(("onnxfib", *BASELINES))}
+    for ax, mode in zip(axes, MODES):
+        rows = [level[mode] for level in data["levels"]]
+        removed = [100 * row["removed"] for row in rows]
+        for name in rows[0]["accuracy"]:
+            ax.plot(removed, [100 * row["accuracy"][name] for row in rows], marker="o", color=colors[name],
+                    lw=2.5 if name == "onnxfib" else 1.2, label=name)
+        if mode == "data_free":
+            sweep = [row for row in data["results"] if row["params_kept"] < 1.0]
+            ax.plot([100 * (1 - row["params_kept"]) for row in sweep], [100 * row["test_accuracy"] for row in sweep],
+                    ls=":", marker="x", color="grey", label="onnxfib, one eps for all layers")
+        ax.axhline(100 * data["test_accuracy"], color="black", lw=0.8, ls="--", label="original")
+        ax.set_title(f"Fashion-MNIST CNN: {MODES[mode]}", fontsize=10)
+        ax.set_xlabel("parameters removed (%)")
+        ax.grid(alpha=0.3)
+    for ax in axes:
+        ax.set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--eps", type=float, nargs="+", default=list(EPS))
+    parser.add_argument("--levels", type=float, nargs="*", default=list(LEVELS),
+                        help="shares of parameters removed for the comparison with the baselines")
     parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")
     args = parser.parse_args(argv)
     if fashion_mnist_missing():
         return 2
-    data = run(args.epochs, tuple(args.eps))
+    data = run(args.epochs, tuple(args.eps), tuple(args.levels))
     section = markdown(data)
     print(section)
     if not args.no_write:
         RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_JSON.write_text(json.dumps(data, indent=2) + "\n")
+        if data["levels"]:
+            plot(data, PLOT)
         write_section(NAME, section)
     return 0
 
