@@ -2,13 +2,15 @@
 
 Cosine clustering of a layer's rows (the eps of DESIGN §2) sees only each row's direction: it
 ignores how much a channel matters downstream, so at high compression it spends colors on
-channels that barely reach the output. Where a layer's output is read by exactly one layer,
-channel for channel (:func:`sole_reader`), :class:`Folder` clusters the channels instead by Ward
-linkage on each channel's incoming row, bias and outgoing column (the reader's weights on it)
-concatenated, the description of a unit in Model Folding (Wang et al., ICLR 2025), into as many
-colors as the layer's collapse keeps. The merge itself is unchanged: the scale rule with the
-rows' norms as scales (``Tolerance.chosen`` given a Partition), ``Plan.fit_base`` rows and the
-reader's columns summed under the scales.
+channels that barely reach the output. Where a layer's output is read by exactly one layer
+(through element-wise sites, pooling or a Flatten: :func:`outgoing_weights`), :class:`Folder`
+clusters the channels instead by Ward linkage on each channel's incoming row, bias and outgoing
+weights (the reader's columns that carry it) concatenated, the description of a unit in Model
+Folding (Wang et al., ICLR 2025), into as many colors as the layer's collapse keeps.
+The merge itself is unchanged: ``Tolerance.chosen`` given a Partition fits the scales to the
+rows, ``Plan.fit_base`` gives the base rows, and the reader's columns are summed under the
+scales. :func:`sole_reader` is the stricter channel-for-channel reader the data-driven
+``calibrate.Selector`` needs.
 """
 
 from __future__ import annotations
@@ -37,12 +39,25 @@ def sole_reader(analysis: Analysis, site: LinearSite) -> LinearSite | None:
     return readers[0] if len(readers) == 1 else None
 
 
-def unit_features(site: LinearSite, reader: LinearSite) -> np.ndarray:
-    """Each output channel of ``site`` as a vector: its incoming row (kernel entries together),
-    its bias and its outgoing column in ``reader``, float64."""
-    rows, bias, _ = site.flat()
-    outgoing = np.moveaxis(reader.matrix(), 1, 0).reshape(reader.inputs[0].width, -1)
-    return np.hstack([rows, bias[:, None], outgoing])
+def outgoing_weights(analysis: Analysis, site: LinearSite) -> np.ndarray | None:
+    """Each output channel's outgoing weights, one row per channel: the columns of the one layer
+    reading the output's shrink group that carry that channel (one for an element-wise path,
+    every spatial position after a Flatten), in position order. None where the group is
+    frozen, no layer or several read it, or the channels do not carry equally many columns."""
+    out = site.outputs[0]
+    group = next((g for g in analysis.groups if out.name in g.members), None)
+    if group is None or group.frozen.any():
+        return None
+    readers = [r for r in analysis.sites if isinstance(r, LinearSite) and r.layer and r.inputs[0].name in group.members]
+    if len(readers) != 1:
+        return None
+    own, read = group.members[out.name].classes, group.members[readers[0].inputs[0].name]
+    counts = np.bincount(read.classes, minlength=group.n_classes)[own]
+    if len(np.unique(own)) != out.width or counts.min() == 0 or counts.min() != counts.max():
+        return None
+    order = np.lexsort((read.position, read.classes))  # the reader's columns by class, then position
+    columns = np.moveaxis(readers[0].matrix(), 1, 0)[order].reshape(len(np.unique(read.classes)), -1)
+    return columns[np.searchsorted(np.unique(read.classes), own)]
 
 
 class Folder:
@@ -54,9 +69,10 @@ class Folder:
         self._trees: dict[str, np.ndarray] = {}
         for site in reference.sites:
             if isinstance(site, LinearSite) and site.layer and site.outputs[0].width > 2:
-                reader = sole_reader(reference, site)
-                if reader is not None:
-                    self._trees[site.name] = linkage(unit_features(site, reader), method="ward")
+                outgoing = outgoing_weights(reference, site)
+                if outgoing is not None:
+                    rows, bias, _ = site.flat()
+                    self._trees[site.name] = linkage(np.hstack([rows, bias[:, None], outgoing]), method="ward")
 
     def colorings(self, analysis: Analysis) -> dict[str, Partition]:
         """Layer name -> the folded partition of its output with as many colors as ``analysis``

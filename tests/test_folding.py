@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 import onnxfib
 from onnxfib.analysis import analyze
-from onnxfib.folding import Folder
+from onnxfib.folding import Folder, outgoing_weights
 from onnxfib.partition import Partition
 from onnxfib.validation import run_tensors
 
@@ -64,3 +64,27 @@ def test_target_search_reaches_the_planted_base_with_a_small_error():
     assert cosine.report.params_after == result.report.params_after
     folded_error, cosine_error = np.abs(folded - reference).max(), np.abs(merged - reference).max()
     assert folded_error < 0.01 < cosine_error  # the quiet units' whole contribution is below 0.01
+
+
+def test_outgoing_weights_of_a_conv_read_through_a_flatten_are_its_column_blocks():
+    """Conv (4 channels on 4x4) -> Relu -> Flatten -> Gemm: channel c's outgoing weights are the
+    Gemm's 16 columns c*16 .. c*16+15 (c-major flatten), laid out position by position."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(2)
+    conv_w, conv_b = rng.standard_normal((4, 1, 3, 3)), rng.standard_normal(4)
+    gemm_w, gemm_b = rng.standard_normal((3, 64)), rng.standard_normal(3)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n)
+             for a, n in [(conv_w, "cw"), (conv_b, "cb"), (gemm_w, "gw"), (gemm_b, "gb")]]
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "gw", "gb"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    analysis = analyze(model, eps=0.0)
+    conv = next(s for s in analysis.sites if s.name == "conv")
+    expected = gemm_w.reshape(3, 4, 16).transpose(1, 2, 0).reshape(4, 48)
+    np.testing.assert_allclose(outgoing_weights(analysis, conv), expected, rtol=1e-6)
+    assert "conv" in Folder(model)._trees
