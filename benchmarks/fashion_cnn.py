@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cnn_baselines  # noqa: E402
 import fashion_mnist  # noqa: E402
-from sections import fashion_mnist_missing, fit, markers, quiet, write_section  # noqa: E402
+from sections import comparison_table, fashion_mnist_missing, fit, markers, quiet, write_section  # noqa: E402
 
 import onnxfib  # noqa: E402
 from onnxfib.stats import count_parameters  # noqa: E402
@@ -294,26 +294,6 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def table(columns: list[tuple[str, dict]]) -> list[str]:
-    """Methods down, levels across: parameters removed, onnxfib's widths, then each method's test
-    accuracy (bold: best in the column)."""
-    methods = list(dict.fromkeys(name for _, row in columns for name in row["accuracy"]))
-    lines = ["| | " + " | ".join(header for header, _ in columns) + " |", "|---|" + "---:|" * len(columns),
-             "| parameters removed | " + " | ".join(f"{100 * row['removed']:.1f}%" for _, row in columns) + " |",
-             "| widths conv1-conv2-fc1 | " + " | ".join("-".join(map(str, row["widths"])) for _, row in columns) + " |"]
-    for name in methods:
-        cells = []
-        for _, row in columns:
-            value = row["accuracy"].get(name)
-            if value is None:
-                cells.append("–")
-            else:
-                best = value >= max(row["accuracy"].values())
-                cells.append(f"**{100 * value:.2f}%**" if best else f"{100 * value:.2f}%")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
-
-
 def _listed(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -365,7 +345,7 @@ def comparison_markdown(data: dict) -> list[str]:
     ]
     for mode, label in MODES.items():
         columns = [(f"{100 * level['target_removed']:.0f}% target", level[mode]) for level in levels]
-        lines += ["", f"**{label}**", "", *table(columns)]
+        lines += ["", f"**{label}**", "", *comparison_table(columns, "widths conv1-conv2-fc1")]
     seconds = {mode: [level[mode]["compress_seconds"] for level in levels] for mode in MODES}
     lines += ["", conclusion(levels), "",
               f"![accuracy against parameters removed](results/{PLOT.name})", "",

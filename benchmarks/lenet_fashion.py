@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import baselines  # noqa: E402
 import fashion_mnist  # noqa: E402
-from sections import fashion_mnist_missing, fit, markers, quiet, write_section  # noqa: E402
+from sections import comparison_table, fashion_mnist_missing, fit, markers, quiet, write_section  # noqa: E402
 
 import onnxfib  # noqa: E402
 
@@ -267,26 +267,6 @@ def plot(key: str, net: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def table(columns: list[tuple[str, dict]]) -> list[str]:
-    """Methods down, settings across: parameters removed, onnxfib's widths, then each method's test
-    accuracy (bold: best in the column)."""
-    methods = list(dict.fromkeys(name for _, row in columns for name in row["accuracy"]))
-    lines = ["| | " + " | ".join(header for header, _ in columns) + " |", "|---|" + "---:|" * len(columns),
-             "| parameters removed | " + " | ".join(f"{100 * row['removed']:.1f}%" for _, row in columns) + " |",
-             "| hidden widths | " + " | ".join("-".join(map(str, row["widths"])) for _, row in columns) + " |"]
-    for name in methods:
-        cells = []
-        for _, row in columns:
-            value = row["accuracy"].get(name)
-            if value is None:
-                cells.append("–")
-            else:
-                best = value >= max(row["accuracy"].values())
-                cells.append(f"**{100 * value:.2f}%**" if best else f"{100 * value:.2f}%")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
-
-
 def markdown(data: dict) -> str:
     lines = [
         BEGIN,
@@ -319,7 +299,7 @@ def markdown(data: dict) -> str:
         for mode, label in MODES.items():
             if net["levels"]:
                 columns = [(f"{100 * level['target_removed']:.0f}% target", level[mode]) for level in net["levels"]]
-                lines += ["", f"**{label}**", "", *table(columns)]
+                lines += ["", f"**{label}**", "", *comparison_table(columns, "hidden widths")]
         if net["levels"]:
             lines += ["", f"![{title}](results/{key}.png)"]
         if key == "lenet_300_100":
@@ -334,7 +314,7 @@ def markdown(data: dict) -> str:
                       "held out, each quarter of the images on a refit of the other three); test accuracy below, "
                       "baselines at the same widths (the calibrated ones refit on the same images). Anchor: the paper's reference code keeps 17% of "
                       "the parameters at 5.5 points lost (96.8% to 91.3%, MNIST).", "",
-                      *table([(MODES[mode], net["smallest"][mode]) for mode in MODES])]
+                      *comparison_table([(MODES[mode], net["smallest"][mode]) for mode in MODES], "hidden widths")]
     lines += ["", f"Regenerate: `python benchmarks/lenet_fashion.py` ({data['seconds']:.0f} s here; onnxfib "
               f"{data['versions']['onnxfib']}, torch {data['versions']['torch']}, onnxruntime "
               f"{data['versions']['onnxruntime']}).", END]

@@ -1,5 +1,5 @@
-"""The pieces the benchmark scripts share: their sections of RESULTS.md, the data check, the
-seeded training loop, and silencing the exporters."""
+"""The pieces the benchmark scripts share: their sections of RESULTS.md and comparison tables,
+the data check, the seeded training loop, and silencing the exporters."""
 
 from __future__ import annotations
 
@@ -76,3 +76,23 @@ def quiet():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def comparison_table(columns: list[tuple[str, dict]], widths_label: str) -> list[str]:
+    """A markdown table, methods down, settings across: parameters removed, onnxfib's widths
+    (row ``widths_label``), then each method's test accuracy (bold: best in the column)."""
+    methods = list(dict.fromkeys(name for _, row in columns for name in row["accuracy"]))
+    lines = ["| | " + " | ".join(header for header, _ in columns) + " |", "|---|" + "---:|" * len(columns),
+             "| parameters removed | " + " | ".join(f"{100 * row['removed']:.1f}%" for _, row in columns) + " |",
+             f"| {widths_label} | " + " | ".join("-".join(map(str, row["widths"])) for _, row in columns) + " |"]
+    for name in methods:
+        cells = []
+        for _, row in columns:
+            value = row["accuracy"].get(name)
+            if value is None:
+                cells.append("–")
+            else:
+                best = value >= max(row["accuracy"].values())
+                cells.append(f"**{100 * value:.2f}%**" if best else f"{100 * value:.2f}%")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
