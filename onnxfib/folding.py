@@ -20,23 +20,35 @@ import onnx
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from .analysis import Analysis, analyze
+from .groups import ShrinkGroup
 from .partition import Partition
 from .rules.linear import LinearSite
+
+
+def _group_reader(analysis: Analysis, site: LinearSite) -> tuple[ShrinkGroup, LinearSite] | None:
+    """The shrink group of ``site``'s output and the one layer reading it; None where the group is
+    frozen anywhere or no layer or several read it."""
+    out = site.outputs[0]
+    group = next((g for g in analysis.groups if out.name in g.members), None)
+    if group is None or group.frozen.any():
+        return None
+    readers = [r for r in analysis.sites if isinstance(r, LinearSite) and r.layer and r.inputs[0].name in group.members]
+    return (group, readers[0]) if len(readers) == 1 else None
 
 
 def sole_reader(analysis: Analysis, site: LinearSite) -> LinearSite | None:
     """The one layer reading ``site``'s output channel for channel: through element-wise sites
     only (every tensor of the output's shrink group as wide as the output, channel i of each the
     same class) and nothing frozen in the group. None where no layer or several read it."""
-    out = site.outputs[0]
-    group = next((g for g in analysis.groups if out.name in g.members), None)
-    if group is None or group.frozen.any():
+    found = _group_reader(analysis, site)
+    if found is None:
         return None
+    group, reader = found
+    out = site.outputs[0]
     classes = group.members[out.name].classes
     if any(m.port.width != out.width or not np.array_equal(m.classes, classes) for m in group.members.values()):
         return None
-    readers = [r for r in analysis.sites if isinstance(r, LinearSite) and r.layer and r.inputs[0].name in group.members]
-    return readers[0] if len(readers) == 1 else None
+    return reader
 
 
 def outgoing_weights(analysis: Analysis, site: LinearSite) -> np.ndarray | None:
@@ -44,19 +56,17 @@ def outgoing_weights(analysis: Analysis, site: LinearSite) -> np.ndarray | None:
     reading the output's shrink group that carry that channel (one for an element-wise path,
     every spatial position after a Flatten), in position order. None where the group is
     frozen, no layer or several read it, or the channels do not carry equally many columns."""
+    found = _group_reader(analysis, site)
+    if found is None:
+        return None
+    group, reader = found
     out = site.outputs[0]
-    group = next((g for g in analysis.groups if out.name in g.members), None)
-    if group is None or group.frozen.any():
-        return None
-    readers = [r for r in analysis.sites if isinstance(r, LinearSite) and r.layer and r.inputs[0].name in group.members]
-    if len(readers) != 1:
-        return None
-    own, read = group.members[out.name].classes, group.members[readers[0].inputs[0].name]
+    own, read = group.members[out.name].classes, group.members[reader.inputs[0].name]
     counts = np.bincount(read.classes, minlength=group.n_classes)[own]
     if len(np.unique(own)) != out.width or counts.min() == 0 or counts.min() != counts.max():
         return None
     order = np.lexsort((read.position, read.classes))  # the reader's columns by class, then position
-    columns = np.moveaxis(readers[0].matrix(), 1, 0)[order].reshape(len(np.unique(read.classes)), -1)
+    columns = np.moveaxis(reader.matrix(), 1, 0)[order].reshape(len(np.unique(read.classes)), -1)
     return columns[np.searchsorted(np.unique(read.classes), own)]
 
 
