@@ -17,6 +17,7 @@ from onnxfib import io, stats
 from onnxfib.analysis import SYMMETRIES, analyze
 from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.errors import UsageError, ValidationMismatchError
+from onnxfib.folding import Folder
 from onnxfib.report import CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, can_deal, search
 from onnxfib.targets import sweep as sweep_eps
@@ -208,7 +209,8 @@ def compress(
     refits: list[RefitReport] = []
     target: TargetReport | None = None
     if goal is not None:
-        options = {"symmetry": symmetry, "labels": label_array, "calibrate": calibrate, "ridge": ridge, "fold": True}
+        options = {"symmetry": symmetry, "labels": label_array, "calibrate": calibrate, "ridge": ridge,
+                   "folder": Folder(original)}
         if calibrate and goal[0] != "params" and can_deal(batches, HELD_OUT_FOLDS):
             evaluator: Evaluator = HeldOut(original, batches, folds=HELD_OUT_FOLDS, **options)
         else:

@@ -95,14 +95,14 @@ class Evaluator:
     """Collapses ``original`` at given per-layer eps and measures the result on ``batches``
     against the original's outputs (computed once). Besides the merge the eps choose, it measures
     the same widths with the channels grouped otherwise, and keeps whichever has the smaller
-    output error: with ``fold`` (target searches, which choose the widths themselves) folded by
-    weights (``folding.Folder``); with ``calibrate`` kept channels chosen from the data
+    output error: with a ``folder`` (target searches, which choose the widths themselves) folded
+    by weights (``folding.Folder``, data-free, so one serves every Evaluator of a model); with ``calibrate`` kept channels chosen from the data
     (``calibrate.Selector``), and every collapse is refit, on ``fit_batches`` (default: the
     measuring ``batches`` themselves)."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, symmetry: str = "fiber",
                  labels: np.ndarray | None = None, calibrate: bool = False, ridge: float = 1e-3,
-                 fold: bool = False, fit_batches: Sequence[Batch] | None = None) -> None:
+                 folder: Folder | None = None, fit_batches: Sequence[Batch] | None = None) -> None:
         self.original = original
         self.batches = list(chunked(batches))
         self.fit_batches = self.batches if fit_batches is None else list(chunked(fit_batches))
@@ -116,7 +116,7 @@ class Evaluator:
         ]
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
         self.label_index = label_output(original)
-        self.choosers: dict[str, Folder | Selector] = {"fold": Folder(original)} if fold else {}
+        self.choosers: dict[str, Folder | Selector] = {"fold": folder} if folder is not None else {}
         if calibrate:
             self.choosers["select"] = Selector(original, self.fit_batches, ridge=ridge)
         self.activations = OriginalActivations(original, self.fit_batches)

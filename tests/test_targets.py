@@ -11,6 +11,7 @@ from conftest import build_mlp
 import onnxfib
 from onnxfib import stats
 from onnxfib.errors import UsageError, ValidationMismatchError
+from onnxfib.folding import Folder
 from onnxfib.targets import Evaluator, HeldOut, can_deal, deal_rows
 from onnxfib.validation import run_tensors
 
@@ -141,7 +142,7 @@ def test_held_out_figures_predict_fresh_data_better_than_in_sample_ones():
     rng = np.random.default_rng(5)
     calibration = [{"x": rng.standard_normal((40, 8)).astype(np.float32)}]
     fresh = [{"x": rng.standard_normal((4000, 8)).astype(np.float32)}]
-    options = {"calibrate": True, "ridge": 1e-6, "fold": True}
+    options = {"calibrate": True, "ridge": 1e-6, "folder": Folder(model)}
     in_sample = Evaluator(model, calibration, **options)
     held_out = HeldOut(model, calibration, folds=4, **options)
     layer_eps = {"fc0": 0.6, "fc1": 0.6}
