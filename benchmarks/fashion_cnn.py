@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cnn_baselines  # noqa: E402
 import fashion_mnist  # noqa: E402
-from sections import comparison_table, fashion_mnist_missing, fit, markers, quiet, write_section  # noqa: E402
+from sections import comparison_table, fashion_mnist_missing, fit, markers, plot_methods, quiet, write_section  # noqa: E402
 
 import onnxfib  # noqa: E402
 from onnxfib.stats import count_parameters  # noqa: E402
@@ -366,11 +366,7 @@ def plot(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     colors = {name: f"C{i}" for i, name in enumerate(("onnxfib", *BASELINES))}
     for ax, mode in zip(axes, MODES):
-        rows = [level[mode] for level in data["levels"]]
-        removed = [100 * row["removed"] for row in rows]
-        for name in rows[0]["accuracy"]:
-            ax.plot(removed, [100 * row["accuracy"][name] for row in rows], marker="o", color=colors[name],
-                    lw=2.5 if name == "onnxfib" else 1.2, label=name)
+        plot_methods(ax, [level[mode] for level in data["levels"]], colors)
         if mode == "data_free":
             sweep = [row for row in data["results"] if row["params_kept"] < 1.0]
             ax.plot([100 * (1 - row["params_kept"]) for row in sweep], [100 * row["test_accuracy"] for row in sweep],

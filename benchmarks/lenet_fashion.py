@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import baselines  # noqa: E402
 import fashion_mnist  # noqa: E402
-from sections import comparison_table, fashion_mnist_missing, fit, markers, quiet, write_section  # noqa: E402
+from sections import comparison_table, fashion_mnist_missing, fit, markers, plot_methods, quiet, write_section  # noqa: E402
 
 import onnxfib  # noqa: E402
 
@@ -247,11 +247,7 @@ def plot(key: str, net: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     colors = {name: f"C{i}" for i, name in enumerate(("onnxfib", *BASELINES))}
     for ax, mode in zip(axes, MODES):
-        rows = [level[mode] for level in net["levels"]]
-        removed = [100 * row["removed"] for row in rows]
-        for name in rows[0]["accuracy"]:
-            ax.plot(removed, [100 * row["accuracy"][name] for row in rows], marker="o", color=colors[name],
-                    lw=2.5 if name == "onnxfib" else 1.2, label=name)
+        plot_methods(ax, [level[mode] for level in net["levels"]], colors)
         if key == "lenet_300_100":
             for name, points in ANCHORS.items():
                 ax.plot([100 * r for r in points], [100 * a for a in points.values()], ls=":", marker="x",

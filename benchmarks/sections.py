@@ -96,3 +96,12 @@ def comparison_table(columns: list[tuple[str, dict]], widths_label: str) -> list
                 cells.append(f"**{100 * value:.2f}%**" if best else f"{100 * value:.2f}%")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def plot_methods(ax, rows: list[dict], colors: dict[str, str]) -> None:
+    """One line per method on ``ax``: test accuracy against parameters removed over ``rows`` (one
+    comparison row per removal level, as ``comparison_table`` reads them); onnxfib drawn bold."""
+    removed = [100 * row["removed"] for row in rows]
+    for name in rows[0]["accuracy"]:
+        ax.plot(removed, [100 * row["accuracy"][name] for row in rows], marker="o", color=colors[name],
+                lw=2.5 if name == "onnxfib" else 1.2, label=name)
