@@ -42,9 +42,39 @@ DEFAULT_RIDGE = 1e-3
 
 
 def _rows(values: np.ndarray, axis: int) -> np.ndarray:
-    """An activation as (samples, channels): the channel axis last, every other axis a sample."""
-    moved = np.moveaxis(values, axis, -1)
+    """An activation as float64 (samples, channels): the channel axis last, every other axis a
+    sample."""
+    moved = np.asarray(np.moveaxis(values, axis, -1), dtype=np.float64)
     return moved.reshape(-1, moved.shape[-1])
+
+
+class NormalEquations:
+    """``X^T X`` and ``X^T T`` summed in float64 over batches of rows, ``X`` with a column of ones
+    appended when ``intercept`` (added blockwise, never materialised), and the targets' sum of
+    squares and size, from which any ``W``'s residual ``||X W - T||^2`` follows."""
+
+    def __init__(self, columns: int, outputs: int, *, intercept: bool) -> None:
+        size = columns + int(intercept)
+        self.intercept = intercept
+        self.gram = np.zeros((size, size))
+        self.cross = np.zeros((size, outputs))
+        self.target_energy = 0.0
+        self.samples = 0
+
+    def add(self, x: np.ndarray, target: np.ndarray) -> None:
+        """Add the rows ``x`` (samples, columns) with their targets (samples, outputs)."""
+        x, target = np.asarray(x, dtype=np.float64), np.asarray(target, dtype=np.float64)
+        n = x.shape[1]
+        self.gram[:n, :n] += x.T @ x
+        self.cross[:n] += x.T @ target
+        if self.intercept:
+            total = x.sum(axis=0)
+            self.gram[:n, n] += total
+            self.gram[n, :n] += total
+            self.gram[n, n] += len(x)
+            self.cross[n] += target.sum(axis=0)
+        self.target_energy += float(np.vdot(target, target))
+        self.samples += target.size
 
 
 class OriginalActivations:
@@ -127,10 +157,10 @@ def _input_rows(site: LinearSite) -> Callable[[np.ndarray], np.ndarray] | None:
 
 def _patches(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
              dilations: tuple[int, ...]) -> np.ndarray:
-    """The Conv input [N, C, *spatial] as rows of patches [N * out positions, C * kernel size]
-    (im2col), each row's entries channel-major like a flattened [C, *kernel] kernel."""
+    """The Conv input [N, C, *spatial] as float64 rows of patches [N * out positions, C * kernel
+    size] (im2col), each row's entries channel-major like a flattened [C, *kernel] kernel."""
     spatial = len(kernel)
-    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
+    padded = np.pad(np.asarray(x, dtype=np.float64), [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
     window = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
     view = np.lib.stride_tricks.sliding_window_view(padded, window, axis=tuple(range(2, 2 + spatial)))
     view = view[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
@@ -145,32 +175,23 @@ def _refit_layer(analysis: Analysis, site: LinearSite, input_rows: Callable[[np.
     """Refit one layer in place (through its site); None when it has no activations to fit."""
     w0, b0, free = site.flat()
     inp, out = site.inputs[0], site.outputs[0]
-    columns = w0.shape[1] + int(free)
-    gram = np.zeros((columns, columns))
-    cross = np.zeros((columns, w0.shape[0]))
-    target_energy, samples = 0.0, 0
+    equations = NormalEquations(w0.shape[1], w0.shape[0], intercept=free)
     compressed_runs = run_tensors(model, [inp.name], pieces, "compressed")
     for (x,), y in zip(compressed_runs, activations(out.name)):
-        x, y = input_rows(x), _rows(y, out.axis)
-        target = y if out_plan is None else out_plan.fit_base(y, 1)
-        if not free:
-            target = target - b0
-        if free:
-            x = np.hstack([x, np.ones((len(x), 1))])
-        gram += x.T @ x
-        cross += x.T @ target
-        target_energy += float(np.sum(target * target))
-        samples += target.size
-    if samples == 0:
+        y = _rows(y, out.axis)
+        target = np.asarray(y if out_plan is None else out_plan.fit_base(y, 1), dtype=np.float64)
+        equations.add(input_rows(x), target if free else target - b0)
+    if equations.samples == 0:
         return None
+    gram, cross, columns = equations.gram, equations.cross, len(equations.gram)
     start = np.vstack([w0.T, b0[None, :]]) if free else w0.T
     lam = ridge * max(float(np.trace(gram)) / columns, 1e-12)
     factor = cho_factor(gram + lam * np.eye(columns))
     solved = cho_solve(factor, cross + lam * start)
 
     def rms(weights: np.ndarray) -> float:  # ||X W - T||^2 from the normal equations
-        sse = float(np.sum(weights * (gram @ weights)) - 2 * np.sum(weights * cross) + target_energy)
-        return float(np.sqrt(max(sse, 0.0) / samples))
+        sse = float(np.sum(weights * (gram @ weights)) - 2 * np.sum(weights * cross) + equations.target_energy)
+        return float(np.sqrt(max(sse, 0.0) / equations.samples))
 
     before, after = rms(start), rms(solved)
     if after > before:  # only float rounding can do this: keep the merge
@@ -206,14 +227,10 @@ class Selector:
         """``[H, 1]^T [H, 1]`` and ``[H, 1]^T T`` for the reader's input H and pre-activations T."""
         key = (reader.inputs[0].name, reader.outputs[0].name)
         if key not in self._stats:
-            gram, cross = 0.0, 0.0
-            runs = run_tensors(self.original, list(key), self.batches, "original")
-            for x, y in runs:
-                x = _rows(x, reader.inputs[0].axis)
-                x = np.hstack([x, np.ones((len(x), 1))])
-                gram = gram + x.T @ x
-                cross = cross + x.T @ _rows(y, reader.outputs[0].axis)
-            self._stats[key] = (np.asarray(gram), np.asarray(cross))
+            equations = NormalEquations(reader.inputs[0].width, reader.outputs[0].width, intercept=True)
+            for x, y in run_tensors(self.original, list(key), self.batches, "original"):
+                equations.add(_rows(x, reader.inputs[0].axis), _rows(y, reader.outputs[0].axis))
+            self._stats[key] = (equations.gram, equations.cross)
         return self._stats[key]
 
     def colorings(self, analysis: Analysis) -> dict[str, Coloring]:
@@ -241,7 +258,7 @@ def _forward_selection(gram: np.ndarray, cross: np.ndarray, count: int, ridge: f
     n = gram.shape[0]
     g = gram + ridge * max(float(np.trace(gram)) / n, 1e-12) * np.eye(n)
     residual_g = np.diag(g).copy()
-    residual_c = cross.astype(np.float64).copy()
+    residual_c = cross.copy()
     basis: list[np.ndarray] = []  # rows a_j: g restricted to the selected columns, orthonormalised
     selected: list[int] = []
     for step in range(count + 1):

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxfib
 from onnxfib.analysis import analyze
-from onnxfib.calibrate import Selector, _input_rows, refit
+from onnxfib.calibrate import NormalEquations, Selector, _input_rows, refit
 from onnxfib.errors import UsageError
 from onnxfib.validation import run_tensors
 
@@ -133,3 +133,23 @@ def test_conv_refit_never_increases_the_calibration_error():
     assert [r.name for r in reports] == ["conv1"]
     before, after = _sse(merged, model, x), _sse(refit_model, model, x)
     assert before > 1e-3 and after < 0.9 * before
+
+
+def test_normal_equations_match_the_explicit_intercept_column_in_float64():
+    """Batches of float32 rows give X^T X and X^T T of the stacked rows with a ones column, summed
+    in float64 (float32 products would miss by far more than the tolerance on these offsets)."""
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((n, 3)) + 1000.0).astype(np.float32) for n in (40_000, 25_000)]
+    targets = [rng.standard_normal((len(x), 2)) for x in batches]
+    for intercept in (True, False):
+        equations = NormalEquations(3, 2, intercept=intercept)
+        for x, t in zip(batches, targets):
+            equations.add(x, t)
+        x = np.vstack(batches).astype(np.float64)
+        if intercept:
+            x = np.hstack([x, np.ones((len(x), 1))])
+        t = np.vstack(targets)
+        np.testing.assert_allclose(equations.gram, x.T @ x, rtol=1e-12)
+        np.testing.assert_allclose(equations.cross, x.T @ t, rtol=1e-9)
+        assert equations.samples == t.size
+        np.testing.assert_allclose(equations.target_energy, np.sum(t * t), rtol=1e-12)
