@@ -21,13 +21,20 @@ narrowed layer by ridge regression on calibration inputs (the calibrated variant
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering, KMeans
 
 Layer = tuple[np.ndarray, np.ndarray]
+
+#: every baseline, in table order
+NAMES = ("random pruning", "L2 pruning", "Model Folding", "Model Folding + approx. REPAIR", "plain collapse (Eq. 10)")
+#: the seeded baselines (random pruning, Model Folding's k-means) are run with this many seeds
+SEEDS = 5
 
 
 @dataclass
@@ -181,6 +188,31 @@ def plain_collapse(layers: Sequence[Layer], widths: Sequence[int]) -> Reduced:
         labels.append(lab)
         columns = np.eye(k)[lab]
     return _merge(layers, labels)
+
+
+def fold_labels_per_seed(layers: Sequence, widths: Sequence[int], *, methods: ModuleType | None = None
+                         ) -> list[list[np.ndarray]]:
+    """``methods.fold_labels`` (this module's, or ``cnn_baselines``' which mirrors it) for each of
+    the ``SEEDS`` seeds: Model Folding's k-means lands on a different optimum per seed."""
+    methods = methods or sys.modules[__name__]
+    return [methods.fold_labels(layers, widths, seed=seed) for seed in range(SEEDS)]
+
+
+def draws(name: str, layers: Sequence, widths: Sequence[int], folds: Sequence[Sequence[np.ndarray]], *,
+          methods: ModuleType | None = None) -> list[Reduced]:
+    """The baseline ``name`` (one of ``NAMES``) narrowed to ``widths`` by ``methods`` (this module,
+    or ``cnn_baselines``): one reduction per seed for random pruning, one per labelling in
+    ``folds`` (``fold_labels_per_seed``) for Model Folding and its REPAIR variant, else one."""
+    methods = methods or sys.modules[__name__]
+    if name == "random pruning":
+        return [methods.random_prune(layers, widths, seed=seed) for seed in range(SEEDS)]
+    if name == "L2 pruning":
+        return [methods.l2_prune(layers, widths)]
+    if name.startswith("Model Folding"):
+        return [methods.fold(layers, widths, labels=labels, repair="REPAIR" in name) for labels in folds]
+    if name == "plain collapse (Eq. 10)":
+        return [methods.plain_collapse(layers, widths)]
+    raise ValueError(f"unknown baseline {name!r}")
 
 
 def refit(reduced: Reduced, original: Sequence[Layer], x: np.ndarray, *, ridge: float = 1e-3) -> Reduced:

@@ -35,9 +35,11 @@ import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import baselines  # noqa: E402
 import cnn_baselines  # noqa: E402
 import fashion_mnist  # noqa: E402
-from sections import comparison_table, fashion_mnist_missing, fit, markers, plot_methods, quiet, write_section  # noqa: E402
+from sections import (comparison_table, fashion_mnist_missing, fit, markers, plot_methods, quiet,  # noqa: E402
+                      single_threaded, write_section)
 
 import onnxfib  # noqa: E402
 from onnxfib.stats import count_parameters  # noqa: E402
@@ -51,11 +53,8 @@ OPSET = 17
 EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 LEVELS = (0.5, 0.7, 0.8)  # shares of parameters removed, for the comparison with the baselines
 CALIBRATION = 1024  # training images the calibrated rows may use
-RANDOM_SEEDS = 5  # random pruning: mean over this many draws
 MODES = {"data_free": "Data-free", "calibrated": "Calibrated"}
 #: baselines narrowed to onnxfib's widths; Model Folding's clusters are computed once per level
-BASELINES = ("random pruning", "L2 pruning", "Model Folding", "Model Folding + approx. REPAIR",
-             "plain collapse (Eq. 10)")
 #: pixel statistics of the Fashion-MNIST training set (x / 255)
 MEAN, STD = 0.2860, 0.3530
 RESULTS_JSON = HERE / "results" / f"{NAME}.json"
@@ -129,17 +128,6 @@ def layer_widths(report) -> list[int]:
     return [layer.width_after for layer in report.layers if layer.op_type in ("Conv", "Gemm")][:-1]
 
 
-def reductions(name: str, layers: list, widths: list[int], folds: list[np.ndarray]) -> list:
-    """The baseline ``name`` at ``widths`` (random pruning: one per seed)."""
-    if name == "random pruning":
-        return [cnn_baselines.random_prune(layers, widths, seed=seed) for seed in range(RANDOM_SEEDS)]
-    if name == "L2 pruning":
-        return [cnn_baselines.l2_prune(layers, widths)]
-    if name.startswith("Model Folding"):
-        return [cnn_baselines.fold(layers, widths, labels=folds, repair="REPAIR" in name)]
-    return [cnn_baselines.plain_collapse(layers, widths)]
-
-
 def compare(original: onnx.ModelProto, layers: list, X: np.ndarray, y: np.ndarray, *, removed: float,
             calib: np.ndarray | None = None, fitted: list | None = None) -> dict:
     """onnxfib at ``target_params = 1 - removed`` (calibrated on ``calib`` when given, else
@@ -156,21 +144,20 @@ def compare(original: onnx.ModelProto, layers: list, X: np.ndarray, y: np.ndarra
            "layer_eps": {layer.name: layer.eps for layer in report.layers},
            "compress_seconds": round(compress_seconds, 1), "accuracy": {"onnxfib": accuracy(result.model, X, y)}}
     t0 = time.perf_counter()
-    folds = cnn_baselines.fold_labels(layers, widths, seed=SEED)
-    seeds = []
-    for name in BASELINES:
+    folds = baselines.fold_labels_per_seed(layers, widths, methods=cnn_baselines)
+    row["seed_range"] = {}
+    for name in baselines.NAMES:
         if calib is not None and "REPAIR" in name:
             continue
-        draws = reductions(name, layers, widths, folds)
+        draws = baselines.draws(name, layers, widths, folds, methods=cnn_baselines)
         counts = {cnn_baselines.count_params(d.layers) for d in draws}
         assert counts == {report.params_after}, f"{name}: {counts} parameters, onnxfib {report.params_after}"
         if calib is not None:
             draws = [cnn_baselines.refit(d, layers, calib, fitted=fitted) for d in draws]
         scores = [accuracy(cnn_baselines.to_onnx(d.layers, opset=OPSET), X, y) for d in draws]
         row["accuracy"][name] = float(np.mean(scores))
-        if name == "random pruning":
-            seeds = scores
-    row["random_pruning_seeds"] = seeds
+        if len(scores) > 1:
+            row["seed_range"][name] = [min(scores), max(scores)]
     row["baseline_seconds"] = round(time.perf_counter() - t0, 1)
     print(f"  {100 * removed:.0f}% {'calibrated' if calib is not None else 'data-free'}: widths {widths}, "
           f"{100 * row['removed']:.1f}% removed, onnxfib {row['accuracy']['onnxfib']:.4f} "
@@ -180,11 +167,8 @@ def compare(original: onnx.ModelProto, layers: list, X: np.ndarray, y: np.ndarra
 
 def run(epochs: int, eps_values: tuple[float, ...], levels: tuple[float, ...]) -> dict:
     import sklearn
-    import torch
-    from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
+    with single_threaded():
         return _run(epochs, eps_values, levels, versions={"scikit-learn": sklearn.__version__})
 
 
@@ -253,7 +237,7 @@ def _run(epochs: int, eps_values: tuple[float, ...], levels: tuple[float, ...], 
         "results": rows,
         "eps_seconds": round(eps_seconds, 1),
         "calibration": CALIBRATION,
-        "random_seeds": RANDOM_SEEDS,
+        "seeds": baselines.SEEDS,
         "baseline_network_max_abs_diff_vs_export": baseline_diff,
         "levels": comparison,
         "seconds": round(time.perf_counter() - start, 1),
@@ -333,15 +317,16 @@ def comparison_markdown(data: dict) -> list[str]:
         "choice of channels and units and refit every layer after the first by ridge least squares (convolutions "
         "through im2col) to the original pre-activations on the same images. Baselines "
         "(`benchmarks/cnn_baselines.py`, on the trained weights with BatchNorm folded into the convolutions, "
-        "as in the export): random channel pruning "
-        f"(mean of {data['random_seeds']} seeds); L2-norm filter pruning (largest incoming-filter norms kept); "
-        "Model Folding (Wang et al., ICLR 2025: k-means on each channel's incoming filter, bias and outgoing "
+        "as in the export): random channel pruning; L2-norm filter pruning (largest incoming-filter norms kept); "
+        "Model Folding (Wang et al., ICLR 2025: k-means, k-means++ with 10 inits, on each channel's incoming filter, bias and outgoing "
         "weights, conv2's outgoing weights being fc1's 49 columns of the channel; cluster means, outgoing "
         "weights summed), with and without its data-free approximate REPAIR (variance factor "
         "sqrt(n / (1 + (n - 1) c)) on the merged filter, the BatchNorm it would scale being folded; no "
         "calibrated row, the refit replaces it); the fibration paper's plain collapse (Eq. 10: filters summed "
         "over the previous layer's clusters per kernel position, average-linkage cosine clustering cut at the "
-        "widths, plain averaging). Test accuracy in ONNX Runtime; bold: best in the column.",
+        "widths, plain averaging). The seeded baselines (random pruning, and Model Folding's k-means with and "
+        f"without REPAIR) show the mean over seeds 0-{data['seeds'] - 1}, their lowest and highest in brackets. "
+        "Test accuracy in ONNX Runtime; bold: best mean in the column.",
     ]
     for mode, label in MODES.items():
         columns = [(f"{100 * level['target_removed']:.0f}% target", level[mode]) for level in levels]
@@ -364,7 +349,7 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    colors = {name: f"C{i}" for i, name in enumerate(("onnxfib", *BASELINES))}
+    colors = {name: f"C{i}" for i, name in enumerate(("onnxfib", *baselines.NAMES))}
     for ax, mode in zip(axes, MODES):
         plot_methods(ax, [level[mode] for level in data["levels"]], colors)
         if mode == "data_free":

@@ -39,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import baselines  # noqa: E402
 import fashion_mnist  # noqa: E402
-from sections import comparison_table, fashion_mnist_missing, fit, markers, plot_methods, quiet, write_section  # noqa: E402
+from sections import (comparison_table, fashion_mnist_missing, fit, markers, plot_methods, quiet,  # noqa: E402
+                      single_threaded, write_section)
 
 import onnxfib  # noqa: E402
 
@@ -57,7 +58,6 @@ NETWORKS = {
                   "title": "784-500-500-500-10 (the paper's MNIST shape)"},
 }
 CALIBRATION = 1024  # training images the calibrated rows may use
-RANDOM_SEEDS = 5  # random pruning: mean over this many draws
 MODES = {"data_free": "Data-free", "calibrated": "Calibrated"}
 MEAN, STD = 0.2860, 0.3530
 #: Neuron Merging (NeurIPS 2020), LeNet-300-100 on Fashion-MNIST, base 89.80%
@@ -65,23 +65,6 @@ ANCHORS = {"Neuron Merging (published)": {0.5: 0.8869, 0.7: 0.8275, 0.8: 0.8002}
            "L1 pruning (published)": {0.5: 0.8840, 0.7: 0.7126, 0.8: 0.6676}}
 RESULTS_JSON = HERE / "results" / f"{NAME}.json"
 BEGIN, END = markers(NAME)
-
-#: baselines narrowed to given widths; Model Folding's clusters are computed once per level
-BASELINES = ("random pruning", "L2 pruning", "Model Folding", "Model Folding + approx. REPAIR",
-             "plain collapse (Eq. 10)")
-
-
-def reductions(name: str, layers: list[baselines.Layer], widths: list[int],
-               folds: list[np.ndarray]) -> list[baselines.Reduced]:
-    """The baseline ``name`` at ``widths`` (random pruning: one per seed)."""
-    if name == "random pruning":
-        return [baselines.random_prune(layers, widths, seed=seed) for seed in range(RANDOM_SEEDS)]
-    if name == "L2 pruning":
-        return [baselines.l2_prune(layers, widths)]
-    if name.startswith("Model Folding"):
-        return [baselines.fold(layers, widths, labels=folds, repair="REPAIR" in name)]
-    return [baselines.plain_collapse(layers, widths)]
-
 
 def preprocess(images: np.ndarray) -> np.ndarray:
     """uint8 (n, 28, 28) -> normalised, flattened float32 (n, 784)."""
@@ -170,19 +153,20 @@ def onnxfib_run(original: onnx.ModelProto, *, calibrate: bool, data: np.ndarray 
             "layer_eps": {layer.name: layer.eps for layer in result.report.layers}}
 
 
-def baseline_accuracies(layers: list[baselines.Layer], widths: list[int], calib: np.ndarray | None,
-                        X: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Test accuracy of every baseline narrowed to ``widths``; refit on ``calib`` when given (the
-    REPAIR variant is left out there: the refit replaces its weights)."""
-    folds = baselines.fold_labels(layers, widths, seed=SEED)
+def baseline_scores(layers: list[baselines.Layer], widths: list[int], calib: np.ndarray | None,
+                    X: np.ndarray, y: np.ndarray) -> dict[str, list[float]]:
+    """Test accuracy of every baseline narrowed to ``widths``, one per seed for the seeded ones
+    (``baselines.draws``); refit on ``calib`` when given (the REPAIR variant is left out there:
+    the refit replaces its weights)."""
+    folds = baselines.fold_labels_per_seed(layers, widths)
     out = {}
-    for name in BASELINES:
+    for name in baselines.NAMES:
         if calib is not None and "REPAIR" in name:
             continue
-        draws = reductions(name, layers, widths, folds)
+        draws = baselines.draws(name, layers, widths, folds)
         if calib is not None:
             draws = [baselines.refit(d, layers, calib) for d in draws]
-        out[name] = float(np.mean([accuracy(to_onnx(d.layers), X, y) for d in draws]))
+        out[name] = [accuracy(to_onnx(d.layers), X, y) for d in draws]
     return out
 
 
@@ -192,8 +176,10 @@ def compare(original: onnx.ModelProto, layers: list[baselines.Layer], X: np.ndar
     count), refit on ``data`` when ``calibrate``."""
     run = onnxfib_run(original, calibrate=calibrate, data=data, labels=labels, **target)
     row = {key: value for key, value in run.items() if key != "result"}
+    scores = baseline_scores(layers, run["widths"], data if calibrate else None, X, y)
     row["accuracy"] = {"onnxfib": accuracy(run["result"].model, X, y)}
-    row["accuracy"].update(baseline_accuracies(layers, run["widths"], data if calibrate else None, X, y))
+    row["accuracy"].update({name: float(np.mean(values)) for name, values in scores.items()})
+    row["seed_range"] = {name: [min(values), max(values)] for name, values in scores.items() if len(values) > 1}
     print(f"  {target} {'calibrated' if calibrate else 'data-free'}: widths {row['widths']}, "
           f"{100 * row['removed']:.1f}% removed, onnxfib {row['accuracy']['onnxfib']:.4f}", file=sys.stderr)
     return row
@@ -245,7 +231,7 @@ def plot(key: str, net: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    colors = {name: f"C{i}" for i, name in enumerate(("onnxfib", *BASELINES))}
+    colors = {name: f"C{i}" for i, name in enumerate(("onnxfib", *baselines.NAMES))}
     for ax, mode in zip(axes, MODES):
         plot_methods(ax, [level[mode] for level in net["levels"]], colors)
         if key == "lenet_300_100":
@@ -278,14 +264,16 @@ def markdown(data: dict) -> str:
         f"Calibrated: {data['calibration']} training images (`data=`, `calibrate=True`: the search measures "
         "on them and merged layers are refit); the baselines keep their choice of units and refit every "
         "layer after the first by ridge least squares to the original pre-activations on the same images. "
-        "Baselines (`benchmarks/baselines.py`): random neuron pruning "
-        f"(mean of {RANDOM_SEEDS} seeds); L2-norm neuron pruning (smallest incoming-weight norms dropped); "
-        "Model Folding (Wang et al., ICLR 2025: k-means on each unit's incoming row, bias and outgoing column, "
+        "Baselines (`benchmarks/baselines.py`): random neuron pruning; L2-norm neuron pruning (smallest incoming-weight norms dropped); "
+        "Model Folding (Wang et al., ICLR 2025: k-means, k-means++ with 10 inits, on each unit's incoming row, "
+        "bias and outgoing column, "
         "cluster means, next layer's columns summed), with and without its data-free approximate REPAIR "
         "(variance factor sqrt(n / (1 + (n - 1) c)) on the merged rows' weights, as there is no BatchNorm; "
         "no calibrated row, the refit replaces it); the fibration paper's plain collapse (Eq. 10, "
         "average-linkage cosine clustering cut at the widths, plain averaging: no scale rule, no refit). "
-        "Bold: best in the column.",
+        f"The seeded baselines (random pruning, and Model Folding's k-means with and without REPAIR) show "
+        f"the mean over seeds 0-{data['seeds'] - 1}, their lowest and highest in brackets. Bold: best mean in "
+        "the column.",
     ]
     for key, net in data["networks"].items():
         title = net["title"]
@@ -332,7 +320,7 @@ def run(networks: Sequence[str]) -> dict:
         "benchmark": NAME,
         "data": "Fashion-MNIST (Debian dataset-fashion-mnist): 60000 train / 10000 test",
         "exporter": f"torch.onnx legacy (dynamo=False), opset {OPSET}",
-        "optimizer": f"Adam lr={LR}", "batch": BATCH, "seed": SEED, "calibration": CALIBRATION,
+        "optimizer": f"Adam lr={LR}", "batch": BATCH, "seed": SEED, "calibration": CALIBRATION, "seeds": baselines.SEEDS,
         "networks": results,
         "seconds": round(time.perf_counter() - start, 1),
         "versions": {"onnxfib": onnxfib.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
@@ -348,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if fashion_mnist_missing():
         return 2
-    data = run(args.networks)
+    with single_threaded():
+        data = run(args.networks)
     section = markdown(data)
     print(section)
     if not args.no_write:

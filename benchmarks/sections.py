@@ -62,6 +62,23 @@ def fit(model, X: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch: i
 
 
 @contextlib.contextmanager
+def single_threaded():
+    """torch and the BLAS under numpy/scipy on one thread: a benchmark then gives the same figures
+    on every run (a multi-threaded BLAS may pick its thread count by load, and its sums differ with
+    it), and is faster on a shared 2-core machine."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def quiet():
     """Silence the exporter's prints, warnings and log lines."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo")]
@@ -80,7 +97,8 @@ def quiet():
 
 def comparison_table(columns: list[tuple[str, dict]], widths_label: str) -> list[str]:
     """A markdown table, methods down, settings across: parameters removed, onnxfib's widths
-    (row ``widths_label``), then each method's test accuracy (bold: best in the column)."""
+    (row ``widths_label``), then each method's test accuracy (bold: best in the column), with the
+    lowest and highest over seeds in brackets where the row has a ``seed_range`` for it."""
     methods = list(dict.fromkeys(name for _, row in columns for name in row["accuracy"]))
     lines = ["| | " + " | ".join(header for header, _ in columns) + " |", "|---|" + "---:|" * len(columns),
              "| parameters removed | " + " | ".join(f"{100 * row['removed']:.1f}%" for _, row in columns) + " |",
@@ -91,9 +109,14 @@ def comparison_table(columns: list[tuple[str, dict]], widths_label: str) -> list
             value = row["accuracy"].get(name)
             if value is None:
                 cells.append("–")
-            else:
-                best = value >= max(row["accuracy"].values())
-                cells.append(f"**{100 * value:.2f}%**" if best else f"{100 * value:.2f}%")
+                continue
+            cell = f"{100 * value:.2f}%"
+            if value >= max(row["accuracy"].values()):
+                cell = f"**{cell}**"
+            if name in row.get("seed_range", {}):
+                low, high = row["seed_range"][name]
+                cell += f" ({100 * low:.1f}–{100 * high:.1f})"
+            cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -115,3 +115,34 @@ def test_refit_lowers_calibration_error() -> None:
     after = np.mean((baselines.forward(refit.layers, x) - target) ** 2)
     assert after < before
     np.testing.assert_array_equal(refit.layers[0][0], pruned.layers[0][0])
+
+
+@pytest.mark.parametrize("name", baselines.NAMES)
+def test_draws_one_reduction_per_seed_for_the_seeded_baselines(name: str) -> None:
+    """Random pruning and Model Folding (with or without REPAIR) are drawn once per seed, Model
+    Folding once per given labelling; the others once. Every draw reaches the widths."""
+    layers = random_mlp([6, 12, 8, 3], seed=4)
+    widths = [5, 4]
+    folds = baselines.fold_labels_per_seed(layers, widths)
+    draws = baselines.draws(name, layers, widths, folds)
+    seeded = name == "random pruning" or name.startswith("Model Folding")
+    assert len(draws) == (baselines.SEEDS if seeded else 1)
+    assert all([w.shape[0] for w, _ in d.layers[:-1]] == widths for d in draws)
+    if name == "Model Folding":
+        for labels, draw in zip(folds, draws):
+            expected = baselines.fold(layers, widths, labels=labels)
+            assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(draw.layers, expected.layers))
+
+
+def test_fold_labels_differ_between_seeds() -> None:
+    """k-means lands on different optima for different seeds on unstructured units, which is why the
+    benchmarks report Model Folding over several seeds."""
+    folds = baselines.fold_labels_per_seed(random_mlp([6, 40, 8, 3], seed=5), [10, 4])
+    first_seen = [np.unique(labels[0], return_index=True)[1] for labels in folds]
+    partitions = {tuple(np.argsort(np.argsort(first))[labels[0]]) for first, labels in zip(first_seen, folds)}
+    assert len(partitions) > 1
+
+
+def test_draws_rejects_unknown_baseline() -> None:
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baselines.draws("magnitude", random_mlp([4, 3, 2]), [2], [])
