@@ -36,7 +36,7 @@ from .analysis import Analysis, analyze
 from .calibrate import OriginalActivations, Selector, refit
 from .folding import Folder
 from .report import RefitReport, SweepPoint, TargetReport
-from .validation import Batch, chunked, common_rows, run_tensors
+from .validation import Batch, chunked, common_rows, concatenated, run_tensors
 
 TARGET_KINDS = ("params", "error", "drop")
 
@@ -204,8 +204,8 @@ class HeldOut(Evaluator):
         self.whole = Evaluator(original, batches, labels=labels, **options)
         parts, part_labels, self.rows = deal_rows(self.whole.batches, labels, folds)
         self.parts = [
-            Evaluator(original, part, labels=part_labels[k],
-                      fit_batches=[b for j, other in enumerate(parts) if j != k for b in other], **options)
+            Evaluator(original, [part], labels=part_labels[k],
+                      fit_batches=[concatenated([other for j, other in enumerate(parts) if j != k])], **options)
             for k, part in enumerate(parts)
         ]
         self.params_before, self.accuracy_before = self.whole.params_before, self.whole.accuracy_before
@@ -241,21 +241,21 @@ def can_deal(batches: Sequence[Batch], folds: int) -> bool:
 
 
 def deal_rows(batches: Sequence[Batch], labels: np.ndarray | None, folds: int
-              ) -> tuple[list[list[Batch]], list[np.ndarray | None], list[int]]:
-    """The batches' rows dealt into ``folds`` parts (row r of all the rows in order to part
-    r mod folds), the labels dealt alike, and each part's rows (see :func:`can_deal`)."""
-    parts: list[list[Batch]] = [[] for _ in range(folds)]
+              ) -> tuple[list[Batch], list[np.ndarray | None], list[int]]:
+    """The batches' rows dealt into ``folds`` parts, one batch each (row r of all the rows in order
+    to part r mod folds), the labels dealt alike, and each part's rows (see :func:`can_deal`)."""
+    dealt: list[list[Batch]] = [[] for _ in range(folds)]
     offset = 0
     for batch in batches:
         length = common_rows(batch)
         for k in range(folds):
             start = (k - offset) % folds
             if start < length:
-                parts[k].append({name: value[start::folds] for name, value in batch.items()})
+                dealt[k].append({name: value[start::folds] for name, value in batch.items()})
         offset += length
     rows = [len(range(k, offset, folds)) for k in range(folds)]
     part_labels = [None if labels is None else np.asarray(labels).reshape(-1)[k::folds] for k in range(folds)]
-    return parts, part_labels, rows
+    return [concatenated(pieces) for pieces in dealt], part_labels, rows
 
 
 def _eps_for(heights: np.ndarray, merges: int) -> float | None:

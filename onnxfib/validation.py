@@ -282,6 +282,11 @@ def common_rows(batch: Mapping[str, np.ndarray]) -> int | None:
     return None if len(lengths) != 1 or None in lengths else lengths.pop()
 
 
+def concatenated(batches: Sequence[Mapping[str, np.ndarray]]) -> Batch:
+    """One batch holding the rows of ``batches`` (same inputs, one first axis each) in order."""
+    return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+
+
 def chunked(batches: Iterable[Mapping[str, np.ndarray]], rows: int = 256) -> Iterator[Batch]:
     """The batches cut along their first axis into pieces of at most ``rows`` (a batch whose
     inputs differ in first-axis length, or are scalars, passes whole)."""
