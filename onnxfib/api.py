@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
 from onnxfib.report import CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
-from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, can_deal, search
+from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, Outcome, can_deal, search
 from onnxfib.targets import sweep as sweep_eps
 from onnxfib.validation import DEFAULT_ATOL, DEFAULT_RTOL, check_data, generate_inputs, load_data, validate_models
 
@@ -175,6 +176,7 @@ def compress(
     max_error: float | None = None,
     max_drop: float | None = None,
     labels: Labels | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> CompressionResult:
     """Merge the model's symmetric neurons (``symmetry`` base, tolerance ``eps``, or ``layer_eps``
     per layer name), check the result and, when ``check`` is set, compare it with the original
@@ -188,7 +190,8 @@ def compress(
     measured held out (``targets.HeldOut``: each of 4 parts of the rows on a refit of the other
     three), so the figure is not flattered by the refit having seen the rows it is measured on.
     With a target the verdict is the target (an approximate model never matches within
-    rtol/atol; the errors are still reported).
+    rtol/atol; the errors are still reported). ``progress``, when given, is called with a
+    one-line summary after every step of a target search (searches can take minutes).
 
     Raises ValidationMismatchError (with the report) beyond tolerance or when the target is not
     met, UsageError for bad arguments, InvalidModelError for an unreadable or invalid input.
@@ -215,7 +218,8 @@ def compress(
             evaluator: Evaluator = HeldOut(original, batches, folds=HELD_OUT_FOLDS, **options)
         else:
             evaluator = Evaluator(original, batches, **options)
-        outcome = search(evaluator, *goal)
+        announce = None if progress is None else lambda step: progress(_step_line(evaluator, step, goal))
+        outcome = search(evaluator, *goal, on_step=announce)
         analysis, compressed, refits = outcome.analysis, outcome.model, outcome.refit
         target = evaluator.report(outcome, *goal)
     elif calibrate:
@@ -269,6 +273,15 @@ def _describe(target: TargetReport) -> str:
     return f"accuracy drop {target.achieved:.2%}, asked at most {target.limit:.2%}"
 
 
+def _step_line(evaluator: Evaluator, outcome: Outcome, goal: tuple[str, float]) -> str:
+    """A search step in a line: the parameters kept, and the output error (for a parameter
+    target) or where the step stands against the error or accuracy target."""
+    kind, _ = goal
+    where = (f"max abs output error {outcome.max_abs:.3g}" if kind == "params"
+             else _describe(evaluator.report(outcome, *goal)))
+    return f"keeps {outcome.params / evaluator.params_before:.2%} of the parameters; {where}"
+
+
 def sweep(
     model_or_path: io.ModelSource,
     *,
@@ -280,10 +293,12 @@ def sweep(
     seed: int = 0,
     calibrate: bool = False,
     ridge: float = DEFAULT_RIDGE,
+    progress: Callable[[str], None] | None = None,
 ) -> list[SweepPoint]:
     """Parameters kept against output error (and accuracy, with ``labels``) at each uniform eps of
     ``eps_values``, measured on ``data`` (or generated inputs); ``calibrate`` refits each collapse
-    on ``data`` first. The input is never modified."""
+    on ``data`` first; ``progress``, when given, is called with a line per point measured. The
+    input is never modified."""
     values = [check_eps(value) for value in eps_values]
     if not values:
         raise UsageError("a sweep needs at least one eps value")
@@ -292,7 +307,10 @@ def sweep(
     batches = _inputs(original, data, input_shapes, seed, MEASURING_ROWS)
     evaluator = Evaluator(original, batches, symmetry=symmetry, labels=_labels(labels, batches),
                           calibrate=calibrate, ridge=ridge)
-    return sweep_eps(evaluator, values)
+    measured = itertools.count(1)
+    announce = None if progress is None else lambda point: progress(
+        f"eps {point.eps:g} ({next(measured)}/{len(values)}): keeps {point.params_kept:.2%} of the parameters")
+    return sweep_eps(evaluator, values, on_point=announce)
 
 
 def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerReport]:

@@ -7,9 +7,11 @@ internal error (a bug: its traceback, then one ``error:`` line). Every other err
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import typer
@@ -215,11 +217,14 @@ def compress(
         if report.resolve() == output.resolve():
             raise UsageError(f"{report}: --report path is the output model path")
     try:
-        result = api.compress(
-            input, eps=eps, layer_eps=_layer_eps(layer_eps), symmetry=symmetry, check=check, rtol=rtol,
-            atol=atol, data=data, input_shapes=shapes, seed=seed, calibrate=calibrate, ridge=ridge,
-            target_params=target_params, max_error=max_error, max_drop=max_drop, labels=labels,
-        )
+        searching = any(limit is not None for limit in (target_params, max_error, max_drop))
+        with _status("searching" if searching else "compressing", quiet) as progress:
+            result = api.compress(
+                input, eps=eps, layer_eps=_layer_eps(layer_eps), symmetry=symmetry, check=check, rtol=rtol,
+                atol=atol, data=data, input_shapes=shapes, seed=seed, calibrate=calibrate, ridge=ridge,
+                target_params=target_params, max_error=max_error, max_drop=max_drop, labels=labels,
+                progress=progress,
+            )
     except ValidationMismatchError as exc:
         if report is not None and isinstance(exc.report, CompressionReport):
             io.write_text_atomic(report, json.dumps(exc.report.to_dict(), indent=2), protect=[input])
@@ -252,6 +257,17 @@ def _layers_table(layers: list[LayerReport], eps: float) -> Table:
             f"{layer.params:,} -> {layer.params_after:,}", layer.frozen or "",
         )
     return table
+
+
+@contextlib.contextmanager
+def _status(task: str, quiet: bool) -> Iterator[Callable[[str], None] | None]:
+    """A status line on stderr, shown in terminals only, that a long run updates through the
+    callback yielded (None when ``quiet``)."""
+    if quiet:
+        yield None
+        return
+    with Console(stderr=True).status(f"{task}...") as status:
+        yield lambda line: status.update(f"{task}: {line}")
 
 
 def _console() -> Console:
@@ -363,8 +379,10 @@ def sweep(
         io.check_output_path(path, protect=[input, *(p for p in (data, labels) if p is not None)])
     if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
         raise UsageError(f"{plot}: --json and --plot name the same file")
-    points = api.sweep(input, eps_values=values, symmetry=symmetry, data=data, labels=labels,
-                       input_shapes=_shapes(input_shape), seed=seed, calibrate=calibrate, ridge=ridge)
+    with _status("sweeping", quiet=False) as progress:
+        points = api.sweep(input, eps_values=values, symmetry=symmetry, data=data, labels=labels,
+                           input_shapes=_shapes(input_shape), seed=seed, calibrate=calibrate, ridge=ridge,
+                           progress=progress)
     png = _sweep_png(points, f"{input.name}{' (calibrated)' if calibrate else ''}") if plot is not None else None
     if json_out is not None:
         io.write_text_atomic(json_out, json.dumps([p.to_dict() for p in points], indent=2), protect=[input])

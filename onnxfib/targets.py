@@ -25,7 +25,7 @@ Runtime; the figures reported are those of the returned eps on the same data.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -282,9 +282,11 @@ def _merged(heights: np.ndarray, eps: float) -> int:
     return int(np.searchsorted(heights, eps, side="right"))
 
 
-def search(evaluate: Evaluator, kind: str, limit: float) -> Outcome:
+def search(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outcome], None] | None = None
+           ) -> Outcome:
     """The per-layer eps meeting target ``kind`` at ``limit`` found by the greedy search of the
-    module docstring; the outcome of eps 0 everywhere when no step qualifies."""
+    module docstring; the outcome of eps 0 everywhere when no step qualifies. ``on_step`` is
+    called with the outcome of every step taken (greedy or exchange)."""
     current = evaluate({})
     goal = limit * evaluate.params_before
     layers = [layer.name for layer in current.analysis.layers
@@ -334,8 +336,10 @@ def search(evaluate: Evaluator, kind: str, limit: float) -> Outcome:
         if kind == "params" and outcome.params < goal and more > 1:
             outcome = _fewest(attempt, name, more, goal) or outcome
         current = outcome
+        if on_step is not None:
+            on_step(current)
     if kind == "params" and current.params <= goal:
-        current = _exchange(evaluate, current, layers, goal)
+        current = _exchange(evaluate, current, layers, goal, on_step)
     return evaluate.finish(current)
 
 
@@ -360,10 +364,12 @@ def _keep_merges(evaluate: Evaluator, layer_eps: dict[str, float], heights: dict
     return layer_eps
 
 
-def _exchange(evaluate: Evaluator, current: Outcome, layers: list[str], goal: float, rounds: int = 8) -> Outcome:
+def _exchange(evaluate: Evaluator, current: Outcome, layers: list[str], goal: float,
+              on_step: Callable[[Outcome], None] | None, rounds: int = 8) -> Outcome:
     """Trade merges between layers at the parameter budget ``goal``: merge a step more in one
     layer, undo as many merges of another as the budget allows (parameters counted without
-    measuring), and keep the trade when the output error falls; repeat while any trade helps."""
+    measuring), and keep the trade when the output error falls; repeat while any trade helps.
+    ``on_step`` is called with every trade kept."""
     for _ in range(rounds):
         improved = False
         for more_in in layers:
@@ -380,6 +386,8 @@ def _exchange(evaluate: Evaluator, current: Outcome, layers: list[str], goal: fl
                     candidate = _trade(evaluate, current, (more_in, eps_a), fewer_in, heights_b, undo, goal)
                     if candidate is not None and candidate.params <= goal and candidate.mse < current.mse:
                         current, improved = candidate, True
+                        if on_step is not None:
+                            on_step(current)
                         break
         if not improved:
             break
@@ -417,12 +425,16 @@ def _fewest(attempt, name: str, more: int, goal: float) -> Outcome | None:
     return found
 
 
-def sweep(evaluate: Evaluator, eps_values: Sequence[float]) -> list[SweepPoint]:
+def sweep(evaluate: Evaluator, eps_values: Sequence[float], on_point: Callable[[SweepPoint], None] | None = None
+          ) -> list[SweepPoint]:
     """Parameters kept and output error (and accuracy) at each uniform eps; ``rms`` is the root
-    of the mean squared output error relative to the outputs' variance."""
+    of the mean squared output error relative to the outputs' variance. ``on_point`` is called
+    with each point as it is measured."""
     points = []
     for eps in eps_values:
         outcome = evaluate({}, float(eps))
         points.append(SweepPoint(float(eps), outcome.params, outcome.params / evaluate.params_before,
                                  outcome.max_abs, math.sqrt(outcome.mse), outcome.accuracy))
+        if on_point is not None:
+            on_point(points[-1])
     return points

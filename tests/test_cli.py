@@ -4,6 +4,7 @@ plus real processes for ``python -m onnxfib`` and the console script)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,29 @@ def test_version_and_help(capsys):
     assert main(["compress", "--help"]) == 0
     assert "--input-shape" in capsys.readouterr().out
     assert main([]) == 2  # no command: help, and the usage-error exit code
+
+
+def test_search_progress_shows_in_a_terminal_and_not_in_a_pipe(tmp_path, mlp_path, run_cli):
+    """The status line of a target search renders on a terminal's stderr; piped, stderr stays empty."""
+    piped = run_cli("compress", mlp_path, "piped.onnx", "--target-params", "0.6")
+    assert piped.returncode == 0 and piped.stderr == ""
+    leader, follower = os.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "onnxfib", "compress", str(mlp_path), "tty.onnx",
+                                "--target-params", "0.6"], cwd=tmp_path, stdout=follower, stderr=follower,
+                               env={**os.environ, "TERM": "xterm"})
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert process.wait(timeout=300) == 0
+    assert b"searching: keeps" in shown
 
 
 def test_python_dash_m_and_console_script(tmp_path, mlp_path, run_cli):

@@ -99,6 +99,26 @@ def test_max_drop_is_met_on_the_labels(model, data):
     assert result.report.params_after < result.report.params_before and result.report.refit
 
 
+def test_progress_reports_each_search_step_ending_at_the_result(model, data):
+    """Every step of the search is announced; the last announced step is the model returned, whose
+    parameters and output error ONNX Runtime measures independently here."""
+    lines: list[str] = []
+    result = onnxfib.compress(model, data=data, max_error=0.5, progress=lines.append)
+    kept = stats.count_parameters(result.model) / stats.count_parameters(model)
+    measured = float(np.max(np.abs(_outputs(result.model, data) - _outputs(model, data))))
+    assert len(lines) > 1
+    assert lines[-1] == f"keeps {kept:.2%} of the parameters; max abs output error {measured:.3g}, asked at most 0.5"
+    fractions = [float(line.split("keeps ")[1].split("%")[0]) for line in lines]
+    assert fractions == sorted(fractions, reverse=True)  # greedy steps only remove parameters
+
+
+def test_sweep_progress_announces_every_point(model, data):
+    lines: list[str] = []
+    points = onnxfib.sweep(model, eps_values=[0.0, 0.3, 0.6], data=data, progress=lines.append)
+    assert lines == [f"eps {p.eps:g} ({i}/3): keeps {p.params_kept:.2%} of the parameters"
+                     for i, p in enumerate(points, start=1)]
+
+
 def test_unreachable_target_raises_with_the_report(model, data):
     with pytest.raises(ValidationMismatchError, match="target not met") as caught:
         onnxfib.compress(model, data=data, target_params=0.001)
