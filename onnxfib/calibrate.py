@@ -160,7 +160,8 @@ def _patches(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], p
     """The Conv input [N, C, *spatial] as float64 rows of patches [N * out positions, C * kernel
     size] (im2col), each row's entries channel-major like a flattened [C, *kernel] kernel."""
     spatial = len(kernel)
-    padded = np.pad(np.asarray(x, dtype=np.float64), [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
+    widths = [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)]
+    padded = np.pad(np.asarray(x, dtype=np.float64), widths)
     window = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
     view = np.lib.stride_tricks.sliding_window_view(padded, window, axis=tuple(range(2, 2 + spatial)))
     view = view[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
