@@ -67,33 +67,56 @@ def _check(layers: Sequence[Layer], widths: Sequence[int]) -> None:
         raise ValueError(f"widths {list(widths)} do not fit hidden layers {hidden}")
 
 
+def _blocks(w: np.ndarray, units: int) -> np.ndarray:
+    """``w`` (a layer reading ``units`` units) as (out, units, block): unit ``c`` is read through
+    ``w[:, c]``: one column of a dense layer reading a hidden layer, a kernel for a convolution,
+    the channel's flattened positions for a dense layer after a Flatten."""
+    return w.reshape(w.shape[0], units, -1)
+
+
+def _unblock(blocks: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``blocks`` (out, k, block) back in the layout of ``like`` with k input units."""
+    if like.ndim == 4:
+        return blocks.reshape(blocks.shape[0], blocks.shape[1], *like.shape[2:])
+    return blocks.reshape(blocks.shape[0], -1)
+
+
+def _rows(w: np.ndarray) -> np.ndarray:
+    """Each unit's incoming weights as one row."""
+    return w.reshape(w.shape[0], -1)
+
+
 def _select(layers: Sequence[Layer], keeps: Sequence[np.ndarray]) -> Reduced:
-    """Keep the listed units of every hidden layer (rows of the layer, columns of the next)."""
-    out, maps, cols = [], [], None
+    """Keep the listed units of every layer that has units (its rows or filters and biases, the
+    next layer's columns or blocks)."""
+    out, maps, keep_in = [], [], None
     for index, (w, b) in enumerate(layers):
-        w = w if cols is None else w[:, cols]
+        if keep_in is not None:
+            w = _unblock(_blocks(w, len(layers[index - 1][1]))[:, keep_in], w)
         if index < len(keeps):
             keep = np.sort(keeps[index])
             out.append((w[keep].copy(), b[keep].copy()))
             maps.append(np.eye(len(b))[keep])
-            cols = keep
+            keep_in = keep
         else:
             out.append((w.copy(), b.copy()))
     return Reduced(out, maps)
 
 
 def _merge(layers: Sequence[Layer], labels: Sequence[np.ndarray]) -> Reduced:
-    """Eq. 10: each hidden layer's rows and bias averaged per cluster, the next layer's columns
-    summed per cluster (labels 0..k-1 per hidden layer)."""
-    out, maps, columns = [], [], None
+    """Eq. 10: each layer's rows or filters and bias averaged per cluster, the next layer's columns
+    or blocks summed per cluster (labels 0..k-1 per layer with units), in the layers' dtype."""
+    out, maps, onehot_in = [], [], None
     for index, (w, b) in enumerate(layers):
-        w = w if columns is None else w @ columns
+        if onehot_in is not None:
+            w = _unblock(np.einsum("onr,nk->okr", _blocks(w, len(onehot_in)), onehot_in), w).astype(w.dtype)
         if index < len(labels):
             onehot = np.eye(labels[index].max() + 1)[labels[index]]  # (n, k)
             mean = (onehot / onehot.sum(0)).T  # (k, n)
-            out.append((mean @ w, mean @ b))
+            rows = (mean @ _rows(w)).reshape(len(mean), *w.shape[1:])
+            out.append((rows.astype(w.dtype), (mean @ b).astype(b.dtype)))
             maps.append(mean)
-            columns = onehot
+            onehot_in = onehot
         else:
             out.append((w.copy(), b.copy()))
     return Reduced(out, maps)

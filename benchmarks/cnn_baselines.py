@@ -8,8 +8,9 @@ and dense layers (``W`` of shape (out, in)), ReLU after every dense layer but th
 network of ``fashion_cnn.py`` with its BatchNorms folded into the convolutions (``from_torch``), as
 the legacy torch.onnx export folds them. Every layer but the last has *units*: the output channels
 of a convolution, the outputs of a dense layer. The layer after reads unit ``c`` through a block of
-its weights (``_blocks``): ``W[:, c]`` (a k x k kernel per output channel) for a convolution, the
-``H * W`` columns of channel ``c`` for the dense layer after the flatten, column ``c`` otherwise.
+its weights (``baselines._blocks``, through which the selection and merge of ``baselines`` serve
+both networks): ``W[:, c]`` (a k x k kernel per output channel) for a convolution, the ``H * W``
+columns of channel ``c`` for the dense layer after the flatten, column ``c`` otherwise.
 
 Each baseline takes one width per layer with units and returns a ``baselines.Reduced``: the
 narrowed layers plus, per such layer, the matrix ``R`` (new width x old width) saying which
@@ -35,7 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 
 import baselines
-from baselines import Layer, Reduced, count_params
+from baselines import Layer, Reduced, _blocks, _merge, _rows, _select, count_params
 
 __all__ = ["Layer", "Reduced", "count_params", "widths_of", "forward", "from_torch", "to_onnx",
            "random_prune", "l2_prune", "fold_labels", "fold", "plain_collapse", "targets", "refit"]
@@ -50,24 +51,6 @@ def _check(layers: Sequence[Layer], widths: Sequence[int]) -> None:
     hidden = widths_of(layers)
     if len(widths) != len(hidden) or any(not 1 <= k <= n for k, n in zip(widths, hidden)):
         raise ValueError(f"widths {list(widths)} do not fit the layers' units {hidden}")
-
-
-def _blocks(w: np.ndarray, units: int) -> np.ndarray:
-    """``w`` (a layer reading ``units`` units) as (out, units, block): unit ``c`` is read through
-    ``w[:, c]``, a kernel for a convolution, the channel's flattened positions for a dense layer."""
-    return w.reshape(w.shape[0], units, -1)
-
-
-def _unblock(blocks: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """``blocks`` (out, k, block) back in the layout of ``like`` with k input units."""
-    if like.ndim == 4:
-        return blocks.reshape(blocks.shape[0], blocks.shape[1], *like.shape[2:])
-    return blocks.reshape(blocks.shape[0], -1)
-
-
-def _rows(w: np.ndarray) -> np.ndarray:
-    """Each unit's incoming weights as one row."""
-    return w.reshape(w.shape[0], -1)
 
 
 # --------------------------------------------------------------------------- the network
@@ -155,42 +138,6 @@ def to_onnx(layers: Sequence[Layer], *, opset: int = 17):
 
 
 # --------------------------------------------------------------------------- reductions
-
-
-def _select(layers: Sequence[Layer], keeps: Sequence[np.ndarray]) -> Reduced:
-    """Keep the listed units of every layer that has units (its filters and biases, the next
-    layer's blocks)."""
-    out, maps, keep_in = [], [], None
-    for index, (w, b) in enumerate(layers):
-        if keep_in is not None:
-            w = _unblock(_blocks(w, len(layers[index - 1][1]))[:, keep_in], w)
-        if index < len(keeps):
-            keep = np.sort(keeps[index])
-            out.append((w[keep].copy(), b[keep].copy()))
-            maps.append(np.eye(len(b))[keep])
-            keep_in = keep
-        else:
-            out.append((w.copy(), b.copy()))
-    return Reduced(out, maps)
-
-
-def _merge(layers: Sequence[Layer], labels: Sequence[np.ndarray]) -> Reduced:
-    """Eq. 10 on channels: each layer's filters and biases averaged per cluster, the next layer's
-    blocks summed per cluster (labels 0..k-1 per layer with units)."""
-    out, maps, onehot_in = [], [], None
-    for index, (w, b) in enumerate(layers):
-        if onehot_in is not None:
-            w = _unblock(np.einsum("onr,nk->okr", _blocks(w, len(onehot_in)), onehot_in), w).astype(w.dtype)
-        if index < len(labels):
-            onehot = np.eye(labels[index].max() + 1)[labels[index]]  # (n, k)
-            mean = (onehot / onehot.sum(0)).T  # (k, n)
-            rows = (mean @ _rows(w)).reshape(len(mean), *w.shape[1:])
-            out.append((rows.astype(w.dtype), (mean @ b).astype(b.dtype)))
-            maps.append(mean)
-            onehot_in = onehot
-        else:
-            out.append((w.copy(), b.copy()))
-    return Reduced(out, maps)
 
 
 def random_prune(layers: Sequence[Layer], widths: Sequence[int], *, seed: int = 0) -> Reduced:
