@@ -96,9 +96,9 @@ class Evaluator:
     against the original's outputs (computed once). Besides the merge the eps choose, it measures
     the same widths with the channels grouped otherwise, and keeps whichever has the smaller
     output error: with a ``folder`` (target searches, which choose the widths themselves) folded
-    by weights (``folding.Folder``, data-free, so one serves every Evaluator of a model); with ``calibrate`` kept channels chosen from the data
-    (``calibrate.Selector``), and every collapse is refit, on ``fit_batches`` (default: the
-    measuring ``batches`` themselves)."""
+    by weights (``folding.Folder``, data-free, so one serves every Evaluator of a model); with
+    ``calibrate`` kept channels chosen from the data (``calibrate.Selector``), and every collapse
+    is refit, on ``fit_batches`` (default: the measuring ``batches`` themselves)."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, symmetry: str = "fiber",
                  labels: np.ndarray | None = None, calibrate: bool = False, ridge: float = 1e-3,
