@@ -49,7 +49,8 @@ class Analysis:
     producing its first input. With ``record_heights`` each layer's merge distances are kept in
     ``heights`` (layer name -> sorted cosine distances at which its rows would merge).
     ``layer_colorings`` imposes a layer's output coloring (layer name -> coloring of its output
-    channels, or a partition whose scales the rows' norms give) instead of clustering its rows:
+    channels, or a partition whose scales are fitted to the rows: ``coloring.fitted_scales``)
+    instead of clustering its rows:
     merges chosen from calibration data or by folding."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",

@@ -112,7 +112,7 @@ class Tolerance:
     rows would merge further (the target search reads them). ``chosen``, when given, decides the
     colors :meth:`cluster` returns whatever the signatures (a layer whose merge was chosen
     otherwise: from calibration data, or by folding): a Coloring as it is, a Partition with
-    the signatures' norms as scales (the scale rule)."""
+    the least-squares scales of :func:`fitted_scales`."""
 
     eps: float
     heights: list[np.ndarray] | None = field(default=None, compare=False)
