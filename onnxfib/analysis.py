@@ -50,8 +50,7 @@ class Analysis:
     ``heights`` (layer name -> sorted cosine distances at which its rows would merge).
     ``layer_colorings`` imposes a layer's output coloring (layer name -> coloring of its output
     channels, or a partition whose scales are fitted to the rows: ``coloring.fitted_scales``)
-    instead of clustering its rows:
-    merges chosen from calibration data or by folding."""
+    instead of clustering its rows: merges chosen from calibration data or by folding."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
