@@ -19,13 +19,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .coloring import Coloring, Tolerance
+from .coloring import Coloring, Tolerance, TreeCache
 from .errors import UsageError
 from .graph import GraphView
 from .partition import Partition
 from .groups import ShrinkGroup, build_groups
 from .report import LayerReport
 from .rules import Plan, Port, Registry, Site, default_registry
+from .rules.linear import LinearSite
 
 SYMMETRIES = ("fiber", "cover")
 
@@ -50,11 +51,13 @@ class Analysis:
     ``heights`` (layer name -> sorted cosine distances at which its rows would merge).
     ``layer_colorings`` imposes a layer's output coloring (layer name -> coloring of its output
     channels, or a partition whose scales are fitted to the rows: ``coloring.fitted_scales``)
-    instead of clustering its rows: merges chosen from calibration data or by folding."""
+    instead of clustering its rows: merges chosen from calibration data or by folding. ``trees``
+    keeps the clustering trees between runs over the same model (a search's many analyses)."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
-                 record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None) -> None:
+                 record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
+                 trees: TreeCache | None = None) -> None:
         if symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
         self.graph = GraphView(model)
@@ -70,10 +73,10 @@ class Analysis:
         self._ports = self._ports_by_tensor()
         self._freeze = self._freeze_reasons()
         self.layer_eps = self._site_eps(float(eps), dict(layer_eps or {}))
-        tolerances = {id(site): Tolerance(self.layer_eps.get(id(site), float(eps))) for site in self.sites}
+        tolerances = {id(site): Tolerance(self.layer_eps.get(id(site), float(eps)), trees=trees) for site in self.sites}
         for site in self.sites:
             recorded: list[np.ndarray] | None = [] if record_heights and site.layer else None
-            self.tol = Tolerance(tolerances[id(site)].eps, recorded, (layer_colorings or {}).get(site.name))
+            self.tol = Tolerance(tolerances[id(site)].eps, recorded, (layer_colorings or {}).get(site.name), trees)
             site.forward(self)
             if recorded:
                 self.heights[site.name] = recorded[-1]
@@ -256,6 +259,7 @@ class Analysis:
                 frozen=figures.frozen,
                 blocks=out.width // min(self._blocks[out.name]) if out.name in self._blocks else 1,
                 eps=self.layer_eps[id(site)],
+                nonfinite=site.nonfinite_channels() if isinstance(site, LinearSite) else 0,
             ))
         return reports
 
@@ -275,11 +279,12 @@ class Analysis:
 
 def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
             registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
-            record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None) -> Analysis:
+            record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
+            trees: TreeCache | None = None) -> Analysis:
     """Analyse ``model`` (external data loaded) at tolerance ``eps`` (``layer_eps`` per layer);
     see :class:`Analysis`."""
     return Analysis(model, eps=eps, symmetry=symmetry, registry=registry, layer_eps=layer_eps,
-                    record_heights=record_heights, layer_colorings=layer_colorings)
+                    record_heights=record_heights, layer_colorings=layer_colorings, trees=trees)
 
 
 __all__ = ["Analysis", "MemberFigures", "SYMMETRIES", "analyze"]

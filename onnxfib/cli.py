@@ -162,7 +162,7 @@ def _render_compress(console: Console, report: CompressionReport, output: Path, 
         for layer in layers:
             table.add_row(
                 layer.name, layer.op_type, f"{layer.eps:.4g}", _width(layer),
-                f"{layer.params:,} -> {layer.params_after:,}", layer.frozen or "",
+                f"{layer.params:,} -> {layer.params_after:,}", layer.note,
             )
         console.print(table)
     else:
@@ -254,7 +254,7 @@ def _layers_table(layers: list[LayerReport], eps: float) -> Table:
         table.add_row(
             layer.name, layer.op_type, _width(layer), str(layer.fibers),
             str(layer.opfibers), str(layer.covers), str(layer.largest_fiber),
-            f"{layer.params:,} -> {layer.params_after:,}", layer.frozen or "",
+            f"{layer.params:,} -> {layer.params_after:,}", layer.note,
         )
     return table
 

@@ -8,10 +8,15 @@ scale rule of DESIGN §2. :class:`Tolerance` turns eps into the grouping decisio
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.sparse import coo_matrix
+from scipy.spatial.distance import squareform
+from scipy.sparse.csgraph import connected_components
 
 from .partition import Partition
 
@@ -49,34 +54,74 @@ class Coloring:
 
 
 def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
-    """Labels grouping rows equal within ``tol`` in max-norm; linear in ``rows.size``.
+    """Labels grouping rows equal within ``tol`` in max-norm; about linear in ``rows.size``.
 
-    Rows are sorted by a fixed random projection; a candidate run of near-equal projections
-    is then split greedily around representatives, so rows farther than ``tol`` apart never
-    share a label.
+    A label is the index of its group's representative row, and every member lies within
+    ``tol`` of it; rows within ``tol`` of each other share a group unless a chain of such rows
+    spans more than ``tol`` (then the chain is split around representatives). Rows holding NaN or infinities are
+    never grouped. Rows are split along coordinates where their values jump by more than
+    ``tol`` (:func:`_near_groups`), so the work grows with the rows, not with their pairs.
     """
     n = len(rows)
     rows = np.asarray(rows, dtype=np.float64).reshape(n, -1)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    direction = np.random.default_rng(0).standard_normal(rows.shape[1])
-    direction /= max(np.linalg.norm(direction), 1e-300)
-    projection = rows @ direction
-    order = np.argsort(projection, kind="stable")
-    gaps = np.diff(projection[order]) > tol * np.abs(direction).sum()
-    run_starts = np.concatenate([[0], np.flatnonzero(gaps) + 1])
-    run_lengths = np.diff(np.append(run_starts, n))
-    labels = np.empty(n, dtype=np.int64)
-    labels[order] = np.repeat(np.arange(run_starts.size), run_lengths)  # a run of one row is a group
-    next_label = run_starts.size
-    for start, length in zip(run_starts[run_lengths > 1], run_lengths[run_lengths > 1]):
-        members = order[start:start + length]
-        while members.size:
-            rep = rows[members[0]]
-            close = np.max(np.abs(rows[members] - rep), axis=1) <= tol
-            labels[members[close]] = next_label
-            next_label += 1
-            members = members[~close]
+    labels = np.arange(n, dtype=np.int64)  # non-finite rows keep labels of their own
+    finite = np.flatnonzero(np.isfinite(rows).all(axis=1))
+    if finite.size < 2:
+        return labels
+    # Equal rows project equally: one representative per projection, compared once below.
+    projection = rows[finite] @ np.random.default_rng(0).standard_normal((rows.shape[1], 2))
+    _, first, inverse = np.unique(projection, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    distinct = finite[first]
+    groups = _near_groups(rows[distinct], tol) if tol > 0 and distinct.size > 1 else np.arange(distinct.size)
+    labels[finite] = distinct[groups][inverse]
+    stood_in = np.flatnonzero(distinct[inverse] != finite)  # a row represented by an equal projection
+    rows_in, stand_in = finite[stood_in], distinct[inverse[stood_in]]
+    unequal = np.max(np.abs(rows[rows_in] - rows[stand_in]), axis=1, initial=0.0) > tol
+    labels[rows_in[unequal]] = rows_in[unequal]  # projections collided: the rows stay apart
+    return labels
+
+
+def _near_groups(rows: np.ndarray, tol: float) -> np.ndarray:
+    """For distinct finite ``rows``, labels of :func:`equal_row_labels`. Along each coordinate,
+    the sorted values of a set of rows fall into runs whose steps are at most ``tol``; rows in
+    different runs of any coordinate differ by more than ``tol``, so the set splits by its rows'
+    runs on its widest-spread coordinates (hashed: a collision only delays a split; coordinates
+    are added, widest first, until the set splits or none is left), and each part is split again,
+    until a part spans at most ``tol`` on every coordinate (a group) or no coordinate splits it
+    (a chain of steps within ``tol``: split around representatives)."""
+    labels = np.arange(len(rows), dtype=np.int64)
+    weights = np.random.default_rng(0).integers(1, 1 << 62, size=(rows.shape[1], 2))
+    pending = [labels.copy()]
+    while pending:
+        members = pending.pop()
+        if members.size < 2:
+            continue
+        spread = np.ptp(rows[members], axis=0)
+        columns = np.argsort(spread)[::-1][: np.count_nonzero(spread > tol)]
+        if columns.size == 0:
+            labels[members] = members[0]
+            continue
+        key = np.zeros((members.size, 2), dtype=np.int64)
+        for start in range(0, columns.size, 64):
+            piece = columns[start:start + 64]
+            block = rows[np.ix_(members, piece)]
+            order = np.argsort(block, axis=0, kind="stable")
+            ordered = np.take_along_axis(block, order, axis=0)
+            runs = np.zeros_like(order)
+            np.put_along_axis(runs, order, np.cumsum(np.diff(ordered, axis=0, prepend=ordered[:1]) > tol, axis=0), 0)
+            key += runs @ weights[piece]  # wraps around: only a hash
+            _, part = np.unique(key, axis=0, return_inverse=True)
+            if part.max() > 0:  # split: the parts go on from their own spreads
+                break
+        part = part.ravel()
+        if part.max() > 0:
+            pending.extend(np.split(members[np.argsort(part, kind="stable")], np.cumsum(np.bincount(part))[:-1]))
+        else:
+            while members.size > 1:
+                close = np.max(np.abs(rows[members] - rows[members[0]]), axis=1) <= tol
+                labels[members[close]] = members[0]
+                members = members[~close]
     return labels
 
 
@@ -103,6 +148,96 @@ def fitted_scales(rows: np.ndarray, partition: Partition, norms: np.ndarray) -> 
     return scales
 
 
+def average_linkage(unit: np.ndarray) -> np.ndarray:
+    """scipy's average-linkage tree of unit rows under cosine distance (1 - u.v), the distances
+    computed as one matrix product instead of scipy's pairwise loop."""
+    distances = unit @ unit.T
+    np.subtract(1.0, distances, out=distances)
+    np.clip(distances, 0.0, 2.0, out=distances)
+    np.fill_diagonal(distances, 0.0)
+    return linkage(squareform(distances, checks=False), method="average")
+
+
+#: Rows up to which :func:`threshold_clusters` builds the whole tree (its memory is quadratic).
+FULL_TREE_ROWS = 4096
+#: Rows per block of the neighbour search in :func:`threshold_clusters` (bounds its memory).
+BLOCK_ROWS = 2048
+#: Dimensions of the random projection on which :func:`threshold_clusters` looks for candidate
+#: neighbours among wider rows (each candidate is then checked exactly).
+PROJECTED_DIMS = 256
+#: Standard deviations of slack the projected cosine distance is given: the projected cosine of
+#: unit rows at cosine c deviates from c with a standard deviation of about
+#: (1 - c^2) / sqrt(PROJECTED_DIMS), so a pair within eps is missed with probability ~1e-9.
+PROJECTION_SIGMAS = 6.0
+
+
+def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
+    """The clusters of average linkage on cosine distance cut at ``eps`` (as labels), without the
+    quadratic tree for many rows: two clusters merge below ``eps`` only if some pair of their
+    rows is within ``eps``, so the clusters lie inside the connected components of the graph of
+    pairs within ``eps``, and average linkage run inside each component gives the same cut.
+    Pairs come from blocks of a matrix product (on a random projection for wide rows, each
+    candidate then checked exactly), so memory grows with the rows and the close pairs."""
+    n, dims = unit.shape
+    if n <= FULL_TREE_ROWS:
+        return fcluster(average_linkage(unit), t=eps, criterion="distance")
+    if dims > 2 * PROJECTED_DIMS:
+        projection = np.random.default_rng(0).standard_normal((dims, PROJECTED_DIMS))
+        probe = unit @ projection
+        probe /= np.maximum(np.linalg.norm(probe, axis=1, keepdims=True), 1e-300)
+        slack = PROJECTION_SIGMAS * (1.0 - (1.0 - eps) ** 2) / np.sqrt(PROJECTED_DIMS)
+    else:
+        probe, slack = unit, 1e-9
+    pairs = []
+    for start in range(0, n, BLOCK_ROWS):
+        block = probe[start:start + BLOCK_ROWS] @ probe[start:].T
+        rows, cols = np.nonzero(block >= 1.0 - eps - slack)
+        keep = rows + start < cols + start
+        pairs.append(np.stack([rows[keep] + start, cols[keep] + start], axis=1))
+    candidates = np.concatenate(pairs)
+    close = np.ones(len(candidates), dtype=bool)
+    step = max(1, (1 << 22) // dims)
+    for first in range(0, len(candidates), step):  # exactly, in pieces of bounded memory
+        piece = candidates[first:first + step]
+        close[first:first + step] = np.einsum("ij,ij->i", unit[piece[:, 0]], unit[piece[:, 1]]) >= 1.0 - eps - 1e-12
+    edges = candidates[close]
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    labels = np.arange(n, dtype=np.int64)
+    order = np.argsort(component, kind="stable")
+    next_label = n
+    for members in np.split(order, np.flatnonzero(np.diff(component[order])) + 1):
+        if members.size > 1:
+            inner = fcluster(average_linkage(unit[members]), t=eps, criterion="distance")
+            labels[members] = next_label + inner
+            next_label += int(inner.max()) + 1
+    return labels
+
+
+class TreeCache:
+    """Average-linkage trees by the signatures they were built from: one per search over a
+    model, so a layer whose input colors did not change is not clustered again. Holds at most
+    ``budget`` bytes of trees, dropping the least recently used."""
+
+    def __init__(self, budget: int = 256 << 20) -> None:
+        self.budget = budget
+        self._trees: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def tree(self, unit: np.ndarray) -> np.ndarray:
+        """The tree of :func:`average_linkage` for ``unit``, built once per distinct matrix."""
+        unit = np.ascontiguousarray(unit)
+        key = hashlib.blake2b(unit.data, digest_size=20).digest() + str(unit.shape).encode()
+        if key in self._trees:
+            self._trees.move_to_end(key)
+            return self._trees[key]
+        tree = self._trees[key] = average_linkage(unit)
+        self._bytes += tree.nbytes
+        while self._bytes > self.budget and len(self._trees) > 1:
+            self._bytes -= self._trees.popitem(last=False)[1].nbytes
+        return tree
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """How close two channels must be to share a color: eps = 0 exact, else cosine clustering.
@@ -112,11 +247,13 @@ class Tolerance:
     rows would merge further (the target search reads them). ``chosen``, when given, decides the
     colors :meth:`cluster` returns whatever the signatures (a layer whose merge was chosen
     otherwise: from calibration data, or by folding): a Coloring as it is, a Partition with
-    the least-squares scales of :func:`fitted_scales`."""
+    the least-squares scales of :func:`fitted_scales`. ``trees``, when given, keeps the linkage
+    trees of signatures seen before (a search re-analyses mostly unchanged layers)."""
 
     eps: float
     heights: list[np.ndarray] | None = field(default=None, compare=False)
     chosen: Coloring | Partition | None = field(default=None, compare=False)
+    trees: TreeCache | None = field(default=None, compare=False)
 
     @property
     def exact(self) -> bool:
@@ -132,7 +269,7 @@ class Tolerance:
         sig = np.asarray(signatures, dtype=np.float64).reshape(len(signatures), -1)
         norms = np.linalg.norm(sig, axis=1)
         partition = self._partition(sig, norms)
-        scales = np.where(norms <= 1e-30, 1.0, norms)
+        scales = np.where((norms <= 1e-30) | ~np.isfinite(norms), 1.0, norms)
         exact = self.exact and not isinstance(self.chosen, Partition)
         return Coloring(partition, scales if exact else fitted_scales(sig, partition, scales))
 
@@ -146,20 +283,21 @@ class Tolerance:
     def _partition(self, sig: np.ndarray, norms: np.ndarray) -> Partition:
         if isinstance(self.chosen, Partition) and len(self.chosen) == len(sig):
             return self.chosen
-        zero = norms <= 1e-30
-        labels = np.full(len(sig), -1, dtype=np.int64)
-        live = np.flatnonzero(~zero)
+        labels = np.arange(len(sig), dtype=np.int64) + len(sig)  # non-finite rows: colors of their own
+        labels[norms <= 1e-30] = -1  # all-zero rows: one color
+        live = np.flatnonzero(np.isfinite(norms) & (norms > 1e-30))
         if live.size:
             unit = sig[live] / norms[live, None]
-            tree = None
-            if live.size > 1 and (self.heights is not None or not self.exact):
-                tree = linkage(unit, method="average", metric="cosine")
+            if live.size > 1 and (self.heights is not None or (self.trees is not None and not self.exact)):
+                tree = self.trees.tree(unit) if self.trees is not None else average_linkage(unit)
                 if self.heights is not None:
                     self.heights.append(np.maximum.accumulate(tree[:, 2]))
-            if self.exact or tree is None:
+                labels[live] = equal_row_labels(unit, EXACT_TOL) if self.exact else fcluster(
+                    tree, t=self.eps, criterion="distance")
+            elif self.exact or live.size == 1:
                 labels[live] = equal_row_labels(unit, EXACT_TOL)
             else:
-                labels[live] = fcluster(tree, t=self.eps, criterion="distance")
+                labels[live] = threshold_clusters(unit, self.eps)
         return Partition(labels)
 
     def split_by_rows(self, coloring: Coloring, keys: np.ndarray) -> Coloring:

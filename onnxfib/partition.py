@@ -109,10 +109,14 @@ class Partition:
         if self.is_discrete:  # canonical discrete labels are 0..n-1 in order: nothing to do
             return np.asarray(array)
         moved = np.moveaxis(np.asarray(array), axis, 0)
-        order = np.argsort(self.labels, kind="stable")
         sizes = self.sizes()
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        out = np.add.reduceat(moved[order], starts, axis=0)
+        _, first = np.unique(self.labels, return_index=True)
+        out = moved[first].copy()  # each color's first channel, then the others added per color
+        rest = np.setdiff1d(np.arange(len(self)), first, assume_unique=True)
+        if rest.size:
+            order = rest[np.argsort(self.labels[rest], kind="stable")]
+            colors, starts = np.unique(self.labels[order], return_index=True)
+            out[colors] += np.add.reduceat(moved[order], starts, axis=0)
         if mean:
             out = out / sizes.reshape((-1,) + (1,) * (out.ndim - 1))
         return np.moveaxis(out, 0, axis)

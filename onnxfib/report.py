@@ -14,7 +14,9 @@ class LayerReport:
     (equal to ``width`` when ``frozen`` names why the channels may not shrink); ``params`` and
     ``params_after`` count the scalars in the layer's weight and bias before and after;
     ``blocks`` > 1 says the output is cut into that many blocks of equal width (attention
-    heads, convolution groups, RNN directions); ``eps`` is the tolerance its rows merged at.
+    heads, convolution groups, RNN directions); ``eps`` is the tolerance its rows merged at;
+    ``nonfinite`` counts output channels whose weights or bias hold NaN or infinities (never
+    merged).
     """
 
     name: str
@@ -31,6 +33,15 @@ class LayerReport:
     frozen: str | None = None
     blocks: int = 1
     eps: float = 0.0
+    nonfinite: int = 0
+
+    @property
+    def note(self) -> str:
+        """Why the layer keeps channels, in words: frozen, or channels that cannot merge."""
+        notes = [self.frozen] if self.frozen else []
+        if self.nonfinite:
+            notes.append(f"{self.nonfinite} channel(s) hold NaN or infinity, never merged")
+        return "; ".join(notes)
 
     def to_dict(self) -> dict:
         return asdict(self)

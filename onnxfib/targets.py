@@ -33,6 +33,7 @@ import onnx
 
 from . import stats
 from .analysis import Analysis, analyze
+from .coloring import TreeCache
 from .calibrate import OriginalActivations, Selector, refit
 from .folding import Folder
 from .report import RefitReport, SweepPoint, TargetReport
@@ -98,12 +99,16 @@ class Evaluator:
     output error: with a ``folder`` (target searches, which choose the widths themselves) folded
     by weights (``folding.Folder``, data-free, so one serves every Evaluator of a model); with
     ``calibrate`` kept channels chosen from the data (``calibrate.Selector``), and every collapse
-    is refit, on ``fit_batches`` (default: the measuring ``batches`` themselves)."""
+    is refit, on ``fit_batches`` (default: the measuring ``batches`` themselves). ``trees`` keeps
+    the layers' clustering trees across its analyses (signatures that did not change are not
+    clustered again); evaluators of one model may share one."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, symmetry: str = "fiber",
                  labels: np.ndarray | None = None, calibrate: bool = False, ridge: float = 1e-3,
-                 folder: Folder | None = None, fit_batches: Sequence[Batch] | None = None) -> None:
+                 folder: Folder | None = None, fit_batches: Sequence[Batch] | None = None,
+                 trees: TreeCache | None = None) -> None:
         self.original = original
+        self.trees = TreeCache() if trees is None else trees
         self.batches = list(chunked(batches))
         self.fit_batches = self.batches if fit_batches is None else list(chunked(fit_batches))
         self.symmetry = symmetry
@@ -136,13 +141,14 @@ class Evaluator:
 
     def groupings(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> list[Outcome]:
         """The collapse at ``layer_eps`` as merged, then regrouped by each chooser that applies."""
-        analysis = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True)
+        analysis = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True,
+                           trees=self.trees)
         outcomes = [self._collapse(layer_eps, analysis, analysis.heights, "merge")]
         for name, chooser in self.choosers.items():
             chosen = chooser.colorings(analysis)
             if chosen:
                 regrouped = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps,
-                                    layer_colorings=chosen)
+                                    layer_colorings=chosen, trees=self.trees)
                 outcomes.append(self._collapse(layer_eps, regrouped, analysis.heights, name))
         return outcomes
 
@@ -165,12 +171,13 @@ class Evaluator:
 
     def params(self, layer_eps: Mapping[str, float]) -> int:
         """The parameters of the collapse at ``layer_eps``, without measuring it."""
-        analysis = analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps)
+        analysis = analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps, trees=self.trees)
         return stats.count_parameters(analysis.collapse())
 
     def heights(self, layer_eps: Mapping[str, float]) -> dict[str, np.ndarray]:
         """Each layer's merge distances at ``layer_eps`` (they depend on the layers before it)."""
-        return analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True).heights
+        return analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True,
+                       trees=self.trees).heights
 
     def finish(self, outcome: Outcome) -> Outcome:
         """The outcome a search returns: as measured."""
@@ -204,7 +211,7 @@ class HeldOut(Evaluator):
         self.whole = Evaluator(original, batches, labels=labels, **options)
         parts, part_labels, self.rows = deal_rows(self.whole.batches, labels, folds)
         self.parts = [
-            Evaluator(original, [part], labels=part_labels[k],
+            Evaluator(original, [part], labels=part_labels[k], trees=self.whole.trees,
                       fit_batches=[concatenated([other for j, other in enumerate(parts) if j != k])], **options)
             for k, part in enumerate(parts)
         ]

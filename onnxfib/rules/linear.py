@@ -104,6 +104,14 @@ class LinearSite(Site):
         free = rows.shape[1] == 1 and self._stored(self.bias).size == width
         return flat, rows[:, 0] if rows.shape[1] == 1 else np.zeros(width), free
 
+    def nonfinite_channels(self) -> int:
+        """Output channels whose weights or bias hold NaN or infinities."""
+        stored = [self._stored(self.weight)] + ([] if self.bias is None else [self._stored(self.bias)])
+        if all(np.isfinite(values).all() for values in stored):
+            return 0
+        w, b, _ = self.flat()
+        return int(np.count_nonzero(~(np.isfinite(w).all(axis=1) & np.isfinite(b))))
+
     def set_flat(self, graph: GraphView, w: np.ndarray, b: np.ndarray | None) -> None:
         """Store a new map (the inverse of :meth:`flat`; ``b`` only where it is free)."""
         stored = self._stored(self.weight)

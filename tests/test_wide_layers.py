@@ -1,0 +1,143 @@
+"""Grouping at scale: exact duplicates among many wide rows, non-finite weights, average
+linkage from a matrix product, and the thresholded clustering of wide layers, each against an
+independent truth (planted copies, scipy's own average linkage, a brute-force check)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from scipy.cluster.hierarchy import fcluster, linkage
+
+from onnxfib import coloring
+from onnxfib.coloring import Tolerance, TreeCache, average_linkage, equal_row_labels, threshold_clusters
+from onnxfib.partition import Partition
+
+
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_exact_mode_recovers_near_copies_among_many_wide_rows():
+    # Wide unit rows are where one sorted projection chains every row into one run: the
+    # projections' gaps shrink with the width while the window they must allow grows.
+    rng = np.random.default_rng(0)
+    base = unit_rows(rng.standard_normal((2500, 2500)))
+    source = np.concatenate([np.arange(2500), rng.integers(0, 2500, 300)])
+    rows = base[source] + 1e-9 * rng.standard_normal((len(source), 2500))  # float-rounding copies
+    assert Tolerance(0.0).cluster(rows).partition == Partition(source)
+
+
+@given(st.integers(2, 60), st.integers(1, 4), st.floats(0.05, 2.0), st.integers(0, 10_000))
+@settings(max_examples=60, deadline=None)
+def test_equal_row_labels_groups_lie_within_tol_of_their_representative(n, dim, tol, seed):
+    rng = np.random.default_rng(seed)
+    rows = np.round(rng.uniform(0, 3, (n, dim)), 1)  # many near and equal rows, chains too
+    labels = equal_row_labels(rows, tol)
+    for label in np.unique(labels):  # a label is its representative's row index
+        members = np.flatnonzero(labels == label)
+        assert label in members and np.max(np.abs(rows[members] - rows[label])) <= tol
+    # an isolated close pair (no third row within tol of either) always shares a label
+    distance = np.max(np.abs(rows[:, None] - rows[None]), axis=2)
+    for i in range(n):
+        near = np.flatnonzero(distance[i] <= tol)
+        if len(near) == 2:
+            j = near[near != i][0]
+            if np.count_nonzero(distance[j] <= tol) == 2:
+                assert labels[i] == labels[j]
+
+
+def test_non_finite_rows_are_never_grouped():
+    rows = np.array([[1.0, 0.0], [1.0, 0.0], [np.nan, 0.0], [np.nan, 0.0], [np.inf, 1.0], [np.inf, 1.0]])
+    labels = equal_row_labels(rows, 1e-6)
+    assert labels[0] == labels[1] and len(set(labels[2:])) == 4 and labels[0] not in labels[2:]
+    for eps in (0.0, 0.3):
+        partition = Tolerance(eps).cluster(rows).partition
+        assert partition.labels.tolist()[:2] == [0, 0] and partition.n_colors == 5
+
+
+def nan_bias_model() -> onnx.ModelProto:
+    """Gemm(W1=[[1,0],[1,0]], b1=[nan,0]) -> Relu -> Gemm: rows 0 and 1 would be one fiber but
+    for the NaN bias (the defect report's case, which made exact grouping loop forever)."""
+    w1, b1 = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32), np.array([np.nan, 0.0], np.float32)
+    w2, b2 = np.array([[1.0, 2.0]], np.float32), np.zeros(1, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc0", transB=1),
+         helper.make_node("Relu", ["h"], ["r"], name="relu0"),
+         helper.make_node("Gemm", ["r", "W2", "b2"], ["y"], name="fc1", transB=1)],
+        "nan_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "W1"), (b1, "b1"), (w2, "W2"), (b2, "b2"))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("eps", ["0", "0.3"])
+def test_nan_weights_finish_and_are_reported(tmp_path, eps):
+    onnx.save(nan_bias_model(), tmp_path / "nan.onnx")
+    result = subprocess.run([sys.executable, "-m", "onnxfib", "inspect", "nan.onnx", "--eps", eps, "--json"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)}
+    assert layers["fc0"]["nonfinite"] == 1 and layers["fc0"]["fibers"] == 2
+    assert layers["fc1"]["nonfinite"] == 0
+
+
+def clustered_rows(seed: int, n: int, dims: int, centers: int = 40) -> np.ndarray:
+    """Unit rows around random centers, each cluster at its own noise level (cosine distance
+    to the center from about 0.01 to 0.6), so every eps cuts some clusters and not others."""
+    rng = np.random.default_rng(seed)
+    middle = rng.standard_normal((centers, dims))
+    noise = rng.uniform(0.1, 1.2, centers)
+    member = rng.integers(0, centers, n)
+    return unit_rows(middle[member] + noise[member, None] * rng.standard_normal((n, dims)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_average_linkage_is_scipys_cosine_average_linkage(seed):
+    unit = clustered_rows(seed, 300, 40)
+    ours, scipy_tree = average_linkage(unit), linkage(unit, method="average", metric="cosine")
+    np.testing.assert_allclose(ours[:, 2], scipy_tree[:, 2], atol=1e-9)
+    for eps in (0.1, 0.3, 0.6):
+        assert Partition(fcluster(ours, t=eps, criterion="distance")) == Partition(
+            fcluster(scipy_tree, t=eps, criterion="distance"))
+
+
+@pytest.mark.parametrize("dims", [30, 1200])  # rows compared directly; on a random projection
+@pytest.mark.parametrize("eps", [0.05, 0.3, 0.6])
+def test_threshold_clusters_cut_average_linkage_exactly(monkeypatch, dims, eps):
+    monkeypatch.setattr(coloring, "FULL_TREE_ROWS", 50)  # take the component path on 600 rows
+    monkeypatch.setattr(coloring, "BLOCK_ROWS", 128)
+    unit = clustered_rows(7, 600, dims)
+    truth = fcluster(linkage(unit, method="average", metric="cosine"), t=eps, criterion="distance")
+    found = threshold_clusters(unit, eps)
+    assert Partition(found) == Partition(truth)
+    assert 1 < Partition(truth).n_colors < len(unit)  # the cut merges some rows, not all
+
+
+def test_tree_cache_builds_each_distinct_tree_once():
+    cache, unit = TreeCache(), clustered_rows(1, 50, 8)
+    first = cache.tree(unit)
+    assert cache.tree(unit.copy()) is first
+    assert cache.tree(unit[::-1].copy()) is not first
+    heights: list[np.ndarray] = []
+    coloring_cached = Tolerance(0.3, heights, trees=cache).cluster(unit)
+    assert coloring_cached.partition == Tolerance(0.3).cluster(unit).partition
+    np.testing.assert_allclose(heights[0], np.maximum.accumulate(first[:, 2]))
+
+
+def test_tree_cache_drops_the_least_recently_used_beyond_its_budget():
+    small, other, third = (clustered_rows(seed, 20, 4) for seed in (1, 2, 3))
+    cache = TreeCache(budget=2 * average_linkage(small).nbytes)
+    kept = cache.tree(small)
+    dropped = cache.tree(other)
+    assert cache.tree(small) is kept  # used again: now the most recent
+    cache.tree(third)  # over budget: ``other`` goes, ``small`` stays
+    assert cache.tree(small) is kept
+    assert cache.tree(other) is not dropped  # built again
