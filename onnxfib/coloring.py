@@ -65,11 +65,11 @@ def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
     n = len(rows)
     rows = np.asarray(rows, dtype=np.float64).reshape(n, -1)
     labels = np.arange(n, dtype=np.int64)  # non-finite rows keep labels of their own
-    finite = np.flatnonzero(np.isfinite(rows).all(axis=1))
+    projection = rows @ np.random.default_rng(0).standard_normal((rows.shape[1], 2))
+    finite = np.flatnonzero(np.isfinite(projection).all(axis=1))  # NaN and infinities reach it
     if finite.size < 2:
         return labels
-    # Equal rows project equally: one representative per projection, compared once below.
-    projection = rows[finite] @ np.random.default_rng(0).standard_normal((rows.shape[1], 2))
+    projection = projection[finite]  # equal rows project equally: one representative each
     _, first, inverse = np.unique(projection, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.ravel()
     distinct = finite[first]
@@ -97,7 +97,7 @@ def _near_groups(rows: np.ndarray, tol: float) -> np.ndarray:
         members = pending.pop()
         if members.size < 2:
             continue
-        spread = np.ptp(rows[members], axis=0)
+        spread = np.ptp(rows if members.size == len(rows) else rows[members], axis=0)
         columns = np.argsort(spread)[::-1][: np.count_nonzero(spread > tol)]
         if columns.size == 0:
             labels[members] = members[0]
@@ -148,6 +148,11 @@ def fitted_scales(rows: np.ndarray, partition: Partition, norms: np.ndarray) -> 
     return scales
 
 
+def row_norms(rows: np.ndarray) -> np.ndarray:
+    """The Euclidean norm of each row, without a temporary the size of ``rows``."""
+    return np.sqrt(np.einsum("ij,ij->i", rows, rows))
+
+
 def average_linkage(unit: np.ndarray) -> np.ndarray:
     """scipy's average-linkage tree of unit rows under cosine distance (1 - u.v), the distances
     computed as one matrix product instead of scipy's pairwise loop."""
@@ -181,10 +186,10 @@ def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
     n, dims = unit.shape
     if n <= FULL_TREE_ROWS:
         return fcluster(average_linkage(unit), t=eps, criterion="distance")
-    if dims > 2 * PROJECTED_DIMS:
-        projection = np.random.default_rng(0).standard_normal((dims, PROJECTED_DIMS))
-        probe = unit @ projection
-        probe /= np.maximum(np.linalg.norm(probe, axis=1, keepdims=True), 1e-300)
+    if dims > 2 * PROJECTED_DIMS:  # float32 products: their rounding is far inside the slack
+        projection = np.random.default_rng(0).standard_normal((dims, PROJECTED_DIMS), dtype=np.float32)
+        probe = unit.astype(np.float32) @ projection
+        probe /= np.maximum(row_norms(probe), 1e-30)[:, None]
         slack = PROJECTION_SIGMAS * (1.0 - (1.0 - eps) ** 2) / np.sqrt(PROJECTED_DIMS)
     else:
         probe, slack = unit, 1e-9
@@ -267,7 +272,7 @@ class Tolerance:
         if isinstance(self.chosen, Coloring) and len(self.chosen) == len(signatures):
             return self.chosen
         sig = np.asarray(signatures, dtype=np.float64).reshape(len(signatures), -1)
-        norms = np.linalg.norm(sig, axis=1)
+        norms = row_norms(sig)
         partition = self._partition(sig, norms)
         scales = np.where((norms <= 1e-30) | ~np.isfinite(norms), 1.0, norms)
         exact = self.exact and not isinstance(self.chosen, Partition)
@@ -278,7 +283,7 @@ class Tolerance:
         if isinstance(self.chosen, Coloring) and len(self.chosen) == len(signatures):
             return self.chosen.partition
         sig = np.asarray(signatures, dtype=np.float64).reshape(len(signatures), -1)
-        return self._partition(sig, np.linalg.norm(sig, axis=1))
+        return self._partition(sig, row_norms(sig))
 
     def _partition(self, sig: np.ndarray, norms: np.ndarray) -> Partition:
         if isinstance(self.chosen, Partition) and len(self.chosen) == len(sig):
@@ -287,7 +292,7 @@ class Tolerance:
         labels[norms <= 1e-30] = -1  # all-zero rows: one color
         live = np.flatnonzero(np.isfinite(norms) & (norms > 1e-30))
         if live.size:
-            unit = sig[live] / norms[live, None]
+            unit = (sig if live.size == len(sig) else sig[live]) / norms[live, None]
             if live.size > 1 and (self.heights is not None or (self.trees is not None and not self.exact)):
                 tree = self.trees.tree(unit) if self.trees is not None else average_linkage(unit)
                 if self.heights is not None:
