@@ -14,7 +14,9 @@ element by a few ulps of the *terms* summed, not of the result; entries near zer
 whose typical magnitude is 100 then differ by ~1e-5 absolute. A fixed atol would fail exact
 merges of real models purely on the output's units; atol = 1e-5 of the output's scale is still
 two orders of magnitude below any real approximation error, and rtol = 1e-5 is invariant 1.
-NaN in the same place in both outputs counts as equal.
+Equal infinities and NaN in the same place in both outputs count as equal (a model whose outputs
+are infinite or NaN on some input agrees with itself); any other non-finite difference is an
+infinite error.
 """
 
 from __future__ import annotations
@@ -219,12 +221,15 @@ def compare_outputs(name: str, refs: list[np.ndarray], cands: list[np.ndarray], 
     for ref, cand in zip(refs, cands):
         if ref.shape != cand.shape:
             return OutputError(name, float("inf"), float("inf"), False)
-        same_nan = np.isnan(ref) & np.isnan(cand)
-        diff = np.where(same_nan, 0.0, np.abs(cand - ref))
-        diff = np.where(np.isnan(diff), np.inf, diff)
+        same = (cand == ref) | (np.isnan(ref) & np.isnan(cand))  # equal infinities, NaN at NaN
+        finite = np.isfinite(ref) & np.isfinite(cand)
+        diff = np.full(ref.shape, np.inf)
+        with np.errstate(over="ignore"):  # finite differences near the float limits may overflow
+            np.subtract(cand, ref, out=diff, where=finite)
+        diff = np.where(same, 0.0, np.abs(diff))
         finite_ref = np.where(np.isfinite(ref), np.abs(ref), 0.0)
         out_scale = max(1.0, float(finite_ref.max(initial=0.0)))
-        ok &= bool(np.all(diff <= atol * out_scale + rtol * np.abs(np.nan_to_num(ref))))
+        ok &= bool(np.all(diff <= atol * out_scale + rtol * finite_ref))
         max_abs = max(max_abs, float(diff.max(initial=0.0)))
         scale = max(scale, float(finite_ref.max(initial=0.0)))
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))

@@ -167,3 +167,42 @@ def test_validate_sklearn_classifier_with_zipmap_output():
     inputs = v.check_data(model, [{"X": x[:20]}], "digits")
     report = v.validate_models(model, model, inputs)
     assert report.ok and [o.name for o in report.outputs] == ["output_label", "output_probability"]
+
+
+def _infinite_outputs_model() -> onnx.ModelProto:
+    """``build_mlp`` whose output y feeds Log(Relu(y)) (-inf where y <= 0) and
+    Reciprocal(Relu(y)) (+inf there): outputs ``lo`` and ``hi``."""
+    model = build_mlp([8, 16, 3])
+    graph = model.graph
+    graph.node.extend([
+        helper.make_node("Relu", ["y"], ["ry"], name="relu_out"),
+        helper.make_node("Log", ["ry"], ["lo"], name="log_out"),
+        helper.make_node("Reciprocal", ["ry"], ["hi"], name="recip_out"),
+    ])
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in ("lo", "hi")])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_compare_outputs_equal_infinities_and_nans_agree():
+    ref = np.array([np.inf, -np.inf, np.nan, 1.0])
+    with np.errstate(all="raise"):  # no RuntimeWarning either
+        out = v.compare_outputs("o", [ref], [ref.copy()], rtol=0, atol=0)
+    assert out.ok and out.max_abs == 0.0
+    for cand in ([-np.inf, -np.inf, np.nan, 1.0], [np.inf, 5.0, np.nan, 1.0], [np.inf, -np.inf, 0.0, 1.0]):
+        with np.errstate(all="raise"):
+            out = v.compare_outputs("o", [ref], [np.array(cand)], rtol=1, atol=1)
+        assert not out.ok and out.max_abs == np.inf
+
+
+def test_models_with_infinite_outputs_validate_and_compress(tmp_path, run_cli):
+    model = _infinite_outputs_model()
+    inputs = v.generate_inputs(model, rows=8)
+    runs = [v.run_tensors(model, ["lo", "hi"], inputs, "reference")]
+    assert any(np.isinf(t).any() for batch in runs[0] for t in batch)  # the model really yields inf
+    onnx.save_model(model, str(tmp_path / "inf.onnx"))
+    result = run_cli("validate", "inf.onnx", "inf.onnx", "--input-shape", "x:8,8")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    result = run_cli("compress", "inf.onnx", "out.onnx", "--input-shape", "x:8,8", "-q")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
