@@ -21,6 +21,7 @@ infinite error.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -36,6 +37,9 @@ from onnxfib.report import OutputError, ValidationReport
 
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
+#: The most elements one generated batch holds over all inputs (2**26: 512 MB as float64 while
+#: drawn); larger declared or requested shapes are refused rather than exhausting memory.
+MAX_GENERATED_ELEMENTS = 2**26
 
 Batch = dict[str, np.ndarray]
 Shape = tuple[int | str | None, ...]
@@ -111,16 +115,26 @@ def generate_inputs(
 ) -> list[Batch]:
     """Two seeded batches for ``model``'s inputs: floats from N(0, 1), then from U(-1, 1); ints and
     bools in {0, 1} (valid as token ids, type ids and masks alike). Dynamic dims come from
-    ``input_shapes``; an unknown first axis is ``rows`` long; any other unknown dim is a UsageError."""
+    ``input_shapes``; an unknown first axis is ``rows`` long; any other unknown dim, or a batch
+    over ``MAX_GENERATED_ELEMENTS`` elements, is a UsageError."""
     inputs = graph_inputs(model)
     given = dict(input_shapes or {})
     unknown = sorted(set(given) - set(inputs))
     if unknown:
         raise UsageError(f"--input-shape names unknown input(s) {unknown}; the model's inputs are {sorted(inputs)}")
+    resolved = {name: _resolve_shape(name, shape, given.get(name), rows) for name, (_, shape) in inputs.items()}
+    total = sum(math.prod(dims) for dims in resolved.values())
+    if total > MAX_GENERATED_ELEMENTS:
+        name, dims = max(resolved.items(), key=lambda item: math.prod(item[1]))
+        raise UsageError(
+            f"generated inputs would hold {total:,} elements (input '{name}' has shape {list(dims)}), more than "
+            f"the {MAX_GENERATED_ELEMENTS:,} onnxfib generates; pass a smaller --input-shape "
+            f"{name}:D1,D2,... or your own inputs with --data"
+        )
     rng = np.random.default_rng(seed)
     batches: list[Batch] = [{}, {}]
-    for name, (elem_type, shape) in inputs.items():
-        dims = _resolve_shape(name, shape, given.get(name), rows)
+    for name, (elem_type, _) in inputs.items():
+        dims = resolved[name]
         if elem_type not in _KINDS:
             raise UsageError(
                 f"input '{name}' has type {onnx.TensorProto.DataType.Name(elem_type)}; pass values with --data"

@@ -63,6 +63,9 @@ CASES = {
     "validate missing candidate": ["validate", "mlp.onnx", "nope.onnx"],
     "validate truncated": ["validate", "mlp.onnx", "half.onnx"],
     "validate wrong data": ["validate", "mlp.onnx", "mlp.onnx", "--data", "shape.npz"],
+    "huge declared batch": ["compress", "huge.onnx", "out.onnx"],
+    "huge input shape": ["compress", "mlp.onnx", "out.onnx", "--input-shape", "x:1099511627776,8"],
+    "validate huge declared batch": ["validate", "huge.onnx", "huge.onnx"],
 }
 
 
@@ -82,6 +85,7 @@ def workdir(tmp_path, write_model, mlp_model):
     write_model(build_mlp([8, 64, 3]), "ext.onnx", external_data=True)
     (tmp_path / "ext.onnx.data").unlink()
     write_model(build_mlp([8, 64, 3]), "extok.onnx", external_data=True)
+    write_model(build_mlp([8, 16, 3], batch=2**40), "huge.onnx")
     np.savez(tmp_path / "names.npz", input=np.zeros((2, 8), np.float32))
     np.savez(tmp_path / "shape.npz", x=np.zeros((2, 7), np.float32))
     np.savez(tmp_path / "dtype.npz", x=np.zeros((2, 8), np.int32))
@@ -107,6 +111,8 @@ def test_bad_input_exits_2_cleanly(workdir, run_cli, case):
     assert sorted(os.listdir(workdir)) == listing  # no output, no temporary file left
     assert _snapshot(workdir) == before  # every file, the input included, byte-for-byte unchanged
     assert os.listdir(workdir / "adir") == []
+    if "huge" in case:  # too large to generate: say how to feed smaller inputs
+        assert "--input-shape" in lines[0] and "--data" in lines[0]
 
 
 def test_compress_mismatch_exits_1_and_writes_no_model(tmp_path, write_model, plain_model, run_cli):
