@@ -22,7 +22,8 @@ from onnxfib.folding import Folder
 from onnxfib.report import CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, Outcome, can_deal, search
 from onnxfib.targets import sweep as sweep_eps
-from onnxfib.validation import DEFAULT_ATOL, DEFAULT_RTOL, check_data, generate_inputs, load_data, validate_models
+from onnxfib.validation import (DEFAULT_ATOL, DEFAULT_RTOL, check_data, check_runs, generate_inputs, load_data,
+                                validate_models)
 
 #: ``data`` may be a .npz/.npy path, one batch (input name -> array), or a list of batches.
 Data = str | os.PathLike | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]
@@ -158,6 +159,15 @@ def _inputs(
     return check_data(model, batches, "data")
 
 
+def _probe(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None,
+           seed: int) -> dict[str, np.ndarray] | None:
+    """A generated batch to try the model on, or None where inputs cannot be generated."""
+    try:
+        return generate_inputs(model, input_shapes=input_shapes, seed=seed)[0]
+    except UsageError:
+        return None
+
+
 def compress(
     model_or_path: io.ModelSource,
     *,
@@ -209,6 +219,7 @@ def compress(
     rows = MEASURING_ROWS if goal is not None else 1
     batches = _inputs(original, data, input_shapes, seed, rows) if check or calibrate or goal else None
     label_array = _labels(labels, batches) if batches is not None else None
+    check_runs(original, batches[0] if batches else _probe(original, input_shapes, seed))
     refits: list[RefitReport] = []
     target: TargetReport | None = None
     if goal is not None:

@@ -222,6 +222,21 @@ def _session(model: onnx.ModelProto, role: str) -> tuple[ort.InferenceSession, t
         raise InvalidModelError(f"ONNX Runtime cannot load the {role} model: {first_line(exc)}") from exc
 
 
+def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray] | None = None) -> None:
+    """Load ``model`` in ONNX Runtime and, given ``batch``, run it on the batch's first row;
+    InvalidModelError naming the input model when ORT cannot (the checker accepts some models
+    ORT refuses, e.g. a Conv kernel that disagrees with ``group``)."""
+    session, holder = _session(model, "input")
+    try:
+        if batch is not None:
+            session.run(None, next(chunked([batch], rows=1)))
+    except Exception as exc:
+        raise InvalidModelError(f"ONNX Runtime cannot run the input model: {first_line(exc)}") from exc
+    finally:
+        if holder is not None:
+            holder.cleanup()
+
+
 def _as_array(value: object) -> np.ndarray:
     """ORT outputs as float64 arrays; sequences of maps (e.g. ZipMap probabilities) become rows."""
     if isinstance(value, list) and value and isinstance(value[0], dict):
