@@ -65,6 +65,21 @@ def check_eps(eps: float) -> float:
     return value
 
 
+def check_seed(seed: int) -> int:
+    """Return ``seed`` if it is a non-negative integer (numpy's seeds); UsageError otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _number(name: str, value: object) -> float:
+    """``value`` as a float; UsageError naming ``name`` when it is not a number."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number, got {value!r}") from None
+
+
 def check_layer_eps(layer_eps: Mapping[str, float] | None) -> dict[str, float]:
     """Per-layer eps (layer name -> eps) checked like ``eps``; layer names are checked by the analysis."""
     return {str(name): check_eps(value) for name, value in (layer_eps or {}).items()}
@@ -135,12 +150,14 @@ def _check_measuring(symmetry: str, data: Data | None, calibrate: bool, labels: 
         raise UsageError("calibrate needs data: the calibration inputs")
     if labels is not None and data is None:
         raise UsageError("labels need data: one label per sample of it")
+    ridge = _number("ridge", ridge)
     if math.isnan(ridge) or not ridge > 0:
         raise UsageError(f"ridge must be a positive number, got {ridge}")
 
 
 def _check_tolerances(rtol: float, atol: float) -> None:
     for name, value in (("rtol", rtol), ("atol", atol)):
+        value = _number(name, value)
         if math.isnan(value) or value < 0:
             raise UsageError(f"{name} must be a non-negative number, got {value}")
 
@@ -211,6 +228,7 @@ def compress(
     layer_eps = check_layer_eps(layer_eps)
     _check_measuring(symmetry, data, calibrate, labels, ridge)
     _check_tolerances(rtol, atol)
+    seed = check_seed(seed)
     goal = _target(target_params, max_error, max_drop, labels is not None)
     if goal is not None and (eps or layer_eps):
         raise UsageError("a target chooses every layer's eps: give no eps or per-layer eps with it")
@@ -314,6 +332,7 @@ def sweep(
     if not values:
         raise UsageError("a sweep needs at least one eps value")
     _check_measuring(symmetry, data, calibrate, labels, ridge)
+    seed = check_seed(seed)
     original = io.open_model(model_or_path).model
     batches = _inputs(original, data, input_shapes, seed, MEASURING_ROWS)
     evaluator = Evaluator(original, batches, symmetry=symmetry, labels=_labels(labels, batches),
@@ -344,6 +363,7 @@ def validate(
     """Compare ``candidate``'s outputs with ``reference``'s on ``data`` (or seeded generated inputs
     shaped from the reference); returns the report, whatever the verdict."""
     _check_tolerances(rtol, atol)
+    seed = check_seed(seed)
     ref = io.open_model(reference).model
     cand = io.open_model(candidate).model
     return validate_models(ref, cand, _inputs(ref, data, input_shapes, seed), rtol=rtol, atol=atol)

@@ -40,6 +40,16 @@ def first_line(exc: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
+def as_path(value: object, what: str) -> Path:
+    """``value`` as a Path when it is a str or os.PathLike naming a str path; UsageError otherwise."""
+    try:
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value)
+    except TypeError:  # a PathLike whose path is bytes
+        pass
+    raise UsageError(f"{what} must be a str or os.PathLike path, got {type(value).__name__}")
+
+
 def too_large(model: onnx.ModelProto) -> bool:
     """Whether ``model`` cannot be serialized as a single protobuf (2 GB limit)."""
     return model.ByteSize() >= PROTOBUF_LIMIT
@@ -60,7 +70,8 @@ def _check(model: onnx.ModelProto, path: Path | None) -> None:
 
 def open_model(source: ModelSource) -> LoadedModel:
     """Load ``source`` (a path, or a ModelProto that is copied, never modified) with its external
-    data in memory and pass it through the full checker; any failure raises InvalidModelError."""
+    data in memory and pass it through the full checker; any failure raises InvalidModelError
+    (UsageError for a source of another type)."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -69,7 +80,10 @@ def open_model(source: ModelSource) -> LoadedModel:
         except Exception as exc:  # the checker raises several unrelated types
             raise InvalidModelError(f"model fails the ONNX checker: {first_line(exc)}") from exc
         return LoadedModel(model, None, False)
-    path = Path(source)
+    if not isinstance(source, (str, os.PathLike)):
+        hint = " (serialized bytes: onnx.load_model_from_string)" if isinstance(source, (bytes, bytearray)) else ""
+        raise UsageError(f"the model must be a path or an onnx.ModelProto, got {type(source).__name__}{hint}")
+    path = as_path(source, "the model (a path or an onnx.ModelProto)")
     if not path.exists():
         raise InvalidModelError(f"{path}: no such file")
     if not path.is_file():
@@ -110,7 +124,7 @@ def _refuse_input(out: Path, protect: Iterable[str | os.PathLike]) -> None:
 def check_output_path(path: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
     """Return ``path`` if a file may be written there: its directory exists and it is none of the
     (symlink- and relative-path-resolved) input files ``protect``; UsageError otherwise."""
-    out = Path(path)
+    out = as_path(path, "the output path")
     _refuse_input(out, protect)
     parent = out.resolve().parent
     if not parent.is_dir():

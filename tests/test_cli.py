@@ -197,6 +197,36 @@ def test_library_rejects_eps(mlp_model, eps):
         onnxfib.inspect(mlp_model, eps=eps)
 
 
+@pytest.mark.parametrize("source", [None, 42, {}, b"\x08\x08", onnx.GraphProto()], ids=repr)
+def test_library_rejects_a_model_of_the_wrong_type(source):
+    for call in (onnxfib.compress, onnxfib.inspect, onnxfib.sweep):
+        with pytest.raises(UsageError, match="path or an onnx.ModelProto"):
+            call(source)
+    with pytest.raises(UsageError, match="path or an onnx.ModelProto"):
+        onnxfib.validate(source, source)
+
+
+@pytest.mark.parametrize("path", [None, 42, b"out.onnx", ["out.onnx"]], ids=repr)
+def test_library_save_rejects_a_path_of_the_wrong_type(tmp_path, mlp_model, path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = onnxfib.compress(mlp_model, check=False)
+    with pytest.raises(UsageError, match="output path"):
+        result.save(path)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("name", "value"), [("seed", "x"), ("seed", -1), ("seed", 1.5), ("seed", None),
+                                             ("rtol", "x"), ("atol", None), ("ridge", "x")])
+def test_library_rejects_arguments_of_the_wrong_type(mlp_model, name, value):
+    with pytest.raises(UsageError, match=name):
+        onnxfib.compress(mlp_model, **{name: value})
+
+
+def test_cli_negative_seed_is_a_usage_error(mlp_path, capsys):
+    assert main(["compress", str(mlp_path), str(mlp_path.parent / "o.onnx"), "--seed", "-1"]) == 2
+    assert "seed" in capsys.readouterr().err
+
+
 def test_library_and_cli_import_without_torch():
     code = "import sys; sys.modules['torch'] = None; import onnxfib, onnxfib.cli; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
