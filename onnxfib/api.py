@@ -9,10 +9,13 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import onnx
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxfib import io, stats
 from onnxfib.analysis import SYMMETRIES, analyze
@@ -36,6 +39,22 @@ SWEEP_EPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: Without data, a target search or sweep measures on generated inputs whose unknown first axis
 #: (the batch) is this long (per distribution), so the error it compares is not that of one sample.
 MEASURING_ROWS = 128
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _silent(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``function`` with onnx-graphsurgeon's logger (which prints to stdout) silenced: the
+    library never prints, and stdout carries only what a CLI user asked for."""
+
+    @wraps(function)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with G_LOGGER.suppress(G_LOGGER.CRITICAL + 1):
+            return function(*args, **kwargs)
+
+    return run
 
 
 @dataclass
@@ -185,6 +204,7 @@ def _probe(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] |
         return None
 
 
+@_silent
 def compress(
     model_or_path: io.ModelSource,
     *,
@@ -311,6 +331,7 @@ def _step_line(evaluator: Evaluator, outcome: Outcome, goal: tuple[str, float]) 
     return f"keeps {outcome.params / evaluator.params_before:.2%} of the parameters; {where}"
 
 
+@_silent
 def sweep(
     model_or_path: io.ModelSource,
     *,
@@ -343,6 +364,7 @@ def sweep(
     return sweep_eps(evaluator, values, on_point=announce)
 
 
+@_silent
 def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerReport]:
     """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps``."""
     eps = check_eps(eps)

@@ -77,6 +77,26 @@ def test_inspect_table_and_json(mlp_path, capsys):
     assert layers[0]["width"] == 16 and layers[0]["fibers"] <= 14
 
 
+def _bfloat16_tail_model() -> onnx.ModelProto:
+    """``build_mlp`` whose output passes through bfloat16 and back: onnx-graphsurgeon warns (on
+    stdout) that it has no NumPy type for BFLOAT16."""
+    model = build_mlp([8, 16, 3])
+    model.graph.node.extend([onnx.helper.make_node("Cast", ["y"], ["yb"], to=onnx.TensorProto.BFLOAT16),
+                             onnx.helper.make_node("Cast", ["yb"], ["z"], to=onnx.TensorProto.FLOAT)])
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 3]))
+    return model
+
+
+def test_graphsurgeon_warnings_stay_off_stdout(tmp_path, write_model, run_cli):
+    write_model(_bfloat16_tail_model(), "bf16.onnx")
+    result = run_cli("inspect", "bf16.onnx", "--json")
+    assert result.returncode == 0, result.stderr
+    assert {layer["name"] for layer in json.loads(result.stdout)} == {"fc0", "fc1"}  # stdout is the JSON only
+    result = run_cli("compress", "bf16.onnx", "out.onnx", "-q")
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout + result.stderr
+
+
 def test_validate_same_model(mlp_path, capsys):
     assert main(["validate", str(mlp_path), str(mlp_path), "--input-shape", "x:3,8"]) == 0
     assert "y" in capsys.readouterr().out
