@@ -174,6 +174,9 @@ def save_model(
         raise UsageError(f"{out}: cannot write in its directory ({first_line(exc)})") from exc
     try:
         write_model(model, tmp / out.name, external_data=use_external)
+        for written in tmp.iterdir():
+            os.chmod(written, _new_file_mode())  # onnx writes its data file 0600
+            _fsync(written)
         if (tmp / data_out.name).exists():  # absent when every tensor is under onnx's 1 KB threshold
             os.replace(tmp / data_out.name, data_out)
         os.replace(tmp / out.name, out)
@@ -186,13 +189,30 @@ def save_model(
     return out
 
 
+def _new_file_mode() -> int:
+    """The mode the process's umask gives a new file (0o666 less the umask)."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path``'s bytes to disk, so that a rename never exposes a file the OS has not written."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
     """Write ``text`` to ``path`` via a temporary file and a rename (UsageError when impossible)."""
     return write_bytes_atomic(path, text.encode("utf-8"), protect=protect)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and a rename (UsageError when impossible)."""
+    """Write ``data`` to ``path`` via a temporary file, synced to disk and renamed into place, with
+    the mode the umask gives any new file (UsageError when impossible)."""
     out = check_output_path(path, protect=protect)
     try:
         fd, tmp = tempfile.mkstemp(prefix=".onnxfib-", dir=out.resolve().parent)
@@ -201,6 +221,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, protect: Iterabl
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), _new_file_mode())  # mkstemp makes 0600 files
+            os.fsync(handle.fileno())
         os.replace(tmp, out)
     except OSError as exc:
         raise UsageError(f"{out}: cannot write ({first_line(exc)})") from exc

@@ -117,6 +117,21 @@ def test_write_text_atomic(tmp_path):
         io.write_text_atomic(tmp_path / "r.json" / "x.json", "{}")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_output_files_get_the_mode_the_umask_gives(tmp_path, mlp_model, umask):
+    old = os.umask(umask)
+    try:
+        paths = [io.write_text_atomic(tmp_path / "r.json", "{}"), io.write_bytes_atomic(tmp_path / "p.png", b"x"),
+                 io.save_model(mlp_model, tmp_path / "m.onnx", external_data=False),
+                 io.save_model(build_mlp([8, 64, 3]), tmp_path / "e.onnx", external_data=True)]
+        paths += [tmp_path / "e.onnx.data"]
+        (tmp_path / "plain.txt").write_text("")  # any new file, for comparison
+    finally:
+        os.umask(old)
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert {path.name: path.stat().st_mode & 0o777 for path in paths} == {path.name: 0o666 & ~umask for path in paths}
+
+
 def test_finalize_model_sets_namespaced_metadata(mlp_model):
     onnx.helper.set_model_props(mlp_model, {"author": "me", "onnxfib.eps": "old"})
     io.finalize_model(mlp_model, eps=0.25, symmetry="cover")
