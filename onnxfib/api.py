@@ -25,7 +25,7 @@ from onnxfib.folding import Folder
 from onnxfib.report import CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, Outcome, can_deal, search
 from onnxfib.targets import sweep as sweep_eps
-from onnxfib.validation import (DEFAULT_ATOL, DEFAULT_RTOL, check_data, check_runs, generate_inputs, load_data,
+from onnxfib.validation import (check_data, check_runs, generate_inputs, load_data,
                                 validate_models)
 
 #: ``data`` may be a .npz/.npy path, one batch (input name -> array), or a list of batches.
@@ -174,8 +174,11 @@ def _check_measuring(symmetry: str, data: Data | None, calibrate: bool, labels: 
         raise UsageError(f"ridge must be a positive number, got {ridge}")
 
 
-def _check_tolerances(rtol: float, atol: float) -> None:
+def _check_tolerances(rtol: float | None, atol: float | None) -> None:
+    """UsageError for a tolerance that is given but not a non-negative number."""
     for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is None:
+            continue
         value = _number(name, value)
         if math.isnan(value) or value < 0:
             raise UsageError(f"{name} must be a non-negative number, got {value}")
@@ -212,8 +215,8 @@ def compress(
     layer_eps: Mapping[str, float] | None = None,
     symmetry: str = "fiber",
     check: bool = True,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
     data: Data | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
@@ -239,6 +242,9 @@ def compress(
     With a target the verdict is the target (an approximate model never matches within
     rtol/atol; the errors are still reported). ``progress``, when given, is called with a
     one-line summary after every step of a target search (searches can take minutes).
+
+    ``rtol``/``atol`` left None follow each output's dtype (``validation.default_tolerances``:
+    1e-5 for float32, looser for float16 and bfloat16, whose exact merges round more).
 
     Raises ValidationMismatchError (with the report) beyond tolerance or when the target is not
     met, UsageError for bad arguments, InvalidModelError for an unreadable or invalid input.
@@ -305,11 +311,9 @@ def compress(
             raise ValidationMismatchError(
                 f"target not met: {_describe(target)} (the closest the search reached)", report)
     elif validation is not None and not validation.ok:
-        bad = ", ".join(f"{o.name} (max abs {o.max_abs:.3g})" for o in validation.outputs if not o.ok)
-        raise ValidationMismatchError(
-            f"compressed model differs from the original beyond rtol={rtol:g}, atol={atol:g} on {bad}",
-            report,
-        )
+        bad = ", ".join(f"{o.name} (max abs {o.max_abs:.3g}, rtol={o.rtol:g}, atol={o.atol:g})"
+                        for o in validation.outputs if not o.ok)
+        raise ValidationMismatchError(f"compressed model differs from the original beyond tolerance on {bad}", report)
     return CompressionResult(compressed, report, loaded.files, loaded.external_data)
 
 
@@ -379,8 +383,8 @@ def validate(
     data: Data | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> ValidationReport:
     """Compare ``candidate``'s outputs with ``reference``'s on ``data`` (or seeded generated inputs
     shaped from the reference); returns the report, whatever the verdict."""

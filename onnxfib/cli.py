@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import onnx
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -24,7 +25,7 @@ from onnxfib.errors import OnnxfibError, UsageError, ValidationMismatchError
 from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.report import CompressionReport, LayerReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.rules import default_registry
-from onnxfib.validation import DEFAULT_ATOL, DEFAULT_RTOL, parse_input_shape
+from onnxfib.validation import DEFAULT_RTOL, DTYPE_TOLERANCES, parse_input_shape
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -57,8 +58,11 @@ LABELS_HELP = ("Integer class labels (.npy), one per sample of --data: accuracy 
                "integer label output if it has one, else with the argmax of its first output.")
 CALIBRATE_HELP = "Refit the merged layers by ridge least squares on --data (calibration inputs)."
 RIDGE_HELP = "Ridge strength of the refit, relative to the mean diagonal of the normal equations."
-RTOL_HELP = "Relative tolerance of the validation."
-ATOL_HELP = "Absolute tolerance of the validation, in units of max(1, the output's largest magnitude)."
+_BY_DTYPE = (f"default {DEFAULT_RTOL:g}, or by the output's dtype: "
+             + ", ".join(f"{onnx.helper.tensor_dtype_to_np_dtype(t)} {r:g}" if t != onnx.TensorProto.BFLOAT16
+                         else f"bfloat16 {r:g}" for t, (r, _) in DTYPE_TOLERANCES.items()))
+RTOL_HELP = f"Relative tolerance of the validation ({_BY_DTYPE})."
+ATOL_HELP = f"Absolute tolerance of the validation, in units of max(1, the output's largest magnitude) ({_BY_DTYPE})."
 
 
 def _version(value: bool) -> None:
@@ -105,12 +109,22 @@ def _validation_table(validation: ValidationReport, informative: bool = False) -
         table = Table(title=f"Output error against the original ({validation.batches} batches)")
         columns: tuple[str, ...] = ("output", "max abs error", "max rel error")
     else:
-        table = Table(title=f"Validation (rtol {validation.rtol:g}, atol {validation.atol:g}, {validation.batches} batches)")
-        columns = ("output", "max abs error", "max rel error", "ok")
+        tolerances = {(out.rtol, out.atol) for out in validation.outputs}
+        per_output = len(tolerances) > 1
+        if per_output:
+            where = "tolerances by output dtype"
+        else:
+            rtol, atol = tolerances.pop() if tolerances else (validation.rtol, validation.atol)
+            given = validation.rtol is not None and validation.atol is not None
+            where = f"rtol {rtol:g}, atol {atol:g}" + ("" if given or rtol == DEFAULT_RTOL else " for the output dtype")
+        table = Table(title=f"Validation ({where}, {validation.batches} batches)")
+        columns = ("output", "max abs error", "max rel error", *(("rtol", "atol") if per_output else ()), "ok")
     for column in columns:
         table.add_column(column, justify="left" if column == "output" else "right")
     for out in validation.outputs:
         cells = [out.name, f"{out.max_abs:.3g}", f"{out.max_rel:.3g}"]
+        if not informative and len(columns) == 6:
+            cells += [f"{out.rtol:g}", f"{out.atol:g}"]
         table.add_row(*cells if informative else [*cells, "yes" if out.ok else "[red]NO[/red]"])
     return table
 
@@ -182,8 +196,8 @@ def compress(
     eps: float = typer.Option(0.0, "--eps", help=EPS_HELP),
     symmetry: str = typer.Option("fiber", "--symmetry", help="Base to collapse to: fiber (forward function) or cover."),
     check: bool = typer.Option(True, "--check/--no-check", help="Validate the result against the input in ONNX Runtime."),
-    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", help=RTOL_HELP),
-    atol: float = typer.Option(DEFAULT_ATOL, "--atol", help=ATOL_HELP),
+    rtol: float | None = typer.Option(None, "--rtol", help=RTOL_HELP, show_default=False),
+    atol: float | None = typer.Option(None, "--atol", help=ATOL_HELP, show_default=False),
     data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
     input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated validation inputs."),
@@ -298,8 +312,8 @@ def validate(
     candidate: Path = typer.Argument(..., help="The model to compare with it."),
     data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
     input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
-    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", help=RTOL_HELP),
-    atol: float = typer.Option(DEFAULT_ATOL, "--atol", help=ATOL_HELP),
+    rtol: float | None = typer.Option(None, "--rtol", help=RTOL_HELP, show_default=False),
+    atol: float | None = typer.Option(None, "--atol", help=ATOL_HELP, show_default=False),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
 ) -> None:
     """Compare two models' outputs in ONNX Runtime; exit 1 when they differ beyond tolerance."""

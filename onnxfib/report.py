@@ -38,12 +38,15 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class OutputError:
-    """Largest absolute and relative difference seen on one model output."""
+    """Largest absolute and relative difference seen on one model output, and the tolerances it
+    was judged by (given, or the defaults of the output's dtype)."""
 
     name: str
     max_abs: float
     max_rel: float
     ok: bool
+    rtol: float | None = None
+    atol: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,11 +54,12 @@ class OutputError:
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """Per-output errors of a candidate model against a reference, over all input batches."""
+    """Per-output errors of a candidate model against a reference, over all input batches;
+    ``rtol``/``atol`` are the tolerances given, None where each output's dtype chose them."""
 
     outputs: list[OutputError]
-    rtol: float
-    atol: float
+    rtol: float | None
+    atol: float | None
     batches: int
 
     @property

@@ -37,6 +37,9 @@ from onnxfib.report import OutputError, ValidationReport
 
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
+#: Default (rtol, atol) of outputs whose dtype rounds more coarsely than float32: about ten units
+#: in the last place, since an exact merge reorders sums at the output's own precision.
+DTYPE_TOLERANCES = {onnx.TensorProto.FLOAT16: (1e-2, 1e-2), onnx.TensorProto.BFLOAT16: (8e-2, 8e-2)}
 #: The most elements one generated batch holds over all inputs (2**26: 512 MB as float64 while
 #: drawn); larger declared or requested shapes are refused rather than exhausting memory.
 MAX_GENERATED_ELEMENTS = 2**26
@@ -244,12 +247,18 @@ def _as_array(value: object) -> np.ndarray:
     return np.asarray(value).astype(np.float64)
 
 
+def default_tolerances(elem_type: int) -> tuple[float, float]:
+    """The default (rtol, atol) of an output of ONNX type ``elem_type``: DEFAULT_RTOL/ATOL, or
+    looser ones for float16 and bfloat16 (``DTYPE_TOLERANCES``)."""
+    return DTYPE_TOLERANCES.get(elem_type, (DEFAULT_RTOL, DEFAULT_ATOL))
+
+
 def compare_outputs(name: str, refs: list[np.ndarray], cands: list[np.ndarray], *, rtol: float, atol: float) -> OutputError:
     """Error figures of one output over all batches (see the module docstring)."""
     max_abs, scale, ok = 0.0, 0.0, True
     for ref, cand in zip(refs, cands):
         if ref.shape != cand.shape:
-            return OutputError(name, float("inf"), float("inf"), False)
+            return OutputError(name, float("inf"), float("inf"), False, rtol, atol)
         same = (cand == ref) | (np.isnan(ref) & np.isnan(cand))  # equal infinities, NaN at NaN
         finite = np.isfinite(ref) & np.isfinite(cand)
         diff = np.full(ref.shape, np.inf)
@@ -262,7 +271,7 @@ def compare_outputs(name: str, refs: list[np.ndarray], cands: list[np.ndarray], 
         max_abs = max(max_abs, float(diff.max(initial=0.0)))
         scale = max(scale, float(finite_ref.max(initial=0.0)))
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    return OutputError(name, max_abs, max_rel, ok)
+    return OutputError(name, max_abs, max_rel, ok, rtol, atol)
 
 
 def validate_models(
@@ -270,11 +279,13 @@ def validate_models(
     candidate: onnx.ModelProto,
     inputs: Sequence[Mapping[str, np.ndarray]],
     *,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> ValidationReport:
-    """Run both models in ONNX Runtime (CPU) on every batch and compare outputs by name.
-    InvalidModelError if ORT cannot load or run a model; UsageError if their outputs differ in name."""
+    """Run both models in ONNX Runtime (CPU) on every batch and compare outputs by name, within
+    ``rtol``/``atol`` or, where None, the defaults of each reference output's dtype
+    (``default_tolerances``). InvalidModelError if ORT cannot load or run a model; UsageError if
+    their outputs differ in name."""
     ref_names = [o.name for o in reference.graph.output]
     cand_names = [o.name for o in candidate.graph.output]
     if sorted(ref_names) != sorted(cand_names):
@@ -296,16 +307,17 @@ def validate_models(
     finally:
         if ref_tmp is not None:
             ref_tmp.cleanup()
-    outputs = [
-        compare_outputs(
+    types = {o.name: o.type.tensor_type.elem_type for o in reference.graph.output}
+    outputs = []
+    for name in ref_names:
+        default_rtol, default_atol = default_tolerances(types[name])
+        outputs.append(compare_outputs(
             name,
             [_as_array(r[name]) for r in ref_runs],
             [_as_array(c[name]) for c in cand_runs],
-            rtol=rtol,
-            atol=atol,
-        )
-        for name in ref_names
-    ]
+            rtol=default_rtol if rtol is None else rtol,
+            atol=default_atol if atol is None else atol,
+        ))
     return ValidationReport(outputs=outputs, rtol=rtol, atol=atol, batches=len(inputs))
 
 

@@ -236,7 +236,7 @@ def test_library_save_rejects_a_path_of_the_wrong_type(tmp_path, mlp_model, path
 
 
 @pytest.mark.parametrize(("name", "value"), [("seed", "x"), ("seed", -1), ("seed", 1.5), ("seed", None),
-                                             ("rtol", "x"), ("atol", None), ("ridge", "x")])
+                                             ("rtol", "x"), ("atol", [1]), ("ridge", "x")])
 def test_library_rejects_arguments_of_the_wrong_type(mlp_model, name, value):
     with pytest.raises(UsageError, match=name):
         onnxfib.compress(mlp_model, **{name: value})

@@ -206,3 +206,37 @@ def test_models_with_infinite_outputs_validate_and_compress(tmp_path, run_cli):
     assert result.returncode == 0 and result.stderr == "", result.stderr
     result = run_cli("compress", "inf.onnx", "out.onnx", "--input-shape", "x:8,8", "-q")
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with float16 weights, input and output."""
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_fp16_exact_merge_passes_the_default_tolerances_and_matches_ort(tmp_path, capsys):
+    import onnxfib
+    import onnxruntime as ort
+
+    model = _fp16(build_mlp([64, 128, 128, 10]))  # planted duplicate and proportional neurons
+    result = onnxfib.compress(model, input_shapes={"x": (256, 64)})  # eps 0, default rtol/atol
+    assert result.report.params_after < result.report.params_before
+    out = result.report.validation.outputs[0]
+    assert out.ok and (out.rtol, out.atol) == v.default_tolerances(TensorProto.FLOAT16)
+    x = np.random.default_rng(7).standard_normal((512, 64)).astype(np.float16)
+    ref, cand = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                 for m in (model, result.model))
+    assert 0 < np.abs(cand.astype(np.float64) - ref).max() <= 1e-2 * np.abs(ref).max()  # fp16 rounding, no more
+    with pytest.raises(onnxfib.ValidationMismatchError):  # a lossy merge still fails at fp16 defaults
+        onnxfib.compress(_fp16(build_mlp([8, 6, 3], seed=1, planted=False)), eps=1.9)
+    float32 = onnxfib.compress(build_mlp([64, 128, 128, 10]), input_shapes={"x": (256, 64)}).report.validation
+    assert (float32.outputs[0].rtol, float32.outputs[0].atol) == (v.DEFAULT_RTOL, v.DEFAULT_ATOL)
+    onnx.save_model(model, str(tmp_path / "fp16.onnx"))
+    from onnxfib.cli import main
+
+    assert main(["compress", str(tmp_path / "fp16.onnx"), str(tmp_path / "out.onnx"), "--input-shape", "x:256,64"]) == 0
+    assert "rtol 0.01, atol 0.01 for the output dtype" in " ".join(capsys.readouterr().out.split())  # table says so
