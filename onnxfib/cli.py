@@ -242,8 +242,15 @@ def compress(
     except ValidationMismatchError as exc:
         if report is not None and isinstance(exc.report, CompressionReport):
             io.write_text_atomic(report, json.dumps(exc.report.to_dict(), indent=2), protect=[input])
-        prefix = "" if str(exc).startswith("target not met") else "validation mismatch: "
-        raise ValidationMismatchError(f"{prefix}{exc}; nothing written to {output}", exc.report) from exc
+        if str(exc).startswith("target not met"):
+            raise ValidationMismatchError(f"{exc}; nothing written to {output}", exc.report) from exc
+        gain = ""
+        if isinstance(exc.report, CompressionReport):
+            before, after = exc.report.params_before, exc.report.params_after
+            gain = f"; it would have kept {after:,} of {before:,} parameters ({_change(before, after)})"
+        raise ValidationMismatchError(
+            f"validation mismatch: {exc}; nothing written to {output}{gain}; to accept the error pass --no-check "
+            "or a looser --rtol/--atol, or give a target such as --max-error", exc.report) from exc
     result.save(output)
     if report is not None:
         io.write_text_atomic(report, json.dumps(result.report.to_dict(), indent=2), protect=result.inputs)

@@ -155,6 +155,9 @@ def test_compress_mismatch_exits_1_and_writes_no_model(tmp_path, write_model, pl
     assert result.returncode == 1, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "validation mismatch" in lines[0] and "nothing written" in lines[0]
+    report = json.loads((tmp_path / "r.json").read_text())
+    gain = f"would have kept {report['params_after']:,} of {report['params_before']:,} parameters"
+    assert gain in lines[0] and "--no-check" in lines[0] and "--max-error" in lines[0]  # what to do
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.onnx").exists()
     assert sha256(source) == before
