@@ -105,8 +105,10 @@ def _change(before: float, after: float) -> str:
 
 def _validation_table(validation: ValidationReport, informative: bool = False) -> Table:
     """Per-output errors; ``informative``: the verdict is a target's, so rtol/atol decide nothing."""
+    count = validation.samples or validation.batches
+    inputs = f"{count:,} input{'' if count == 1 else 's'}"
     if informative:
-        table = Table(title=f"Output error against the original ({validation.batches} batches)")
+        table = Table(title=f"Output error against the original ({inputs})")
         columns: tuple[str, ...] = ("output", "max abs error", "max rel error")
     else:
         tolerances = {(out.rtol, out.atol) for out in validation.outputs}
@@ -117,7 +119,7 @@ def _validation_table(validation: ValidationReport, informative: bool = False) -
             rtol, atol = tolerances.pop() if tolerances else (validation.rtol, validation.atol)
             given = validation.rtol is not None and validation.atol is not None
             where = f"rtol {rtol:g}, atol {atol:g}" + ("" if given or rtol == DEFAULT_RTOL else " for the output dtype")
-        table = Table(title=f"Validation ({where}, {validation.batches} batches)")
+        table = Table(title=f"Validation ({where}, {inputs})")
         columns = ("output", "max abs error", "max rel error", *(("rtol", "atol") if per_output else ()), "ok")
     for column in columns:
         table.add_column(column, justify="left" if column == "output" else "right")

@@ -61,6 +61,7 @@ class ValidationReport:
     rtol: float | None
     atol: float | None
     batches: int
+    samples: int = 0  # inputs compared: rows of the batches' shared first axis (1 per batch without one)
 
     @property
     def ok(self) -> bool:
@@ -72,6 +73,7 @@ class ValidationReport:
             "rtol": self.rtol,
             "atol": self.atol,
             "batches": self.batches,
+            "samples": self.samples,
             "outputs": [o.to_dict() for o in self.outputs],
         }
 

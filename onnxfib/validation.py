@@ -318,7 +318,8 @@ def validate_models(
             rtol=default_rtol if rtol is None else rtol,
             atol=default_atol if atol is None else atol,
         ))
-    return ValidationReport(outputs=outputs, rtol=rtol, atol=atol, batches=len(inputs))
+    samples = sum(common_rows(batch) or 1 for batch in inputs)
+    return ValidationReport(outputs=outputs, rtol=rtol, atol=atol, batches=len(inputs), samples=samples)
 
 
 def common_rows(batch: Mapping[str, np.ndarray]) -> int | None:

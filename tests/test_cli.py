@@ -28,7 +28,7 @@ def test_compress_writes_checked_smaller_model_and_report(tmp_path, mlp_path, ca
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     assert main(["compress", str(mlp_path), str(out), "--report", str(report)]) == 0
     stdout = capsys.readouterr().out
-    for text in ("parameters", "nodes", "size", "time", "fc0", "16 -> 14", "max abs error", "yes"):
+    for text in ("parameters", "nodes", "size", "time", "fc0", "16 -> 14", "max abs error", "yes", "2 inputs"):
         assert text in stdout
     assert sha256(mlp_path) == before
     onnx.checker.check_model(str(out), full_check=True)
@@ -48,10 +48,11 @@ def test_compress_quiet_no_check_and_verbose(tmp_path, mlp_path, capsys):
     assert "Validation skipped" in stdout and "fc2" in stdout  # -v lists the unchanged layer too
 
 
-def test_compress_with_data_input_shape_seed_and_cover(tmp_path, mlp_path):
+def test_compress_with_data_input_shape_seed_and_cover(tmp_path, mlp_path, capsys):
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32))
-    argv = ["compress", str(mlp_path), str(tmp_path / "a.onnx"), "--data", str(tmp_path / "d.npz"), "-q"]
+    argv = ["compress", str(mlp_path), str(tmp_path / "a.onnx"), "--data", str(tmp_path / "d.npz")]
     assert main(argv) == 0
+    assert "32 inputs" in capsys.readouterr().out  # the samples compared, not the batches
     argv = ["compress", str(mlp_path), str(tmp_path / "b.onnx"), "--input-shape", "x:4,8", "--seed", "7", "-q"]
     assert main(argv) == 0
     argv = ["compress", str(mlp_path), str(tmp_path / "c.onnx"), "--symmetry", "cover", "-q"]
