@@ -297,6 +297,8 @@ def compress(
         params_after=stats.count_parameters(compressed),
         nodes_before=stats.count_nodes(original),
         nodes_after=stats.count_nodes(compressed),
+        ops_before=stats.count_ops(original),
+        ops_after=stats.count_ops(compressed),
         layers=layers,
         seconds=time.perf_counter() - start,
         bytes_before=original.ByteSize(),

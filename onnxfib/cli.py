@@ -167,6 +167,9 @@ def _render_compress(console: Console, report: CompressionReport, output: Path, 
         summary.add_column(column, justify="left" if not column else "right")
     summary.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}", _change(report.params_before, report.params_after))
     summary.add_row("nodes", f"{report.nodes_before:,}", f"{report.nodes_after:,}", _change(report.nodes_before, report.nodes_after))
+    for op in dict.fromkeys([*report.ops_before, *report.ops_after]):
+        before, after = report.ops_before.get(op, 0), report.ops_after.get(op, 0)
+        summary.add_row(f"  {op}", f"{before:,}", f"{after:,}", _change(before, after))
     summary.add_row("size", _size(report.bytes_before), _size(report.bytes_after), _change(report.bytes_before or 0, report.bytes_after or 0))
     summary.add_row("time", "", f"{report.seconds:.2f} s", "")
     console.print(summary)

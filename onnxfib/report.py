@@ -150,6 +150,8 @@ class CompressionReport:
     calibrated: bool = False
     refit: list[RefitReport] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    ops_before: dict[str, int] = field(default_factory=dict)  # nodes per op type
+    ops_after: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -159,6 +161,8 @@ class CompressionReport:
             "params_after": self.params_after,
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "seconds": self.seconds,

@@ -31,6 +31,9 @@ def test_compress_writes_checked_smaller_model_and_report(tmp_path, mlp_path, ca
     for text in ("parameters", "nodes", "size", "time", "fc0", "16 -> 14", "max abs error", "yes", "2 inputs"):
         assert text in stdout
     assert sha256(mlp_path) == before
+    cells = [line.replace("│", " ").split() for line in stdout.splitlines() if line.startswith("│   ")]
+    rows = {cell[0]: cell[1:] for cell in cells}
+    assert rows == {"Gemm": ["3", "3", "+0.0%"], "Relu": ["2", "2", "+0.0%"]}  # nodes per op type
     onnx.checker.check_model(str(out), full_check=True)
     assert _props(out)["onnxfib.eps"] == "0.0" and _props(out)["onnxfib.symmetry"] == "fiber"
     data = json.loads(report.read_text())
