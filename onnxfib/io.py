@@ -236,13 +236,13 @@ def _install_external(model: onnx.ModelProto, out: Path, tmp: Path, protect: tup
     with several links). A run killed in between leaves a consistent pair and a unique file that
     the next save of ``out`` removes."""
     parent, data_name = out.parent, out.name + ".data"
-    busy = out.exists() and data_name in _referenced_data(out)
+    read_before = _referenced_data(out) if out.exists() else set()
+    busy = data_name in read_before
     name = f"{out.name}.{secrets.token_hex(6)}.data" if busy else data_name
     written = write_model(model, tmp / out.name, external_data=True, location=name)
     for path in tmp.iterdir():
         _seal(path)
     has_data = (tmp / name).exists()  # absent when every tensor is under onnx's 1 KB threshold
-    read_before = _referenced_data(out) if out.exists() else set()
     if has_data:
         os.replace(tmp / name, parent / name)  # read by no model yet (the old one reads others)
     try:
