@@ -226,13 +226,13 @@ def _session(model: onnx.ModelProto, role: str) -> tuple[ort.InferenceSession, t
 
 
 def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray] | None = None) -> None:
-    """Load ``model`` in ONNX Runtime and, given ``batch``, run it on the batch's first row;
-    InvalidModelError naming the input model when ORT cannot (the checker accepts some models
-    ORT refuses, e.g. a Conv kernel that disagrees with ``group``)."""
+    """Load ``model`` in ONNX Runtime and, given ``batch``, run it on that batch (whole: a static
+    batch axis takes no fewer rows); InvalidModelError naming the input model when ORT cannot
+    (the checker accepts some models ORT refuses, e.g. a Conv kernel that disagrees with ``group``)."""
     session, holder = _session(model, "input")
     try:
         if batch is not None:
-            session.run(None, next(chunked([batch], rows=1)))
+            session.run(None, dict(batch))
     except Exception as exc:
         raise InvalidModelError(f"ONNX Runtime cannot run the input model: {first_line(exc)}") from exc
     finally:

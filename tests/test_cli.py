@@ -221,6 +221,12 @@ def test_library_rejects_eps(mlp_model, eps):
         onnxfib.inspect(mlp_model, eps=eps)
 
 
+def test_library_compresses_a_model_with_a_static_batch():
+    """The ORT run before analysis feeds whole batches: a static batch axis takes no fewer rows."""
+    result = onnxfib.compress(build_mlp([8, 16, 3], batch=4))
+    assert result.report.validation.ok and result.report.validation.samples == 8
+
+
 @pytest.mark.parametrize("source", [None, 42, {}, b"\x08\x08", onnx.GraphProto()], ids=repr)
 def test_library_rejects_a_model_of_the_wrong_type(source):
     for call in (onnxfib.compress, onnxfib.inspect, onnxfib.sweep):
