@@ -9,10 +9,13 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import onnx
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxfib import io, stats
 from onnxfib.analysis import SYMMETRIES, analyze
@@ -22,7 +25,8 @@ from onnxfib.folding import Folder
 from onnxfib.report import CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, Outcome, can_deal, search
 from onnxfib.targets import sweep as sweep_eps
-from onnxfib.validation import DEFAULT_ATOL, DEFAULT_RTOL, check_data, generate_inputs, load_data, validate_models
+from onnxfib.validation import (check_data, check_runs, generate_inputs, load_data,
+                                validate_models)
 
 #: ``data`` may be a .npz/.npy path, one batch (input name -> array), or a list of batches.
 Data = str | os.PathLike | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]
@@ -35,6 +39,22 @@ SWEEP_EPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: Without data, a target search or sweep measures on generated inputs whose unknown first axis
 #: (the batch) is this long (per distribution), so the error it compares is not that of one sample.
 MEASURING_ROWS = 128
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _silent(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``function`` with onnx-graphsurgeon's logger (which prints to stdout) silenced: the
+    library never prints, and stdout carries only what a CLI user asked for."""
+
+    @wraps(function)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with G_LOGGER.suppress(G_LOGGER.CRITICAL + 1):
+            return function(*args, **kwargs)
+
+    return run
 
 
 @dataclass
@@ -62,6 +82,21 @@ def check_eps(eps: float) -> float:
     if math.isnan(value) or not 0.0 <= value < 2.0:
         raise UsageError(f"eps must be in [0, 2) (a cosine distance), got {eps}")
     return value
+
+
+def check_seed(seed: int) -> int:
+    """Return ``seed`` if it is a non-negative integer (numpy's seeds); UsageError otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _number(name: str, value: object) -> float:
+    """``value`` as a float; UsageError naming ``name`` when it is not a number."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number, got {value!r}") from None
 
 
 def check_layer_eps(layer_eps: Mapping[str, float] | None) -> dict[str, float]:
@@ -134,12 +169,17 @@ def _check_measuring(symmetry: str, data: Data | None, calibrate: bool, labels: 
         raise UsageError("calibrate needs data: the calibration inputs")
     if labels is not None and data is None:
         raise UsageError("labels need data: one label per sample of it")
+    ridge = _number("ridge", ridge)
     if math.isnan(ridge) or not ridge > 0:
         raise UsageError(f"ridge must be a positive number, got {ridge}")
 
 
-def _check_tolerances(rtol: float, atol: float) -> None:
+def _check_tolerances(rtol: float | None, atol: float | None) -> None:
+    """UsageError for a tolerance that is given but not a non-negative number."""
     for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is None:
+            continue
+        value = _number(name, value)
         if math.isnan(value) or value < 0:
             raise UsageError(f"{name} must be a non-negative number, got {value}")
 
@@ -158,6 +198,16 @@ def _inputs(
     return check_data(model, batches, "data")
 
 
+def _probe(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None,
+           seed: int) -> dict[str, np.ndarray] | None:
+    """A generated batch to try the model on, or None where inputs cannot be generated."""
+    try:
+        return generate_inputs(model, input_shapes=input_shapes, seed=seed)[0]
+    except UsageError:
+        return None
+
+
+@_silent
 def compress(
     model_or_path: io.ModelSource,
     *,
@@ -165,8 +215,8 @@ def compress(
     layer_eps: Mapping[str, float] | None = None,
     symmetry: str = "fiber",
     check: bool = True,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
     data: Data | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
@@ -193,6 +243,9 @@ def compress(
     rtol/atol; the errors are still reported). ``progress``, when given, is called with a
     one-line summary after every step of a target search (searches can take minutes).
 
+    ``rtol``/``atol`` left None follow each output's dtype (``validation.default_tolerances``:
+    1e-5 for float32, looser for float16 and bfloat16, whose exact merges round more).
+
     Raises ValidationMismatchError (with the report) beyond tolerance or when the target is not
     met, UsageError for bad arguments, InvalidModelError for an unreadable or invalid input.
     The input is never modified."""
@@ -201,6 +254,7 @@ def compress(
     layer_eps = check_layer_eps(layer_eps)
     _check_measuring(symmetry, data, calibrate, labels, ridge)
     _check_tolerances(rtol, atol)
+    seed = check_seed(seed)
     goal = _target(target_params, max_error, max_drop, labels is not None)
     if goal is not None and (eps or layer_eps):
         raise UsageError("a target chooses every layer's eps: give no eps or per-layer eps with it")
@@ -209,6 +263,8 @@ def compress(
     rows = MEASURING_ROWS if goal is not None else 1
     batches = _inputs(original, data, input_shapes, seed, rows) if check or calibrate or goal else None
     label_array = _labels(labels, batches) if batches is not None else None
+    if not io.too_large(original):  # (over 2 GB ORT reads a temporary copy: validation will tell)
+        check_runs(original, batches[0] if batches else _probe(original, input_shapes, seed))
     refits: list[RefitReport] = []
     target: TargetReport | None = None
     if goal is not None:
@@ -242,6 +298,8 @@ def compress(
         params_after=stats.count_parameters(compressed),
         nodes_before=stats.count_nodes(original),
         nodes_after=stats.count_nodes(compressed),
+        ops_before=stats.count_ops(original),
+        ops_after=stats.count_ops(compressed),
         layers=layers,
         seconds=time.perf_counter() - start,
         bytes_before=original.ByteSize(),
@@ -256,11 +314,9 @@ def compress(
             raise ValidationMismatchError(
                 f"target not met: {_describe(target)} (the closest the search reached)", report)
     elif validation is not None and not validation.ok:
-        bad = ", ".join(f"{o.name} (max abs {o.max_abs:.3g})" for o in validation.outputs if not o.ok)
-        raise ValidationMismatchError(
-            f"compressed model differs from the original beyond rtol={rtol:g}, atol={atol:g} on {bad}",
-            report,
-        )
+        bad = ", ".join(f"{o.name} (max abs {o.max_abs:.3g}, rtol={o.rtol:g}, atol={o.atol:g})"
+                        for o in validation.outputs if not o.ok)
+        raise ValidationMismatchError(f"compressed model differs from the original beyond tolerance on {bad}", report)
     return CompressionResult(compressed, report, loaded.files, loaded.external_data)
 
 
@@ -282,6 +338,7 @@ def _step_line(evaluator: Evaluator, outcome: Outcome, goal: tuple[str, float]) 
     return f"keeps {outcome.params / evaluator.params_before:.2%} of the parameters; {where}"
 
 
+@_silent
 def sweep(
     model_or_path: io.ModelSource,
     *,
@@ -303,6 +360,7 @@ def sweep(
     if not values:
         raise UsageError("a sweep needs at least one eps value")
     _check_measuring(symmetry, data, calibrate, labels, ridge)
+    seed = check_seed(seed)
     original = io.open_model(model_or_path).model
     batches = _inputs(original, data, input_shapes, seed, MEASURING_ROWS)
     evaluator = Evaluator(original, batches, symmetry=symmetry, labels=_labels(labels, batches),
@@ -313,6 +371,7 @@ def sweep(
     return sweep_eps(evaluator, values, on_point=announce)
 
 
+@_silent
 def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerReport]:
     """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps``."""
     eps = check_eps(eps)
@@ -327,12 +386,13 @@ def validate(
     data: Data | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> ValidationReport:
     """Compare ``candidate``'s outputs with ``reference``'s on ``data`` (or seeded generated inputs
     shaped from the reference); returns the report, whatever the verdict."""
     _check_tolerances(rtol, atol)
+    seed = check_seed(seed)
     ref = io.open_model(reference).model
     cand = io.open_model(candidate).model
     return validate_models(ref, cand, _inputs(ref, data, input_shapes, seed), rtol=rtol, atol=atol)

@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import onnx
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -24,7 +25,7 @@ from onnxfib.errors import OnnxfibError, UsageError, ValidationMismatchError
 from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.report import CompressionReport, LayerReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.rules import default_registry
-from onnxfib.validation import DEFAULT_ATOL, DEFAULT_RTOL, parse_input_shape
+from onnxfib.validation import DEFAULT_RTOL, DTYPE_TOLERANCES, parse_input_shape
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -57,8 +58,11 @@ LABELS_HELP = ("Integer class labels (.npy), one per sample of --data: accuracy 
                "integer label output if it has one, else with the argmax of its first output.")
 CALIBRATE_HELP = "Refit the merged layers by ridge least squares on --data (calibration inputs)."
 RIDGE_HELP = "Ridge strength of the refit, relative to the mean diagonal of the normal equations."
-RTOL_HELP = "Relative tolerance of the validation."
-ATOL_HELP = "Absolute tolerance of the validation, in units of max(1, the output's largest magnitude)."
+_BY_DTYPE = (f"default {DEFAULT_RTOL:g}, or by the output's dtype: "
+             + ", ".join(f"{onnx.helper.tensor_dtype_to_np_dtype(t)} {r:g}" if t != onnx.TensorProto.BFLOAT16
+                         else f"bfloat16 {r:g}" for t, (r, _) in DTYPE_TOLERANCES.items()))
+RTOL_HELP = f"Relative tolerance of the validation ({_BY_DTYPE})."
+ATOL_HELP = f"Absolute tolerance of the validation, in units of max(1, the output's largest magnitude) ({_BY_DTYPE})."
 
 
 def _version(value: bool) -> None:
@@ -101,16 +105,28 @@ def _change(before: float, after: float) -> str:
 
 def _validation_table(validation: ValidationReport, informative: bool = False) -> Table:
     """Per-output errors; ``informative``: the verdict is a target's, so rtol/atol decide nothing."""
+    count = validation.samples or validation.batches
+    inputs = f"{count:,} input{'' if count == 1 else 's'}"
     if informative:
-        table = Table(title=f"Output error against the original ({validation.batches} batches)")
+        table = Table(title=f"Output error against the original ({inputs})")
         columns: tuple[str, ...] = ("output", "max abs error", "max rel error")
     else:
-        table = Table(title=f"Validation (rtol {validation.rtol:g}, atol {validation.atol:g}, {validation.batches} batches)")
-        columns = ("output", "max abs error", "max rel error", "ok")
+        tolerances = {(out.rtol, out.atol) for out in validation.outputs}
+        per_output = len(tolerances) > 1
+        if per_output:
+            where = "tolerances by output dtype"
+        else:
+            rtol, atol = tolerances.pop() if tolerances else (validation.rtol, validation.atol)
+            given = validation.rtol is not None and validation.atol is not None
+            where = f"rtol {rtol:g}, atol {atol:g}" + ("" if given or rtol == DEFAULT_RTOL else " for the output dtype")
+        table = Table(title=f"Validation ({where}, {inputs})")
+        columns = ("output", "max abs error", "max rel error", *(("rtol", "atol") if per_output else ()), "ok")
     for column in columns:
         table.add_column(column, justify="left" if column == "output" else "right")
     for out in validation.outputs:
         cells = [out.name, f"{out.max_abs:.3g}", f"{out.max_rel:.3g}"]
+        if not informative and len(columns) == 6:
+            cells += [f"{out.rtol:g}", f"{out.atol:g}"]
         table.add_row(*cells if informative else [*cells, "yes" if out.ok else "[red]NO[/red]"])
     return table
 
@@ -151,6 +167,9 @@ def _render_compress(console: Console, report: CompressionReport, output: Path, 
         summary.add_column(column, justify="left" if not column else "right")
     summary.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}", _change(report.params_before, report.params_after))
     summary.add_row("nodes", f"{report.nodes_before:,}", f"{report.nodes_after:,}", _change(report.nodes_before, report.nodes_after))
+    for op in dict.fromkeys([*report.ops_before, *report.ops_after]):
+        before, after = report.ops_before.get(op, 0), report.ops_after.get(op, 0)
+        summary.add_row(f"  {op}", f"{before:,}", f"{after:,}", _change(before, after))
     summary.add_row("size", _size(report.bytes_before), _size(report.bytes_after), _change(report.bytes_before or 0, report.bytes_after or 0))
     summary.add_row("time", "", f"{report.seconds:.2f} s", "")
     console.print(summary)
@@ -182,8 +201,8 @@ def compress(
     eps: float = typer.Option(0.0, "--eps", help=EPS_HELP),
     symmetry: str = typer.Option("fiber", "--symmetry", help="Base to collapse to: fiber (forward function) or cover."),
     check: bool = typer.Option(True, "--check/--no-check", help="Validate the result against the input in ONNX Runtime."),
-    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", help=RTOL_HELP),
-    atol: float = typer.Option(DEFAULT_ATOL, "--atol", help=ATOL_HELP),
+    rtol: float | None = typer.Option(None, "--rtol", help=RTOL_HELP, show_default=False),
+    atol: float | None = typer.Option(None, "--atol", help=ATOL_HELP, show_default=False),
     data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
     input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated validation inputs."),
@@ -228,8 +247,15 @@ def compress(
     except ValidationMismatchError as exc:
         if report is not None and isinstance(exc.report, CompressionReport):
             io.write_text_atomic(report, json.dumps(exc.report.to_dict(), indent=2), protect=[input])
-        prefix = "" if str(exc).startswith("target not met") else "validation mismatch: "
-        raise ValidationMismatchError(f"{prefix}{exc}; nothing written to {output}", exc.report) from exc
+        if str(exc).startswith("target not met"):
+            raise ValidationMismatchError(f"{exc}; nothing written to {output}", exc.report) from exc
+        gain = ""
+        if isinstance(exc.report, CompressionReport):
+            before, after = exc.report.params_before, exc.report.params_after
+            gain = f"; it would have kept {after:,} of {before:,} parameters ({_change(before, after)})"
+        raise ValidationMismatchError(
+            f"validation mismatch: {exc}; nothing written to {output}{gain}; to accept the error pass --no-check "
+            "or a looser --rtol/--atol, or give a target such as --max-error", exc.report) from exc
     result.save(output)
     if report is not None:
         io.write_text_atomic(report, json.dumps(result.report.to_dict(), indent=2), protect=result.inputs)
@@ -298,8 +324,8 @@ def validate(
     candidate: Path = typer.Argument(..., help="The model to compare with it."),
     data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
     input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
-    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", help=RTOL_HELP),
-    atol: float = typer.Option(DEFAULT_ATOL, "--atol", help=ATOL_HELP),
+    rtol: float | None = typer.Option(None, "--rtol", help=RTOL_HELP, show_default=False),
+    atol: float | None = typer.Option(None, "--atol", help=ATOL_HELP, show_default=False),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
 ) -> None:
     """Compare two models' outputs in ONNX Runtime; exit 1 when they differ beyond tolerance."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -40,6 +43,16 @@ def first_line(exc: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
+def as_path(value: object, what: str) -> Path:
+    """``value`` as a Path when it is a str or os.PathLike naming a str path; UsageError otherwise."""
+    try:
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value)
+    except TypeError:  # a PathLike whose path is bytes
+        pass
+    raise UsageError(f"{what} must be a str or os.PathLike path, got {type(value).__name__}")
+
+
 def too_large(model: onnx.ModelProto) -> bool:
     """Whether ``model`` cannot be serialized as a single protobuf (2 GB limit)."""
     return model.ByteSize() >= PROTOBUF_LIMIT
@@ -60,7 +73,8 @@ def _check(model: onnx.ModelProto, path: Path | None) -> None:
 
 def open_model(source: ModelSource) -> LoadedModel:
     """Load ``source`` (a path, or a ModelProto that is copied, never modified) with its external
-    data in memory and pass it through the full checker; any failure raises InvalidModelError."""
+    data in memory and pass it through the full checker; any failure raises InvalidModelError
+    (UsageError for a source of another type)."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -69,7 +83,10 @@ def open_model(source: ModelSource) -> LoadedModel:
         except Exception as exc:  # the checker raises several unrelated types
             raise InvalidModelError(f"model fails the ONNX checker: {first_line(exc)}") from exc
         return LoadedModel(model, None, False)
-    path = Path(source)
+    if not isinstance(source, (str, os.PathLike)):
+        hint = " (serialized bytes: onnx.load_model_from_string)" if isinstance(source, (bytes, bytearray)) else ""
+        raise UsageError(f"the model must be a path or an onnx.ModelProto, got {type(source).__name__}{hint}")
+    path = as_path(source, "the model (a path or an onnx.ModelProto)")
     if not path.exists():
         raise InvalidModelError(f"{path}: no such file")
     if not path.is_file():
@@ -110,7 +127,7 @@ def _refuse_input(out: Path, protect: Iterable[str | os.PathLike]) -> None:
 def check_output_path(path: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
     """Return ``path`` if a file may be written there: its directory exists and it is none of the
     (symlink- and relative-path-resolved) input files ``protect``; UsageError otherwise."""
-    out = Path(path)
+    out = as_path(path, "the output path")
     _refuse_input(out, protect)
     parent = out.resolve().parent
     if not parent.is_dir():
@@ -122,19 +139,139 @@ def check_output_path(path: str | os.PathLike, *, protect: Iterable[str | os.Pat
     return out
 
 
-def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool) -> None:
-    """Serialize to ``target`` (not atomic); external data goes to ``<target name>.data`` beside it."""
-    if external_data:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # saving moves tensor bytes out of the proto it is given
-        # Mark the tensors ourselves: onnx's save_as_external_data refuses when a file of the
-        # data file's name exists in the *working* directory, not next to the model.
-        for tensor in copy.graph.initializer:
-            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
-                external_data_helper.set_external_data(tensor, target.name + ".data")
-        onnx.save_model(copy, str(target), format="protobuf")
-    else:
+def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool,
+                location: str | None = None) -> onnx.ModelProto:
+    """Serialize to ``target`` (not atomic); external data goes to ``location`` beside it
+    (default ``<target name>.data``). Returns the proto as written (tensors moved out of it)."""
+    if not external_data:
         onnx.save_model(model, str(target), format="protobuf")
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # saving moves tensor bytes out of the proto it is given
+    # Mark the tensors ourselves: onnx's save_as_external_data refuses when a file of the
+    # data file's name exists in the *working* directory, not next to the model.
+    for tensor in copy.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+            external_data_helper.set_external_data(tensor, location or target.name + ".data")
+    onnx.save_model(copy, str(target), format="protobuf")
+    return copy
+
+
+#: Temporary files and directories beside an output are named ``.onnxfib-<pid>-...``.
+_TEMPORARY = re.compile(r"^\.onnxfib-(\d+)-")
+
+
+def _temporary_prefix() -> str:
+    return f".onnxfib-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Remove the temporary files of onnxfib runs in ``directory`` whose process is gone: a run
+    killed by SIGKILL cannot clean up, so the next write into the directory does."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _referenced_data(path: Path) -> set[str]:
+    """The external data files (names relative to its directory) the model at ``path`` reads;
+    empty when it has none or cannot be read."""
+    try:
+        model = onnx.load_model(str(path), format="protobuf", load_external_data=False)
+    except Exception:  # a corrupt or foreign file: nothing of it to keep consistent
+        return set()
+    return {
+        os.path.normpath(external_data_helper.ExternalDataInfo(t).location)
+        for t in external_data_helper._get_all_tensors(model)
+        if external_data_helper.uses_external_data(t)
+    }
+
+
+def _seal(path: Path) -> None:
+    """Give ``path`` the umask's mode (onnx writes data files 0600) and sync it to disk."""
+    os.chmod(path, _new_file_mode())
+    _fsync(path)
+
+
+def _relocated(written: onnx.ModelProto, location: str) -> bytes:
+    """``written`` (tensors already external) serialized with its data file renamed ``location``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(written)
+    for tensor in external_data_helper._get_all_tensors(copy):
+        if external_data_helper.uses_external_data(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+    return copy.SerializeToString()
+
+
+def _install_external(model: onnx.ModelProto, out: Path, tmp: Path, protect: tuple) -> None:
+    """Write ``model`` with external data over ``out`` so that at every instant the pair on disk
+    is wholly old or wholly new. Where the existing ``out`` reads ``<out>.data``, that file cannot
+    be replaced first, so the new data goes under a unique name ``<out>.<12 hex>.data`` and the
+    new model, reading it, is renamed over ``out``; then a copy of the data replaces
+    ``<out>.data`` (read by no model now), a model reading ``<out>.data`` is renamed over ``out``,
+    and the unique file is removed (a hard link would save the copy, but onnx refuses data files
+    with several links). A run killed in between leaves a consistent pair and a unique file that
+    the next save of ``out`` removes."""
+    parent, data_name = out.parent, out.name + ".data"
+    read_before = _referenced_data(out) if out.exists() else set()
+    busy = data_name in read_before
+    name = f"{out.name}.{secrets.token_hex(6)}.data" if busy else data_name
+    written = write_model(model, tmp / out.name, external_data=True, location=name)
+    for path in tmp.iterdir():
+        _seal(path)
+    has_data = (tmp / name).exists()  # absent when every tensor is under onnx's 1 KB threshold
+    if has_data:
+        os.replace(tmp / name, parent / name)  # read by no model yet (the old one reads others)
+    try:
+        os.replace(tmp / out.name, out)  # the switch: from here on the pair is wholly new
+    except BaseException:
+        if has_data:
+            (parent / name).unlink(missing_ok=True)
+        raise
+    if busy and has_data:  # back to the usual name (onnx refuses hard-linked data: a copy)
+        shutil.copyfile(parent / name, tmp / data_name)
+        (tmp / out.name).write_bytes(_relocated(written, data_name))
+        _seal(tmp / data_name)
+        _seal(tmp / out.name)
+        os.replace(tmp / data_name, parent / data_name)  # the old data: read by no model now
+        os.replace(tmp / out.name, out)
+    _remove_unread(out, protect, read_before)
+
+
+def _remove_unread(out: Path, protect: tuple, read_before: set[str]) -> None:
+    """Remove the data files of ``out`` that the model now at ``out`` does not read: left-over
+    uniquely named ones, and ``<out>.data`` when the model it replaced read it; never inputs."""
+    pattern = re.compile(re.escape(out.name) + r"\.[0-9a-f]{12}\.data")
+    read = _referenced_data(out)
+    guarded = {Path(p).resolve() for p in protect}
+    for entry in os.scandir(out.parent):
+        mine = pattern.fullmatch(entry.name) or (entry.name == out.name + ".data" and entry.name in read_before)
+        if mine and entry.name not in read and Path(entry.path).resolve() not in guarded:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 def save_model(
@@ -145,31 +282,53 @@ def save_model(
     protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write ``model`` to ``path`` atomically: files are written in a temporary directory next to
-    the target and renamed into place, so the output appears whole or not at all. Tensors go to
-    ``<name>.data`` when ``external_data`` is set or the model is too large for one protobuf.
-    Refuses (UsageError) to overwrite ``protect`` or to write into a missing/unwritable directory."""
+    the target and renamed into place, so the output appears whole or not at all, and a model
+    with external data replaces an existing pair wholly (see ``_install_external``). Tensors go
+    to ``<name>.data`` when ``external_data`` is set or the model is too large for one protobuf.
+    Temporary files of killed runs in the directory are removed first. Refuses (UsageError) to
+    overwrite ``protect`` or to write into a missing/unwritable directory."""
     protect = tuple(protect)
     out = check_output_path(path, protect=protect)
     use_external = external_data or too_large(model)
-    data_out = out.with_name(out.name + ".data")
     if use_external:
-        _refuse_input(data_out, protect)
+        _refuse_input(out.with_name(out.name + ".data"), protect)
+    parent = out.resolve().parent
+    target = parent / out.name
+    remove_stale_temporaries(parent)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".onnxfib-", dir=out.resolve().parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(), dir=parent))
     except OSError as exc:
         raise UsageError(f"{out}: cannot write in its directory ({first_line(exc)})") from exc
     try:
-        write_model(model, tmp / out.name, external_data=use_external)
-        if (tmp / data_out.name).exists():  # absent when every tensor is under onnx's 1 KB threshold
-            os.replace(tmp / data_out.name, data_out)
-        os.replace(tmp / out.name, out)
+        if use_external:
+            _install_external(model, target, tmp, protect)
+        else:
+            read_before = _referenced_data(target) if target.exists() else set()
+            write_model(model, tmp / out.name, external_data=False)
+            _seal(tmp / out.name)
+            os.replace(tmp / out.name, target)
+            _remove_unread(target, protect, read_before)
     except OSError as exc:
-        if use_external and not out.exists():
-            data_out.unlink(missing_ok=True)
         raise UsageError(f"{out}: cannot write the output ({first_line(exc)})") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _new_file_mode() -> int:
+    """The mode the process's umask gives a new file (0o666 less the umask)."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path``'s bytes to disk, so that a rename never exposes a file the OS has not written."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
@@ -178,15 +337,20 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, protect: Iterable[s
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and a rename (UsageError when impossible)."""
+    """Write ``data`` to ``path`` via a temporary file, synced to disk and renamed into place, with
+    the mode the umask gives any new file (UsageError when impossible)."""
     out = check_output_path(path, protect=protect)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".onnxfib-", dir=out.resolve().parent)
+        remove_stale_temporaries(out.resolve().parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(), dir=out.resolve().parent)
     except OSError as exc:
         raise UsageError(f"{out}: cannot write in its directory ({first_line(exc)})") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), _new_file_mode())  # mkstemp makes 0600 files
+            os.fsync(handle.fileno())
         os.replace(tmp, out)
     except OSError as exc:
         raise UsageError(f"{out}: cannot write ({first_line(exc)})") from exc

@@ -49,12 +49,15 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class OutputError:
-    """Largest absolute and relative difference seen on one model output."""
+    """Largest absolute and relative difference seen on one model output, and the tolerances it
+    was judged by (given, or the defaults of the output's dtype)."""
 
     name: str
     max_abs: float
     max_rel: float
     ok: bool
+    rtol: float | None = None
+    atol: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,12 +65,14 @@ class OutputError:
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """Per-output errors of a candidate model against a reference, over all input batches."""
+    """Per-output errors of a candidate model against a reference, over all input batches;
+    ``rtol``/``atol`` are the tolerances given, None where each output's dtype chose them."""
 
     outputs: list[OutputError]
-    rtol: float
-    atol: float
+    rtol: float | None
+    atol: float | None
     batches: int
+    samples: int = 0  # inputs compared: rows of the batches' shared first axis (1 per batch without one)
 
     @property
     def ok(self) -> bool:
@@ -79,6 +84,7 @@ class ValidationReport:
             "rtol": self.rtol,
             "atol": self.atol,
             "batches": self.batches,
+            "samples": self.samples,
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
@@ -155,6 +161,8 @@ class CompressionReport:
     calibrated: bool = False
     refit: list[RefitReport] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    ops_before: dict[str, int] = field(default_factory=dict)  # nodes per op type
+    ops_after: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -164,6 +172,8 @@ class CompressionReport:
             "params_after": self.params_after,
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "seconds": self.seconds,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -35,3 +37,9 @@ def count_parameters(model: onnx.ModelProto) -> int:
 def count_nodes(model: onnx.ModelProto) -> int:
     """Number of nodes in the main graph."""
     return len(model.graph.node)
+
+
+def count_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes of the main graph per op type (``domain::op`` outside the default domain), most first."""
+    counts = Counter(f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in model.graph.node)
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))

@@ -14,11 +14,14 @@ element by a few ulps of the *terms* summed, not of the result; entries near zer
 whose typical magnitude is 100 then differ by ~1e-5 absolute. A fixed atol would fail exact
 merges of real models purely on the output's units; atol = 1e-5 of the output's scale is still
 two orders of magnitude below any real approximation error, and rtol = 1e-5 is invariant 1.
-NaN in the same place in both outputs counts as equal.
+Equal infinities and NaN in the same place in both outputs count as equal (a model whose outputs
+are infinite or NaN on some input agrees with itself); any other non-finite difference is an
+infinite error.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -34,6 +37,12 @@ from onnxfib.report import OutputError, ValidationReport
 
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
+#: Default (rtol, atol) of outputs whose dtype rounds more coarsely than float32: about ten units
+#: in the last place, since an exact merge reorders sums at the output's own precision.
+DTYPE_TOLERANCES = {onnx.TensorProto.FLOAT16: (1e-2, 1e-2), onnx.TensorProto.BFLOAT16: (8e-2, 8e-2)}
+#: The most elements one generated batch holds over all inputs (2**26: 512 MB as float64 while
+#: drawn); larger declared or requested shapes are refused rather than exhausting memory.
+MAX_GENERATED_ELEMENTS = 2**26
 
 Batch = dict[str, np.ndarray]
 Shape = tuple[int | str | None, ...]
@@ -109,16 +118,26 @@ def generate_inputs(
 ) -> list[Batch]:
     """Two seeded batches for ``model``'s inputs: floats from N(0, 1), then from U(-1, 1); ints and
     bools in {0, 1} (valid as token ids, type ids and masks alike). Dynamic dims come from
-    ``input_shapes``; an unknown first axis is ``rows`` long; any other unknown dim is a UsageError."""
+    ``input_shapes``; an unknown first axis is ``rows`` long; any other unknown dim, or a batch
+    over ``MAX_GENERATED_ELEMENTS`` elements, is a UsageError."""
     inputs = graph_inputs(model)
     given = dict(input_shapes or {})
     unknown = sorted(set(given) - set(inputs))
     if unknown:
         raise UsageError(f"--input-shape names unknown input(s) {unknown}; the model's inputs are {sorted(inputs)}")
+    resolved = {name: _resolve_shape(name, shape, given.get(name), rows) for name, (_, shape) in inputs.items()}
+    total = sum(math.prod(dims) for dims in resolved.values())
+    if total > MAX_GENERATED_ELEMENTS:
+        name, dims = max(resolved.items(), key=lambda item: math.prod(item[1]))
+        raise UsageError(
+            f"generated inputs would hold {total:,} elements (input '{name}' has shape {list(dims)}), more than "
+            f"the {MAX_GENERATED_ELEMENTS:,} onnxfib generates; pass a smaller --input-shape "
+            f"{name}:D1,D2,... or your own inputs with --data"
+        )
     rng = np.random.default_rng(seed)
     batches: list[Batch] = [{}, {}]
-    for name, (elem_type, shape) in inputs.items():
-        dims = _resolve_shape(name, shape, given.get(name), rows)
+    for name, (elem_type, _) in inputs.items():
+        dims = resolved[name]
         if elem_type not in _KINDS:
             raise UsageError(
                 f"input '{name}' has type {onnx.TensorProto.DataType.Name(elem_type)}; pass values with --data"
@@ -206,6 +225,21 @@ def _session(model: onnx.ModelProto, role: str) -> tuple[ort.InferenceSession, t
         raise InvalidModelError(f"ONNX Runtime cannot load the {role} model: {first_line(exc)}") from exc
 
 
+def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray] | None = None) -> None:
+    """Load ``model`` in ONNX Runtime and, given ``batch``, run it on that batch (whole: a static
+    batch axis takes no fewer rows); InvalidModelError naming the input model when ORT cannot
+    (the checker accepts some models ORT refuses, e.g. a Conv kernel that disagrees with ``group``)."""
+    session, holder = _session(model, "input")
+    try:
+        if batch is not None:
+            session.run(None, dict(batch))
+    except Exception as exc:
+        raise InvalidModelError(f"ONNX Runtime cannot run the input model: {first_line(exc)}") from exc
+    finally:
+        if holder is not None:
+            holder.cleanup()
+
+
 def _as_array(value: object) -> np.ndarray:
     """ORT outputs as float64 arrays; sequences of maps (e.g. ZipMap probabilities) become rows."""
     if isinstance(value, list) and value and isinstance(value[0], dict):
@@ -213,22 +247,31 @@ def _as_array(value: object) -> np.ndarray:
     return np.asarray(value).astype(np.float64)
 
 
+def default_tolerances(elem_type: int) -> tuple[float, float]:
+    """The default (rtol, atol) of an output of ONNX type ``elem_type``: DEFAULT_RTOL/ATOL, or
+    looser ones for float16 and bfloat16 (``DTYPE_TOLERANCES``)."""
+    return DTYPE_TOLERANCES.get(elem_type, (DEFAULT_RTOL, DEFAULT_ATOL))
+
+
 def compare_outputs(name: str, refs: list[np.ndarray], cands: list[np.ndarray], *, rtol: float, atol: float) -> OutputError:
     """Error figures of one output over all batches (see the module docstring)."""
     max_abs, scale, ok = 0.0, 0.0, True
     for ref, cand in zip(refs, cands):
         if ref.shape != cand.shape:
-            return OutputError(name, float("inf"), float("inf"), False)
-        same_nan = np.isnan(ref) & np.isnan(cand)
-        diff = np.where(same_nan, 0.0, np.abs(cand - ref))
-        diff = np.where(np.isnan(diff), np.inf, diff)
+            return OutputError(name, float("inf"), float("inf"), False, rtol, atol)
+        same = (cand == ref) | (np.isnan(ref) & np.isnan(cand))  # equal infinities, NaN at NaN
+        finite = np.isfinite(ref) & np.isfinite(cand)
+        diff = np.full(ref.shape, np.inf)
+        with np.errstate(over="ignore"):  # finite differences near the float limits may overflow
+            np.subtract(cand, ref, out=diff, where=finite)
+        diff = np.where(same, 0.0, np.abs(diff))
         finite_ref = np.where(np.isfinite(ref), np.abs(ref), 0.0)
         out_scale = max(1.0, float(finite_ref.max(initial=0.0)))
-        ok &= bool(np.all(diff <= atol * out_scale + rtol * np.abs(np.nan_to_num(ref))))
+        ok &= bool(np.all(diff <= atol * out_scale + rtol * finite_ref))
         max_abs = max(max_abs, float(diff.max(initial=0.0)))
         scale = max(scale, float(finite_ref.max(initial=0.0)))
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    return OutputError(name, max_abs, max_rel, ok)
+    return OutputError(name, max_abs, max_rel, ok, rtol, atol)
 
 
 def validate_models(
@@ -236,11 +279,13 @@ def validate_models(
     candidate: onnx.ModelProto,
     inputs: Sequence[Mapping[str, np.ndarray]],
     *,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> ValidationReport:
-    """Run both models in ONNX Runtime (CPU) on every batch and compare outputs by name.
-    InvalidModelError if ORT cannot load or run a model; UsageError if their outputs differ in name."""
+    """Run both models in ONNX Runtime (CPU) on every batch and compare outputs by name, within
+    ``rtol``/``atol`` or, where None, the defaults of each reference output's dtype
+    (``default_tolerances``). InvalidModelError if ORT cannot load or run a model; UsageError if
+    their outputs differ in name."""
     ref_names = [o.name for o in reference.graph.output]
     cand_names = [o.name for o in candidate.graph.output]
     if sorted(ref_names) != sorted(cand_names):
@@ -262,17 +307,19 @@ def validate_models(
     finally:
         if ref_tmp is not None:
             ref_tmp.cleanup()
-    outputs = [
-        compare_outputs(
+    types = {o.name: o.type.tensor_type.elem_type for o in reference.graph.output}
+    outputs = []
+    for name in ref_names:
+        default_rtol, default_atol = default_tolerances(types[name])
+        outputs.append(compare_outputs(
             name,
             [_as_array(r[name]) for r in ref_runs],
             [_as_array(c[name]) for c in cand_runs],
-            rtol=rtol,
-            atol=atol,
-        )
-        for name in ref_names
-    ]
-    return ValidationReport(outputs=outputs, rtol=rtol, atol=atol, batches=len(inputs))
+            rtol=default_rtol if rtol is None else rtol,
+            atol=default_atol if atol is None else atol,
+        ))
+    samples = sum(common_rows(batch) or 1 for batch in inputs)
+    return ValidationReport(outputs=outputs, rtol=rtol, atol=atol, batches=len(inputs), samples=samples)
 
 
 def common_rows(batch: Mapping[str, np.ndarray]) -> int | None:

@@ -63,7 +63,30 @@ CASES = {
     "validate missing candidate": ["validate", "mlp.onnx", "nope.onnx"],
     "validate truncated": ["validate", "mlp.onnx", "half.onnx"],
     "validate wrong data": ["validate", "mlp.onnx", "mlp.onnx", "--data", "shape.npz"],
+    "huge declared batch": ["compress", "huge.onnx", "out.onnx"],
+    "huge input shape": ["compress", "mlp.onnx", "out.onnx", "--input-shape", "x:1099511627776,8"],
+    "validate huge declared batch": ["validate", "huge.onnx", "huge.onnx"],
+    "conv kernel disagrees with group": ["compress", "badgroup.onnx", "out.onnx"],
+    "conv kernel disagrees with group, no check": ["compress", "badgroup.onnx", "out.onnx", "--no-check"],
 }
+
+
+def _bad_group_model() -> onnx.ModelProto:
+    """Conv(3->4), Relu, then a group-2 Conv whose kernel [8, 4, 3, 3] reads 8 channels (group 2
+    over 4 channels wants [8, 2, 3, 3]): the full checker accepts it, ONNX Runtime cannot run it."""
+    rng = np.random.default_rng(0)
+    weights = {"W0": (4, 3, 3, 3), "W": (8, 4, 3, 3), "W2": (2, 8, 1, 1)}
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in weights.items()]
+    make = onnx.helper.make_node
+    nodes = [make("Conv", ["x", "W0"], ["h0"], pads=[1, 1, 1, 1], name="conv0"), make("Relu", ["h0"], ["r0"]),
+             make("Conv", ["r0", "W"], ["h"], group=2, pads=[1, 1, 1, 1], name="conv"), make("Relu", ["h"], ["r"]),
+             make("Conv", ["r", "W2"], ["y"], name="conv2")]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 5, 5])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 5, 5])], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 @pytest.fixture
@@ -82,6 +105,8 @@ def workdir(tmp_path, write_model, mlp_model):
     write_model(build_mlp([8, 64, 3]), "ext.onnx", external_data=True)
     (tmp_path / "ext.onnx.data").unlink()
     write_model(build_mlp([8, 64, 3]), "extok.onnx", external_data=True)
+    write_model(build_mlp([8, 16, 3], batch=2**40), "huge.onnx")
+    write_model(_bad_group_model(), "badgroup.onnx")
     np.savez(tmp_path / "names.npz", input=np.zeros((2, 8), np.float32))
     np.savez(tmp_path / "shape.npz", x=np.zeros((2, 7), np.float32))
     np.savez(tmp_path / "dtype.npz", x=np.zeros((2, 8), np.int32))
@@ -107,6 +132,19 @@ def test_bad_input_exits_2_cleanly(workdir, run_cli, case):
     assert sorted(os.listdir(workdir)) == listing  # no output, no temporary file left
     assert _snapshot(workdir) == before  # every file, the input included, byte-for-byte unchanged
     assert os.listdir(workdir / "adir") == []
+    if "huge" in case:  # too large to generate: say how to feed smaller inputs
+        assert "--input-shape" in lines[0] and "--data" in lines[0]
+    if "group" in case:
+        assert "ONNX Runtime cannot run the input model" in lines[0]
+
+
+def test_inspect_conv_kernel_disagreeing_with_group_is_a_barrier(tmp_path, write_model, run_cli):
+    """inspect does not run the model: the Conv it cannot read keeps its neighbours' widths."""
+    write_model(_bad_group_model(), "badgroup.onnx")
+    result = run_cli("inspect", "badgroup.onnx", "--json")
+    assert result.returncode == 0, result.stderr
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)}
+    assert "conv" not in layers and "feeds Conv 'conv'" in layers["conv0"]["frozen"]
 
 
 def test_compress_mismatch_exits_1_and_writes_no_model(tmp_path, write_model, plain_model, run_cli):
@@ -117,6 +155,9 @@ def test_compress_mismatch_exits_1_and_writes_no_model(tmp_path, write_model, pl
     assert result.returncode == 1, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "validation mismatch" in lines[0] and "nothing written" in lines[0]
+    report = json.loads((tmp_path / "r.json").read_text())
+    gain = f"would have kept {report['params_after']:,} of {report['params_before']:,} parameters"
+    assert gain in lines[0] and "--no-check" in lines[0] and "--max-error" in lines[0]  # what to do
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.onnx").exists()
     assert sha256(source) == before

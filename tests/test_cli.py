@@ -28,9 +28,12 @@ def test_compress_writes_checked_smaller_model_and_report(tmp_path, mlp_path, ca
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     assert main(["compress", str(mlp_path), str(out), "--report", str(report)]) == 0
     stdout = capsys.readouterr().out
-    for text in ("parameters", "nodes", "size", "time", "fc0", "16 -> 14", "max abs error", "yes"):
+    for text in ("parameters", "nodes", "size", "time", "fc0", "16 -> 14", "max abs error", "yes", "2 inputs"):
         assert text in stdout
     assert sha256(mlp_path) == before
+    cells = [line.replace("│", " ").split() for line in stdout.splitlines() if line.startswith("│   ")]
+    rows = {cell[0]: cell[1:] for cell in cells}
+    assert rows == {"Gemm": ["3", "3", "+0.0%"], "Relu": ["2", "2", "+0.0%"]}  # nodes per op type
     onnx.checker.check_model(str(out), full_check=True)
     assert _props(out)["onnxfib.eps"] == "0.0" and _props(out)["onnxfib.symmetry"] == "fiber"
     data = json.loads(report.read_text())
@@ -48,10 +51,11 @@ def test_compress_quiet_no_check_and_verbose(tmp_path, mlp_path, capsys):
     assert "Validation skipped" in stdout and "fc2" in stdout  # -v lists the unchanged layer too
 
 
-def test_compress_with_data_input_shape_seed_and_cover(tmp_path, mlp_path):
+def test_compress_with_data_input_shape_seed_and_cover(tmp_path, mlp_path, capsys):
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32))
-    argv = ["compress", str(mlp_path), str(tmp_path / "a.onnx"), "--data", str(tmp_path / "d.npz"), "-q"]
+    argv = ["compress", str(mlp_path), str(tmp_path / "a.onnx"), "--data", str(tmp_path / "d.npz")]
     assert main(argv) == 0
+    assert "32 inputs" in capsys.readouterr().out  # the samples compared, not the batches
     argv = ["compress", str(mlp_path), str(tmp_path / "b.onnx"), "--input-shape", "x:4,8", "--seed", "7", "-q"]
     assert main(argv) == 0
     argv = ["compress", str(mlp_path), str(tmp_path / "c.onnx"), "--symmetry", "cover", "-q"]
@@ -75,6 +79,26 @@ def test_inspect_table_and_json(mlp_path, capsys):
     layers = json.loads(capsys.readouterr().out)
     assert [layer["name"] for layer in layers] == ["fc0", "fc1", "fc2"]
     assert layers[0]["width"] == 16 and layers[0]["fibers"] <= 14
+
+
+def _bfloat16_tail_model() -> onnx.ModelProto:
+    """``build_mlp`` whose output passes through bfloat16 and back: onnx-graphsurgeon warns (on
+    stdout) that it has no NumPy type for BFLOAT16."""
+    model = build_mlp([8, 16, 3])
+    model.graph.node.extend([onnx.helper.make_node("Cast", ["y"], ["yb"], to=onnx.TensorProto.BFLOAT16),
+                             onnx.helper.make_node("Cast", ["yb"], ["z"], to=onnx.TensorProto.FLOAT)])
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 3]))
+    return model
+
+
+def test_graphsurgeon_warnings_stay_off_stdout(tmp_path, write_model, run_cli):
+    write_model(_bfloat16_tail_model(), "bf16.onnx")
+    result = run_cli("inspect", "bf16.onnx", "--json")
+    assert result.returncode == 0, result.stderr
+    assert {layer["name"] for layer in json.loads(result.stdout)} == {"fc0", "fc1"}  # stdout is the JSON only
+    result = run_cli("compress", "bf16.onnx", "out.onnx", "-q")
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout + result.stderr
 
 
 def test_validate_same_model(mlp_path, capsys):
@@ -195,6 +219,42 @@ def test_library_rejects_eps(mlp_model, eps):
         onnxfib.compress(mlp_model, eps=eps)
     with pytest.raises(UsageError, match="eps"):
         onnxfib.inspect(mlp_model, eps=eps)
+
+
+def test_library_compresses_a_model_with_a_static_batch():
+    """The ORT run before analysis feeds whole batches: a static batch axis takes no fewer rows."""
+    result = onnxfib.compress(build_mlp([8, 16, 3], batch=4))
+    assert result.report.validation.ok and result.report.validation.samples == 8
+
+
+@pytest.mark.parametrize("source", [None, 42, {}, b"\x08\x08", onnx.GraphProto()], ids=repr)
+def test_library_rejects_a_model_of_the_wrong_type(source):
+    for call in (onnxfib.compress, onnxfib.inspect, onnxfib.sweep):
+        with pytest.raises(UsageError, match="path or an onnx.ModelProto"):
+            call(source)
+    with pytest.raises(UsageError, match="path or an onnx.ModelProto"):
+        onnxfib.validate(source, source)
+
+
+@pytest.mark.parametrize("path", [None, 42, b"out.onnx", ["out.onnx"]], ids=repr)
+def test_library_save_rejects_a_path_of_the_wrong_type(tmp_path, mlp_model, path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = onnxfib.compress(mlp_model, check=False)
+    with pytest.raises(UsageError, match="output path"):
+        result.save(path)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("name", "value"), [("seed", "x"), ("seed", -1), ("seed", 1.5), ("seed", None),
+                                             ("rtol", "x"), ("atol", [1]), ("ridge", "x")])
+def test_library_rejects_arguments_of_the_wrong_type(mlp_model, name, value):
+    with pytest.raises(UsageError, match=name):
+        onnxfib.compress(mlp_model, **{name: value})
+
+
+def test_cli_negative_seed_is_a_usage_error(mlp_path, capsys):
+    assert main(["compress", str(mlp_path), str(mlp_path.parent / "o.onnx"), "--seed", "-1"]) == 2
+    assert "seed" in capsys.readouterr().err
 
 
 def test_library_and_cli_import_without_torch():

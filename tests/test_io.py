@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -117,6 +120,21 @@ def test_write_text_atomic(tmp_path):
         io.write_text_atomic(tmp_path / "r.json" / "x.json", "{}")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_output_files_get_the_mode_the_umask_gives(tmp_path, mlp_model, umask):
+    old = os.umask(umask)
+    try:
+        paths = [io.write_text_atomic(tmp_path / "r.json", "{}"), io.write_bytes_atomic(tmp_path / "p.png", b"x"),
+                 io.save_model(mlp_model, tmp_path / "m.onnx", external_data=False),
+                 io.save_model(build_mlp([8, 64, 3]), tmp_path / "e.onnx", external_data=True)]
+        paths += [tmp_path / "e.onnx.data"]
+        (tmp_path / "plain.txt").write_text("")  # any new file, for comparison
+    finally:
+        os.umask(old)
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert {path.name: path.stat().st_mode & 0o777 for path in paths} == {path.name: 0o666 & ~umask for path in paths}
+
+
 def test_finalize_model_sets_namespaced_metadata(mlp_model):
     onnx.helper.set_model_props(mlp_model, {"author": "me", "onnxfib.eps": "old"})
     io.finalize_model(mlp_model, eps=0.25, symmetry="cover")
@@ -167,3 +185,77 @@ def test_saving_again_over_an_external_data_output_works_from_its_directory(tmp_
         out = onnxfib.compress(source, input_shapes={"x": (3, 64)}).save(tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx.data").stat().st_size > 0
     assert onnxfib.validate(source, out, input_shapes={"x": (3, 64)}).ok
+
+
+def _weights(path) -> list[np.ndarray]:
+    return [onnx.numpy_helper.to_array(t) for t in io.open_model(path).model.graph.initializer]
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_replacing_an_external_data_output_is_wholly_old_or_wholly_new(tmp_path, monkeypatch, fail_at):
+    """The process dies (an exception no handler catches) at the n-th rename of a save over an
+    existing model + data pair: the pair on disk still loads, as the old model or the new one."""
+    old, new = build_mlp([8, 64, 3], seed=1), build_mlp([8, 64, 3], seed=2)
+    out = io.save_model(old, tmp_path / "out.onnx", external_data=True)
+    expected = {"old": _weights(out), "new": [onnx.numpy_helper.to_array(t) for t in new.graph.initializer]}
+    calls, real = [], os.replace
+
+    def dying_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt  # not an OSError: nothing after it runs but finally blocks
+        real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", dying_replace)
+    with contextlib.suppress(KeyboardInterrupt):
+        io.save_model(new, out, external_data=True)
+    monkeypatch.undo()
+    assert len(calls) >= min(fail_at, 2)  # the save got as far as the rename that fails
+    found = _weights(out)  # loads: the model and the data it references agree
+    assert any(all(np.array_equal(a, b) for a, b in zip(found, want)) for want in expected.values())
+
+
+def test_saving_over_an_external_data_output_keeps_its_layout_and_cleans_up(tmp_path):
+    out = tmp_path / "out.onnx"
+    for seed in range(3):
+        model = build_mlp([8, 64, 3], seed=seed)
+        io.save_model(model, out, external_data=True)
+        assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data"]
+        for a, b in zip(_weights(out), model.graph.initializer):
+            np.testing.assert_array_equal(a, onnx.numpy_helper.to_array(b))
+    (tmp_path / "out.onnx.0123456789ab.data").write_bytes(b"left by a killed run")
+    io.save_model(build_mlp([8, 64, 3]), out, external_data=True)
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data"]
+    io.save_model(build_mlp([8, 64, 3]), out, external_data=False)  # the old pair's data goes with it
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
+
+
+def test_stale_temporary_files_of_dead_runs_are_removed(tmp_path, mlp_model):
+    """A run killed with SIGKILL cannot clean up; the next write into that directory does."""
+    (tmp_path / ".onnxfib-999999999-abc").mkdir()  # no such process: pids stay below 2**22
+    (tmp_path / ".onnxfib-999999999-abc" / "out.onnx").write_bytes(b"partial")
+    (tmp_path / ".onnxfib-999999999-def").write_bytes(b"partial report")
+    (tmp_path / f".onnxfib-{os.getpid()}-mine").mkdir()  # a live run's: left alone
+    io.save_model(mlp_model, tmp_path / "out.onnx", external_data=False)
+    io.write_text_atomic(tmp_path / "r.json", "{}")
+    assert sorted(os.listdir(tmp_path)) == [f".onnxfib-{os.getpid()}-mine", "out.onnx", "r.json"]
+
+
+def test_killed_run_leaves_nothing_the_next_run_keeps(tmp_path):
+    """A real SIGKILL while the output is being written; the next save removes its leftovers."""
+    code = (
+        "import sys, time; sys.path.insert(0, %r); from conftest import build_mlp; from onnxfib import io\n"
+        "real = io.write_model\n"
+        "def slow(*a, **k):\n    real(*a, **k); print('written', flush=True); time.sleep(60)\n"
+        "io.write_model = slow\n"
+        "io.save_model(build_mlp([8, 64, 3]), %r, external_data=True)\n"
+    ) % (os.path.dirname(__file__), str(tmp_path / "out.onnx"))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "written"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(name.startswith(".onnxfib-") for name in os.listdir(tmp_path))
+    io.save_model(build_mlp([8, 16, 3]), tmp_path / "other.onnx", external_data=False)
+    assert sorted(os.listdir(tmp_path)) == ["other.onnx"]

@@ -167,3 +167,76 @@ def test_validate_sklearn_classifier_with_zipmap_output():
     inputs = v.check_data(model, [{"X": x[:20]}], "digits")
     report = v.validate_models(model, model, inputs)
     assert report.ok and [o.name for o in report.outputs] == ["output_label", "output_probability"]
+
+
+def _infinite_outputs_model() -> onnx.ModelProto:
+    """``build_mlp`` whose output y feeds Log(Relu(y)) (-inf where y <= 0) and
+    Reciprocal(Relu(y)) (+inf there): outputs ``lo`` and ``hi``."""
+    model = build_mlp([8, 16, 3])
+    graph = model.graph
+    graph.node.extend([
+        helper.make_node("Relu", ["y"], ["ry"], name="relu_out"),
+        helper.make_node("Log", ["ry"], ["lo"], name="log_out"),
+        helper.make_node("Reciprocal", ["ry"], ["hi"], name="recip_out"),
+    ])
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in ("lo", "hi")])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_compare_outputs_equal_infinities_and_nans_agree():
+    ref = np.array([np.inf, -np.inf, np.nan, 1.0])
+    with np.errstate(all="raise"):  # no RuntimeWarning either
+        out = v.compare_outputs("o", [ref], [ref.copy()], rtol=0, atol=0)
+    assert out.ok and out.max_abs == 0.0
+    for cand in ([-np.inf, -np.inf, np.nan, 1.0], [np.inf, 5.0, np.nan, 1.0], [np.inf, -np.inf, 0.0, 1.0]):
+        with np.errstate(all="raise"):
+            out = v.compare_outputs("o", [ref], [np.array(cand)], rtol=1, atol=1)
+        assert not out.ok and out.max_abs == np.inf
+
+
+def test_models_with_infinite_outputs_validate_and_compress(tmp_path, run_cli):
+    model = _infinite_outputs_model()
+    inputs = v.generate_inputs(model, rows=8)
+    runs = [v.run_tensors(model, ["lo", "hi"], inputs, "reference")]
+    assert any(np.isinf(t).any() for batch in runs[0] for t in batch)  # the model really yields inf
+    onnx.save_model(model, str(tmp_path / "inf.onnx"))
+    result = run_cli("validate", "inf.onnx", "inf.onnx", "--input-shape", "x:8,8")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    result = run_cli("compress", "inf.onnx", "out.onnx", "--input-shape", "x:8,8", "-q")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with float16 weights, input and output."""
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_fp16_exact_merge_passes_the_default_tolerances_and_matches_ort(tmp_path, capsys):
+    import onnxfib
+    import onnxruntime as ort
+
+    model = _fp16(build_mlp([64, 128, 128, 10]))  # planted duplicate and proportional neurons
+    result = onnxfib.compress(model, input_shapes={"x": (256, 64)})  # eps 0, default rtol/atol
+    assert result.report.params_after < result.report.params_before
+    out = result.report.validation.outputs[0]
+    assert out.ok and (out.rtol, out.atol) == v.default_tolerances(TensorProto.FLOAT16)
+    x = np.random.default_rng(7).standard_normal((512, 64)).astype(np.float16)
+    ref, cand = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                 for m in (model, result.model))
+    assert 0 < np.abs(cand.astype(np.float64) - ref).max() <= 1e-2 * np.abs(ref).max()  # fp16 rounding, no more
+    with pytest.raises(onnxfib.ValidationMismatchError):  # a lossy merge still fails at fp16 defaults
+        onnxfib.compress(_fp16(build_mlp([8, 6, 3], seed=1, planted=False)), eps=1.9)
+    float32 = onnxfib.compress(build_mlp([64, 128, 128, 10]), input_shapes={"x": (256, 64)}).report.validation
+    assert (float32.outputs[0].rtol, float32.outputs[0].atol) == (v.DEFAULT_RTOL, v.DEFAULT_ATOL)
+    onnx.save_model(model, str(tmp_path / "fp16.onnx"))
+    from onnxfib.cli import main
+
+    assert main(["compress", str(tmp_path / "fp16.onnx"), str(tmp_path / "out.onnx"), "--input-shape", "x:256,64"]) == 0
+    assert "rtol 0.01, atol 0.01 for the output dtype" in " ".join(capsys.readouterr().out.split())  # table says so

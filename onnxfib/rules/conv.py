@@ -133,6 +133,16 @@ def _conv_bias(node: gs.Node, graph: GraphView) -> tuple[gs.Node, int] | None | 
     return (node, 2) if graph.constant(node.inputs[2]) is not None else False
 
 
+def _input_width_agrees(x: gs.Tensor, axis: int, width: int, known: dict[str, Port]) -> bool:
+    """Whether ``x``'s channel width, where its producer or declared shape says it, is ``width``
+    (the checker accepts a kernel that disagrees with ``group``; ONNX Runtime cannot run it)."""
+    port = known.get(x.name)
+    if port is not None and port.width != width:
+        return False
+    shape = x.shape
+    return not (shape is not None and len(shape) >= -axis and isinstance(shape[axis], int) and shape[axis] != width)
+
+
 def bind_conv(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
     """Conv with a constant kernel [O, I/group, k...]: plain (group 1) or depthwise."""
     w = graph.constant(node.inputs[1])
@@ -142,6 +152,8 @@ def bind_conv(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site |
     axis = 1 - w.ndim
     groups = int(node.attrs.get("group", 1))
     out_width, per_group = int(w.shape[0]), int(w.shape[1])
+    if not _input_width_agrees(node.inputs[0], axis, per_group * groups, known):
+        return None
     x, y = node.inputs[0], node.outputs[0]
     common = dict(nodes=[node], weight=(node, 1), out_axis=0, in_axis=1, bias=bias, bias_axis=0)
     if groups == 1:
