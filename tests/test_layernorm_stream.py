@@ -1,0 +1,134 @@
+"""The residual stream narrows exactly through LayerNormalization (weighted statistics).
+
+A hand-built transformer-like graph (word and token-type embedding Gathers, Add, LayerNorm,
+a ReLU FFN with a residual Add, LayerNorm, output projection) is lifted from a base by
+duplicating stream channels: embedding columns, the FFN writer's rows and both LayerNorms'
+gamma and beta copied, readers' columns split. The lifted LayerNorms compute the duplicated
+channels' statistics, which are the base's multiplicity-weighted ones, so eps = 0 must give
+exactly the base's parameter count plus the weighted form's constants (one shared weight vector
+of the base width and one shared epsilon) and the lifted model's outputs in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphs import compress_and_compare, lift_map, run
+from onnxfib.stats import count_parameters
+
+V, TYPES, D, F, K, EXTRA = 11, 2, 5, 7, 3, 4
+
+
+def _stream_model(p: dict[str, np.ndarray], stream_out: bool, opset: int = 17) -> onnx.ModelProto:
+    """ids, types -> Gather + Gather -> Add -> LN -> FFN (+ residual) -> LN [-> projection] -> y."""
+    inits = [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in p.items()]
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["we"], axis=0),
+        helper.make_node("Gather", ["T", "types"], ["te"], axis=0),
+        helper.make_node("Add", ["we", "te"], ["emb"]),
+        helper.make_node("LayerNormalization", ["emb", "g1", "b1"], ["h"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["h", "W1"], ["a"]),
+        helper.make_node("Add", ["a", "c1"], ["ab"]),
+        helper.make_node("Relu", ["ab"], ["z"]),
+        helper.make_node("MatMul", ["z", "W2"], ["f"]),
+        helper.make_node("Add", ["f", "c2"], ["fb"]),
+        helper.make_node("Add", ["h", "fb"], ["r"]),
+        helper.make_node("LayerNormalization", ["r", "g2", "b2"], ["y" if stream_out else "n"], axis=-1, epsilon=1e-5),
+    ]
+    if not stream_out:
+        nodes += [helper.make_node("MatMul", ["n", "Wo"], ["o"]), helper.make_node("Add", ["o", "co"], ["y"])]
+    width = p["g2"].size if stream_out else K
+    graph = helper.make_graph(
+        nodes, "stream",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("ids", "types")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", width])],
+        [i for i in inits if stream_out is False or i.name not in ("Wo", "co")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _base(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "E": rng.standard_normal((V, D)), "T": rng.standard_normal((TYPES, D)),
+        "g1": rng.uniform(0.5, 2, D), "b1": rng.standard_normal(D),
+        "W1": rng.standard_normal((D, F)), "c1": rng.standard_normal(F),
+        "W2": rng.standard_normal((F, D)), "c2": rng.standard_normal(D),
+        "g2": rng.uniform(0.5, 2, D), "b2": rng.standard_normal(D),
+        "Wo": rng.standard_normal((D, K)), "co": rng.standard_normal(K),
+    }
+
+
+def _lift(p: dict[str, np.ndarray], source: np.ndarray, share: np.ndarray) -> dict[str, np.ndarray]:
+    """Stream channel i of the lift copies base channel ``source[i]``; readers' rows split by ``share``."""
+    lifted = dict(p)
+    for name in ("E", "T", "W2"):
+        lifted[name] = p[name][:, source]
+    for name in ("g1", "b1", "c2", "g2", "b2"):
+        lifted[name] = p[name][source]
+    for name in ("W1", "Wo"):
+        lifted[name] = p[name][source] * share[:, None]
+    return lifted
+
+
+def _feeds(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"ids": rng.integers(0, V, (3, 4)).astype(np.int64), "types": rng.integers(0, TYPES, (3, 4)).astype(np.int64)}
+
+
+@pytest.mark.parametrize("stream_out", [False, True], ids=["projected", "stream-is-output"])
+def test_planted_stream_lift_collapses_to_base(stream_out):
+    """Back to the base's count plus D weights and one epsilon; outputs equal the lift's. Where the
+    stream is the graph output, it is re-expanded there by a Gather (no weights)."""
+    rng = np.random.default_rng(0)
+    base = _base(rng)
+    source, share = lift_map(rng, D, EXTRA)
+    lifted = _stream_model(_lift(base, source, share), stream_out)
+    analysis, out, params = compress_and_compare(lifted, _feeds(rng))
+    assert params == count_parameters(_stream_model(base, stream_out)) + D + 1
+    assert {n.op_type for n in out.graph.node} >= {"ReduceSum", "Sqrt", "Div"}
+    assert "LayerNormalization" not in {n.op_type for n in out.graph.node}
+    assert [layer.width_after for layer in analysis.layers] == ([F, D] + ([] if stream_out else [K]))
+    if stream_out:
+        expand = [n for n in out.graph.node if n.output[0] == "y"]
+        assert expand[0].op_type == "Gather"
+        dims = [d.dim_value or d.dim_param for d in out.graph.output[0].type.tensor_type.shape.dim]
+        assert dims == ["batch", "seq", D + EXTRA]
+    lifted_y = run(lifted, _feeds(np.random.default_rng(5)))
+    np.testing.assert_allclose(run(out, _feeds(np.random.default_rng(5))), lifted_y, rtol=1e-5, atol=1e-5)
+
+
+def test_the_weighted_statistics_are_not_the_base_statistics():
+    """Control: the lift is not the base's function (its LayerNorms weigh the copies), so the
+    equality above is the weighted form's, not a coincidence of plain statistics."""
+    rng = np.random.default_rng(0)
+    base = _base(rng)
+    source, share = lift_map(rng, D, EXTRA)
+    feeds = _feeds(rng)
+    lifted, plain = _stream_model(_lift(base, source, share), False), _stream_model(base, False)
+    assert not np.allclose(run(lifted, feeds), run(plain, feeds), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("broken", ["scaled-copy", "gamma"])
+def test_unequal_channels_do_not_merge_through_layer_norm(broken):
+    """A column copied at twice its scale is proportional, not equal: LayerNorm is not
+    positively homogeneous per channel, so it must not merge (only unit-scale fibers do). A copy
+    with its own gamma must not merge either. The model keeps its size and outputs."""
+    rng = np.random.default_rng(1)
+    base = _base(rng)
+    source, share = lift_map(rng, D, 1)
+    lifted = _lift(base, source, share)
+    if broken == "scaled-copy":
+        lifted["E"][:, -1] *= 2.0
+        lifted["T"][:, -1] *= 2.0
+    else:
+        lifted["g1"][-1] += 0.5
+        lifted["g2"][-1] += 0.5
+    model = _stream_model(lifted, False)
+    analysis, _, params = compress_and_compare(model, _feeds(rng))
+    assert params == count_parameters(model)
+    assert [layer.width_after for layer in analysis.layers] == [F, D + 1, K]
