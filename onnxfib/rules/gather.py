@@ -47,13 +47,13 @@ class EmbeddingSite(Site):
 
 
 def bind_gather(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
-    """An embedding lookup (constant float 2-D table, axis 0, computed integer indices), or a
+    """An embedding lookup (constant float 2-D table, axis 0, integer indices), or a
     Gather of a channel port with constant indices along another axis."""
     data, indices = node.inputs
     axis = int(node.attrs.get("axis", 0))
     table, index = graph.constant(data), graph.constant(indices)
     if table is not None:
-        if index is not None or table.ndim != 2 or axis not in (0, -2) or not np.issubdtype(table.dtype, np.floating):
+        if table.ndim != 2 or axis not in (0, -2) or not np.issubdtype(table.dtype, np.floating):
             return None
         return EmbeddingSite(nodes=[node], inputs=[], outputs=[Port(node.outputs[0], -1, int(table.shape[1]))])
     port = known.get(data.name)
