@@ -285,9 +285,8 @@ class Analysis:
                 site.rewrite(self)
             for name, port in self._expanding.items():
                 plan = self._plans.get(name)
-                if plan is not None and not plan.partition.is_discrete:
-                    scales = None if np.allclose(plan.scales, 1.0, rtol=0, atol=1e-12) else plan.scales
-                    self.graph.expand_output(port.tensor, plan.partition.labels, scales, port.axis)
+                if plan is not None and not plan.partition.is_discrete:  # unit scales: LayerNorm's
+                    self.graph.expand_output(port.tensor, plan.partition.labels, port.axis)
             for name in self._plans:
                 self.graph.forget_shape(self._ports[name][0][1].tensor)
             self._collapsed = self.graph.export()

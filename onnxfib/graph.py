@@ -340,24 +340,19 @@ class GraphView:
             self._made[key] = gs.Constant(f"onnxfib_{hint}{len(self._made) + 1}", values)
         return self._made[key]
 
-    def expand_output(self, tensor: gs.Variable, labels: np.ndarray, scales: np.ndarray | None, axis: int) -> None:
+    def expand_output(self, tensor: gs.Variable, labels: np.ndarray, axis: int) -> None:
         """Keep a narrowed graph output's width: its producer and readers keep the narrowed tensor
-        (renamed), and a Gather along ``axis`` by ``labels`` (then a Mul by ``scales``, if given)
-        writes the output's name, dtype and shape."""
+        (renamed), and a Gather along ``axis`` by ``labels`` writes the output's name, dtype and
+        shape (channel i is base channel ``labels[i]``)."""
         name, shape, dtype = tensor.name, tensor.shape, tensor.dtype
         if shape is not None and axis < 0:
             axis += len(shape)  # opsets before 11 take no negative Gather axis
         tensor.name = f"{name}__onnxfib_base"
         index = next(i for i, t in enumerate(self.graph.outputs) if t is tensor)
         out = gs.Variable(name, dtype=dtype, shape=shape)
-        gathered = out if scales is None else gs.Variable(f"{name}__onnxfib_gathered", dtype=dtype)
         indices = gs.Constant(f"{name}__onnxfib_labels", np.asarray(labels, dtype=np.int64))
         self.graph.nodes.append(gs.Node("Gather", f"{name}__onnxfib_expand", {"axis": axis},
-                                        inputs=[tensor, indices], outputs=[gathered]))
-        if scales is not None:
-            shape_of = [-1] + [1] * (len(shape) - axis - 1 if shape is not None and axis >= 0 else -axis - 1)
-            factors = gs.Constant(f"{name}__onnxfib_scales", np.asarray(scales).reshape(shape_of).astype(dtype))
-            self.graph.nodes.append(gs.Node("Mul", f"{name}__onnxfib_rescale", inputs=[gathered, factors], outputs=[out]))
+                                        inputs=[tensor, indices], outputs=[out]))
         self.graph.outputs[index] = out
         self.graph.toposort()
 

@@ -22,9 +22,16 @@ from onnxfib.stats import count_parameters
 V, TYPES, D, F, K, EXTRA = 11, 2, 5, 7, 3, 4
 
 
-def _stream_model(p: dict[str, np.ndarray], stream_out: bool, opset: int = 17) -> onnx.ModelProto:
-    """ids, types -> Gather + Gather -> Add -> LN -> FFN (+ residual) -> LN [-> projection] -> y."""
-    inits = [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in p.items()]
+def _stream_model(p: dict[str, np.ndarray], end: str = "projected", opset: int = 17,
+                  bias2: bool = True) -> onnx.ModelProto:
+    """ids, types -> Gather + Gather -> Add -> LN -> FFN (+ residual) -> LN -> ``end``: a projection
+    of every token (``projected``), nothing (``stream``: the stream is the output), or BERT's
+    pooler (``pooled``: token 0 by a Gather along the sequence axis, then the projection)."""
+    unused = ({"Wo", "co"} if end == "stream" else set()) | (set() if bias2 else {"b2"})
+    inits = [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in p.items() if k not in unused]
+    if end == "pooled":
+        inits.append(numpy_helper.from_array(np.asarray(0, dtype=np.int64), "first"))
+    last = ["r", "g2", "b2"] if bias2 else ["r", "g2"]
     nodes = [
         helper.make_node("Gather", ["E", "ids"], ["we"], axis=0),
         helper.make_node("Gather", ["T", "types"], ["te"], axis=0),
@@ -36,16 +43,18 @@ def _stream_model(p: dict[str, np.ndarray], stream_out: bool, opset: int = 17) -
         helper.make_node("MatMul", ["z", "W2"], ["f"]),
         helper.make_node("Add", ["f", "c2"], ["fb"]),
         helper.make_node("Add", ["h", "fb"], ["r"]),
-        helper.make_node("LayerNormalization", ["r", "g2", "b2"], ["y" if stream_out else "n"], axis=-1, epsilon=1e-5),
+        helper.make_node("LayerNormalization", last, ["y" if end == "stream" else "n"], axis=-1, epsilon=1e-5),
     ]
-    if not stream_out:
-        nodes += [helper.make_node("MatMul", ["n", "Wo"], ["o"]), helper.make_node("Add", ["o", "co"], ["y"])]
-    width = p["g2"].size if stream_out else K
+    if end == "pooled":
+        nodes.append(helper.make_node("Gather", ["n", "first"], ["n0"], axis=1))
+    if end != "stream":
+        nodes += [helper.make_node("MatMul", ["n0" if end == "pooled" else "n", "Wo"], ["o"]),
+                  helper.make_node("Add", ["o", "co"], ["y"])]
+    shape = {"projected": ["batch", "seq", K], "stream": ["batch", "seq", p["g2"].size], "pooled": ["batch", K]}[end]
     graph = helper.make_graph(
         nodes, "stream",
         [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("ids", "types")],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", width])],
-        [i for i in inits if stream_out is False or i.name not in ("Wo", "co")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
@@ -80,26 +89,29 @@ def _feeds(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"ids": rng.integers(0, V, (3, 4)).astype(np.int64), "types": rng.integers(0, TYPES, (3, 4)).astype(np.int64)}
 
 
-@pytest.mark.parametrize("stream_out", [False, True], ids=["projected", "stream-is-output"])
-def test_planted_stream_lift_collapses_to_base(stream_out):
+CASES = [("projected", 17, True), ("stream", 17, True), ("pooled", 17, True), ("projected", 18, False)]
+
+
+@pytest.mark.parametrize("end,opset,bias2", CASES, ids=[f"{e}-opset{o}{'' if b else '-no-bias'}" for e, o, b in CASES])
+def test_planted_stream_lift_collapses_to_base(end, opset, bias2):
     """Back to the base's count plus D weights and one epsilon; outputs equal the lift's. Where the
     stream is the graph output, it is re-expanded there by a Gather (no weights)."""
     rng = np.random.default_rng(0)
     base = _base(rng)
     source, share = lift_map(rng, D, EXTRA)
-    lifted = _stream_model(_lift(base, source, share), stream_out)
+    lifted = _stream_model(_lift(base, source, share), end, opset, bias2)
     analysis, out, params = compress_and_compare(lifted, _feeds(rng))
-    assert params == count_parameters(_stream_model(base, stream_out)) + D + 1
+    assert params == count_parameters(_stream_model(base, end, opset, bias2)) + D + 1
     assert {n.op_type for n in out.graph.node} >= {"ReduceSum", "Sqrt", "Div"}
     assert "LayerNormalization" not in {n.op_type for n in out.graph.node}
-    assert [layer.width_after for layer in analysis.layers] == ([F, D] + ([] if stream_out else [K]))
-    if stream_out:
+    assert [layer.width_after for layer in analysis.layers] == ([F, D] + ([] if end == "stream" else [K]))
+    if end == "stream":
         expand = [n for n in out.graph.node if n.output[0] == "y"]
         assert expand[0].op_type == "Gather"
         dims = [d.dim_value or d.dim_param for d in out.graph.output[0].type.tensor_type.shape.dim]
         assert dims == ["batch", "seq", D + EXTRA]
-    lifted_y = run(lifted, _feeds(np.random.default_rng(5)))
-    np.testing.assert_allclose(run(out, _feeds(np.random.default_rng(5))), lifted_y, rtol=1e-5, atol=1e-5)
+    feeds = _feeds(np.random.default_rng(5))
+    np.testing.assert_allclose(run(out, feeds), run(lifted, feeds), rtol=1e-5, atol=1e-5)
 
 
 def test_the_weighted_statistics_are_not_the_base_statistics():
@@ -109,7 +121,7 @@ def test_the_weighted_statistics_are_not_the_base_statistics():
     base = _base(rng)
     source, share = lift_map(rng, D, EXTRA)
     feeds = _feeds(rng)
-    lifted, plain = _stream_model(_lift(base, source, share), False), _stream_model(base, False)
+    lifted, plain = _stream_model(_lift(base, source, share)), _stream_model(base)
     assert not np.allclose(run(lifted, feeds), run(plain, feeds), rtol=1e-3, atol=1e-3)
 
 
@@ -128,7 +140,28 @@ def test_unequal_channels_do_not_merge_through_layer_norm(broken):
     else:
         lifted["g1"][-1] += 0.5
         lifted["g2"][-1] += 0.5
-    model = _stream_model(lifted, False)
+    model = _stream_model(lifted)
     analysis, _, params = compress_and_compare(model, _feeds(rng))
     assert params == count_parameters(model)
     assert [layer.width_after for layer in analysis.layers] == [F, D + 1, K]
+
+
+def test_proportional_embedding_columns_merge_into_a_layer():
+    """The scale rule on embedding columns: a column copied at twice its scale, read directly by
+    a layer (no LayerNorm between), merges with that scale folded into the layer's column."""
+    rng = np.random.default_rng(2)
+    table, w, c = rng.standard_normal((V, D)), rng.standard_normal((D, K)), rng.standard_normal(K)
+    source, share = lift_map(rng, D, 2)
+    scale = np.where(np.arange(source.size) >= D, 2.0, 1.0)
+    inits = [numpy_helper.from_array(table[:, source] * scale, "E"),
+             numpy_helper.from_array(w[source] * (share / scale)[:, None], "W"), numpy_helper.from_array(c, "c")]
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], axis=0), helper.make_node("MatMul", ["e", "W"], ["m"]),
+             helper.make_node("Add", ["m", "c"], ["y"])]
+    inits = [numpy_helper.from_array(i.astype(np.float32), n) for i, n in
+             ((numpy_helper.to_array(t), t.name) for t in inits)]
+    graph = helper.make_graph(nodes, "embedding", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", K])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _, out, params = compress_and_compare(model, {"ids": rng.integers(0, V, (3, 4)).astype(np.int64)})
+    assert params == table.size + w.size + c.size

@@ -17,7 +17,6 @@ import onnx_graphsurgeon as gs
 from ..graph import GraphView
 from .base import Context, Port, Site
 from .elementwise import Kind, UnarySite
-from .linear import _along
 
 
 @dataclass
@@ -37,13 +36,6 @@ class EmbeddingSite(Site):
         plan = ctx.plan(self.outputs[0])
         if plan is not None:
             ctx.graph.set_constant(self.nodes[0], 0, plan.fit_base(self._table(), 1))
-
-    def can_rescale(self, ctx: Context, port: Port) -> bool:
-        return True
-
-    def rescale(self, ctx: Context, port: Port, factors: np.ndarray) -> None:
-        table = self._table().astype(np.float64)
-        ctx.graph.set_constant(self.nodes[0], 0, table * _along(factors, 1, 2))
 
 
 def bind_gather(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
