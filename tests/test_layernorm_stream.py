@@ -86,7 +86,8 @@ def _lift(p: dict[str, np.ndarray], source: np.ndarray, share: np.ndarray) -> di
 
 
 def _feeds(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {"ids": rng.integers(0, V, (3, 4)).astype(np.int64), "types": rng.integers(0, TYPES, (3, 4)).astype(np.int64)}
+    return {"ids": rng.integers(0, V, (3, 4)).astype(np.int64),
+            "types": rng.integers(0, TYPES, (3, 4)).astype(np.int64)}
 
 
 CASES = [("projected", 17, True), ("stream", 17, True), ("pooled", 17, True), ("projected", 18, False)]
@@ -153,15 +154,34 @@ def test_proportional_embedding_columns_merge_into_a_layer():
     table, w, c = rng.standard_normal((V, D)), rng.standard_normal((D, K)), rng.standard_normal(K)
     source, share = lift_map(rng, D, 2)
     scale = np.where(np.arange(source.size) >= D, 2.0, 1.0)
-    inits = [numpy_helper.from_array(table[:, source] * scale, "E"),
-             numpy_helper.from_array(w[source] * (share / scale)[:, None], "W"), numpy_helper.from_array(c, "c")]
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for v, n in
+             ((table[:, source] * scale, "E"), (w[source] * (share / scale)[:, None], "W"), (c, "c"))]
     nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], axis=0), helper.make_node("MatMul", ["e", "W"], ["m"]),
              helper.make_node("Add", ["m", "c"], ["y"])]
-    inits = [numpy_helper.from_array(i.astype(np.float32), n) for i, n in
-             ((numpy_helper.to_array(t), t.name) for t in inits)]
-    graph = helper.make_graph(nodes, "embedding", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+    graph = helper.make_graph(nodes, "embedding",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", K])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    _, out, params = compress_and_compare(model, {"ids": rng.integers(0, V, (3, 4)).astype(np.int64)})
+    _, _, params = compress_and_compare(model, {"ids": rng.integers(0, V, (3, 4)).astype(np.int64)})
     assert params == table.size + w.size + c.size
+
+
+def test_half_precision_layer_norm_keeps_its_width():
+    """A float16 LayerNorm computes its statistics in float32 (stash_type); the weighted form
+    would not, so it keeps its width: a lift through it stays as it is, outputs unchanged."""
+    rng = np.random.default_rng(3)
+    x_w, gamma, beta = rng.standard_normal((K, D)), rng.uniform(0.5, 2, D), rng.standard_normal(D)
+    source, _ = lift_map(rng, D, 2)
+    inits = [numpy_helper.from_array(v.astype(np.float16), n)
+             for v, n in ((x_w[:, source], "W"), (gamma[source], "g"), (beta[source], "b"))]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "g", "b"], ["y"], axis=-1)]
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", D + 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    analysis, _, params = compress_and_compare(model, {"x": rng.standard_normal((4, K)).astype(np.float16)},
+                                               rtol=1e-3, atol=1e-3)
+    assert params == count_parameters(model)
+    assert [layer.width_after for layer in analysis.layers] == [D + 2]

@@ -212,7 +212,8 @@ def lift_bert_stream(model: nn.Module, extra: int, rng: np.random.Generator):
 
     for layer in _bert_layers(lifted):
         att = layer.attention
-        att.self.query, att.self.key, att.self.value = (reader(l) for l in (att.self.query, att.self.key, att.self.value))
+        qkv = (att.self.query, att.self.key, att.self.value)
+        att.self.query, att.self.key, att.self.value = (reader(lin) for lin in qkv)
         att.output.dense, att.output.LayerNorm = writer(att.output.dense), _layer_norm(att.output.LayerNorm, m)
         layer.intermediate.dense = reader(layer.intermediate.dense)
         layer.output.dense, layer.output.LayerNorm = writer(layer.output.dense), _layer_norm(layer.output.LayerNorm, m)

@@ -5,7 +5,8 @@ m_c), the row's mean and variance are the m_c / n weighted statistics of the bas
 LayerNorm is ``gamma_c (x_c - mean_w) / sqrt(var_w + epsilon) + beta_c`` (DESIGN §2, Weighted
 LayerNorm). Input and output are tied channel for channel; only truly equal channels (unit
 scales) with equal gamma and beta share a color. A LayerNorm whose input is not a channel
-port (it comes from a barrier) pins its output width as before.
+port (it comes from a barrier), or whose scale is not float32/float64, pins its output width
+as before.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class LayerNormSite(Site):
     def pinned(self) -> dict[str, str]:
         if self.inputs:
             return {}
-        return {self.outputs[0].name: f"comes from {self.nodes[0].op} (its input is not a channel port)"}
+        return {self.outputs[0].name: f"comes from {self.nodes[0].op} (its input is not a float32/64 channel port)"}
 
     @property
     def expands_output(self) -> bool:
@@ -97,7 +98,8 @@ class LayerNormSite(Site):
             op("Mul", [normalised, scale], y)
         else:
             merged_beta = plan.fit_base(beta.astype(np.float64), 0)
-            op("Add", [op("Mul", [normalised, scale]), gs.Constant(f"{name}__onnxfib_bias", merged_beta.astype(dtype))], y)
+            bias = gs.Constant(f"{name}__onnxfib_bias", merged_beta.astype(dtype))
+            op("Add", [op("Mul", [normalised, scale]), bias], y)
         graph.replace_nodes([node], nodes)
 
 
@@ -113,7 +115,10 @@ def bind_layer_norm(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> 
     if not only_first_output_used(node, graph) or not (axis == -1 or (rank is not None and axis == rank - 1)):
         return None
     port = known.get(x.name)
-    source = port if port is not None and port.axis == -1 and port.width == scale.size else None
+    # float16/bfloat16: the fused op computes its statistics in float32 (stash_type), the
+    # weighted form would not, so such a LayerNorm keeps its width
+    wide = scale.dtype in (np.float32, np.float64)
+    source = port if wide and port is not None and port.axis == -1 and port.width == scale.size else None
     out = Port(node.outputs[0], -1, int(scale.size))
     if source is None:
         return LayerNormSite(nodes=[node], inputs=[], outputs=[out], coupled=False)
