@@ -71,6 +71,7 @@ class Analysis:
         self._collapsed: onnx.ModelProto | None = None
         self.sites = self._bind(registry or default_registry())
         self._ports = self._ports_by_tensor()
+        self._expanding: dict[str, Port] = {}  # graph outputs that narrow and are re-expanded
         self._freeze = self._freeze_reasons()
         self.layer_eps = self._site_eps(float(eps), dict(layer_eps or {}))
         tolerances = {id(site): Tolerance(self.layer_eps.get(id(site), float(eps)), trees=trees) for site in self.sites}
@@ -179,6 +180,9 @@ class Analysis:
         for name, uses in self._ports.items():
             tensor: gs.Variable = uses[0][1].tensor
             reason = self.graph.is_boundary(tensor)
+            if reason == "graph output" and self._expandable(tensor, uses):
+                self._expanding[name] = uses[0][1]
+                reason = None
             if len({(p.axis, p.width) for _, p in uses}) > 1:
                 reason = reason or "its channel axis is read two ways"
             producer = tensor.inputs[0] if tensor.inputs else None
@@ -193,7 +197,21 @@ class Analysis:
         for site in self.sites:
             for name, reason in site.pinned().items():
                 reasons.setdefault(name, reason)
+        for name in reasons:
+            self._expanding.pop(name, None)
         return reasons
+
+    def _expandable(self, tensor: gs.Variable, uses: list[tuple[Site, Port]]) -> bool:
+        """Whether a graph output may narrow and be re-expanded (``GraphView.expand_output``):
+        a floating-point tensor whose producer allows it (``Site.expands_output``)."""
+        producer = self._producer(uses[0][1])
+        if producer is None or not producer.expands_output:
+            return False
+        try:
+            floating = tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.floating)
+        except TypeError:
+            floating = False
+        return floating and tensor.name not in self.graph.input_names
 
     def _settle_opfiber(self, port: Port) -> Partition:
         """Opfibers of a tensor: the meet over its consumers (discrete at the model's edge)."""
@@ -269,6 +287,10 @@ class Analysis:
         if self._collapsed is None:
             for site in self.sites:
                 site.rewrite(self)
+            for name, port in self._expanding.items():
+                plan = self._plans.get(name)
+                if plan is not None and not plan.partition.is_discrete:  # unit scales: LayerNorm's
+                    self.graph.expand_output(port.tensor, plan.partition.labels, port.axis)
             for name in self._plans:
                 self.graph.forget_shape(self._ports[name][0][1].tensor)
             self._collapsed = self.graph.export()

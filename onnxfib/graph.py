@@ -52,6 +52,7 @@ class GraphView:
         self._rewritten: dict[tuple[str, str, tuple[int, ...], bytes], gs.Constant] = {}
         self._origin: dict[int, str] = {}  # id of a constant made by set_constant -> shared tensor's name
         self._shared: set[str] = set()  # names of shared constants that set_constant replaced
+        self._made: dict[tuple[str, tuple[int, ...], bytes], gs.Constant] = {}  # shared_constant's
 
     def _materialise_constant_nodes(self) -> None:
         for node in self.graph.nodes:
@@ -323,12 +324,36 @@ class GraphView:
             values[position] = value
             self.set_constant(node, index, values)
 
-    def replace_nodes(self, old: list[gs.Node], new: gs.Node) -> None:
+    def replace_nodes(self, old: list[gs.Node], new: gs.Node | list[gs.Node]) -> None:
         """Let ``new`` produce the outputs it names instead of the nodes ``old``, which go."""
         for node in old:
             node.inputs.clear()
             node.outputs.clear()
-        self.graph.nodes.append(new)
+        self.graph.nodes.extend(new if isinstance(new, list) else [new])
+        self.graph.toposort()
+
+    def shared_constant(self, values: np.ndarray, dtype: np.dtype, hint: str) -> gs.Constant:
+        """A new constant holding ``values``; equal values asked for again share it."""
+        values = np.ascontiguousarray(np.asarray(values).astype(dtype))
+        key = (values.dtype.str, values.shape, hashlib.sha256(values.tobytes()).digest())
+        if key not in self._made:
+            self._made[key] = gs.Constant(f"onnxfib_{hint}{len(self._made) + 1}", values)
+        return self._made[key]
+
+    def expand_output(self, tensor: gs.Variable, labels: np.ndarray, axis: int) -> None:
+        """Keep a narrowed graph output's width: its producer and readers keep the narrowed tensor
+        (renamed), and a Gather along ``axis`` by ``labels`` writes the output's name, dtype and
+        shape (channel i is base channel ``labels[i]``)."""
+        name, shape, dtype = tensor.name, tensor.shape, tensor.dtype
+        if shape is not None and axis < 0:
+            axis += len(shape)  # opsets before 11 take no negative Gather axis
+        tensor.name = f"{name}__onnxfib_base"
+        index = next(i for i, t in enumerate(self.graph.outputs) if t is tensor)
+        out = gs.Variable(name, dtype=dtype, shape=shape)
+        indices = gs.Constant(f"{name}__onnxfib_labels", np.asarray(labels, dtype=np.int64))
+        self.graph.nodes.append(gs.Node("Gather", f"{name}__onnxfib_expand", {"axis": axis},
+                                        inputs=[tensor, indices], outputs=[out]))
+        self.graph.outputs[index] = out
         self.graph.toposort()
 
     def forget_shape(self, tensor: gs.Variable) -> None:

@@ -44,6 +44,7 @@ from planted_utils import (  # noqa: E402
 from transformer_lifting import (  # noqa: E402
     lift_bert_ffn,
     lift_bert_heads,
+    lift_bert_stream,
     lift_rnn,
     lift_transformer_ffn,
     plant_mha_head_duplicates,
@@ -124,6 +125,7 @@ def _assert_params(result, case: Case, expected: int) -> None:
 
 FFN_EXTRA = [40, 0, 17, 64, 5, 23]  # per layer; layer 1 is left as it is
 HEAD_EXTRA = 3                      # every head of every layer: 32 -> 35 dimensions
+STREAM_EXTRA = 29                   # residual stream: 384 -> 413 channels
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +148,8 @@ def _minilm_case(exports: _Exports, minilm, variant: str, exporter: str) -> Case
             m, _ = lift_bert_ffn(model, FFN_EXTRA, np.random.default_rng(1))
         elif variant == "heads":
             m, _ = lift_bert_heads(model, HEAD_EXTRA, np.random.default_rng(2))
+        elif variant == "stream":
+            m, _ = lift_bert_stream(model, STREAM_EXTRA, np.random.default_rng(5))
         elif variant == "both":
             m, _ = lift_bert_heads(model, HEAD_EXTRA, np.random.default_rng(3))
             m, _ = lift_bert_ffn(m, FFN_EXTRA, np.random.default_rng(4))
@@ -215,6 +219,27 @@ def test_minilm_head_lift_collapses_to_base(exports, minilm, variant, exporter):
     _check_model(result, case, MINILM_RTOL, MINILM_ATOL_REL)
     _assert_params(result, case, base.params)
     assert sorted({l.width_after for l in result.report.layers}) == [384, 1536], _layers(result)
+
+
+def test_minilm_stream_lift_collapses_to_base(exports, minilm):
+    """A planted residual-stream lift (embedding columns, writers' rows and every LayerNorm's
+    weight and bias copied, readers' columns split) merges through the 13 LayerNorms with
+    weighted statistics: exactly the base's parameter count plus one shared weight vector (384)
+    and one shared epsilon, every layer back to its base width, and the lift's outputs
+    (``last_hidden_state`` re-expanded to 413 channels by a Gather) at rtol 1e-5."""
+    model, _ = minilm
+    base = _minilm_case(exports, minilm, "base", "legacy")
+    case = _minilm_case(exports, minilm, "stream", "legacy")
+    c = model.config
+    readers_writers = 3 * 384 + (384 + 1) + c.intermediate_size + (c.intermediate_size + 1) + 2 * 2
+    per_channel = c.vocab_size + c.max_position_embeddings + c.type_vocab_size + 2 + 6 * readers_writers + 384
+    assert case.params == base.params + STREAM_EXTRA * per_channel
+    result = _minilm_compress(case)
+    _check_model(result, case, RTOL, 1e-5)
+    _assert_params(result, case, base.params + 384 + 1)
+    assert sorted({l.width_after for l in result.report.layers}) == [384, 1536], _layers(result)
+    writers = [l for l in result.report.layers if l.width == 384 + STREAM_EXTRA]
+    assert len(writers) == 12 and all(l.width_after == 384 for l in writers), _layers(result)
 
 
 # ------------------------------------------------------------------- torch transformer stacks

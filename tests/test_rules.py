@@ -294,7 +294,9 @@ def test_weights_reached_through_identity_are_constants():
 def test_layer_norm_output_fibers_reach_the_layers_reading_it(decomposed):
     """Channels 0 and 1 of the residual stream are synchronized; after LayerNormalization (with
     equal scale and bias on them) they still are, so rows of the next layer that split their
-    weight differently between channels 0 and 1 form one fiber. The stream keeps its width."""
+    weight differently between channels 0 and 1 form one fiber. The decomposed form keeps the
+    stream's width (its reductions over channels are barriers); the fused op narrows it too, with
+    weighted statistics (one weight per base channel and an epsilon)."""
     rng = np.random.default_rng(16)
     w1, b1 = rng.standard_normal((4, K)), rng.standard_normal(4)
     w1[1], b1[1] = w1[0], b1[0]
@@ -318,8 +320,13 @@ def test_layer_norm_output_fibers_reach_the_layers_reading_it(decomposed):
     y = g.op("Gemm", [z, g.const(w3[:, source] * share), g.const(np.zeros(M))], transB=1)
     model = g.model({"x": ["batch", K]}, y, ["batch", M])
     analysis, _, params = compress_and_compare(model, {"x": rng.standard_normal((5, K)).astype(np.float32)})
-    assert params == count_parameters(model) - 2 * (4 + 1) - 2 * M
-    assert [layer.width_after for layer in analysis.layers] == [4, 3, M]
+    if decomposed:
+        assert params == count_parameters(model) - 2 * (4 + 1) - 2 * M
+        assert [layer.width_after for layer in analysis.layers] == [4, 3, M]
+    else:  # channel 1 merges into 0: its row and bias, gamma and beta, the (merged) reader's
+        merged = (K + 1) + 2 + 3 - (3 + 1)  # column go; 3 weights and an epsilon come
+        assert params == count_parameters(model) - 2 * (4 + 1) - 2 * M - merged
+        assert [layer.width_after for layer in analysis.layers] == [3, 3, M]
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])

@@ -50,6 +50,7 @@ __all__ = [
     "lift_linear_pair",
     "lift_bert_ffn",
     "lift_bert_heads",
+    "lift_bert_stream",
     "HeadLift",
     "transformer_stack",
     "lift_transformer_ffn",
@@ -172,6 +173,53 @@ def lift_bert_heads(model: nn.Module, extra: int, rng: np.random.Generator):
         att.scaling = scaling
         lifts.append(hl)
     return lifted, lifts
+
+
+def _layer_norm(norm: nn.LayerNorm, m: ChannelMap) -> nn.LayerNorm:
+    lifted = nn.LayerNorm(m.n_lifted, eps=norm.eps, dtype=norm.weight.dtype)
+    with torch.no_grad():
+        lifted.weight.copy_(norm.weight[torch.from_numpy(m.source)])
+        lifted.bias.copy_(norm.bias[torch.from_numpy(m.source)])
+    return lifted.train(norm.training)
+
+
+def _embedding(emb: nn.Embedding, m: ChannelMap) -> nn.Embedding:
+    lifted = nn.Embedding(emb.num_embeddings, m.n_lifted, padding_idx=emb.padding_idx, dtype=emb.weight.dtype)
+    with torch.no_grad():
+        lifted.weight.copy_(emb.weight[:, torch.from_numpy(m.source)])
+    return lifted.train(emb.training)
+
+
+def lift_bert_stream(model: nn.Module, extra: int, rng: np.random.Generator):
+    """Lift the residual stream (hidden size) of a Hugging Face BERT-style model by ``extra``
+    copies of random stream channels: embedding columns, every writer's rows (attention output
+    and FFN output projections) and every LayerNorm's weight and bias copied; every reader's
+    columns (Q/K/V, FFN input, pooler) split. The lifted LayerNorms see the copies, so their
+    statistics are the base's multiplicity-weighted ones: the lift is *not* the base's function,
+    but collapsing it with weighted LayerNorms reproduces the lift. Returns ``(lifted, map)``."""
+    lifted = copy.deepcopy(model)
+    emb = lifted.embeddings
+    m = channel_map(emb.word_embeddings.embedding_dim, extra, rng)
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        setattr(emb, name, _embedding(getattr(emb, name), m))
+    emb.LayerNorm = _layer_norm(emb.LayerNorm, m)
+
+    def writer(lin: nn.Linear) -> nn.Linear:
+        return _linear(*lift_rows(_np(lin.weight), _np(lin.bias), m), lin)
+
+    def reader(lin: nn.Linear) -> nn.Linear:
+        return _linear(split_columns(_np(lin.weight), m), _np(lin.bias), lin)
+
+    for layer in _bert_layers(lifted):
+        att = layer.attention
+        qkv = (att.self.query, att.self.key, att.self.value)
+        att.self.query, att.self.key, att.self.value = (reader(lin) for lin in qkv)
+        att.output.dense, att.output.LayerNorm = writer(att.output.dense), _layer_norm(att.output.LayerNorm, m)
+        layer.intermediate.dense = reader(layer.intermediate.dense)
+        layer.output.dense, layer.output.LayerNorm = writer(layer.output.dense), _layer_norm(layer.output.LayerNorm, m)
+    if getattr(lifted, "pooler", None) is not None:
+        lifted.pooler.dense = reader(lifted.pooler.dense)
+    return lifted, m
 
 
 # ------------------------------------------------------------------- torch transformer stacks

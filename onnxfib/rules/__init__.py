@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from . import conv, elementwise, layout, linear, normalization, recurrent
+from . import conv, elementwise, gather, layout, linear, normalization, recurrent
 from .base import Context, Plan, Port, Rule, Site
 
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")
@@ -45,6 +45,7 @@ def default_registry() -> Registry:
     conv.register(registry)
     layout.register(registry)
     normalization.register(registry)
+    gather.register(registry)
     recurrent.register(registry)
     return registry
 

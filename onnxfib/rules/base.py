@@ -97,6 +97,13 @@ class Site:
         """Ports whose width this site needs unchanged, with the reason (none by default)."""
         return {}
 
+    @property
+    def expands_output(self) -> bool:
+        """Whether an output of this site that is a graph output may narrow, re-expanded to its
+        width by a Gather of the merged channels (the residual stream's last LayerNorm); other
+        graph outputs keep their width. Such an output's colors must have unit scales."""
+        return False
+
     def constraints(self, ctx: Context) -> dict[str, np.ndarray]:
         """Extra labels per port: channels with different labels must not merge (none by default)."""
         return {}
