@@ -6,7 +6,8 @@
 
 Runs, in order: ``fashion_cnn.py`` (the CNN across eps), ``lenet_fashion.py`` (LeNet-300-100
 and 784-500-500-500-10 against the baselines of ``baselines.py``), ``continual.py`` (continual
-learning: SGD, continual backprop, symmetry breaking) and ``collapse_retrain.py`` (Algorithm 1).
+learning: SGD, continual backprop, symmetry breaking), ``collapse_retrain.py`` (Algorithm 1) and
+``speed.py`` (CPU time and memory against onnxslim on BERT and wide MLPs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SCRIPTS = ("fashion_cnn", "lenet_fashion", "continual", "collapse_retrain")
+SCRIPTS = ("fashion_cnn", "lenet_fashion", "continual", "collapse_retrain", "speed")
 
 
 def main(argv: list[str] | None = None) -> int:
