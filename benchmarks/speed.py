@@ -38,7 +38,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sections import markers, quiet, write_section  # noqa: E402
+sys.path.insert(0, str(HERE.parent / "tests"))
+from planted_utils import MINILM_INPUTS as BERT_INPUTS  # noqa: E402
+from planted_utils import export_hf_encoder  # noqa: E402
+from sections import markers, write_section  # noqa: E402
 
 import onnxfib  # noqa: E402
 from onnxfib.stats import count_parameters  # noqa: E402
@@ -172,15 +175,13 @@ def build_mlp(path: Path, sizes: tuple[int, ...], seed: int = SEED) -> Case:
                 ["--input-shape", "x:1,%d" % sizes[0]], external)
 
 
-BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
 def build_bert(path: Path, layers: int, seed: int = SEED, **config) -> Case:
     """BertModel(BertConfig(num_hidden_layers=layers, **config)), random init from ``seed`` (biases
     and LayerNorm parameters drawn too, so that no two initializers are equal and the exporter
-    shares none), eager attention, exported by the legacy exporter (opset 17, dynamic batch and sequence axes); in every
-    layer the last 1/PLANTED rows of ``intermediate.dense`` copy the first ones, so the base drops
-    them and the matching columns of ``output.dense``."""
+    shares none), eager attention, exported by the tests' ``export_hf_encoder`` (legacy exporter,
+    opset 17, dynamic batch and sequence axes); in every layer the last 1/PLANTED rows of
+    ``intermediate.dense`` copy the first ones, so the base drops them and the matching columns of
+    ``output.dense``."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from transformers import BertConfig, BertModel
@@ -198,23 +199,7 @@ def build_bert(path: Path, layers: int, seed: int = SEED, **config) -> Case:
             dense.weight[-copies:], dense.bias[-copies:] = dense.weight[:copies].clone(), dense.bias[:copies].clone()
             removed += copies * (dense.in_features + 1 + layer.output.dense.out_features)
 
-    class Encoder(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                             return_dict=False)
-            return out[0], out[1]
-
-    example = tuple(torch.ones(1, 16, dtype=torch.int64) for _ in BERT_INPUTS)
-    axes = {0: "batch", 1: "seq"}
-    with quiet(), torch.no_grad():
-        torch.onnx.export(Encoder(model).eval(), example, str(path), dynamo=False, opset_version=17,
-                          input_names=list(BERT_INPUTS), output_names=["last_hidden_state", "pooler_output"],
-                          dynamic_axes={**{k: axes for k in BERT_INPUTS}, "last_hidden_state": axes,
-                                        "pooler_output": {0: "batch"}})
+    export_hf_encoder(model, path, {k: np.ones((1, 16), np.int64) for k in BERT_INPUTS})
     params = count_parameters(onnx.load(str(path), load_external_data=False))
     seq = min(SEQ, model.config.max_position_embeddings)
     options = [arg for k in BERT_INPUTS for arg in ("--input-shape", f"{k}:1,{seq}")]
@@ -335,10 +320,12 @@ def run(families: list[str], layers: tuple[int, ...], widths: tuple[int, ...], r
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
             cases.append(run_case(case, tmp, repeat, timeout))
         if checkpoint:
-            checkpoint.write_text(json.dumps({"benchmark": NAME, "partial": True, "machine": info, "cases": cases}) + "\n")
+            partial = {"benchmark": NAME, "partial": True, "machine": info, "cases": cases}
+            checkpoint.write_text(json.dumps(partial) + "\n")
     data = {"benchmark": NAME, "machine": info, "repeat": repeat, "timeout_s": timeout, "seq": SEQ,
             "planted_share": 1 / PLANTED, "tools": {tool: " ".join(args[1:]) for tool, args in TOOLS.items()},
-            "startup": startup, "cases": cases, "scaling": scaling(cases), "seconds": round(time.perf_counter() - start, 1),
+            "startup": startup, "cases": cases, "scaling": scaling(cases),
+            "seconds": round(time.perf_counter() - start, 1),
             "versions": {"onnxfib": onnxfib.__version__, "onnxslim": onnxslim.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "python": platform.python_version()}}
@@ -366,13 +353,14 @@ def markdown(data: dict) -> str:
           f"{'–' if g['met'] is None else ('yes' if g['met'] else '**no**')} |" for g in data["goals"]),
         "", "### Per model", "",
         "| model | parameters | base (planted) | file MiB | tool | CPU s | wall s | peak RSS MiB | RSS / file "
-        "| parameters after | CPU / onnxslim | RSS / onnxslim |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| parameters after | CPU / onnxslim | RSS / onnxslim |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in data["cases"]:
         for tool, s in case["summary"].items():
             first = tool == EXACT
-            head = (f"| {case['name']} | {case['params']:,} | {case['base_params']:,} | {case['file_mb']:,.0f} " if first
-                    else "| | | | ")
+            head = (f"| {case['name']} | {case['params']:,} | {case['base_params']:,} | {case['file_mb']:,.0f} "
+                    if first else "| | | | ")
             if not s["ok"]:
                 last = case["runs"][tool][-1]
                 why = f"timed out ({last['wall_s']:.0f} s)" if last["timed_out"] else f"failed (exit {last['exit']})"
