@@ -299,19 +299,15 @@ def goals(data: dict) -> list[dict]:
 
 def run(families: list[str], layers: tuple[int, ...], widths: tuple[int, ...], repeat: int, timeout: float,
         checkpoint: Path | None = None) -> dict:
-    """Build and measure every model of ``families``; the cases so far go to ``checkpoint`` after each."""
-    import onnxslim
-    import onnxruntime
-    import torch
-    import transformers
-
+    """Build and measure every model of ``families``; the figures so far (``"partial": true``) go to
+    ``checkpoint`` after each model, so that a run stopped early still leaves its JSON."""
     start, cases = time.perf_counter(), []
     info = machine()
     startup = {tool: measure([sys.executable, "-m", tool, "--help"]) for tool in ("onnxfib", "onnxslim")}
     plan = ([("bert", n) for n in layers] if "bert" in families else []) + \
            ([("mlp", (MLP_IO, w, w, MLP_IO)) for w in widths] if "mlp" in families else []) + \
            ([("mlp", LARGE)] if "large" in families else [])
-    for family, size in plan:
+    for index, (family, size) in enumerate(plan):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             t0 = time.perf_counter()
@@ -319,18 +315,26 @@ def run(families: list[str], layers: tuple[int, ...], widths: tuple[int, ...], r
             print(f"{case.name}: {case.params:,} parameters, {case.file_bytes / 2**20:.0f} MiB, built in "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
             cases.append(run_case(case, tmp, repeat, timeout))
-        if checkpoint:
-            partial = {"benchmark": NAME, "partial": True, "machine": info, "cases": cases}
-            checkpoint.write_text(json.dumps(partial) + "\n")
+        data = summarize(info, startup, cases, repeat, timeout, time.perf_counter() - start)
+        if checkpoint and index < len(plan) - 1:
+            checkpoint.write_text(json.dumps(data | {"partial": True}, indent=2) + "\n")
+    return data
+
+
+def summarize(info: dict, startup: dict, cases: list[dict], repeat: int, timeout: float, seconds: float) -> dict:
+    """The benchmark's JSON: settings, machine, start-up, cases, scaling fits, goals and versions."""
+    import onnxruntime
+    import onnxslim
+    import torch
+    import transformers
+
     data = {"benchmark": NAME, "machine": info, "repeat": repeat, "timeout_s": timeout, "seq": SEQ,
             "planted_share": 1 / PLANTED, "tools": {tool: " ".join(args[1:]) for tool, args in TOOLS.items()},
-            "startup": startup, "cases": cases, "scaling": scaling(cases),
-            "seconds": round(time.perf_counter() - start, 1),
+            "startup": startup, "cases": cases, "scaling": scaling(cases), "seconds": round(seconds, 1),
             "versions": {"onnxfib": onnxfib.__version__, "onnxslim": onnxslim.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "python": platform.python_version()}}
-    data["goals"] = goals(data)
-    return data
+    return data | {"goals": goals(data)}
 
 
 def _num(value: float | None, fmt: str = ".2f") -> str:
@@ -347,7 +351,9 @@ def markdown(data: dict) -> str:
         f"the median of {data['repeat']} run(s), tools alternating; peak RSS is the child's `ru_maxrss`. "
         f"Models carry planted copies (the last {data['planted_share']:.1%} of every FFN or hidden layer's rows "
         f"copy the first ones); onnxfib validates BERT on 1 x {data['seq']} tokens. "
-        f"A run over {data['timeout_s']:.0f} s is stopped and shown as timed out.", "",
+        f"A run over {data['timeout_s']:.0f} s is stopped and shown as timed out."
+        + (f" **Partial run**: {data['partial'] if isinstance(data['partial'], str) else 'stopped early'}."
+           if data.get("partial") else ""), "",
         "### Goals (issue 11)", "", "| goal | target | measured | met |", "|---|---|---:|---|",
         *(f"| {g['goal']} | {g['target']} | {_num(g['measured'])} | "
           f"{'–' if g['met'] is None else ('yes' if g['met'] else '**no**')} |" for g in data["goals"]),
@@ -393,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool and model (median)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per run")
     parser.add_argument("--no-write", action="store_true", help="print the section, write nothing")
+    parser.add_argument("--section", action="store_true", help="rewrite the RESULTS.md section from the JSON only")
     args = parser.parse_args(argv)
+    if args.section:
+        write_section(NAME, markdown(json.loads(RESULTS_JSON.read_text())))
+        return 0
     if args.quick:
         args.layers, args.widths = [2], [256, 1024]
     data = run(args.only + (["large"] if args.large else []), tuple(args.layers), tuple(args.widths),
