@@ -86,17 +86,23 @@ class Case:
         return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*"))
 
 
-#: A small Python process that runs argv[2:] and writes the child's rusage to argv[1] as JSON. The
-#: tool is started from it, not from this process: Linux counts the memory of the process that
-#: calls exec in the child's ``ru_maxrss``, so a child forked from a benchmark holding a model or
-#: torch would inherit that figure.
-LAUNCHER = """import json, os, sys
+#: A small Python process that runs argv[3:], kills it after argv[2] seconds, and writes its rusage
+#: and whether it timed out to argv[1] as JSON. The tool is started from it, not from this process:
+#: Linux counts the memory of the process that calls exec in the child's ``ru_maxrss``, so a child
+#: forked from a benchmark holding a model or torch would inherit that figure.
+LAUNCHER = """import json, os, signal, sys
 pid = os.fork()
 if pid == 0:
-    os.execv(sys.argv[2], sys.argv[2:])
+    os.execv(sys.argv[3], sys.argv[3:])
+stopped = []
+def stop(*_):
+    stopped.append(True)
+    os.kill(pid, signal.SIGKILL)
+signal.signal(signal.SIGALRM, stop)
+signal.setitimer(signal.ITIMER_REAL, float(sys.argv[2]))
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
-    json.dump([usage.ru_utime, usage.ru_stime, usage.ru_maxrss], f)
+    json.dump([usage.ru_utime, usage.ru_stime, usage.ru_maxrss, bool(stopped)], f)
 sys.exit(os.waitstatus_to_exitcode(status) & 255)
 """
 
@@ -104,24 +110,26 @@ sys.exit(os.waitstatus_to_exitcode(status) & 255)
 def measure(argv: list[str], timeout: float = TIMEOUT) -> dict:
     """Run ``argv`` (``argv[0]`` an executable path) as a grandchild, through LAUNCHER, and return
     its CPU seconds (user + sys of all its threads and waited-for children, ``os.wait4``), wall
-    seconds, peak RSS (MiB, its ``ru_maxrss``), exit code and, on failure, the tail of its output;
-    the process group is killed past ``timeout`` seconds and the result says ``timed_out``."""
+    seconds, peak RSS (MiB, its ``ru_maxrss``), exit code and, on failure, the tail of its output.
+    Past ``timeout`` seconds it is killed and the result says ``timed_out``, with the CPU seconds
+    and memory it had used by then."""
     with tempfile.TemporaryDirectory() as tmp:
         usage_path, log_path = Path(tmp) / "usage.json", Path(tmp) / "log"
         with log_path.open("wb") as log:
             start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(usage_path), *argv], stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(usage_path), str(timeout), *argv],
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                code, timed_out = proc.wait(timeout), False
-            except subprocess.TimeoutExpired:
+                code = proc.wait(timeout + 60)
+            except subprocess.TimeoutExpired:  # the launcher itself hung: stop everything
                 os.killpg(proc.pid, signal.SIGKILL)
-                code, timed_out = proc.wait(), True
+                code = proc.wait()
             wall = time.perf_counter() - start
-        user, system, maxrss = json.loads(usage_path.read_text()) if usage_path.exists() else (None, None, None)
+        usage = json.loads(usage_path.read_text()) if usage_path.exists() else None
         tail = log_path.read_text(errors="replace")[-600:]
-    result = {"wall_s": round(wall, 3), "exit": code, "timed_out": timed_out}
-    if user is not None:
+    result = {"wall_s": round(wall, 3), "exit": code, "timed_out": usage is None or usage[3]}
+    if usage is not None:
+        user, system, maxrss, _ = usage
         result |= {"cpu_s": round(user + system, 3), "user_s": round(user, 3), "sys_s": round(system, 3),
                    "peak_rss_mb": round(maxrss / 1024, 1)}
     return result | ({"output": tail} if code else {})
@@ -240,13 +248,13 @@ def run_case(case: Case, tmp: Path, repeat: int, timeout: float) -> dict:
             summary[tool]["rss_ratio_vs_onnxslim"] = summary[tool]["peak_rss_mb"] / summary[SLIM]["peak_rss_mb"]
     return {"family": case.family, "name": case.name, "params": case.params, "base_params": case.base_params,
             "file_mb": round(size / 2**20, 1), "external_data": case.external,
-            "base_reached": summary[EXACT].get("params_after") == case.base_params,
+            "base_reached": summary[EXACT].get("params_after") == case.base_params if summary[EXACT]["ok"] else None,
             "summary": summary, "runs": runs}
 
 
 def _status(result: dict) -> str:
     if result["timed_out"]:
-        return f"timed out after {result['wall_s']:.0f} s"
+        return f"timed out after {result['wall_s']:.0f} s wall ({result.get('cpu_s', 0):.0f} CPU s)"
     text = f"{result['cpu_s']:.1f} CPU s, {result['wall_s']:.1f} s wall, {result['peak_rss_mb']:.0f} MiB"
     return text if result["exit"] == 0 else f"exit {result['exit']} ({text}): {result['output'].strip()[-200:]}"
 
@@ -369,7 +377,8 @@ def markdown(data: dict) -> str:
                     if first else "| | | | ")
             if not s["ok"]:
                 last = case["runs"][tool][-1]
-                why = f"timed out ({last['wall_s']:.0f} s)" if last["timed_out"] else f"failed (exit {last['exit']})"
+                used = f", {last['cpu_s']:.0f} CPU s" if "cpu_s" in last else ""
+                why = f"timed out ({last['wall_s']:.0f} s wall{used})" if last["timed_out"] else f"failed (exit {last['exit']})"
                 lines.append(head + f"| {tool} | {why} | | | | | | |")
                 continue
             after = f"{s['params_after']:,}" + (" (base)" if first and case["base_reached"] else
@@ -414,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_JSON.write_text(json.dumps(data, indent=2) + "\n")
         write_section(NAME, section)
-    missed = [c["name"] for c in data["cases"] if not c["base_reached"]]
+    missed = [c["name"] for c in data["cases"] if c["base_reached"] is False]
     if missed:
         print(f"eps 0 did not reach the planted base on: {', '.join(missed)}", file=sys.stderr)
     return 1 if missed else 0
