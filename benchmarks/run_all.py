@@ -1,12 +1,13 @@
 """Regenerate every benchmark section of RESULTS.md, its JSON files and plots, in one command.
 
-    python benchmarks/run_all.py                # about 30 minutes on 2 idle CPU cores
+    python benchmarks/run_all.py                # 30 min on 2 idle CPU cores, plus speed.py's hour
     python benchmarks/run_all.py --only lenet_fashion
     python benchmarks/run_all.py --no-write     # print the tables only
 
 Runs, in order: ``fashion_cnn.py`` (the CNN across eps), ``lenet_fashion.py`` (LeNet-300-100
 and 784-500-500-500-10 against the baselines of ``baselines.py``), ``continual.py`` (continual
-learning: SGD, continual backprop, symmetry breaking) and ``collapse_retrain.py`` (Algorithm 1).
+learning: SGD, continual backprop, symmetry breaking), ``collapse_retrain.py`` (Algorithm 1) and
+``speed.py`` (CPU time and memory against onnxslim on BERT and wide MLPs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SCRIPTS = ("fashion_cnn", "lenet_fashion", "continual", "collapse_retrain")
+SCRIPTS = ("fashion_cnn", "lenet_fashion", "continual", "collapse_retrain", "speed")
 
 
 def main(argv: list[str] | None = None) -> int:

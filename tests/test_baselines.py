@@ -117,6 +117,7 @@ def test_refit_lowers_calibration_error() -> None:
     np.testing.assert_array_equal(refit.layers[0][0], pruned.layers[0][0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", baselines.NAMES)
 def test_draws_one_reduction_per_seed_for_the_seeded_baselines(name: str) -> None:
     """Random pruning and Model Folding (with or without REPAIR) are drawn once per seed, Model
@@ -134,6 +135,7 @@ def test_draws_one_reduction_per_seed_for_the_seeded_baselines(name: str) -> Non
             assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(draw.layers, expected.layers))
 
 
+@pytest.mark.slow
 def test_fold_labels_differ_between_seeds() -> None:
     """k-means lands on different optima for different seeds on unstructured units, which is why the
     benchmarks report Model Folding over several seeds."""

@@ -120,6 +120,7 @@ def test_version_and_help(capsys):
     assert main([]) == 2  # no command: help, and the usage-error exit code
 
 
+@pytest.mark.slow
 def test_search_progress_shows_in_a_terminal_and_not_in_a_pipe(tmp_path, mlp_path, run_cli):
     """The status line of a target search renders on a terminal's stderr; piped, stderr stays empty."""
     piped = run_cli("compress", mlp_path, "piped.onnx", "--target-params", "0.6")
@@ -143,6 +144,7 @@ def test_search_progress_shows_in_a_terminal_and_not_in_a_pipe(tmp_path, mlp_pat
     assert b"searching: keeps" in shown
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_console_script(tmp_path, mlp_path, run_cli):
     result = run_cli("compress", mlp_path, "out.onnx")
     assert result.returncode == 0, result.stderr
@@ -154,6 +156,7 @@ def test_python_dash_m_and_console_script(tmp_path, mlp_path, run_cli):
     assert result.returncode == 2 and result.stderr == "error: missing.onnx: no such file\n"
 
 
+@pytest.mark.slow
 def test_compress_target_params_meets_target_and_reports_layer_eps(tmp_path, mlp_path, capsys):
     np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
@@ -257,6 +260,7 @@ def test_cli_negative_seed_is_a_usage_error(mlp_path, capsys):
     assert "seed" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_library_and_cli_import_without_torch():
     code = "import sys; sys.modules['torch'] = None; import onnxfib, onnxfib.cli; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

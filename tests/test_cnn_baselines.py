@@ -160,6 +160,7 @@ def test_fold_merges_by_filter_mean_and_block_sum() -> None:
     np.testing.assert_allclose(reduced.layers[2][0], reduced.maps[2] @ summed)  # fc1's own rows averaged
 
 
+@pytest.mark.slow
 def test_refit_recovers_weights_at_full_width_and_lowers_error() -> None:
     """At full width the im2col least squares must find the original filters again (exact targets,
     tiny ridge); narrowed, it must fit the calibration logits better than the pruned network."""

@@ -164,6 +164,7 @@ def trained():
     return models
 
 
+@pytest.mark.slow  # trains every topology (module fixture)
 @pytest.mark.parametrize("name", sorted(TOPOLOGIES))
 def test_lifted_topology_same_function(trained, name):
     base = trained[name]
@@ -180,6 +181,7 @@ def test_lifted_topology_same_function(trained, name):
         _close(got, ref)
 
 
+@pytest.mark.slow  # trains every topology (module fixture)
 @pytest.mark.parametrize("name", sorted(TOPOLOGIES))
 def test_lifted_topology_collapses_to_base(trained, name):
     base = trained[name]
@@ -190,6 +192,7 @@ def test_lifted_topology_collapses_to_base(trained, name):
         np.testing.assert_allclose(v2.double().numpy(), v.double().numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
 
 
+@pytest.mark.slow  # trains every topology (module fixture)
 def test_yolo_chunk_variant_lifts_equal_halves(trained):
     base = YOLOish(split="chunk")
     base.load_state_dict(trained["yolo"].state_dict())
@@ -202,6 +205,7 @@ def test_yolo_chunk_variant_lifts_equal_halves(trained):
         lift_model(base, {"a": 1, "b": 2}, np.random.default_rng(22))
 
 
+@pytest.mark.slow  # trains every topology (module fixture)
 def test_lift_grows_only_listed_groups(trained):
     base = trained["resnet"]
     lifted, maps = lift_model(base, {"b1": 3}, np.random.default_rng(23))
@@ -213,6 +217,7 @@ def test_lift_grows_only_listed_groups(trained):
         lift_model(base, {"nope": 1}, np.random.default_rng(0))
 
 
+@pytest.mark.slow  # trains every topology (module fixture)
 @pytest.mark.parametrize("breakage", ["no_split", "residual_maps_differ"])
 def test_broken_lift_changes_the_function(trained, breakage):
     """Sensitivity: the function check above would notice a wrong lift."""

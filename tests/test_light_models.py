@@ -67,6 +67,7 @@ LIGHT = Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data" / "li
 MODELS = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet",
           "squeezenet", "vgg19", "zfnet512")
 FORMS = ("shipped", "materialised")
+FAST = ("squeezenet",)  # the others are marked slow (seconds to minutes each)
 RTOL = 1e-5
 ATOL_SCALE = 1e-6  # atol = ATOL_SCALE * max(1, max |reference output|)
 
@@ -182,7 +183,7 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [name if name in FAST else pytest.param(name, marks=pytest.mark.slow) for name in MODELS])
 def test_light_model_compresses_exactly(name: str, form: str) -> None:
     shipped = onnx.load(str(_path(name)))
     original = shipped if form == "shipped" else materialise(shipped)

@@ -183,6 +183,7 @@ def test_near_copy_is_not_merged(tmp_path, activation, how):
 # ------------------------------------------------------------------------- torch, dynamo
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "activation,seq,proportional,external",
     [
@@ -238,6 +239,7 @@ def _fit_sklearn(kind: str, activation: str, hidden, seed: int):
                             random_state=seed).fit(X, np.eye(10)[y])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind,activation,proportional",
     [

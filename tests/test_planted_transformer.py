@@ -52,6 +52,8 @@ from transformer_lifting import (  # noqa: E402
     transformer_stack,
 )
 
+pytestmark = pytest.mark.slow  # exports MiniLM, torch stacks and RNNs with both exporters
+
 RTOL = 1e-5          # small torch models: float rounding
 MINILM_RTOL = 1e-4   # MiniLM: 6 layers of LayerNorm and softmax over 384 channels
 MINILM_ATOL_REL = 1e-5

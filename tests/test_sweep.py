@@ -53,6 +53,7 @@ def test_sweep_command_writes_table_json_and_png(tmp_path, mlp_path, capsys):
     assert sha256(mlp_path) == before
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_accuracy_of_a_classifier_with_a_label_output(tmp_path):
     """skl2onnx classifiers put an integer ``label`` output first and the probabilities second:

@@ -31,6 +31,7 @@ def _outputs(model, data) -> np.ndarray:
     return y
 
 
+@pytest.mark.slow
 def test_target_params_is_met_and_its_layer_eps_reproduce_it(model, data):
     result = onnxfib.compress(model, data=data, target_params=0.4)
     kept = stats.count_parameters(result.model) / stats.count_parameters(model)
@@ -45,6 +46,7 @@ def test_target_params_is_met_and_its_layer_eps_reproduce_it(model, data):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.5, 0.2])
 def test_target_params_reaches_deep_fractions_on_the_shipped_digits_model(fraction):
     """Merging a layer changes the colors a later layer reads, which can undo some of that
@@ -59,6 +61,7 @@ def test_target_params_reaches_deep_fractions_on_the_shipped_digits_model(fracti
     assert result.report.target.met and kept <= fraction
 
 
+@pytest.mark.slow
 def test_target_params_re_cuts_a_later_layer_whose_distances_moved():
     """A scikit-learn MLP on the wine data: once its second layer is merged to one neuron, each
     further merge of the first layer moves the second layer's merge distances above its eps, so
@@ -90,6 +93,7 @@ def test_max_error_is_met_on_the_data(model, data):
     assert result.report.validation is not None  # errors reported, rtol does not decide
 
 
+@pytest.mark.slow
 def test_max_drop_is_met_on_the_labels(model, data):
     labels = _outputs(model, data).argmax(axis=1)  # the original is right on every sample
     result = onnxfib.compress(model, data=data, labels=labels, max_drop=0.05, calibrate=True)
@@ -119,6 +123,7 @@ def test_sweep_progress_announces_every_point(model, data):
                      for i, p in enumerate(points, start=1)]
 
 
+@pytest.mark.slow
 def test_unreachable_target_raises_with_the_report(model, data):
     with pytest.raises(ValidationMismatchError, match="target not met") as caught:
         onnxfib.compress(model, data=data, target_params=0.001)
@@ -155,6 +160,7 @@ def test_deal_rows_matches_indexing_the_concatenated_rows():
     assert not can_deal([{"x": np.zeros((3, 2)), "s": np.float32(1)}], 2) and not can_deal(batches, 7)
 
 
+@pytest.mark.slow
 def test_held_out_figures_predict_fresh_data_better_than_in_sample_ones():
     """A calibrated collapse refit on few rows fits them closely; measured on rows its refit did
     not see, the error is what fresh data from the same source shows."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None\n"
 
 
@@ -18,6 +20,7 @@ def test_core_and_cli_import_without_torch() -> None:
     assert done.stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_train_without_torch_names_the_extra() -> None:
     done = _run("import onnxfib.train")
     assert done.returncode != 0

@@ -74,6 +74,7 @@ class Residual(nn.Module):
         return self.out(torch.relu(h))
 
 
+@pytest.mark.slow
 def test_tracker_records_planted_counts_and_writes_files(tmp_path) -> None:
     model, planted = _planted()
     tracker = CoverTracker(model, _x(), eps=0.0, every=2)
@@ -163,6 +164,7 @@ def test_break_covers_leaves_residual_streams_alone() -> None:
     assert [u.producer.name for u in units] == ["a"]
 
 
+@pytest.mark.slow
 def test_symmetry_breaker_schedule_respects_maturity_and_budget() -> None:
     model, planted = _planted()
     x = _x()
@@ -221,6 +223,7 @@ def test_collapse_to_base_narrows_cnn_with_batchnorm() -> None:
     torch.testing.assert_close(base(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_collapse_retrain_stops_when_the_loss_rises() -> None:
     model, _ = _planted(nn.Tanh)
     x = _x(256)

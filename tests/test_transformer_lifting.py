@@ -96,6 +96,7 @@ def _check_bert(lifted, feeds, ref):
             _assert_close(p2, p, rtol=1e-4, atol_rel=1e-5)
 
 
+@pytest.mark.slow
 def test_minilm_ffn_lift_preserves_function(minilm):
     model, feeds, ref = minilm
     extra = [40, 0, 17, 64, 5, 23]
@@ -112,6 +113,7 @@ def test_minilm_ffn_lift_preserves_function(minilm):
                                _np(base_layer.output.dense.weight), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_minilm_head_lift_preserves_function(minilm):
     model, feeds, ref = minilm
     lifted, lifts = lift_bert_heads(model, 3, np.random.default_rng(2))
@@ -130,6 +132,7 @@ def test_minilm_head_lift_preserves_function(minilm):
         np.testing.assert_array_equal(k[j], k[i])
 
 
+@pytest.mark.slow
 def test_minilm_unequal_head_lift_is_detected(minilm):
     """Control: a Q-side lift without the 1/m correction changes the function (the check can fail)."""
     model, feeds, ref = minilm
