@@ -50,6 +50,12 @@ class Partition:
         keys = np.ascontiguousarray(keys).reshape(len(keys), -1)
         if keys.shape[1] == 0:
             return cls.uniform(len(keys))
+        if keys.dtype.kind in "iub":  # integer columns: one column at a time, the pair as one number
+            labels = _canonical(keys[:, 0])
+            for column in keys.T[1:]:
+                column = _canonical(column)
+                labels = _canonical(labels * (int(column.max(initial=0)) + 1) + column)
+            return cls(labels)
         _, inverse = np.unique(keys, axis=0, return_inverse=True)
         return cls(inverse.ravel())
 
@@ -81,10 +87,12 @@ class Partition:
         """Common refinement: two channels share a color iff they share one in every operand."""
         if not others:
             return self
+        labels = self.labels
         for other in others:
             if len(other) != len(self):
                 raise ValueError(f"cannot meet partitions of {len(self)} and {len(other)} channels")
-        return Partition.from_rows(np.stack([self.labels, *(o.labels for o in others)], axis=1))
+            labels = _canonical(labels * max(other.n_colors, 1) + other.labels)  # the pair as one number
+        return Partition(labels)
 
     def is_finer_than(self, other: Partition) -> bool:
         """True when every color of ``self`` lies inside one color of ``other``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxfib.partition import Partition
@@ -98,3 +98,13 @@ def test_from_rows_colors_equal_rows_alike():
 def test_meet_refuses_mismatched_lengths():
     with pytest.raises(ValueError):
         Partition.discrete(3).meet(Partition.discrete(4))
+
+
+@given(st.integers(1, 30), st.integers(1, 4), st.integers(0, 10_000))
+@settings(max_examples=60, deadline=None)
+def test_from_rows_of_integers_colors_equal_rows_alike(n, columns, seed):
+    keys = np.random.default_rng(seed).integers(-2, 3, size=(n, columns))
+    labels = Partition.from_rows(keys).labels
+    for i in range(n):
+        for j in range(n):
+            assert (labels[i] == labels[j]) == bool(np.array_equal(keys[i], keys[j]))
