@@ -263,8 +263,8 @@ def compress(
     rows = MEASURING_ROWS if goal is not None else 1
     batches = _inputs(original, data, input_shapes, seed, rows) if check or calibrate or goal else None
     label_array = _labels(labels, batches) if batches is not None else None
-    if not io.too_large(original):  # (over 2 GB ORT reads a temporary copy: validation will tell)
-        check_runs(original, batches[0] if batches else _probe(original, input_shapes, seed))
+    if not (check or calibrate or goal or io.too_large(original)):  # else the original runs anyway, first
+        check_runs(original, _probe(original, input_shapes, seed))
     refits: list[RefitReport] = []
     target: TargetReport | None = None
     if goal is not None:
