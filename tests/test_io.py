@@ -9,7 +9,7 @@ import onnx
 import pytest
 from conftest import build_mlp, sha256
 
-from onnxfib import io
+from onnxfib import cli, io
 from onnxfib.errors import InvalidModelError, OnnxfibError, UsageError
 
 
@@ -133,6 +133,7 @@ def test_finalize_model_rejects_invalid_model_as_internal_error(mlp_model):
     with pytest.raises(OnnxfibError, match="internal error") as info:
         io.finalize_model(mlp_model, eps=0.0, symmetry="fiber")
     assert not isinstance(info.value, (InvalidModelError, UsageError))
+    assert info.value.exit_code == 3
 
 
 def test_models_over_the_protobuf_limit_are_written_with_external_data(tmp_path, write_model, monkeypatch):
@@ -167,3 +168,18 @@ def test_saving_again_over_an_external_data_output_works_from_its_directory(tmp_
         out = onnxfib.compress(source, input_shapes={"x": (3, 64)}).save(tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx.data").stat().st_size > 0
     assert onnxfib.validate(source, out, input_shapes={"x": (3, 64)}).ok
+
+
+def test_internal_errors_exit_3(tmp_path, monkeypatch, mlp_model):
+    """A compressed model that fails the checker is onnxfib's bug: exit 3, nothing written."""
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(mlp_model, str(source))
+    finalize = io.finalize_model
+
+    def broken(model, **kwargs):
+        model.graph.node[0].input[1] = "dangling"
+        return finalize(model, **kwargs)
+
+    monkeypatch.setattr(io, "finalize_model", broken)
+    assert cli.main(["compress", str(source), str(target)]) == 3
+    assert not target.exists()
