@@ -267,7 +267,7 @@ class Analysis:
                 site.rewrite(self)
             for name in self._plans:
                 self.graph.forget_shape(self._ports[name][0][1].tensor)
-            self._collapsed = self.graph.export()
+            self._collapsed = self.graph.export(unchanged=not self._plans)
         collapsed = onnx.ModelProto()
         collapsed.CopyFrom(self._collapsed)
         return collapsed

@@ -335,8 +335,14 @@ class GraphView:
         """Drop a tensor's recorded shape after its width changed (re-inferred on export)."""
         tensor.shape = None
 
-    def export(self) -> onnx.ModelProto:
-        """The rewritten model, with the source's IR version, opsets and model-level fields."""
+    def export(self, *, unchanged: bool = False) -> onnx.ModelProto:
+        """The rewritten model, with the source's IR version, opsets and model-level fields; a
+        copy of the source itself when the caller says nothing was rewritten (``unchanged``: no
+        plan merged anything), since graphsurgeon's round trip is lossy."""
+        if unchanged:
+            model = onnx.ModelProto()
+            model.CopyFrom(self._source)
+            return model
         self.graph.cleanup(remove_unused_graph_inputs=False)
         model = gs.export_onnx(self.graph, do_type_check=False)
         source = self._source
