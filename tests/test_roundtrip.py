@@ -1,7 +1,9 @@
 """A round trip through the graph library loses nothing (issue 13).
 
 A model where nothing merges comes out with the input's graph (only ``onnxfib.*`` metadata
-added). The truth is the input model itself.
+added); a model that does merge keeps everything the rewrite did not touch: outer-scope
+initializers of If/Loop branches, sequence/map output types, types without a shape, node doc
+strings and metadata. The truth is the input model itself and ONNX Runtime run on it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxfib
 from onnxfib import cli
+from onnxfib.stats import count_parameters
 
 from conftest import build_mlp
 from graphs import Builder
@@ -276,3 +279,124 @@ def test_nothing_to_merge_gives_the_input_graph_for_exports(tmp_path):
         result = onnxfib.compress(path, eps=0.0)
         assert result.report.validation.ok, name
         assert_same_model(result.model, model)
+
+
+# ------------------------------------------------------------- models that do merge (the fixes)
+
+
+def _scope_initializers(graph: onnx.GraphProto) -> list[str]:
+    """Initializer names of every subgraph of ``graph``, nested ones included."""
+    names = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                names += [t.name for t in sub.initializer] + _scope_initializers(sub)
+    return names
+
+
+def test_subgraph_outer_initializers_stay_outer_and_are_counted():
+    model = if_loop_model(planted=True)
+    result = onnxfib.compress(model, eps=0.0)
+    out = result.model
+    # W0 loses a column, b0 an entry, W1 a row; C and D (read only in the branches) stay
+    assert (result.report.params_before, result.report.params_after) == (54, 54 - 4 - 1 - 3)
+    assert [layer.width_after for layer in result.report.layers if layer.name == "mm0"] == [5]
+    assert {"C", "D"} <= {t.name for t in out.graph.initializer}
+    assert _scope_initializers(out.graph) == []
+    originals = {n.name: n for n in model.graph.node}
+    for node in out.graph.node:
+        assert list(node.metadata_props) == list(originals[node.name].metadata_props)
+        assert node.doc_string == originals[node.name].doc_string
+        for attr, want in zip(node.attribute, originals[node.name].attribute):
+            if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                assert attr == want
+    x = np.random.default_rng(1).standard_normal((7, 4)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        np.testing.assert_allclose(ort_outputs(out, feeds)[0], ort_outputs(model, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_default_skl2onnx_classifier_compresses_with_its_zipmap():
+    model, X, y = zipmap_classifier(planted=True)
+    result = onnxfib.compress(model, eps=0.0)
+    assert [(layer.width, layer.width_after) for layer in result.report.layers][0] == (16, 15)
+    assert list(result.model.graph.output) == list(model.graph.output)  # seq(map(int64, float)) kept
+    feeds = {"X": X[:50]}
+    (labels, probabilities), (want_labels, want_probabilities) = ort_outputs(result.model, feeds), ort_outputs(model, feeds)
+    np.testing.assert_array_equal(labels, want_labels)
+    for got, want in zip(probabilities, want_probabilities):
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=1e-5, atol=1e-6)
+
+
+def test_default_skl2onnx_classifier_meets_an_accuracy_target():
+    model, X, y = zipmap_classifier(planted=True)
+    result = onnxfib.compress(model, data={"X": X[:300]}, labels=y[:300], max_drop=0.02)
+    assert result.report.target.met
+    assert result.report.params_after < result.report.params_before
+    assert list(result.model.graph.output) == list(model.graph.output)
+
+
+def test_old_quantized_model_keeps_its_types_where_it_merges():
+    model = quantized_ir6(planted_head=True)
+    result = onnxfib.compress(model, eps=0.0)
+    out = result.model
+    assert [layer.width_after for layer in result.report.layers if layer.name == "fc1"] == [5]
+    assert (out.ir_version, list(out.opset_import)) == (6, list(model.opset_import))
+    assert list(out.graph.input) == list(model.graph.input) and list(out.graph.output) == list(model.graph.output)
+    # types without a shape stay so (the narrowed g1 and h1 too: their new shapes are not known)
+    assert {v.name: v for v in out.graph.value_info} == {v.name: v for v in model.graph.value_info}
+    x = np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(ort_outputs(out, {"x": x})[0], ort_outputs(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_merged_models_keep_what_the_rewrite_did_not_touch():
+    """The export path (something merges): interface types, unchanged initializers byte for
+    byte, node metadata and doc strings, the source's value_info names."""
+    model = build_mlp([8, 16, 12, 3])
+    model.graph.node[1].doc_string = "first activation"
+    model.graph.node[1].metadata_props.add(key="pkg.note", value="kept")
+    model.graph.output[0].type.tensor_type.shape.dim[0].Clear()  # a dim without a value
+    model.graph.value_info.extend([helper.make_tensor_value_info("r0", TensorProto.FLOAT, ["N", 16]),
+                                   _shapeless("h1", TensorProto.FLOAT), _shapeless("y", TensorProto.FLOAT)])
+    onnx.helper.set_model_props(model, {"author": "me"})
+    out = onnxfib.compress(model, eps=0.0).model
+    assert count_parameters(out) < count_parameters(model)
+    assert list(out.graph.input) == list(model.graph.input) and list(out.graph.output) == list(model.graph.output)
+    assert out.graph.node[1].doc_string == "first activation"
+    assert list(out.graph.node[1].metadata_props) == list(model.graph.node[1].metadata_props)
+    assert [v.name for v in out.graph.value_info] == ["r0", "h1", "y"]
+    widths = [v.type.tensor_type.shape.dim[1].dim_value for v in out.graph.value_info[:2]]
+    assert widths == [14, 10]  # narrowed: re-inferred
+    assert out.graph.value_info[2] == model.graph.value_info[2]  # y: as it was
+    assert [p.key for p in out.metadata_props if not p.key.startswith("onnxfib.")] == ["author"]
+    unchanged = {t.name: t for t in model.graph.initializer if t.name in ("b2",)}
+    assert all(t == unchanged[t.name] for t in out.graph.initializer if t.name in unchanged)
+
+
+def test_a_slice_of_a_concat_that_a_branch_reads_stays():
+    """The Slice-of-Concat bypass must not reroute readers inside a subgraph: the export writes
+    the source's subgraphs, which read the slice by name."""
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((4, 6)).astype(np.float32)
+    w0[:, 1] = w0[:, 0]
+    inits = [numpy_helper.from_array(w0, "W0"), numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "W1"),
+             numpy_helper.from_array(np.array([3], np.int64), "s"), numpy_helper.from_array(np.array([6], np.int64), "e"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax")]
+    vi = helper.make_tensor_value_info
+    then = helper.make_graph([helper.make_node("Relu", ["sl"], ["t"])], "then", [], [vi("t", TensorProto.FLOAT, ["N", 3])])
+    other = helper.make_graph([helper.make_node("Neg", ["sl"], ["u"])], "else", [], [vi("u", TensorProto.FLOAT, ["N", 3])])
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["m0"], name="mm0"), helper.make_node("Relu", ["m0"], ["r0"]),
+             helper.make_node("MatMul", ["r0", "W1"], ["y1"], name="mm1"),
+             helper.make_node("Concat", ["x3", "y1"], ["cat"], axis=1),
+             helper.make_node("Slice", ["cat", "s", "e", "ax"], ["sl"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, ["N", 4]), vi("x3", TensorProto.FLOAT, ["N", 3]),
+                                           vi("cond", TensorProto.BOOL, [])], [vi("y", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    result = onnxfib.compress(model, eps=0.0)
+    assert [layer.width_after for layer in result.report.layers if layer.name == "mm0"] == [5]
+    feeds = {"x": rng.standard_normal((5, 4)).astype(np.float32), "x3": rng.standard_normal((5, 3)).astype(np.float32)}
+    for cond in (True, False):
+        feeds["cond"] = np.array(cond)
+        np.testing.assert_allclose(ort_outputs(result.model, feeds)[0], ort_outputs(model, feeds)[0], rtol=1e-5, atol=1e-6)
