@@ -293,7 +293,7 @@ class Analysis:
                     self.graph.expand_output(port.tensor, plan.partition.labels, port.axis)
             for name in self._plans:
                 self.graph.forget_shape(self._ports[name][0][1].tensor)
-            self._collapsed = self.graph.export()
+            self._collapsed = self.graph.export(unchanged=not self._plans)
         collapsed = onnx.ModelProto()
         collapsed.CopyFrom(self._collapsed)
         return collapsed

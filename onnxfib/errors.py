@@ -17,6 +17,12 @@ class UsageError(OnnxfibError):
     """An argument is out of range or malformed (eps, input shapes, data, paths)."""
 
 
+class InternalError(OnnxfibError):
+    """A bug in onnxfib: it produced something invalid (the CLI exits 3)."""
+
+    exit_code = 3
+
+
 class ValidationMismatchError(OnnxfibError):
     """The compressed model's outputs differ from the original's beyond tolerance."""
 

@@ -16,7 +16,7 @@ import onnx
 from onnx import external_data_helper
 
 from onnxfib._version import __version__
-from onnxfib.errors import InvalidModelError, OnnxfibError, UsageError
+from onnxfib.errors import InternalError, InvalidModelError, UsageError
 
 #: Serialized models at or above this size must keep their tensors in an external data file.
 PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF
@@ -363,7 +363,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, protect: Iterabl
 def finalize_model(model: onnx.ModelProto, *, eps: float, symmetry: str) -> onnx.ModelProto:
     """Record the run's settings in ``metadata_props`` (``onnxfib.*`` keys, replacing old ones),
     then require the full checker and strict shape inference to pass; a failure is an internal
-    bug and raises OnnxfibError. Modifies and returns ``model``."""
+    bug and raises InternalError. Modifies and returns ``model``."""
     settings = {"onnxfib.version": __version__, "onnxfib.eps": repr(float(eps)), "onnxfib.symmetry": symmetry}
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **settings})
     try:
@@ -371,7 +371,7 @@ def finalize_model(model: onnx.ModelProto, *, eps: float, symmetry: str) -> onnx
         if not too_large(model):
             onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
-        raise OnnxfibError(
+        raise InternalError(
             f"internal error: the compressed model is not valid ONNX ({first_line(exc)}); "
             "please report this with the input model"
         ) from exc

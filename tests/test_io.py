@@ -12,7 +12,7 @@ import onnx
 import pytest
 from conftest import build_mlp, sha256
 
-from onnxfib import io
+from onnxfib import cli, io
 from onnxfib.errors import InvalidModelError, OnnxfibError, UsageError
 
 
@@ -151,6 +151,7 @@ def test_finalize_model_rejects_invalid_model_as_internal_error(mlp_model):
     with pytest.raises(OnnxfibError, match="internal error") as info:
         io.finalize_model(mlp_model, eps=0.0, symmetry="fiber")
     assert not isinstance(info.value, (InvalidModelError, UsageError))
+    assert info.value.exit_code == 3
 
 
 def test_models_over_the_protobuf_limit_are_written_with_external_data(tmp_path, write_model, monkeypatch):
@@ -259,3 +260,18 @@ def test_killed_run_leaves_nothing_the_next_run_keeps(tmp_path):
     assert any(name.startswith(".onnxfib-") for name in os.listdir(tmp_path))
     io.save_model(build_mlp([8, 16, 3]), tmp_path / "other.onnx", external_data=False)
     assert sorted(os.listdir(tmp_path)) == ["other.onnx"]
+
+
+def test_internal_errors_exit_3(tmp_path, monkeypatch, mlp_model):
+    """A compressed model that fails the checker is onnxfib's bug: exit 3, nothing written."""
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(mlp_model, str(source))
+    finalize = io.finalize_model
+
+    def broken(model, **kwargs):
+        model.graph.node[0].input[1] = "dangling"
+        return finalize(model, **kwargs)
+
+    monkeypatch.setattr(io, "finalize_model", broken)
+    assert cli.main(["compress", str(source), str(target)]) == 3
+    assert not target.exists()
