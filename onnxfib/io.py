@@ -53,8 +53,30 @@ def as_path(value: object, what: str) -> Path:
     raise UsageError(f"{what} must be a str or os.PathLike path, got {type(value).__name__}")
 
 
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data the main graph holds in memory: initializers' and Constant nodes'
+    values (raw or typed; external data not loaded counts nothing), read off the tensors
+    without serializing the model."""
+    tensors = list(model.graph.initializer) + [
+        attribute.t for node in model.graph.node if node.op_type == "Constant"
+        for attribute in node.attribute if attribute.HasField("t")]
+    total = 0
+    for tensor in tensors:
+        if tensor.raw_data:
+            total += len(tensor.raw_data)
+        else:
+            total += 8 * max(len(tensor.float_data), len(tensor.int32_data), len(tensor.int64_data),
+                             len(tensor.double_data), len(tensor.uint64_data)) + sum(map(len, tensor.string_data))
+    return total
+
+
 def too_large(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` cannot be serialized as a single protobuf (2 GB limit)."""
+    """Whether ``model`` cannot be serialized as a single protobuf (2 GB limit). Decided from
+    its tensor bytes where they settle it (at least the limit, or under half of it: the rest of
+    a model is never a gigabyte), serializing only in between (``ByteSize`` walks the model)."""
+    data = tensor_bytes(model)
+    if data >= PROTOBUF_LIMIT or data < PROTOBUF_LIMIT // 2:
+        return data >= PROTOBUF_LIMIT
     return model.ByteSize() >= PROTOBUF_LIMIT
 
 

@@ -275,3 +275,13 @@ def test_internal_errors_exit_3(tmp_path, monkeypatch, mlp_model):
     monkeypatch.setattr(io, "finalize_model", broken)
     assert cli.main(["compress", str(source), str(target)]) == 3
     assert not target.exists()
+
+
+@pytest.mark.parametrize("limit_at", ["below the tensors", "between", "just above the model", "far above"])
+def test_too_large_agrees_with_the_serialized_size(monkeypatch, mlp_model, limit_at):
+    size, data = mlp_model.ByteSize(), io.tensor_bytes(mlp_model)
+    assert 0 < data < size  # the weights, then the graph around them
+    limit = {"below the tensors": data, "between": size, "just above the model": size + 1,
+             "far above": 4 * size}[limit_at]
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", limit)
+    assert io.too_large(mlp_model) == (size >= limit)
