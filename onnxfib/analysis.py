@@ -52,15 +52,17 @@ class Analysis:
     ``layer_colorings`` imposes a layer's output coloring (layer name -> coloring of its output
     channels, or a partition whose scales are fitted to the rows: ``coloring.fitted_scales``)
     instead of clustering its rows: merges chosen from calibration data or by folding. ``trees``
-    keeps the clustering trees between runs over the same model (a search's many analyses)."""
+    keeps the clustering trees between runs over the same model (a search's many analyses), and
+    ``prepared`` is the preprocessed graph of an untouched ``GraphView`` of it, copied instead of
+    preprocessing the model again."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
                  record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
-                 trees: TreeCache | None = None) -> None:
+                 trees: TreeCache | None = None, prepared: gs.Graph | None = None) -> None:
         if symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
-        self.graph = GraphView(model)
+        self.graph = GraphView(model, prepared=prepared)
         self.tol = Tolerance(float(eps))
         self.symmetry = symmetry
         self.heights: dict[str, np.ndarray] = {}
@@ -302,11 +304,11 @@ class Analysis:
 def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
             registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
             record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
-            trees: TreeCache | None = None) -> Analysis:
+            trees: TreeCache | None = None, prepared: gs.Graph | None = None) -> Analysis:
     """Analyse ``model`` (external data loaded) at tolerance ``eps`` (``layer_eps`` per layer);
     see :class:`Analysis`."""
     return Analysis(model, eps=eps, symmetry=symmetry, registry=registry, layer_eps=layer_eps,
-                    record_heights=record_heights, layer_colorings=layer_colorings, trees=trees)
+                    record_heights=record_heights, layer_colorings=layer_colorings, trees=trees, prepared=prepared)
 
 
 __all__ = ["Analysis", "MemberFigures", "SYMMETRIES", "analyze"]

@@ -38,8 +38,25 @@ def _integer(tensor: gs.Tensor) -> bool:
 class GraphView:
     """The model's main graph with Constant nodes materialised as constants, in topological order."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, *, prepared: gs.Graph | None = None) -> None:
+        """View ``model``, preprocessed (shapes inferred, Constant nodes materialised, constant
+        subexpressions folded, Concat/Slice pairs bypassed); ``prepared``, the :attr:`graph` of
+        an untouched view of the same model, is copied instead of preprocessing again."""
         self._source = model
+        if prepared is not None:
+            self.graph = prepared.copy()
+            self.input_names = {t.name for t in self.graph.inputs}
+            self.output_names = {t.name for t in self.graph.outputs}
+        else:
+            self._prepare(model)
+        self._rewritten: dict[tuple[str, str, tuple[int, ...], bytes], gs.Constant] = {}
+        self._origin: dict[int, str] = {}  # id of a constant made by set_constant -> shared tensor's name
+        self._shared: set[str] = set()  # names of shared constants that set_constant replaced
+        self._made: dict[tuple[str, tuple[int, ...], bytes], gs.Constant] = {}  # shared_constant's
+        self._changed: set[str] = set()  # constants whose values set_constant changed in place
+        self._narrowed: set[str] = set()  # tensors whose shapes forget_shape dropped
+
+    def _prepare(self, model: onnx.ModelProto) -> None:
         self.graph = gs.import_onnx(_infer_shapes(model))
         self._materialise_constant_nodes()
         if self._fold_constants() and any(node.op == "Shape" for node in self.graph.nodes):
@@ -53,12 +70,6 @@ class GraphView:
         self.output_names = {t.name for t in self.graph.outputs}
         self._bypass_concat_slices()
         self.graph.toposort()
-        self._rewritten: dict[tuple[str, str, tuple[int, ...], bytes], gs.Constant] = {}
-        self._origin: dict[int, str] = {}  # id of a constant made by set_constant -> shared tensor's name
-        self._shared: set[str] = set()  # names of shared constants that set_constant replaced
-        self._made: dict[tuple[str, tuple[int, ...], bytes], gs.Constant] = {}  # shared_constant's
-        self._changed: set[str] = set()  # constants whose values set_constant changed in place
-        self._narrowed: set[str] = set()  # tensors whose shapes forget_shape dropped
 
     def _materialise_constant_nodes(self) -> None:
         for node in self.graph.nodes:

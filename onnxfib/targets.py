@@ -34,6 +34,7 @@ import onnx
 from . import stats
 from .analysis import Analysis, analyze
 from .coloring import TreeCache
+from .graph import GraphView
 from .calibrate import OriginalActivations, Selector, refit
 from .folding import Folder
 from .report import RefitReport, SweepPoint, TargetReport
@@ -101,7 +102,8 @@ class Evaluator:
     ``calibrate`` kept channels chosen from the data (``calibrate.Selector``), and every collapse
     is refit, on ``fit_batches`` (default: the measuring ``batches`` themselves). ``trees`` keeps
     the layers' clustering trees across its analyses (signatures that did not change are not
-    clustered again); evaluators of one model may share one."""
+    clustered again); evaluators of one model may share one. The model is preprocessed once
+    (``GraphView``), and each analysis copies the result."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, symmetry: str = "fiber",
                  labels: np.ndarray | None = None, calibrate: bool = False, ridge: float = 1e-3,
@@ -109,6 +111,7 @@ class Evaluator:
                  trees: TreeCache | None = None) -> None:
         self.original = original
         self.trees = TreeCache() if trees is None else trees
+        self.prepared = GraphView(original).graph  # preprocessed once; every analysis copies it
         self.batches = list(chunked(batches))
         self.fit_batches = self.batches if fit_batches is None else list(chunked(fit_batches))
         self.symmetry = symmetry
@@ -142,13 +145,13 @@ class Evaluator:
     def groupings(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> list[Outcome]:
         """The collapse at ``layer_eps`` as merged, then regrouped by each chooser that applies."""
         analysis = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True,
-                           trees=self.trees)
+                           trees=self.trees, prepared=self.prepared)
         outcomes = [self._collapse(layer_eps, analysis, analysis.heights, "merge")]
         for name, chooser in self.choosers.items():
             chosen = chooser.colorings(analysis)
             if chosen:
                 regrouped = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps,
-                                    layer_colorings=chosen, trees=self.trees)
+                                    layer_colorings=chosen, trees=self.trees, prepared=self.prepared)
                 outcomes.append(self._collapse(layer_eps, regrouped, analysis.heights, name))
         return outcomes
 
@@ -171,13 +174,14 @@ class Evaluator:
 
     def params(self, layer_eps: Mapping[str, float]) -> int:
         """The parameters of the collapse at ``layer_eps``, without measuring it."""
-        analysis = analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps, trees=self.trees)
+        analysis = analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps, trees=self.trees,
+                           prepared=self.prepared)
         return stats.count_parameters(analysis.collapse())
 
     def heights(self, layer_eps: Mapping[str, float]) -> dict[str, np.ndarray]:
         """Each layer's merge distances at ``layer_eps`` (they depend on the layers before it)."""
         return analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True,
-                       trees=self.trees).heights
+                       trees=self.trees, prepared=self.prepared).heights
 
     def finish(self, outcome: Outcome) -> Outcome:
         """The outcome a search returns: as measured."""
