@@ -354,10 +354,9 @@ def _sweep_png(points: list[SweepPoint], title: str) -> bytes:
     """A PNG of accuracy (with labels) or relative rms output error against parameters kept."""
     import io as bytes_io
 
-    import matplotlib
+    from onnxfib.plotting import pyplot
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = pyplot()
 
     labelled = points[0].accuracy is not None
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
@@ -405,6 +404,10 @@ def sweep(
         io.check_output_path(path, protect=[input, *(p for p in (data, labels) if p is not None)])
     if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
         raise UsageError(f"{plot}: --json and --plot name the same file")
+    if plot is not None:  # without matplotlib, fail before the sweep rather than after it
+        from onnxfib.plotting import pyplot
+
+        pyplot()
     with _status("sweeping", quiet=False) as progress:
         points = api.sweep(input, eps_values=values, symmetry=symmetry, data=data, labels=labels,
                            input_shapes=_shapes(input_shape), seed=seed, calibrate=calibrate, ridge=ridge,

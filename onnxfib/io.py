@@ -8,7 +8,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -51,6 +51,28 @@ def as_path(value: object, what: str) -> Path:
     except TypeError:  # a PathLike whose path is bytes
         pass
     raise UsageError(f"{what} must be a str or os.PathLike path, got {type(value).__name__}")
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in ``model``: initializers and tensor attributes (Constant values)
+    of the graph, of its subgraphs (If/Loop/Scan bodies) and of its local functions."""
+
+    def in_graph(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.TensorProto]:
+        if isinstance(graph, onnx.GraphProto):
+            yield from graph.initializer
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                yield from attribute.tensors
+                if attribute.HasField("g"):
+                    yield from in_graph(attribute.g)
+                for subgraph in attribute.graphs:
+                    yield from in_graph(subgraph)
+
+    yield from in_graph(model.graph)
+    for function in model.functions:
+        yield from in_graph(function)
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -119,7 +141,7 @@ def open_model(source: ModelSource) -> LoadedModel:
         raise InvalidModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
     data_files = {
         path.resolve().parent / external_data_helper.ExternalDataInfo(t).location
-        for t in external_data_helper._get_all_tensors(model)  # no public walker in onnx 1.23
+        for t in all_tensors(model)
         if external_data_helper.uses_external_data(t)
     }
     external = bool(data_files)
@@ -225,7 +247,7 @@ def _referenced_data(path: Path) -> set[str]:
         return set()
     return {
         os.path.normpath(external_data_helper.ExternalDataInfo(t).location)
-        for t in external_data_helper._get_all_tensors(model)
+        for t in all_tensors(model)
         if external_data_helper.uses_external_data(t)
     }
 
@@ -240,7 +262,7 @@ def _relocated(written: onnx.ModelProto, location: str) -> bytes:
     """``written`` (tensors already external) serialized with its data file renamed ``location``."""
     copy = onnx.ModelProto()
     copy.CopyFrom(written)
-    for tensor in external_data_helper._get_all_tensors(copy):
+    for tensor in all_tensors(copy):
         if external_data_helper.uses_external_data(tensor):
             for entry in tensor.external_data:
                 if entry.key == "location":

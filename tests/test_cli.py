@@ -261,6 +261,12 @@ def test_cli_negative_seed_is_a_usage_error(mlp_path, capsys):
 
 
 @pytest.mark.slow
+def test_library_and_cli_import_without_matplotlib():
+    code = "import sys; sys.modules['matplotlib'] = None; import onnxfib, onnxfib.cli; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
 def test_library_and_cli_import_without_torch():
     code = "import sys; sys.modules['torch'] = None; import onnxfib, onnxfib.cli; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

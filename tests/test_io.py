@@ -285,3 +285,25 @@ def test_too_large_agrees_with_the_serialized_size(monkeypatch, mlp_model, limit
              "far above": 4 * size}[limit_at]
     monkeypatch.setattr(io, "PROTOBUF_LIMIT", limit)
     assert io.too_large(mlp_model) == (size >= limit)
+
+
+def test_all_tensors_walks_initializers_constants_subgraphs_and_functions():
+    from onnx import TensorProto, helper, numpy_helper
+
+    def tensor(name):
+        return numpy_helper.from_array(np.zeros(2, np.float32), name)
+
+    def constant(name):
+        return helper.make_node("Constant", [], [name], value=tensor(name))
+
+    then_graph = helper.make_graph([constant("in_then")], "then", [], [helper.make_tensor_value_info("in_then", TensorProto.FLOAT, [2])],
+                                   initializer=[tensor("then_init")])
+    else_graph = helper.make_graph([constant("in_else")], "else", [], [helper.make_tensor_value_info("in_else", TensorProto.FLOAT, [2])])
+    branch = helper.make_node("If", ["c"], ["y"], then_branch=then_graph, else_branch=else_graph)
+    listed = helper.make_node("Dummy", [], ["z"], domain="x", tensors=[tensor("listed")], bodies=[else_graph])
+    graph = helper.make_graph([constant("top"), branch, listed], "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], initializer=[tensor("init")])
+    function = helper.make_function("local", "f", [], ["k"], [constant("in_function")], [helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, functions=[function])
+    names = sorted(t.name for t in io.all_tensors(model))
+    assert names == sorted(["init", "top", "then_init", "in_then", "in_else", "listed", "in_else", "in_function"])

@@ -4,6 +4,8 @@ Runtime; the command writes a table, a JSON file and a PNG plot and leaves the i
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from conftest import build_mlp, sha256
 import onnxfib
 from onnxfib.cli import main
 from onnxfib.errors import UsageError
+from onnxfib.plotting import pyplot
 from onnxfib.validation import run_tensors
 
 
@@ -73,3 +76,20 @@ def test_accuracy_of_a_classifier_with_a_label_output(tmp_path):
     assert points[0].accuracy == pytest.approx(clf.score(X[1200:], labels))
     result = onnxfib.compress(str(path), data=data, labels=labels, max_drop=0.02)
     assert result.report.target.met and result.report.target.accuracy_after >= clf.score(X[1200:], labels) - 0.02
+
+
+def test_sweep_plot_without_matplotlib_is_a_one_line_usage_error(tmp_path, mlp_path):
+    out_png = tmp_path / "sweep.png"
+    code = ("import sys; sys.modules['matplotlib'] = None; from onnxfib.cli import main; "
+            f"sys.exit(main(['sweep', {str(mlp_path)!r}, '--eps', '0', '--plot', {str(out_png)!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        'error: plotting needs matplotlib, which is not installed: pip install "onnxfib[plot]"']
+    assert not out_png.exists()
+
+
+def test_plots_without_matplotlib_raise_usage_error_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(UsageError, match=r'pip install "onnxfib\[plot\]"'):
+        pyplot()

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..partition import Partition
+from ..plotting import pyplot
 from .adapter import TorchAnalysis
 
 KINDS = ("fibers", "opfibers", "covers")
@@ -116,9 +117,7 @@ class CoverTracker:
         """Number of ``kind`` per layer against the step (the paper's Fig. 8)."""
         if kind not in KINDS:
             raise UsageError(f"kind must be one of {KINDS}, got {kind!r}")
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))
         for layer in self.layers():
             rows = [r for r in self.records if r.layer == layer]
@@ -138,9 +137,7 @@ class CoverTracker:
         rows = [r for r in self.records if r.layer == layer]
         if not rows:
             raise UsageError(f"no records of layer {layer!r}; recorded: {', '.join(self.layers())}")
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         picks = [rows[i] for i in sorted(set(np.linspace(0, len(rows) - 1, min(records, len(rows))).astype(int)))]
         fig, axes = plt.subplots(1, len(picks), figsize=(3 * len(picks), 3), sharey=True, squeeze=False)
         for ax, row in zip(axes[0], picks):
