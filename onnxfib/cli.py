@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import onnx
 import typer
@@ -285,14 +287,53 @@ def _layers_table(layers: list[LayerReport], eps: float) -> Table:
     return table
 
 
+#: Seconds between two progress lines on a stderr that is not a terminal (CI logs, pipes).
+PLAIN_PROGRESS_INTERVAL = 5.0
+
+
+class _PlainProgress:
+    """Progress as plain ``task: line`` lines on ``stream``, at most one per ``interval`` seconds;
+    ``close`` prints the last line if the interval held it back."""
+
+    def __init__(self, task: str, stream: TextIO, interval: float = PLAIN_PROGRESS_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.task, self.stream, self.interval, self.clock = task, stream, interval, clock
+        self.shown: float | None = None
+        self.pending: str | None = None
+
+    def __call__(self, line: str) -> None:
+        now = self.clock()
+        if self.shown is not None and now - self.shown < self.interval:
+            self.pending = line
+            return
+        self._print(line)
+        self.shown = now
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self._print(self.pending)
+
+    def _print(self, line: str) -> None:
+        self.pending = None
+        print(f"{self.task}: {line}", file=self.stream, flush=True)
+
+
 @contextlib.contextmanager
 def _status(task: str, quiet: bool) -> Iterator[Callable[[str], None] | None]:
-    """A status line on stderr, shown in terminals only, that a long run updates through the
-    callback yielded (None when ``quiet``)."""
+    """Progress on stderr through the callback yielded (None when ``quiet``): a status line in a
+    terminal, else plain lines at most every ``PLAIN_PROGRESS_INTERVAL`` seconds (and the last)."""
     if quiet:
         yield None
         return
-    with Console(stderr=True).status(f"{task}...") as status:
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        plain = _PlainProgress(task, sys.stderr)
+        try:
+            yield plain
+        finally:
+            plain.close()
+        return
+    with console.status(f"{task}...") as status:
         yield lambda line: status.update(f"{task}: {line}")
 
 

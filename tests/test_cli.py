@@ -3,6 +3,7 @@ plus real processes for ``python -m onnxfib`` and the console script)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from conftest import build_mlp, sha256
 
 import onnxfib
-from onnxfib.cli import main
+from onnxfib.cli import _PlainProgress, main
 from onnxfib.errors import UsageError, ValidationMismatchError
 
 
@@ -122,9 +123,7 @@ def test_version_and_help(capsys):
 
 @pytest.mark.slow
 def test_search_progress_shows_in_a_terminal_and_not_in_a_pipe(tmp_path, mlp_path, run_cli):
-    """The status line of a target search renders on a terminal's stderr; piped, stderr stays empty."""
-    piped = run_cli("compress", mlp_path, "piped.onnx", "--target-params", "0.6")
-    assert piped.returncode == 0 and piped.stderr == ""
+    """The status line of a target search renders on a terminal's stderr (piped: see below)."""
     leader, follower = os.openpty()
     process = subprocess.Popen([sys.executable, "-m", "onnxfib", "compress", str(mlp_path), "tty.onnx",
                                 "--target-params", "0.6"], cwd=tmp_path, stdout=follower, stderr=follower,
@@ -142,6 +141,32 @@ def test_search_progress_shows_in_a_terminal_and_not_in_a_pipe(tmp_path, mlp_pat
     os.close(leader)
     assert process.wait(timeout=300) == 0
     assert b"searching: keeps" in shown
+
+
+def test_search_progress_in_a_pipe_is_plain_lines_and_quiet_silences_it(tmp_path, mlp_path, run_cli):
+    """Piped stderr gets plain progress lines (the first step at once, the last at the end);
+    stdout is the same summary as without them; -q prints nothing at all."""
+    piped = run_cli("compress", mlp_path, "piped.onnx", "--target-params", "0.6")
+    assert piped.returncode == 0, piped.stderr
+    lines = piped.stderr.splitlines()
+    assert lines and all(line.startswith("searching: keeps ") for line in lines), piped.stderr
+    assert "searching" not in piped.stdout and "Target: keep at most 60.00%" in piped.stdout
+    quiet = run_cli("compress", mlp_path, "quiet.onnx", "--target-params", "0.6", "-q")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert sha256(tmp_path / "piped.onnx") == sha256(tmp_path / "quiet.onnx")
+
+
+def test_plain_progress_is_rate_limited_and_prints_the_last_step():
+    now = [0.0]
+    stream = io.StringIO()
+    progress = _PlainProgress("searching", stream, interval=5.0, clock=lambda: now[0])
+    for step, at in enumerate([0.0, 1.0, 4.9, 5.5, 6.0, 7.0]):
+        now[0] = at
+        progress(f"step {step}")
+    progress.close()
+    assert stream.getvalue().splitlines() == ["searching: step 0", "searching: step 3", "searching: step 5"]
+    progress.close()  # nothing held back any more
+    assert stream.getvalue().count("\n") == 3
 
 
 @pytest.mark.slow
