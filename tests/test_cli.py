@@ -199,6 +199,20 @@ def test_compress_target_params_meets_target_and_reports_layer_eps(tmp_path, mlp
     assert props["onnxfib.calibrated"] == "true"
 
 
+def test_search_records_its_target_and_layer_eps_not_eps_zero(tmp_path, mlp_path):
+    out, again, report = tmp_path / "out.onnx", tmp_path / "again.onnx", tmp_path / "r.json"
+    assert main(["compress", str(mlp_path), str(out), "--target-params", "0.6", "-q", "--report", str(report)]) == 0
+    props = _props(out)
+    assert json.loads(props["onnxfib.target"]) == {"kind": "params", "limit": 0.6}
+    layers = json.loads(report.read_text())["layers"]
+    assert json.loads(props["onnxfib.layer_eps"]) == {layer["name"]: layer["eps"] for layer in layers}
+    assert any(layer["eps"] > 0 for layer in layers)
+    assert "onnxfib.eps" not in props and props["onnxfib.symmetry"] == "fiber"
+    assert main(["compress", str(out), str(again), "-q"]) == 0  # a plain run after it records no stale target
+    props = _props(again)
+    assert props["onnxfib.eps"] == "0.0" and "onnxfib.target" not in props and "onnxfib.layer_eps" not in props
+
+
 def test_compress_layer_eps_and_calibrated_exact_merge(tmp_path, mlp_path, capsys):
     np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
     out = tmp_path / "out.onnx"
