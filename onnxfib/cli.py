@@ -368,12 +368,16 @@ def validate(
     rtol: float | None = typer.Option(None, "--rtol", help=RTOL_HELP, show_default=False),
     atol: float | None = typer.Option(None, "--atol", help=ATOL_HELP, show_default=False),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (per-output errors, tolerances, ok)."),
 ) -> None:
     """Compare two models' outputs in ONNX Runtime; exit 1 when they differ beyond tolerance."""
     result = api.validate(
         reference, candidate, data=data, input_shapes=_shapes(input_shape), seed=seed, rtol=rtol, atol=atol
     )
-    _console().print(_validation_table(result))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _console().print(_validation_table(result))
     if not result.ok:
         bad = ", ".join(o.name for o in result.outputs if not o.ok)
         raise ValidationMismatchError(f"validation mismatch: {candidate} differs from {reference} on {bad}")

@@ -107,6 +107,19 @@ def test_validate_same_model(mlp_path, capsys):
     assert "y" in capsys.readouterr().out
 
 
+def test_validate_json_is_the_report_on_stdout_with_unchanged_exit_codes(tmp_path, mlp_path, write_model, run_cli):
+    result = run_cli("validate", mlp_path, mlp_path, "--json")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["samples"] == 2
+    assert report["outputs"] == [{"name": "y", "max_abs": 0.0, "max_rel": 0.0, "ok": True, "rtol": 1e-5, "atol": 1e-5}]
+    write_model(build_mlp([8, 16, 12, 3], seed=5), "other.onnx")
+    result = run_cli("validate", mlp_path, "other.onnx", "--json", "--rtol", "0.01")
+    assert result.returncode == 1 and result.stderr.startswith("error: validation mismatch")
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and report["rtol"] == 0.01 and report["outputs"][0]["max_abs"] > 0
+
+
 def test_rules_lists_the_registry(capsys):
     assert main(["rules"]) == 0
     out = capsys.readouterr().out
