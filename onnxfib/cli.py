@@ -67,6 +67,20 @@ RTOL_HELP = f"Relative tolerance of the validation ({_BY_DTYPE})."
 ATOL_HELP = f"Absolute tolerance of the validation, in units of max(1, the output's largest magnitude) ({_BY_DTYPE})."
 
 
+def _quiet_option(stdout_json: bool = False) -> bool:
+    """-q (every command takes -q and -v)."""
+    also = " but the --json asked for" if stdout_json else ""
+    return typer.Option(False, "-q", "--quiet", help=f"Print nothing on success{also}; no progress lines.")
+
+
+def _verbose_option(help: str) -> bool:
+    """-v, whose help says what it adds to this command, or that it adds nothing there."""
+    return typer.Option(False, "-v", "--verbose", help=help)
+
+
+NOTHING_MORE = "Accepted as by every command; {}, so there is no more to show."
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"onnxfib {__version__}")
@@ -105,8 +119,9 @@ def _change(before: float, after: float) -> str:
     return f"{(after - before) / before:+.1%}" if before else "-"
 
 
-def _validation_table(validation: ValidationReport, informative: bool = False) -> Table:
-    """Per-output errors; ``informative``: the verdict is a target's, so rtol/atol decide nothing."""
+def _validation_table(validation: ValidationReport, informative: bool = False, tolerances_shown: bool = False) -> Table:
+    """Per-output errors; ``informative``: the verdict is a target's, so rtol/atol decide nothing;
+    ``tolerances_shown``: rtol/atol columns even where every output has the same."""
     count = validation.samples or validation.batches
     inputs = f"{count:,} input{'' if count == 1 else 's'}"
     if informative:
@@ -122,7 +137,8 @@ def _validation_table(validation: ValidationReport, informative: bool = False) -
             given = validation.rtol is not None and validation.atol is not None
             where = f"rtol {rtol:g}, atol {atol:g}" + ("" if given or rtol == DEFAULT_RTOL else " for the output dtype")
         table = Table(title=f"Validation ({where}, {inputs})")
-        columns = ("output", "max abs error", "max rel error", *(("rtol", "atol") if per_output else ()), "ok")
+        shown = per_output or tolerances_shown
+        columns = ("output", "max abs error", "max rel error", *(("rtol", "atol") if shown else ()), "ok")
     for column in columns:
         table.add_column(column, justify="left" if column == "output" else "right")
     for out in validation.outputs:
@@ -223,8 +239,8 @@ def compress(
     report: Path | None = typer.Option(
         None, "--report", help="Write the run's report as JSON here (also when validation fails)."
     ),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print nothing on success."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="List every layer, not only those that shrank."),
+    quiet: bool = _quiet_option(),
+    verbose: bool = _verbose_option("List every layer, not only those that shrank."),
 ) -> None:
     """Compress a model; on a validation mismatch exit 1 and write no model.
 
@@ -350,12 +366,14 @@ def inspect(
     input: Path = typer.Argument(..., help="The ONNX model to analyse."),
     eps: float = typer.Option(0.0, "--eps", help=EPS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the per-layer figures as JSON."),
+    quiet: bool = _quiet_option(stdout_json=True),
+    verbose: bool = _verbose_option(NOTHING_MORE.format("the table lists every layer")),
 ) -> None:
     """Show each layer's fibers, opfibers and covers, and what a collapse would remove."""
     layers = api.inspect(input, eps=eps)
     if as_json:
         print(json.dumps([layer.to_dict() for layer in layers], indent=2))
-    else:
+    elif not quiet:
         _console().print(_layers_table(layers, eps))
 
 
@@ -369,6 +387,8 @@ def validate(
     atol: float | None = typer.Option(None, "--atol", help=ATOL_HELP, show_default=False),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (per-output errors, tolerances, ok)."),
+    quiet: bool = _quiet_option(stdout_json=True),
+    verbose: bool = _verbose_option("Show each output's rtol and atol in the table."),
 ) -> None:
     """Compare two models' outputs in ONNX Runtime; exit 1 when they differ beyond tolerance."""
     result = api.validate(
@@ -376,8 +396,8 @@ def validate(
     )
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
-    else:
-        _console().print(_validation_table(result))
+    elif not quiet:
+        _console().print(_validation_table(result, tolerances_shown=verbose))
     if not result.ok:
         bad = ", ".join(o.name for o in result.outputs if not o.ok)
         raise ValidationMismatchError(f"validation mismatch: {candidate} differs from {reference} on {bad}")
@@ -442,6 +462,8 @@ def sweep(
     seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the points as JSON here."),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (accuracy with --labels, else error)."),
+    quiet: bool = _quiet_option(),
+    verbose: bool = _verbose_option(NOTHING_MORE.format("the table shows every point")),
 ) -> None:
     """Parameters kept against output error (or accuracy) over a range of eps: table, JSON, PNG."""
     values = _eps_list(eps)
@@ -450,7 +472,7 @@ def sweep(
         io.check_output_path(path, protect=[input, *(p for p in (data, labels) if p is not None)])
     if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
         raise UsageError(f"{plot}: --json and --plot name the same file")
-    with _status("sweeping", quiet=False) as progress:
+    with _status("sweeping", quiet) as progress:
         points = api.sweep(input, eps_values=values, symmetry=symmetry, data=data, labels=labels,
                            input_shapes=_shapes(input_shape), seed=seed, calibrate=calibrate, ridge=ridge,
                            progress=progress)
@@ -459,12 +481,18 @@ def sweep(
         io.write_text_atomic(json_out, json.dumps([p.to_dict() for p in points], indent=2), protect=[input])
     if png is not None:
         io.write_bytes_atomic(plot, png, protect=[input])
-    _console().print(_sweep_table(points))
+    if not quiet:
+        _console().print(_sweep_table(points))
 
 
 @app.command()
-def rules() -> None:
+def rules(
+    quiet: bool = _quiet_option(),
+    verbose: bool = _verbose_option(NOTHING_MORE.format("the table lists every op")),
+) -> None:
     """List the ops onnxfib understands; every other op is a barrier that keeps its neighbours' widths."""
+    if quiet:
+        return
     table = Table(title="Rules (any other op is a barrier)")
     table.add_column("domain")
     table.add_column("op")

@@ -120,6 +120,21 @@ def test_validate_json_is_the_report_on_stdout_with_unchanged_exit_codes(tmp_pat
     assert report["ok"] is False and report["rtol"] == 0.01 and report["outputs"][0]["max_abs"] > 0
 
 
+def test_every_command_takes_quiet_and_verbose(tmp_path, mlp_path, write_model, capsys):
+    other = write_model(build_mlp([8, 16, 12, 3], seed=5), "other.onnx")
+    assert main(["validate", str(mlp_path), str(other), "-q"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: validation mismatch")
+    assert main(["validate", str(mlp_path), str(mlp_path), "-v"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if "max abs error" in line)
+    assert "rtol" in header and "atol" in header  # -v: each output's tolerances, even where all agree
+    for argv in (["inspect", str(mlp_path)], ["rules"], ["sweep", str(mlp_path), "--eps", "0"]):
+        assert main([*argv, "-q", "-v"]) == 0
+        assert capsys.readouterr() == ("", ""), argv
+    assert main(["inspect", str(mlp_path), "-q", "--json"]) == 0  # what --json asks for still prints
+    assert len(json.loads(capsys.readouterr().out)) == 3
+
+
 def test_rules_lists_the_registry(capsys):
     assert main(["rules"]) == 0
     out = capsys.readouterr().out
