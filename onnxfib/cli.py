@@ -24,6 +24,7 @@ from rich.table import Table
 from onnxfib import api, io
 from onnxfib._version import __version__
 from onnxfib.errors import OnnxfibError, UsageError, ValidationMismatchError
+from onnxfib.analysis import SYMMETRIES
 from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.report import CompressionReport, LayerReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.rules import default_registry
@@ -53,6 +54,7 @@ app = _App(
     no_args_is_help=True,
 )
 
+SYMMETRY_CHOICES = f"[{'|'.join(SYMMETRIES)}]"
 EPS_HELP = "Merge tolerance: cosine distance in [0, 2); 0 merges only exact symmetries."
 DATA_HELP = "Inputs to validate on: .npz keyed by input name, or .npy for single-input models."
 SHAPE_HELP = "Shape for an input's dynamic dims, NAME:D1,D2,... (repeatable), e.g. input:1,64."
@@ -70,12 +72,12 @@ ATOL_HELP = f"Absolute tolerance of the validation, in units of max(1, the outpu
 def _quiet_option(stdout_json: bool = False) -> bool:
     """-q (every command takes -q and -v)."""
     also = " but the --json asked for" if stdout_json else ""
-    return typer.Option(False, "-q", "--quiet", help=f"Print nothing on success{also}; no progress lines.")
+    return typer.Option(False, "-q", "--quiet", metavar="", help=f"Print nothing on success{also}; no progress lines.")
 
 
 def _verbose_option(help: str) -> bool:
     """-v, whose help says what it adds to this command, or that it adds nothing there."""
-    return typer.Option(False, "-v", "--verbose", help=help)
+    return typer.Option(False, "-v", "--verbose", metavar="", help=help)
 
 
 NOTHING_MORE = "Accepted as by every command; {}, so there is no more to show."
@@ -89,7 +91,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     """Compress ONNX models by merging neurons that share a fibration symmetry."""
 
@@ -214,39 +216,45 @@ def _render_compress(console: Console, report: CompressionReport, output: Path, 
 
 @app.command()
 def compress(
-    input: Path = typer.Argument(..., help="The ONNX model to compress (never modified)."),
-    output: Path = typer.Argument(..., help="Where to write the compressed model."),
-    eps: float = typer.Option(0.0, "--eps", help=EPS_HELP),
-    symmetry: str = typer.Option("fiber", "--symmetry", help="Base to collapse to: fiber (forward function) or cover."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Validate the result against the input in ONNX Runtime."),
-    rtol: float | None = typer.Option(None, "--rtol", help=RTOL_HELP, show_default=False),
-    atol: float | None = typer.Option(None, "--atol", help=ATOL_HELP, show_default=False),
-    data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
-    input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
-    seed: int = typer.Option(0, "--seed", help="Seed of the generated validation inputs."),
-    layer_eps: list[str] | None = typer.Option(None, "--layer-eps", help="One layer's eps, NAME=EPS (repeatable); --eps is the rest's."),
-    calibrate: bool = typer.Option(False, "--calibrate", help=CALIBRATE_HELP),
-    ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", help=RIDGE_HELP),
+    input: Path = typer.Argument(..., metavar="IN", help="The ONNX model to compress (never modified)."),
+    output: Path = typer.Argument(..., metavar="OUT", help="Where to write the compressed model."),
+    eps: float = typer.Option(0.0, "--eps", metavar="FLOAT", help=EPS_HELP),
+    symmetry: str = typer.Option("fiber", "--symmetry", metavar=SYMMETRY_CHOICES,
+                                 help="Base to collapse to: fiber (forward function) or cover."),
+    check: bool = typer.Option(True, "--check/--no-check", metavar="", help="Validate the result against the input in ONNX Runtime."),
+    rtol: float | None = typer.Option(None, "--rtol", metavar="FLOAT", help=RTOL_HELP, show_default=False),
+    atol: float | None = typer.Option(None, "--atol", metavar="FLOAT", help=ATOL_HELP, show_default=False),
+    data: Path | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
+    input_shape: list[str] | None = typer.Option(None, "--input-shape", metavar="NAME:D1,D2", help=SHAPE_HELP),
+    seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the generated validation inputs."),
+    layer_eps: list[str] | None = typer.Option(
+        None, "--layer-eps", metavar="NAME=EPS", help="One layer's eps, NAME=EPS (repeatable); --eps is the rest's."),
+    calibrate: bool = typer.Option(False, "--calibrate", metavar="", help=CALIBRATE_HELP),
+    ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", metavar="FLOAT", help=RIDGE_HELP),
     target_params: float | None = typer.Option(
-        None, "--target-params", help="Target: keep at most this fraction of the parameters (0.2 keeps 20%); eps chosen per layer."),
+        None, "--target-params", metavar="FLOAT",
+        help="Target: keep at most this fraction of the parameters (0.2 keeps 20%); eps chosen per layer."),
     max_error: float | None = typer.Option(
-        None, "--max-error", help="Target: largest absolute output error on the data (with --calibrate: held out, "
+        None, "--max-error", metavar="FLOAT", help="Target: largest absolute output error on the data (with --calibrate: held out, "
              "each quarter of the rows on a refit of the rest); eps chosen per layer."),
     max_drop: float | None = typer.Option(
-        None, "--max-drop", help="Target: accuracy lost on --data against --labels, a fraction (0.01 = one point); held out "
+        None, "--max-drop", metavar="FLOAT",
+        help="Target: accuracy lost on --data against --labels, a fraction (0.01 = one point); held out "
              "like --max-error with --calibrate."),
-    labels: Path | None = typer.Option(None, "--labels", help=LABELS_HELP),
+    labels: Path | None = typer.Option(None, "--labels", metavar="PATH", help=LABELS_HELP),
     report: Path | None = typer.Option(
-        None, "--report", help="Write the run's report as JSON here (also when validation fails)."
+        None, "--report", metavar="PATH", help="Write the run's report as JSON here (also when validation fails)."
     ),
     quiet: bool = _quiet_option(),
     verbose: bool = _verbose_option("List every layer, not only those that shrank."),
 ) -> None:
     """Compress a model; on a validation mismatch exit 1 and write no model.
 
-    With a target (--target-params, --max-error, --max-drop) each layer's eps is searched for,
-    the target is the verdict (exit 0 when met, 1 and no model when not), and the output error
-    against the original is reported, not checked against --rtol/--atol."""
+    With a target (--target-params, --max-error, --max-drop) each layer's eps is searched for, \
+the target is the verdict (exit 0 when met, 1 and no model when not), and the output error \
+against the original is reported, not checked against --rtol/--atol.
+
+    Example: onnxfib compress model.onnx small.onnx --target-params 0.5"""
     shapes = _shapes(input_shape)
     io.check_output_path(output, protect=[input])
     if report is not None:
@@ -363,13 +371,15 @@ def _console() -> Console:
 
 @app.command()
 def inspect(
-    input: Path = typer.Argument(..., help="The ONNX model to analyse."),
-    eps: float = typer.Option(0.0, "--eps", help=EPS_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print the per-layer figures as JSON."),
+    input: Path = typer.Argument(..., metavar="IN", help="The ONNX model to analyse."),
+    eps: float = typer.Option(0.0, "--eps", metavar="FLOAT", help=EPS_HELP),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the per-layer figures as JSON."),
     quiet: bool = _quiet_option(stdout_json=True),
     verbose: bool = _verbose_option(NOTHING_MORE.format("the table lists every layer")),
 ) -> None:
-    """Show each layer's fibers, opfibers and covers, and what a collapse would remove."""
+    """Show each layer's fibers, opfibers and covers, and what a collapse would remove.
+
+    Example: onnxfib inspect model.onnx --eps 0.1"""
     layers = api.inspect(input, eps=eps)
     if as_json:
         print(json.dumps([layer.to_dict() for layer in layers], indent=2))
@@ -379,18 +389,20 @@ def inspect(
 
 @app.command()
 def validate(
-    reference: Path = typer.Argument(..., help="The reference ONNX model."),
-    candidate: Path = typer.Argument(..., help="The model to compare with it."),
-    data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
-    input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
-    rtol: float | None = typer.Option(None, "--rtol", help=RTOL_HELP, show_default=False),
-    atol: float | None = typer.Option(None, "--atol", help=ATOL_HELP, show_default=False),
-    seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (per-output errors, tolerances, ok)."),
+    reference: Path = typer.Argument(..., metavar="REFERENCE", help="The reference ONNX model."),
+    candidate: Path = typer.Argument(..., metavar="CANDIDATE", help="The model to compare with it."),
+    data: Path | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
+    input_shape: list[str] | None = typer.Option(None, "--input-shape", metavar="NAME:D1,D2", help=SHAPE_HELP),
+    rtol: float | None = typer.Option(None, "--rtol", metavar="FLOAT", help=RTOL_HELP, show_default=False),
+    atol: float | None = typer.Option(None, "--atol", metavar="FLOAT", help=ATOL_HELP, show_default=False),
+    seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the generated inputs."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the report as JSON (per-output errors, tolerances, ok)."),
     quiet: bool = _quiet_option(stdout_json=True),
     verbose: bool = _verbose_option("Show each output's rtol and atol in the table."),
 ) -> None:
-    """Compare two models' outputs in ONNX Runtime; exit 1 when they differ beyond tolerance."""
+    """Compare two models' outputs in ONNX Runtime; exit 1 when they differ beyond tolerance.
+
+    Example: onnxfib validate model.onnx small.onnx --data inputs.npz --json"""
     result = api.validate(
         reference, candidate, data=data, input_shapes=_shapes(input_shape), seed=seed, rtol=rtol, atol=atol
     )
@@ -451,21 +463,25 @@ def _eps_list(text: str) -> list[float]:
 
 @app.command()
 def sweep(
-    input: Path = typer.Argument(..., help="The ONNX model to sweep (never modified)."),
-    eps: str = typer.Option(",".join(f"{e:g}" for e in api.SWEEP_EPS), "--eps", help="Uniform eps values, comma-separated."),
-    data: Path | None = typer.Option(None, "--data", help="Inputs to measure on (.npz/.npy); generated when absent."),
-    labels: Path | None = typer.Option(None, "--labels", help=LABELS_HELP),
-    calibrate: bool = typer.Option(False, "--calibrate", help=CALIBRATE_HELP),
-    ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", help=RIDGE_HELP),
-    symmetry: str = typer.Option("fiber", "--symmetry", help="Base to collapse to: fiber or cover."),
-    input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
-    seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the points as JSON here."),
-    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (accuracy with --labels, else error)."),
+    input: Path = typer.Argument(..., metavar="IN", help="The ONNX model to sweep (never modified)."),
+    eps: str = typer.Option(",".join(f"{e:g}" for e in api.SWEEP_EPS), "--eps", metavar="EPS,EPS,...",
+                            help="Uniform eps values, comma-separated."),
+    data: Path | None = typer.Option(None, "--data", metavar="PATH", help="Inputs to measure on (.npz/.npy); generated when absent."),
+    labels: Path | None = typer.Option(None, "--labels", metavar="PATH", help=LABELS_HELP),
+    calibrate: bool = typer.Option(False, "--calibrate", metavar="", help=CALIBRATE_HELP),
+    ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", metavar="FLOAT", help=RIDGE_HELP),
+    symmetry: str = typer.Option("fiber", "--symmetry", metavar=SYMMETRY_CHOICES, help="Base to collapse to: fiber or cover."),
+    input_shape: list[str] | None = typer.Option(None, "--input-shape", metavar="NAME:D1,D2", help=SHAPE_HELP),
+    seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the generated inputs."),
+    json_out: Path | None = typer.Option(None, "--json", metavar="PATH", help="Write the points as JSON here."),
+    plot: Path | None = typer.Option(None, "--plot", metavar="PATH",
+                                     help="Write a PNG plot here (accuracy with --labels, else error)."),
     quiet: bool = _quiet_option(),
     verbose: bool = _verbose_option(NOTHING_MORE.format("the table shows every point")),
 ) -> None:
-    """Parameters kept against output error (or accuracy) over a range of eps: table, JSON, PNG."""
+    """Parameters kept against output error (or accuracy) over a range of eps: table, JSON, PNG.
+
+    Example: onnxfib sweep model.onnx --eps 0,0.2,0.4 --plot sweep.png"""
     values = _eps_list(eps)
     outputs = [path for path in (json_out, plot) if path is not None]
     for path in outputs:
@@ -490,7 +506,9 @@ def rules(
     quiet: bool = _quiet_option(),
     verbose: bool = _verbose_option(NOTHING_MORE.format("the table lists every op")),
 ) -> None:
-    """List the ops onnxfib understands; every other op is a barrier that keeps its neighbours' widths."""
+    """List the ops onnxfib understands; every other op is a barrier that keeps its neighbours' widths.
+
+    Example: onnxfib rules"""
     if quiet:
         return
     table = Table(title="Rules (any other op is a barrier)")

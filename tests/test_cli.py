@@ -149,6 +149,20 @@ def test_version_and_help(capsys):
     assert main([]) == 2  # no command: help, and the usage-error exit code
 
 
+def test_help_shows_choices_metavars_and_an_example(run_cli, capsys):
+    for command in ("inspect", "validate", "sweep", "rules"):
+        assert main([command, "--help"]) == 0
+        assert f"Example: onnxfib {command}" in capsys.readouterr().out
+    result = run_cli("compress", "--help")
+    assert result.returncode == 0 and "Example: onnxfib compress" in result.stdout, result.stdout
+    for text in ("[fiber|cover]", "FLOAT", "PATH", "NAME:D1,D2", "NAME=EPS", "{IN} {OUT}"):
+        assert text in result.stdout, text
+    assert result.stdout.count("<bool>") == 1  # typer's own --help; onnxfib's flags show no value
+    result = run_cli("compress", "in.onnx", "out.onnx", "--symmetry", "base")
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: symmetry must be one of fiber, cover, got 'base'"], result.stderr
+
+
 @pytest.mark.slow
 def test_search_progress_shows_in_a_terminal_and_not_in_a_pipe(tmp_path, mlp_path, run_cli):
     """The status line of a target search renders on a terminal's stderr (piped: see below)."""
