@@ -285,11 +285,7 @@ def compress(
         analysis = analyze(original, eps=eps, symmetry=symmetry, layer_eps=layer_eps)
         compressed = analysis.collapse()
     layers = list(analysis.layers)
-    settings = {"onnxfib.calibrated": "true"} if calibrate else {}
-    if any(layer.eps != eps for layer in layers):
-        settings["onnxfib.layer_eps"] = json.dumps({layer.name: layer.eps for layer in layers})
-    onnx.helper.set_model_props(compressed, {**{p.key: p.value for p in compressed.metadata_props}, **settings})
-    compressed = io.finalize_model(compressed, eps=eps, symmetry=symmetry)
+    compressed = _record_settings(compressed, layers, eps=eps, symmetry=symmetry, calibrate=calibrate, goal=goal)
     validation = validate_models(original, compressed, batches, rtol=rtol, atol=atol) if check else None
     report = CompressionReport(
         eps=eps,
@@ -318,6 +314,28 @@ def compress(
                         for o in validation.outputs if not o.ok)
         raise ValidationMismatchError(f"compressed model differs from the original beyond tolerance on {bad}", report)
     return CompressionResult(compressed, report, loaded.files, loaded.external_data)
+
+
+def _record_settings(model: onnx.ModelProto, layers: Sequence[LayerReport], *, eps: float, symmetry: str,
+                     calibrate: bool, goal: tuple[str, float] | None) -> onnx.ModelProto:
+    """Record this run in the ``onnxfib.*`` metadata (an earlier run's keys dropped) and finalize
+    ``model``: a search records its target (``onnxfib.target``, JSON kind and limit) and the eps
+    it chose per layer, and no uniform ``onnxfib.eps``."""
+    settings = {p.key: p.value for p in model.metadata_props if not p.key.startswith("onnxfib.")}
+    if calibrate:
+        settings["onnxfib.calibrated"] = "true"
+    if goal is not None or any(layer.eps != eps for layer in layers):
+        settings["onnxfib.layer_eps"] = json.dumps({layer.name: layer.eps for layer in layers})
+    if goal is not None:
+        settings["onnxfib.target"] = json.dumps({"kind": goal[0], "limit": goal[1]})
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, settings)
+    model = io.finalize_model(model, eps=eps, symmetry=symmetry)
+    if goal is not None:  # the search chose per-layer eps; eps 0.0 would claim an exact run
+        kept = [p for p in model.metadata_props if p.key != "onnxfib.eps"]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+    return model
 
 
 def _describe(target: TargetReport) -> str:

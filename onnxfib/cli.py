@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import onnx
 import typer
@@ -22,6 +24,7 @@ from rich.table import Table
 from onnxfib import api, io
 from onnxfib._version import __version__
 from onnxfib.errors import OnnxfibError, UsageError, ValidationMismatchError
+from onnxfib.analysis import SYMMETRIES
 from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.report import CompressionReport, LayerReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.rules import default_registry
@@ -51,6 +54,7 @@ app = _App(
     no_args_is_help=True,
 )
 
+SYMMETRY_CHOICES = f"[{'|'.join(SYMMETRIES)}]"
 EPS_HELP = "Merge tolerance: cosine distance in [0, 2); 0 merges only exact symmetries."
 DATA_HELP = "Inputs to validate on: .npz keyed by input name, or .npy for single-input models."
 SHAPE_HELP = "Shape for an input's dynamic dims, NAME:D1,D2,... (repeatable), e.g. input:1,64."
@@ -65,6 +69,20 @@ RTOL_HELP = f"Relative tolerance of the validation ({_BY_DTYPE})."
 ATOL_HELP = f"Absolute tolerance of the validation, in units of max(1, the output's largest magnitude) ({_BY_DTYPE})."
 
 
+def _quiet_option(stdout_json: bool = False) -> bool:
+    """-q (every command takes -q and -v)."""
+    also = " but the --json asked for" if stdout_json else ""
+    return typer.Option(False, "-q", "--quiet", metavar="", help=f"Print nothing on success{also}; no progress lines.")
+
+
+def _verbose_option(help: str) -> bool:
+    """-v, whose help says what it adds to this command, or that it adds nothing there."""
+    return typer.Option(False, "-v", "--verbose", metavar="", help=help)
+
+
+NOTHING_MORE = "Accepted as by every command; {}, so there is no more to show."
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"onnxfib {__version__}")
@@ -73,7 +91,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     """Compress ONNX models by merging neurons that share a fibration symmetry."""
 
@@ -103,8 +121,9 @@ def _change(before: float, after: float) -> str:
     return f"{(after - before) / before:+.1%}" if before else "-"
 
 
-def _validation_table(validation: ValidationReport, informative: bool = False) -> Table:
-    """Per-output errors; ``informative``: the verdict is a target's, so rtol/atol decide nothing."""
+def _validation_table(validation: ValidationReport, informative: bool = False, tolerances_shown: bool = False) -> Table:
+    """Per-output errors; ``informative``: the verdict is a target's, so rtol/atol decide nothing;
+    ``tolerances_shown``: rtol/atol columns even where every output has the same."""
     count = validation.samples or validation.batches
     inputs = f"{count:,} input{'' if count == 1 else 's'}"
     if informative:
@@ -120,7 +139,8 @@ def _validation_table(validation: ValidationReport, informative: bool = False) -
             given = validation.rtol is not None and validation.atol is not None
             where = f"rtol {rtol:g}, atol {atol:g}" + ("" if given or rtol == DEFAULT_RTOL else " for the output dtype")
         table = Table(title=f"Validation ({where}, {inputs})")
-        columns = ("output", "max abs error", "max rel error", *(("rtol", "atol") if per_output else ()), "ok")
+        shown = per_output or tolerances_shown
+        columns = ("output", "max abs error", "max rel error", *(("rtol", "atol") if shown else ()), "ok")
     for column in columns:
         table.add_column(column, justify="left" if column == "output" else "right")
     for out in validation.outputs:
@@ -196,39 +216,45 @@ def _render_compress(console: Console, report: CompressionReport, output: Path, 
 
 @app.command()
 def compress(
-    input: Path = typer.Argument(..., help="The ONNX model to compress (never modified)."),
-    output: Path = typer.Argument(..., help="Where to write the compressed model."),
-    eps: float = typer.Option(0.0, "--eps", help=EPS_HELP),
-    symmetry: str = typer.Option("fiber", "--symmetry", help="Base to collapse to: fiber (forward function) or cover."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Validate the result against the input in ONNX Runtime."),
-    rtol: float | None = typer.Option(None, "--rtol", help=RTOL_HELP, show_default=False),
-    atol: float | None = typer.Option(None, "--atol", help=ATOL_HELP, show_default=False),
-    data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
-    input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
-    seed: int = typer.Option(0, "--seed", help="Seed of the generated validation inputs."),
-    layer_eps: list[str] | None = typer.Option(None, "--layer-eps", help="One layer's eps, NAME=EPS (repeatable); --eps is the rest's."),
-    calibrate: bool = typer.Option(False, "--calibrate", help=CALIBRATE_HELP),
-    ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", help=RIDGE_HELP),
+    input: Path = typer.Argument(..., metavar="IN", help="The ONNX model to compress (never modified)."),
+    output: Path = typer.Argument(..., metavar="OUT", help="Where to write the compressed model."),
+    eps: float = typer.Option(0.0, "--eps", metavar="FLOAT", help=EPS_HELP),
+    symmetry: str = typer.Option("fiber", "--symmetry", metavar=SYMMETRY_CHOICES,
+                                 help="Base to collapse to: fiber (forward function) or cover."),
+    check: bool = typer.Option(True, "--check/--no-check", metavar="", help="Validate the result against the input in ONNX Runtime."),
+    rtol: float | None = typer.Option(None, "--rtol", metavar="FLOAT", help=RTOL_HELP, show_default=False),
+    atol: float | None = typer.Option(None, "--atol", metavar="FLOAT", help=ATOL_HELP, show_default=False),
+    data: Path | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
+    input_shape: list[str] | None = typer.Option(None, "--input-shape", metavar="NAME:D1,D2", help=SHAPE_HELP),
+    seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the generated validation inputs."),
+    layer_eps: list[str] | None = typer.Option(
+        None, "--layer-eps", metavar="NAME=EPS", help="One layer's eps, NAME=EPS (repeatable); --eps is the rest's."),
+    calibrate: bool = typer.Option(False, "--calibrate", metavar="", help=CALIBRATE_HELP),
+    ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", metavar="FLOAT", help=RIDGE_HELP),
     target_params: float | None = typer.Option(
-        None, "--target-params", help="Target: keep at most this fraction of the parameters (0.2 keeps 20%); eps chosen per layer."),
+        None, "--target-params", metavar="FLOAT",
+        help="Target: keep at most this fraction of the parameters (0.2 keeps 20%); eps chosen per layer."),
     max_error: float | None = typer.Option(
-        None, "--max-error", help="Target: largest absolute output error on the data (with --calibrate: held out, "
+        None, "--max-error", metavar="FLOAT", help="Target: largest absolute output error on the data (with --calibrate: held out, "
              "each quarter of the rows on a refit of the rest); eps chosen per layer."),
     max_drop: float | None = typer.Option(
-        None, "--max-drop", help="Target: accuracy lost on --data against --labels, a fraction (0.01 = one point); held out "
+        None, "--max-drop", metavar="FLOAT",
+        help="Target: accuracy lost on --data against --labels, a fraction (0.01 = one point); held out "
              "like --max-error with --calibrate."),
-    labels: Path | None = typer.Option(None, "--labels", help=LABELS_HELP),
+    labels: Path | None = typer.Option(None, "--labels", metavar="PATH", help=LABELS_HELP),
     report: Path | None = typer.Option(
-        None, "--report", help="Write the run's report as JSON here (also when validation fails)."
+        None, "--report", metavar="PATH", help="Write the run's report as JSON here (also when validation fails)."
     ),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print nothing on success."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="List every layer, not only those that shrank."),
+    quiet: bool = _quiet_option(),
+    verbose: bool = _verbose_option("List every layer, not only those that shrank."),
 ) -> None:
     """Compress a model; on a validation mismatch exit 1 and write no model.
 
-    With a target (--target-params, --max-error, --max-drop) each layer's eps is searched for,
-    the target is the verdict (exit 0 when met, 1 and no model when not), and the output error
-    against the original is reported, not checked against --rtol/--atol."""
+    With a target (--target-params, --max-error, --max-drop) each layer's eps is searched for, \
+the target is the verdict (exit 0 when met, 1 and no model when not), and the output error \
+against the original is reported, not checked against --rtol/--atol.
+
+    Example: onnxfib compress model.onnx small.onnx --target-params 0.5"""
     shapes = _shapes(input_shape)
     io.check_output_path(output, protect=[input])
     if report is not None:
@@ -285,14 +311,53 @@ def _layers_table(layers: list[LayerReport], eps: float) -> Table:
     return table
 
 
+#: Seconds between two progress lines on a stderr that is not a terminal (CI logs, pipes).
+PLAIN_PROGRESS_INTERVAL = 5.0
+
+
+class _PlainProgress:
+    """Progress as plain ``task: line`` lines on ``stream``, at most one per ``interval`` seconds;
+    ``close`` prints the last line if the interval held it back."""
+
+    def __init__(self, task: str, stream: TextIO, interval: float = PLAIN_PROGRESS_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.task, self.stream, self.interval, self.clock = task, stream, interval, clock
+        self.shown: float | None = None
+        self.pending: str | None = None
+
+    def __call__(self, line: str) -> None:
+        now = self.clock()
+        if self.shown is not None and now - self.shown < self.interval:
+            self.pending = line
+            return
+        self._print(line)
+        self.shown = now
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self._print(self.pending)
+
+    def _print(self, line: str) -> None:
+        self.pending = None
+        print(f"{self.task}: {line}", file=self.stream, flush=True)
+
+
 @contextlib.contextmanager
 def _status(task: str, quiet: bool) -> Iterator[Callable[[str], None] | None]:
-    """A status line on stderr, shown in terminals only, that a long run updates through the
-    callback yielded (None when ``quiet``)."""
+    """Progress on stderr through the callback yielded (None when ``quiet``): a status line in a
+    terminal, else plain lines at most every ``PLAIN_PROGRESS_INTERVAL`` seconds (and the last)."""
     if quiet:
         yield None
         return
-    with Console(stderr=True).status(f"{task}...") as status:
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        plain = _PlainProgress(task, sys.stderr)
+        try:
+            yield plain
+        finally:
+            plain.close()
+        return
+    with console.status(f"{task}...") as status:
         yield lambda line: status.update(f"{task}: {line}")
 
 
@@ -306,33 +371,45 @@ def _console() -> Console:
 
 @app.command()
 def inspect(
-    input: Path = typer.Argument(..., help="The ONNX model to analyse."),
-    eps: float = typer.Option(0.0, "--eps", help=EPS_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print the per-layer figures as JSON."),
+    input: Path = typer.Argument(..., metavar="IN", help="The ONNX model to analyse."),
+    eps: float = typer.Option(0.0, "--eps", metavar="FLOAT", help=EPS_HELP),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the per-layer figures as JSON."),
+    quiet: bool = _quiet_option(stdout_json=True),
+    verbose: bool = _verbose_option(NOTHING_MORE.format("the table lists every layer")),
 ) -> None:
-    """Show each layer's fibers, opfibers and covers, and what a collapse would remove."""
+    """Show each layer's fibers, opfibers and covers, and what a collapse would remove.
+
+    Example: onnxfib inspect model.onnx --eps 0.1"""
     layers = api.inspect(input, eps=eps)
     if as_json:
         print(json.dumps([layer.to_dict() for layer in layers], indent=2))
-    else:
+    elif not quiet:
         _console().print(_layers_table(layers, eps))
 
 
 @app.command()
 def validate(
-    reference: Path = typer.Argument(..., help="The reference ONNX model."),
-    candidate: Path = typer.Argument(..., help="The model to compare with it."),
-    data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
-    input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
-    rtol: float | None = typer.Option(None, "--rtol", help=RTOL_HELP, show_default=False),
-    atol: float | None = typer.Option(None, "--atol", help=ATOL_HELP, show_default=False),
-    seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
+    reference: Path = typer.Argument(..., metavar="REFERENCE", help="The reference ONNX model."),
+    candidate: Path = typer.Argument(..., metavar="CANDIDATE", help="The model to compare with it."),
+    data: Path | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
+    input_shape: list[str] | None = typer.Option(None, "--input-shape", metavar="NAME:D1,D2", help=SHAPE_HELP),
+    rtol: float | None = typer.Option(None, "--rtol", metavar="FLOAT", help=RTOL_HELP, show_default=False),
+    atol: float | None = typer.Option(None, "--atol", metavar="FLOAT", help=ATOL_HELP, show_default=False),
+    seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the generated inputs."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the report as JSON (per-output errors, tolerances, ok)."),
+    quiet: bool = _quiet_option(stdout_json=True),
+    verbose: bool = _verbose_option("Show each output's rtol and atol in the table."),
 ) -> None:
-    """Compare two models' outputs in ONNX Runtime; exit 1 when they differ beyond tolerance."""
+    """Compare two models' outputs in ONNX Runtime; exit 1 when they differ beyond tolerance.
+
+    Example: onnxfib validate model.onnx small.onnx --data inputs.npz --json"""
     result = api.validate(
         reference, candidate, data=data, input_shapes=_shapes(input_shape), seed=seed, rtol=rtol, atol=atol
     )
-    _console().print(_validation_table(result))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        _console().print(_validation_table(result, tolerances_shown=verbose))
     if not result.ok:
         bad = ", ".join(o.name for o in result.outputs if not o.ok)
         raise ValidationMismatchError(f"validation mismatch: {candidate} differs from {reference} on {bad}")
@@ -385,19 +462,25 @@ def _eps_list(text: str) -> list[float]:
 
 @app.command()
 def sweep(
-    input: Path = typer.Argument(..., help="The ONNX model to sweep (never modified)."),
-    eps: str = typer.Option(",".join(f"{e:g}" for e in api.SWEEP_EPS), "--eps", help="Uniform eps values, comma-separated."),
-    data: Path | None = typer.Option(None, "--data", help="Inputs to measure on (.npz/.npy); generated when absent."),
-    labels: Path | None = typer.Option(None, "--labels", help=LABELS_HELP),
-    calibrate: bool = typer.Option(False, "--calibrate", help=CALIBRATE_HELP),
-    ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", help=RIDGE_HELP),
-    symmetry: str = typer.Option("fiber", "--symmetry", help="Base to collapse to: fiber or cover."),
-    input_shape: list[str] | None = typer.Option(None, "--input-shape", help=SHAPE_HELP),
-    seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the points as JSON here."),
-    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (accuracy with --labels, else error)."),
+    input: Path = typer.Argument(..., metavar="IN", help="The ONNX model to sweep (never modified)."),
+    eps: str = typer.Option(",".join(f"{e:g}" for e in api.SWEEP_EPS), "--eps", metavar="EPS,EPS,...",
+                            help="Uniform eps values, comma-separated."),
+    data: Path | None = typer.Option(None, "--data", metavar="PATH", help="Inputs to measure on (.npz/.npy); generated when absent."),
+    labels: Path | None = typer.Option(None, "--labels", metavar="PATH", help=LABELS_HELP),
+    calibrate: bool = typer.Option(False, "--calibrate", metavar="", help=CALIBRATE_HELP),
+    ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", metavar="FLOAT", help=RIDGE_HELP),
+    symmetry: str = typer.Option("fiber", "--symmetry", metavar=SYMMETRY_CHOICES, help="Base to collapse to: fiber or cover."),
+    input_shape: list[str] | None = typer.Option(None, "--input-shape", metavar="NAME:D1,D2", help=SHAPE_HELP),
+    seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the generated inputs."),
+    json_out: Path | None = typer.Option(None, "--json", metavar="PATH", help="Write the points as JSON here."),
+    plot: Path | None = typer.Option(None, "--plot", metavar="PATH",
+                                     help="Write a PNG plot here (accuracy with --labels, else error)."),
+    quiet: bool = _quiet_option(),
+    verbose: bool = _verbose_option(NOTHING_MORE.format("the table shows every point")),
 ) -> None:
-    """Parameters kept against output error (or accuracy) over a range of eps: table, JSON, PNG."""
+    """Parameters kept against output error (or accuracy) over a range of eps: table, JSON, PNG.
+
+    Example: onnxfib sweep model.onnx --eps 0,0.2,0.4 --plot sweep.png"""
     values = _eps_list(eps)
     outputs = [path for path in (json_out, plot) if path is not None]
     for path in outputs:
@@ -408,7 +491,7 @@ def sweep(
         from onnxfib.plotting import pyplot
 
         pyplot()
-    with _status("sweeping", quiet=False) as progress:
+    with _status("sweeping", quiet) as progress:
         points = api.sweep(input, eps_values=values, symmetry=symmetry, data=data, labels=labels,
                            input_shapes=_shapes(input_shape), seed=seed, calibrate=calibrate, ridge=ridge,
                            progress=progress)
@@ -417,12 +500,20 @@ def sweep(
         io.write_text_atomic(json_out, json.dumps([p.to_dict() for p in points], indent=2), protect=[input])
     if png is not None:
         io.write_bytes_atomic(plot, png, protect=[input])
-    _console().print(_sweep_table(points))
+    if not quiet:
+        _console().print(_sweep_table(points))
 
 
 @app.command()
-def rules() -> None:
-    """List the ops onnxfib understands; every other op is a barrier that keeps its neighbours' widths."""
+def rules(
+    quiet: bool = _quiet_option(),
+    verbose: bool = _verbose_option(NOTHING_MORE.format("the table lists every op")),
+) -> None:
+    """List the ops onnxfib understands; every other op is a barrier that keeps its neighbours' widths.
+
+    Example: onnxfib rules"""
+    if quiet:
+        return
     table = Table(title="Rules (any other op is a barrier)")
     table.add_column("domain")
     table.add_column("op")

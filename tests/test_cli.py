@@ -3,6 +3,7 @@ plus real processes for ``python -m onnxfib`` and the console script)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from conftest import build_mlp, sha256
 
 import onnxfib
-from onnxfib.cli import main
+from onnxfib.cli import _PlainProgress, main
 from onnxfib.errors import UsageError, ValidationMismatchError
 
 
@@ -106,6 +107,34 @@ def test_validate_same_model(mlp_path, capsys):
     assert "y" in capsys.readouterr().out
 
 
+def test_validate_json_is_the_report_on_stdout_with_unchanged_exit_codes(tmp_path, mlp_path, write_model, run_cli):
+    result = run_cli("validate", mlp_path, mlp_path, "--json")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["samples"] == 2
+    assert report["outputs"] == [{"name": "y", "max_abs": 0.0, "max_rel": 0.0, "ok": True, "rtol": 1e-5, "atol": 1e-5}]
+    write_model(build_mlp([8, 16, 12, 3], seed=5), "other.onnx")
+    result = run_cli("validate", mlp_path, "other.onnx", "--json", "--rtol", "0.01")
+    assert result.returncode == 1 and result.stderr.startswith("error: validation mismatch")
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and report["rtol"] == 0.01 and report["outputs"][0]["max_abs"] > 0
+
+
+def test_every_command_takes_quiet_and_verbose(tmp_path, mlp_path, write_model, capsys):
+    other = write_model(build_mlp([8, 16, 12, 3], seed=5), "other.onnx")
+    assert main(["validate", str(mlp_path), str(other), "-q"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: validation mismatch")
+    assert main(["validate", str(mlp_path), str(mlp_path), "-v"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if "max abs error" in line)
+    assert "rtol" in header and "atol" in header  # -v: each output's tolerances, even where all agree
+    for argv in (["inspect", str(mlp_path)], ["rules"], ["sweep", str(mlp_path), "--eps", "0"]):
+        assert main([*argv, "-q", "-v"]) == 0
+        assert capsys.readouterr() == ("", ""), argv
+    assert main(["inspect", str(mlp_path), "-q", "--json"]) == 0  # what --json asks for still prints
+    assert len(json.loads(capsys.readouterr().out)) == 3
+
+
 def test_rules_lists_the_registry(capsys):
     assert main(["rules"]) == 0
     out = capsys.readouterr().out
@@ -120,11 +149,23 @@ def test_version_and_help(capsys):
     assert main([]) == 2  # no command: help, and the usage-error exit code
 
 
+def test_help_shows_choices_metavars_and_an_example(run_cli, capsys):
+    for command in ("inspect", "validate", "sweep", "rules"):
+        assert main([command, "--help"]) == 0
+        assert f"Example: onnxfib {command}" in capsys.readouterr().out
+    result = run_cli("compress", "--help")
+    assert result.returncode == 0 and "Example: onnxfib compress" in result.stdout, result.stdout
+    for text in ("[fiber|cover]", "FLOAT", "PATH", "NAME:D1,D2", "NAME=EPS", "{IN} {OUT}"):
+        assert text in result.stdout, text
+    assert result.stdout.count("<bool>") == 1  # typer's own --help; onnxfib's flags show no value
+    result = run_cli("compress", "in.onnx", "out.onnx", "--symmetry", "base")
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: symmetry must be one of fiber, cover, got 'base'"], result.stderr
+
+
 @pytest.mark.slow
 def test_search_progress_shows_in_a_terminal_and_not_in_a_pipe(tmp_path, mlp_path, run_cli):
-    """The status line of a target search renders on a terminal's stderr; piped, stderr stays empty."""
-    piped = run_cli("compress", mlp_path, "piped.onnx", "--target-params", "0.6")
-    assert piped.returncode == 0 and piped.stderr == ""
+    """The status line of a target search renders on a terminal's stderr (piped: see below)."""
     leader, follower = os.openpty()
     process = subprocess.Popen([sys.executable, "-m", "onnxfib", "compress", str(mlp_path), "tty.onnx",
                                 "--target-params", "0.6"], cwd=tmp_path, stdout=follower, stderr=follower,
@@ -142,6 +183,32 @@ def test_search_progress_shows_in_a_terminal_and_not_in_a_pipe(tmp_path, mlp_pat
     os.close(leader)
     assert process.wait(timeout=300) == 0
     assert b"searching: keeps" in shown
+
+
+def test_search_progress_in_a_pipe_is_plain_lines_and_quiet_silences_it(tmp_path, mlp_path, run_cli):
+    """Piped stderr gets plain progress lines (the first step at once, the last at the end);
+    stdout is the same summary as without them; -q prints nothing at all."""
+    piped = run_cli("compress", mlp_path, "piped.onnx", "--target-params", "0.6")
+    assert piped.returncode == 0, piped.stderr
+    lines = piped.stderr.splitlines()
+    assert lines and all(line.startswith("searching: keeps ") for line in lines), piped.stderr
+    assert "searching" not in piped.stdout and "Target: keep at most 60.00%" in piped.stdout
+    quiet = run_cli("compress", mlp_path, "quiet.onnx", "--target-params", "0.6", "-q")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert sha256(tmp_path / "piped.onnx") == sha256(tmp_path / "quiet.onnx")
+
+
+def test_plain_progress_is_rate_limited_and_prints_the_last_step():
+    now = [0.0]
+    stream = io.StringIO()
+    progress = _PlainProgress("searching", stream, interval=5.0, clock=lambda: now[0])
+    for step, at in enumerate([0.0, 1.0, 4.9, 5.5, 6.0, 7.0]):
+        now[0] = at
+        progress(f"step {step}")
+    progress.close()
+    assert stream.getvalue().splitlines() == ["searching: step 0", "searching: step 3", "searching: step 5"]
+    progress.close()  # nothing held back any more
+    assert stream.getvalue().count("\n") == 3
 
 
 @pytest.mark.slow
@@ -172,6 +239,20 @@ def test_compress_target_params_meets_target_and_reports_layer_eps(tmp_path, mlp
     props = _props(out)
     assert json.loads(props["onnxfib.layer_eps"]) == {layer["name"]: layer["eps"] for layer in data["layers"]}
     assert props["onnxfib.calibrated"] == "true"
+
+
+def test_search_records_its_target_and_layer_eps_not_eps_zero(tmp_path, mlp_path):
+    out, again, report = tmp_path / "out.onnx", tmp_path / "again.onnx", tmp_path / "r.json"
+    assert main(["compress", str(mlp_path), str(out), "--target-params", "0.6", "-q", "--report", str(report)]) == 0
+    props = _props(out)
+    assert json.loads(props["onnxfib.target"]) == {"kind": "params", "limit": 0.6}
+    layers = json.loads(report.read_text())["layers"]
+    assert json.loads(props["onnxfib.layer_eps"]) == {layer["name"]: layer["eps"] for layer in layers}
+    assert any(layer["eps"] > 0 for layer in layers)
+    assert "onnxfib.eps" not in props and props["onnxfib.symmetry"] == "fiber"
+    assert main(["compress", str(out), str(again), "-q"]) == 0  # a plain run after it records no stale target
+    props = _props(again)
+    assert props["onnxfib.eps"] == "0.0" and "onnxfib.target" not in props and "onnxfib.layer_eps" not in props
 
 
 def test_compress_layer_eps_and_calibrated_exact_merge(tmp_path, mlp_path, capsys):
