@@ -58,9 +58,10 @@ def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
 
     A label is the index of its group's representative row, and every member lies within
     ``tol`` of it; rows within ``tol`` of each other share a group unless a chain of such rows
-    spans more than ``tol`` (then the chain is split around representatives). Rows holding NaN or infinities are
-    never grouped. Rows are split along coordinates where their values jump by more than
-    ``tol`` (:func:`_near_groups`), so the work grows with the rows, not with their pairs.
+    spans more than ``tol`` (then the chain is split around representatives). Rows holding NaN
+    or infinities are never grouped. Rows are split along coordinates where their values jump
+    by more than ``tol`` (:func:`_near_groups`), so the work grows with the rows, not with their
+    pairs.
     """
     n = len(rows)
     rows = np.asarray(rows, dtype=np.float64).reshape(n, -1)
@@ -108,15 +109,17 @@ def _near_groups(rows: np.ndarray, tol: float) -> np.ndarray:
             block = rows[np.ix_(members, piece)]
             order = np.argsort(block, axis=0, kind="stable")
             ordered = np.take_along_axis(block, order, axis=0)
-            runs = np.zeros_like(order)
-            np.put_along_axis(runs, order, np.cumsum(np.diff(ordered, axis=0, prepend=ordered[:1]) > tol, axis=0), 0)
+            runs = np.zeros_like(order)  # each row's run number along each coordinate
+            steps = np.diff(ordered, axis=0, prepend=ordered[:1]) > tol
+            np.put_along_axis(runs, order, np.cumsum(steps, axis=0), 0)
             key += runs @ weights[piece]  # wraps around: only a hash
             _, part = np.unique(key, axis=0, return_inverse=True)
             if part.max() > 0:  # split: the parts go on from their own spreads
                 break
         part = part.ravel()
         if part.max() > 0:
-            pending.extend(np.split(members[np.argsort(part, kind="stable")], np.cumsum(np.bincount(part))[:-1]))
+            parts = np.split(members[np.argsort(part, kind="stable")], np.cumsum(np.bincount(part))[:-1])
+            pending.extend(parts)
         else:
             while members.size > 1:
                 close = np.max(np.abs(rows[members] - rows[members[0]]), axis=1) <= tol
@@ -204,7 +207,8 @@ def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
     step = max(1, (1 << 22) // dims)
     for first in range(0, len(candidates), step):  # exactly, in pieces of bounded memory
         piece = candidates[first:first + step]
-        close[first:first + step] = np.einsum("ij,ij->i", unit[piece[:, 0]], unit[piece[:, 1]]) >= 1.0 - eps - 1e-12
+        cosine = np.einsum("ij,ij->i", unit[piece[:, 0]], unit[piece[:, 1]])
+        close[first:first + step] = cosine >= 1.0 - eps - 1e-12
     edges = candidates[close]
     graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
