@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -224,27 +225,37 @@ def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
 
 
 class TreeCache:
-    """Average-linkage trees by the signatures they were built from: one per search over a
-    model, so a layer whose input colors did not change is not clustered again. Holds at most
-    ``budget`` bytes of trees, dropping the least recently used."""
+    """Clusterings by the rows they were computed from: average-linkage trees and exact-equality
+    labels (:func:`equal_row_labels`). One per search over a model, so a layer whose input
+    colors did not change is not clustered again. Holds at most ``budget`` bytes of results,
+    dropping the least recently used."""
 
     def __init__(self, budget: int = 256 << 20) -> None:
         self.budget = budget
-        self._trees: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._results: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._bytes = 0
 
     def tree(self, unit: np.ndarray) -> np.ndarray:
         """The tree of :func:`average_linkage` for ``unit``, built once per distinct matrix."""
-        unit = np.ascontiguousarray(unit)
-        key = hashlib.blake2b(unit.data, digest_size=20).digest() + str(unit.shape).encode()
-        if key in self._trees:
-            self._trees.move_to_end(key)
-            return self._trees[key]
-        tree = self._trees[key] = average_linkage(unit)
-        self._bytes += tree.nbytes
-        while self._bytes > self.budget and len(self._trees) > 1:
-            self._bytes -= self._trees.popitem(last=False)[1].nbytes
-        return tree
+        return self._cached(b"tree", unit, average_linkage)
+
+    def equal_labels(self, rows: np.ndarray, tol: float) -> np.ndarray:
+        """:func:`equal_row_labels` of ``rows`` at ``tol``, computed once per distinct matrix."""
+        return self._cached(repr(tol).encode(), rows, lambda r: equal_row_labels(r, tol))
+
+    def _cached(self, kind: bytes, rows: np.ndarray, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        rows = np.ascontiguousarray(rows)
+        key = b"%s|%s|%s|" % (kind, str(rows.shape).encode(), rows.dtype.str.encode())
+        key += hashlib.blake2b(rows.data, digest_size=20).digest()
+        if key in self._results:
+            self._results.move_to_end(key)
+            return self._results[key]
+        result = self._results[key] = compute(rows)
+        result.setflags(write=False)  # shared by every analysis that asks again
+        self._bytes += result.nbytes
+        while self._bytes > self.budget and len(self._results) > 1:
+            self._bytes -= self._results.popitem(last=False)[1].nbytes
+        return result
 
 
 @dataclass(frozen=True)
@@ -301,10 +312,10 @@ class Tolerance:
                 tree = self.trees.tree(unit) if self.trees is not None else average_linkage(unit)
                 if self.heights is not None:
                     self.heights.append(np.maximum.accumulate(tree[:, 2]))
-                labels[live] = equal_row_labels(unit, EXACT_TOL) if self.exact else fcluster(
+                labels[live] = self._equal(unit, EXACT_TOL) if self.exact else fcluster(
                     tree, t=self.eps, criterion="distance")
             elif self.exact or live.size == 1:
-                labels[live] = equal_row_labels(unit, EXACT_TOL)
+                labels[live] = self._equal(unit, EXACT_TOL)
             else:
                 labels[live] = threshold_clusters(unit, self.eps)
         return Partition(labels)
@@ -314,7 +325,7 @@ class Tolerance:
         keys = np.asarray(keys, dtype=np.float64).reshape(len(coloring), -1)
         magnitude = float(np.max(np.abs(keys))) if keys.size else 0.0
         tol = (EXACT_TOL if self.exact else self.eps) * max(magnitude, 1e-30)
-        keyed = Partition(equal_row_labels(keys, tol))
+        keyed = Partition(self._equal(keys, tol))
         return coloring.with_partition(coloring.partition.meet(keyed))
 
     def unit(self, coloring: Coloring) -> Coloring:
@@ -323,5 +334,9 @@ class Tolerance:
             return coloring
         log_scales = np.log(coloring.scales)[:, None]
         tol = EXACT_TOL if self.exact else self.eps
-        keyed = Partition(equal_row_labels(log_scales, tol))
+        keyed = Partition(self._equal(log_scales, tol))
         return Coloring(coloring.partition.meet(keyed), np.ones(len(coloring)))
+
+    def _equal(self, rows: np.ndarray, tol: float) -> np.ndarray:
+        """:func:`equal_row_labels`, through ``trees`` when given."""
+        return self.trees.equal_labels(rows, tol) if self.trees is not None else equal_row_labels(rows, tol)

@@ -16,6 +16,19 @@ def _canonical(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.size == 0:
         return np.zeros(0, dtype=np.int64)
+    if labels.dtype.kind in "iu":
+        labels = labels.astype(np.int64, copy=False)
+        seen, low = np.maximum.accumulate(labels), int(labels.min())
+        if low == 0 and labels[0] == 0 and np.all(labels[1:] <= seen[:-1] + 1):  # each new color one more
+            return labels.copy()
+        span = int(seen[-1]) - low + 1
+        if span <= 4 * labels.size + 1024:  # a dense range: first appearances from a table, no sort of all
+            first = np.full(span, labels.size, dtype=np.int64)
+            np.minimum.at(first, labels - low, np.arange(labels.size))
+            used = np.flatnonzero(first < labels.size)
+            rank = np.empty(span, dtype=np.int64)
+            rank[used[np.argsort(first[used], kind="stable")]] = np.arange(used.size)
+            return rank[labels - low]
     _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
     rank = np.empty(first.size, dtype=np.int64)
     rank[np.argsort(first, kind="stable")] = np.arange(first.size)

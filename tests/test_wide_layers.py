@@ -132,6 +132,21 @@ def test_tree_cache_builds_each_distinct_tree_once():
     np.testing.assert_allclose(heights[0], np.maximum.accumulate(first[:, 2]))
 
 
+def test_tree_cache_keeps_exact_labels_per_rows_and_tolerance():
+    """Exact grouping through the cache gives equal_row_labels' labels, computed once per
+    (rows, tolerance); a different tolerance is a different result."""
+    rng = np.random.default_rng(4)
+    rows = rng.standard_normal((30, 6))
+    rows[10:20] = rows[0] + 1e-3 * rng.standard_normal((10, 6))  # near copies of row 0
+    cache = TreeCache()
+    loose = cache.equal_labels(rows, 1e-2)
+    np.testing.assert_array_equal(loose, equal_row_labels(rows, 1e-2))
+    assert cache.equal_labels(rows.copy(), 1e-2) is loose
+    strict = cache.equal_labels(rows, 1e-9)
+    assert Partition(strict).n_colors == 30 and Partition(loose).n_colors == 20
+    assert Tolerance(0.0, trees=cache).cluster(rows).partition == Tolerance(0.0).cluster(rows).partition
+
+
 def test_tree_cache_drops_the_least_recently_used_beyond_its_budget():
     small, other, third = (clustered_rows(seed, 20, 4) for seed in (1, 2, 3))
     cache = TreeCache(budget=2 * average_linkage(small).nbytes)
