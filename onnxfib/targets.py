@@ -45,6 +45,13 @@ TARGET_KINDS = ("params", "error", "drop")
 #: A try merges about this fraction of a layer's rows (at least one).
 STEP_FRACTION = 1 / 32
 
+#: A step towards a distant parameter target merges at most this fraction of a layer's rows.
+MAX_STEP_FRACTION = 1 / 4
+
+#: The exchange phase trades merges from this many of the costliest layers to as many of the
+#: cheapest (see :func:`_exchange`).
+EXCHANGE_LAYERS = 4
+
 
 _INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
                   onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
@@ -297,11 +304,17 @@ def search(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outc
            ) -> Outcome:
     """The per-layer eps meeting target ``kind`` at ``limit`` found by the greedy search of the
     module docstring; the outcome of eps 0 everywhere when no step qualifies. ``on_step`` is
-    called with the outcome of every step taken (greedy or exchange)."""
+    called with the outcome of every step taken (greedy or exchange).
+
+    The greedy is lazy (as in CELF): a layer's step is measured again only while its score from
+    an earlier measurement could still beat the best score measured against the current model,
+    since a step rarely becomes cheaper once other layers have merged. A step then costs a few
+    evaluations instead of one per layer; the first step measures every layer."""
     current = evaluate({})
     goal = limit * evaluate.params_before
     layers = [layer.name for layer in current.analysis.layers
               if layer.frozen is None or layer.frozen.startswith("partly")]
+    layer_sizes = {layer.name: (layer.width, layer.params) for layer in current.analysis.layers}
 
     def fits(outcome: Outcome) -> bool:
         return kind == "params" or evaluate.figure(outcome, kind) <= limit
@@ -320,38 +333,54 @@ def search(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outc
             outcome = evaluate(kept) if kept != layer_eps else outcome
         return outcome if outcome.params < current.params else None
 
-    exhausted: set[str] = set()
+    def measure(name: str) -> tuple[float, int, Outcome] | None:
+        """Layer ``name``'s step against ``current`` (its score, merges and outcome), None when
+        none fits; a layer with no merge left leaves the search."""
+        gap = 0.0 if kind != "params" else current.params - goal
+        for more in dict.fromkeys((_step_rows(layer_sizes[name], gap), 1)):
+            heights = current.heights.get(name)
+            if heights is None or _next_eps(heights, current.layer_eps.get(name, 0.0), more) is None:
+                if more == 1:
+                    layers.remove(name)  # no merge left in this layer
+                continue
+            outcome = attempt(name, more)
+            if outcome is None:  # merging here now unmerges a later layer (its input colors changed)
+                continue
+            if fits(outcome):
+                return (outcome.mse - current.mse) / (current.params - outcome.params), more, outcome
+        return None
+
+    scores: dict[str, float] = {}  # each layer's score when last measured (lower is better)
     while not (kind == "params" and current.params <= goal):
         best: tuple[float, str, int, Outcome] | None = None
-        for name in layers:
-            if name in exhausted:
-                continue
-            width = next(l.width for l in current.analysis.layers if l.name == name)
-            for more in dict.fromkeys((max(1, math.ceil(width * STEP_FRACTION)), 1)):
-                heights = current.heights.get(name)
-                if heights is None or _next_eps(heights, current.layer_eps.get(name, 0.0), more) is None:
-                    if more == 1:
-                        exhausted.add(name)  # no merge left in this layer
-                    continue
-                outcome = attempt(name, more)
-                if outcome is None:  # merging here now unmerges a later layer (its input colors changed)
-                    continue
-                if fits(outcome):
-                    score = (outcome.mse - current.mse) / (current.params - outcome.params)
-                    if best is None or score < best[0]:
-                        best = (score, name, more, outcome)
-                    break
+        for name in sorted(layers, key=lambda n: scores.get(n, -math.inf)):
+            if best is not None and scores.get(name, -math.inf) >= best[0]:
+                break  # no layer left whose last score could beat the best one measured now
+            measured = measure(name)
+            scores[name] = math.inf if measured is None else measured[0]
+            if measured is not None and (best is None or measured[0] < best[0]):
+                best = (measured[0], name, measured[1], measured[2])
         if best is None:
             break
-        _, name, more, outcome = best
+        score, name, more, outcome = best
         if kind == "params" and outcome.params < goal and more > 1:
             outcome = _fewest(attempt, name, more, goal) or outcome
         current = outcome
         if on_step is not None:
             on_step(current)
     if kind == "params" and current.params <= goal:
-        current = _exchange(evaluate, current, layers, goal, on_step)
+        current = _exchange(evaluate, current, layers, scores, goal, on_step)
     return evaluate.finish(current)
+
+
+def _step_rows(size: tuple[int, int], gap: float) -> int:
+    """The rows one step merges in a layer of ``size`` (width, parameters): ``STEP_FRACTION`` of
+    them, or, while the model is still ``gap`` parameters above a parameter target, as many as
+    remove an eighth of the gap (a merged row also drops its reader's columns: about twice the
+    layer's parameters per row), up to ``MAX_STEP_FRACTION`` of them."""
+    width, params = size
+    rows = gap / 8 / max(2 * params / max(width, 1), 1.0)
+    return max(1, min(math.ceil(width * MAX_STEP_FRACTION), max(math.ceil(width * STEP_FRACTION), math.ceil(rows))))
 
 
 def _keep_merges(evaluate: Evaluator, layer_eps: dict[str, float], heights: dict[str, np.ndarray],
@@ -375,31 +404,39 @@ def _keep_merges(evaluate: Evaluator, layer_eps: dict[str, float], heights: dict
     return layer_eps
 
 
-def _exchange(evaluate: Evaluator, current: Outcome, layers: list[str], goal: float,
+def _exchange(evaluate: Evaluator, current: Outcome, layers: list[str], scores: Mapping[str, float], goal: float,
               on_step: Callable[[Outcome], None] | None, rounds: int = 8) -> Outcome:
     """Trade merges between layers at the parameter budget ``goal``: merge a step more in one
-    layer, undo as many merges of another as the budget allows (parameters counted without
-    measuring), and keep the trade when the output error falls; repeat while any trade helps.
-    ``on_step`` is called with every trade kept."""
+    layer (``STEP_FRACTION`` of its rows), undo as many merges of another as the budget allows
+    (parameters counted without measuring), and keep the trade when the output error falls;
+    repeat while any trade helps.
+    Trades go from the ``EXCHANGE_LAYERS`` layers whose last measured step was most costly
+    (``scores``, error per parameter) to those whose step was cheapest, so a round measures at
+    most their product, however many layers the model has. ``on_step`` is called with every
+    trade kept."""
+    widths = {layer.name: layer.width for layer in current.analysis.layers}
+    ranked = sorted((name for name in layers if math.isfinite(scores.get(name, math.inf))), key=lambda n: scores[n])
+    cheapest = ranked[:EXCHANGE_LAYERS]
     for _ in range(rounds):
         improved = False
-        for more_in in layers:
-            for fewer_in in layers:
+        merged = [name for name in current.heights
+                  if _merged(current.heights[name], current.layer_eps.get(name, 0.0)) > 0]
+        costly = sorted(merged, key=lambda n: scores.get(n, math.inf), reverse=True)[:EXCHANGE_LAYERS]
+        for more_in in cheapest:
+            for fewer_in in costly:
                 heights_a, heights_b = current.heights.get(more_in), current.heights.get(fewer_in)
                 if more_in == fewer_in or heights_a is None or heights_b is None:
                     continue
-                width = next(l.width for l in current.analysis.layers if l.name == more_in)
                 undo = _merged(heights_b, current.layer_eps.get(fewer_in, 0.0))
-                for step in dict.fromkeys((1, max(1, math.ceil(width * STEP_FRACTION)))):
-                    eps_a = _next_eps(heights_a, current.layer_eps.get(more_in, 0.0), step)
-                    if eps_a is None or undo == 0:
-                        break
-                    candidate = _trade(evaluate, current, (more_in, eps_a), fewer_in, heights_b, undo, goal)
-                    if candidate is not None and candidate.params <= goal and candidate.mse < current.mse:
-                        current, improved = candidate, True
-                        if on_step is not None:
-                            on_step(current)
-                        break
+                step = max(1, math.ceil(widths[more_in] * STEP_FRACTION))
+                eps_a = _next_eps(heights_a, current.layer_eps.get(more_in, 0.0), step)
+                if eps_a is None or undo == 0:
+                    continue
+                candidate = _trade(evaluate, current, (more_in, eps_a), fewer_in, heights_b, undo, goal)
+                if candidate is not None and candidate.params <= goal and candidate.mse < current.mse:
+                    current, improved = candidate, True
+                    if on_step is not None:
+                        on_step(current)
         if not improved:
             break
     return current

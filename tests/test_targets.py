@@ -12,7 +12,7 @@ import onnxfib
 from onnxfib import stats
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
-from onnxfib.targets import Evaluator, HeldOut, can_deal, deal_rows
+from onnxfib.targets import Evaluator, HeldOut, can_deal, deal_rows, search
 from onnxfib.validation import run_tensors
 
 
@@ -180,3 +180,28 @@ def test_held_out_figures_predict_fresh_data_better_than_in_sample_ones():
     on_fresh = float(np.mean((compressed - reference) ** 2) / np.var(reference))
     assert abs(measured.mse - on_fresh) < abs(in_sample(layer_eps).mse - on_fresh)
     assert in_sample(layer_eps).mse < measured.mse  # the refit flatters the rows it saw
+
+
+class _CountingEvaluator(Evaluator):
+    """A real Evaluator that counts the collapses it measures."""
+
+    calls = 0
+
+    def __call__(self, layer_eps, eps=0.0):
+        self.calls += 1
+        return super().__call__(layer_eps, eps)
+
+
+def test_lazy_search_measures_far_fewer_collapses_than_layers_times_steps():
+    """The greedy measures every layer at its first step, then only layers whose earlier score
+    could still win: an eager greedy measures every layer at every step (layers x steps). The
+    result still meets its target (the collapsed model's parameters, counted here)."""
+    deep = build_mlp([12] + [24] * 8 + [4], seed=3, planted=False)
+    rows = {"x": np.random.default_rng(1).standard_normal((64, 12)).astype(np.float32)}
+    evaluate = _CountingEvaluator(deep, [rows], folder=Folder(deep))
+    steps: list = []
+    outcome = search(evaluate, "params", 0.5, on_step=steps.append)
+    layers = sum(layer.frozen is None for layer in outcome.analysis.layers)
+    assert stats.count_parameters(outcome.model) <= 0.5 * stats.count_parameters(deep)
+    assert len(steps) >= 4 and layers == 8
+    assert evaluate.calls < layers * len(steps) / 2
