@@ -28,8 +28,10 @@ from onnxfib.targets import sweep as sweep_eps
 from onnxfib.validation import (check_data, check_runs, generate_inputs, load_data,
                                 validate_models)
 
-#: ``data`` may be a .npz/.npy path, one batch (input name -> array), or a list of batches.
-Data = str | os.PathLike | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]
+#: ``data`` may be a .npz/.npy path or directory, a list of them (``validation.load_data``: one
+#: batch per file), one batch (input name -> array), or a list of batches.
+Data = (str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, np.ndarray]
+        | Sequence[Mapping[str, np.ndarray]])
 
 #: ``labels`` may be a .npy path or an array: one integer class per sample of ``data``.
 Labels = str | os.PathLike | np.ndarray | Sequence[int]
@@ -195,6 +197,8 @@ def _inputs(
     if isinstance(data, (str, os.PathLike)):
         return load_data(data, model)
     batches = [data] if isinstance(data, Mapping) else list(data)
+    if batches and all(isinstance(item, (str, os.PathLike)) for item in batches):
+        return load_data(batches, model)
     return check_data(model, batches, "data")
 
 

@@ -56,7 +56,8 @@ app = _App(
 
 SYMMETRY_CHOICES = f"[{'|'.join(SYMMETRIES)}]"
 EPS_HELP = "Merge tolerance: cosine distance in [0, 2); 0 merges only exact symmetries."
-DATA_HELP = "Inputs to validate on: .npz keyed by input name, or .npy for single-input models."
+DATA_HELP = ("Inputs to validate on: .npz keyed by input name, or .npy for single-input models; repeatable, "
+             "or a directory of such files (one batch each). A fixed-batch model takes any number of samples.")
 SHAPE_HELP = "Shape for an input's dynamic dims, NAME:D1,D2,... (repeatable), e.g. input:1,64."
 LABELS_HELP = ("Integer class labels (.npy), one per sample of --data: accuracy compares them with the model's "
                "integer label output if it has one, else with the argmax of its first output.")
@@ -224,7 +225,7 @@ def compress(
     check: bool = typer.Option(True, "--check/--no-check", metavar="", help="Validate the result against the input in ONNX Runtime."),
     rtol: float | None = typer.Option(None, "--rtol", metavar="FLOAT", help=RTOL_HELP, show_default=False),
     atol: float | None = typer.Option(None, "--atol", metavar="FLOAT", help=ATOL_HELP, show_default=False),
-    data: Path | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
+    data: list[Path] | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
     input_shape: list[str] | None = typer.Option(None, "--input-shape", metavar="NAME:D1,D2", help=SHAPE_HELP),
     seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the generated validation inputs."),
     layer_eps: list[str] | None = typer.Option(
@@ -266,7 +267,7 @@ against the original is reported, not checked against --rtol/--atol.
         with _status("searching" if searching else "compressing", quiet) as progress:
             result = api.compress(
                 input, eps=eps, layer_eps=_layer_eps(layer_eps), symmetry=symmetry, check=check, rtol=rtol,
-                atol=atol, data=data, input_shapes=shapes, seed=seed, calibrate=calibrate, ridge=ridge,
+                atol=atol, data=data or None, input_shapes=shapes, seed=seed, calibrate=calibrate, ridge=ridge,
                 target_params=target_params, max_error=max_error, max_drop=max_drop, labels=labels,
                 progress=progress,
             )
@@ -391,7 +392,7 @@ def inspect(
 def validate(
     reference: Path = typer.Argument(..., metavar="REFERENCE", help="The reference ONNX model."),
     candidate: Path = typer.Argument(..., metavar="CANDIDATE", help="The model to compare with it."),
-    data: Path | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
+    data: list[Path] | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
     input_shape: list[str] | None = typer.Option(None, "--input-shape", metavar="NAME:D1,D2", help=SHAPE_HELP),
     rtol: float | None = typer.Option(None, "--rtol", metavar="FLOAT", help=RTOL_HELP, show_default=False),
     atol: float | None = typer.Option(None, "--atol", metavar="FLOAT", help=ATOL_HELP, show_default=False),
@@ -404,7 +405,7 @@ def validate(
 
     Example: onnxfib validate model.onnx small.onnx --data inputs.npz --json"""
     result = api.validate(
-        reference, candidate, data=data, input_shapes=_shapes(input_shape), seed=seed, rtol=rtol, atol=atol
+        reference, candidate, data=data or None, input_shapes=_shapes(input_shape), seed=seed, rtol=rtol, atol=atol
     )
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -465,7 +466,9 @@ def sweep(
     input: Path = typer.Argument(..., metavar="IN", help="The ONNX model to sweep (never modified)."),
     eps: str = typer.Option(",".join(f"{e:g}" for e in api.SWEEP_EPS), "--eps", metavar="EPS,EPS,...",
                             help="Uniform eps values, comma-separated."),
-    data: Path | None = typer.Option(None, "--data", metavar="PATH", help="Inputs to measure on (.npz/.npy); generated when absent."),
+    data: list[Path] | None = typer.Option(None, "--data", metavar="PATH",
+                                           help="Inputs to measure on (.npz/.npy files or directories, repeatable); "
+                                                "generated when absent."),
     labels: Path | None = typer.Option(None, "--labels", metavar="PATH", help=LABELS_HELP),
     calibrate: bool = typer.Option(False, "--calibrate", metavar="", help=CALIBRATE_HELP),
     ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", metavar="FLOAT", help=RIDGE_HELP),
@@ -484,7 +487,7 @@ def sweep(
     values = _eps_list(eps)
     outputs = [path for path in (json_out, plot) if path is not None]
     for path in outputs:
-        io.check_output_path(path, protect=[input, *(p for p in (data, labels) if p is not None)])
+        io.check_output_path(path, protect=[input, *(data or []), *([labels] if labels else [])])
     if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
         raise UsageError(f"{plot}: --json and --plot name the same file")
     if plot is not None:  # without matplotlib, fail before the sweep rather than after it
@@ -492,7 +495,7 @@ def sweep(
 
         pyplot()
     with _status("sweeping", quiet) as progress:
-        points = api.sweep(input, eps_values=values, symmetry=symmetry, data=data, labels=labels,
+        points = api.sweep(input, eps_values=values, symmetry=symmetry, data=data or None, labels=labels,
                            input_shapes=_shapes(input_shape), seed=seed, calibrate=calibrate, ridge=ridge,
                            progress=progress)
     png = _sweep_png(points, f"{input.name}{' (calibrated)' if calibrate else ''}") if plot is not None else None

@@ -216,7 +216,7 @@ class HeldOut(Evaluator):
         parts, part_labels, self.rows = deal_rows(self.whole.batches, labels, folds)
         self.parts = [
             Evaluator(original, [part], labels=part_labels[k], trees=self.whole.trees,
-                      fit_batches=[concatenated([other for j, other in enumerate(parts) if j != k])], **options)
+                      fit_batches=[other for j, other in enumerate(parts) if j != k], **options)
             for k, part in enumerate(parts)
         ]
         self.params_before, self.accuracy_before = self.whole.params_before, self.whole.accuracy_before
