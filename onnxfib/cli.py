@@ -157,7 +157,12 @@ def _target_line(target: TargetReport) -> str:
     if target.kind == "params":
         text = f"Target: keep at most {target.limit:.2%} of the parameters; kept {target.achieved:.2%}"
     elif target.kind == "error":
-        text = f"Target: max abs output error at most {target.limit:.3g}; reached {target.achieved:.3g}"
+        text = (f"Target: max output error at most {target.limit:.3g} of the output's scale; reached "
+                f"{target.achieved:.3g}")
+    elif target.kind == "agreement":
+        text = f"Target: agree with the original on at least {target.limit:.2%} of the answers; agreed on {target.achieved:.2%}"
+    elif target.kind == "cosine":
+        text = f"Target: mean output cosine at least {target.limit:.4f}; reached {target.achieved:.4f}"
     else:
         text = f"Target: accuracy drop at most {target.limit:.2%}; dropped {target.achieved:.2%}"
     if target.accuracy_before is not None and target.accuracy_after is not None:
@@ -236,12 +241,21 @@ def compress(
         None, "--target-params", metavar="FLOAT",
         help="Target: keep at most this fraction of the parameters (0.2 keeps 20%); eps chosen per layer."),
     max_error: float | None = typer.Option(
-        None, "--max-error", metavar="FLOAT", help="Target: largest absolute output error on the data (with --calibrate: held out, "
-             "each quarter of the rows on a refit of the rest); eps chosen per layer."),
+        None, "--max-error", metavar="FLOAT",
+        help="Target: largest output error on the data relative to the output's scale (its largest magnitude; "
+             "with --calibrate: held out, each quarter of the rows on a refit of the rest); eps chosen per layer."),
     max_drop: float | None = typer.Option(
         None, "--max-drop", metavar="FLOAT",
         help="Target: accuracy lost on --data against --labels, a fraction (0.01 = one point); held out "
              "like --max-error with --calibrate."),
+    min_agreement: float | None = typer.Option(
+        None, "--min-agreement", metavar="FLOAT",
+        help="Target: share of answers equal to the original's on --data (top-1 of the first output's last axis, per "
+             "position for sequences; no labels needed), e.g. 0.99; held out like --max-error with --calibrate."),
+    min_cosine: float | None = typer.Option(
+        None, "--min-cosine", metavar="FLOAT",
+        help="Target: mean cosine of the output rows (last axis) with the original's, for embedding models, "
+             "e.g. 0.97; held out like --max-error with --calibrate."),
     labels: Path | None = typer.Option(None, "--labels", metavar="PATH", help=LABELS_HELP),
     report: Path | None = typer.Option(
         None, "--report", metavar="PATH", help="Write the run's report as JSON here (also when validation fails)."
@@ -251,7 +265,7 @@ def compress(
 ) -> None:
     """Compress a model; on a validation mismatch exit 1 and write no model.
 
-    With a target (--target-params, --max-error, --max-drop) each layer's eps is searched for, \
+    With a target (--target-params, --max-error, --max-drop, --min-agreement, --min-cosine) each layer's eps is searched for, \
 the target is the verdict (exit 0 when met, 1 and no model when not), and the output error \
 against the original is reported, not checked against --rtol/--atol.
 
@@ -263,12 +277,13 @@ against the original is reported, not checked against --rtol/--atol.
         if report.resolve() == output.resolve():
             raise UsageError(f"{report}: --report path is the output model path")
     try:
-        searching = any(limit is not None for limit in (target_params, max_error, max_drop))
+        searching = any(limit is not None for limit in (target_params, max_error, max_drop, min_agreement, min_cosine))
         with _status("searching" if searching else "compressing", quiet) as progress:
             result = api.compress(
                 input, eps=eps, layer_eps=_layer_eps(layer_eps), symmetry=symmetry, check=check, rtol=rtol,
                 atol=atol, data=data or None, input_shapes=shapes, seed=seed, calibrate=calibrate, ridge=ridge,
-                target_params=target_params, max_error=max_error, max_drop=max_drop, labels=labels,
+                target_params=target_params, max_error=max_error, max_drop=max_drop, min_agreement=min_agreement,
+                min_cosine=min_cosine, labels=labels,
                 progress=progress,
             )
     except ValidationMismatchError as exc:
