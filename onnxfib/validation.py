@@ -119,14 +119,18 @@ def generate_inputs(
 ) -> list[Batch]:
     """Two seeded batches for ``model``'s inputs: floats from N(0, 1), then from U(-1, 1); ints and
     bools in {0, 1} (valid as token ids, type ids and masks alike). Dynamic dims come from
-    ``input_shapes``; an unknown first axis is ``rows`` long; any other unknown dim, or a batch
-    over ``MAX_GENERATED_ELEMENTS`` elements, is a UsageError."""
+    ``input_shapes``; an unknown first axis is ``rows`` long, and so is a ``declared_batch``
+    smaller than ``rows`` (such a model runs its samples that many at a time); any other unknown
+    dim, or a batch over ``MAX_GENERATED_ELEMENTS`` elements, is a UsageError."""
     inputs = graph_inputs(model)
     given = dict(input_shapes or {})
     unknown = sorted(set(given) - set(inputs))
     if unknown:
         raise UsageError(f"--input-shape names unknown input(s) {unknown}; the model's inputs are {sorted(inputs)}")
     resolved = {name: _resolve_shape(name, shape, given.get(name), rows) for name, (_, shape) in inputs.items()}
+    batch_size = declared_batch(model)
+    if batch_size is not None and batch_size < rows and not given:
+        resolved = {name: (rows, *dims[1:]) for name, dims in resolved.items()}
     total = sum(math.prod(dims) for dims in resolved.values())
     if total > MAX_GENERATED_ELEMENTS:
         name, dims = max(resolved.items(), key=lambda item: math.prod(item[1]))

@@ -71,24 +71,42 @@ def test_fixed_batch_model_runs_any_number_of_samples(batch, samples):
     assert report.ok and report.samples == samples
 
 
-def test_fixed_batch_model_is_calibrated_like_its_dynamic_copy(tmp_path, run_cli):
-    """The issue's example: a [1, 8] model calibrated from the CLI on 64 samples. Its refit model
-    equals the one the same weights with a dynamic batch get from the same data."""
-    fixed, dynamic = build_mlp([8, 32, 24, 3], batch=1), build_mlp([8, 32, 24, 3])
-    onnx.save(fixed, tmp_path / "fixed.onnx")
+def _calibrated_pair() -> tuple[onnx.ModelProto, onnx.ModelProto, np.ndarray]:
+    """A [1, 8] model, its dynamic-batch copy (same weights) and 64 calibration samples."""
     x = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
+    return build_mlp([8, 32, 24, 3], batch=1), build_mlp([8, 32, 24, 3]), x
+
+
+def _assert_same_weights(mine: onnx.ModelProto, theirs: onnx.ModelProto) -> None:
+    assert [i.name for i in mine.graph.initializer] == [i.name for i in theirs.graph.initializer]
+    for a, b in zip(mine.graph.initializer, theirs.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-4, atol=1e-5)
+
+
+def test_fixed_batch_model_is_calibrated_like_its_dynamic_copy():
+    """A batch-1 model calibrated on 64 samples gets the refit its dynamic-batch copy gets from
+    the same data, and its outputs, run sample by sample, are that copy's on all rows at once."""
+    fixed, dynamic, x = _calibrated_pair()
+    mine = onnxfib.compress(fixed, data={"x": x}, calibrate=True, eps=0.4, check=False)
+    theirs = onnxfib.compress(dynamic, data={"x": x}, calibrate=True, eps=0.4, check=False)
+    assert theirs.report.refit and theirs.report.params_after < theirs.report.params_before
+    assert [r.name for r in mine.report.refit] == [r.name for r in theirs.report.refit]
+    _assert_same_weights(mine.model, theirs.model)
+    expected = np.concatenate([_ort(mine.model, {"x": row[None]}) for row in x])
+    np.testing.assert_allclose(expected, _ort(theirs.model, {"x": x}), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fixed_batch_model_is_calibrated_from_the_cli(tmp_path, run_cli):
+    """The issue's example: `--calibrate --data calib.npz` with 64 samples for a [1, 8] model."""
+    fixed, dynamic, x = _calibrated_pair()
+    onnx.save(fixed, tmp_path / "fixed.onnx")
     np.savez(tmp_path / "calib.npz", x=x)
     result = run_cli("compress", "fixed.onnx", "out.onnx", "--data", "calib.npz", "--calibrate", "--eps", "0.4",
                      "--no-check")
     assert result.returncode == 0, result.stderr
-    written = onnx.load(tmp_path / "out.onnx")
-    twin = onnxfib.compress(dynamic, data={"x": x}, calibrate=True, eps=0.4, check=False)
-    assert twin.report.refit and twin.report.params_after < twin.report.params_before
-    assert [i.name for i in written.graph.initializer] == [i.name for i in twin.model.graph.initializer]
-    for mine, theirs in zip(written.graph.initializer, twin.model.graph.initializer):
-        np.testing.assert_allclose(numpy_helper.to_array(mine), numpy_helper.to_array(theirs), rtol=1e-4, atol=1e-5)
-    expected = np.concatenate([_ort(written, {"x": row[None]}) for row in x])
-    np.testing.assert_allclose(expected, _ort(twin.model, {"x": x}), rtol=1e-4, atol=1e-5)
+    _assert_same_weights(onnx.load(tmp_path / "out.onnx"),
+                         onnxfib.compress(dynamic, data={"x": x}, calibrate=True, eps=0.4, check=False).model)
 
 
 def test_several_files_and_a_directory_are_one_batch_each(tmp_path):
@@ -182,3 +200,16 @@ def test_generated_and_user_batches_of_wrong_size_for_a_fixed_batch_model():
     with pytest.raises(UsageError, match="same number of samples"):
         v.check_data(model, [{"x": np.zeros((3, 8), np.float32), "z": np.zeros((2, 8), np.float32)}], "d")
     assert v.declared_batch(model) == 1 and v.declared_batch(_token_model()) is None
+
+
+def test_a_search_without_data_measures_a_fixed_batch_model_on_many_samples():
+    """Generated measuring inputs hold MEASURING_ROWS samples per distribution for a fixed-batch
+    model as for a dynamic one; the figures are those of the dynamic-batch copy."""
+    fixed, dynamic = build_mlp([8, 16, 3], batch=1), build_mlp([8, 16, 3])
+    assert v.generate_inputs(fixed)[0]["x"].shape == (1, 8)
+    assert v.generate_inputs(fixed, rows=128)[0]["x"].shape == (128, 8)
+    mine = onnxfib.compress(fixed, max_error=0.2)
+    theirs = onnxfib.compress(dynamic, max_error=0.2)
+    assert mine.report.validation.samples == theirs.report.validation.samples == 2 * onnxfib.api.MEASURING_ROWS
+    assert mine.report.params_after == theirs.report.params_after
+    assert mine.report.target.achieved == pytest.approx(theirs.report.target.achieved, rel=1e-6)
