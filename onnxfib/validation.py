@@ -174,7 +174,7 @@ def _lossless(array: np.ndarray, dtype: np.dtype) -> bool:
     array is never loaded whole)."""
     if np.can_cast(array.dtype, dtype, "safe"):
         return True
-    flat = array.reshape(-1) if array.flags.c_contiguous else np.ravel(array)
+    flat = np.ravel(array, order="K")  # a view of C- and Fortran-ordered arrays alike
     step = 1 << 20
     return all(np.array_equal(part.astype(dtype).astype(array.dtype), part)
                for part in (flat[i:i + step] for i in range(0, flat.size, step)))
