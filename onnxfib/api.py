@@ -28,8 +28,10 @@ from onnxfib.targets import sweep as sweep_eps
 from onnxfib.validation import (check_data, check_runs, generate_inputs, load_data,
                                 validate_models)
 
-#: ``data`` may be a .npz/.npy path, one batch (input name -> array), or a list of batches.
-Data = str | os.PathLike | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]
+#: ``data`` may be a .npz/.npy path or directory, a list of them (``validation.load_data``: one
+#: batch per file), one batch (input name -> array), or a list of batches.
+Data = (str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, np.ndarray]
+        | Sequence[Mapping[str, np.ndarray]])
 
 #: ``labels`` may be a .npy path or an array: one integer class per sample of ``data``.
 Labels = str | os.PathLike | np.ndarray | Sequence[int]
@@ -115,12 +117,13 @@ def _check_fraction(name: str, value: float, *, upper_open: bool = False) -> flo
 
 
 def _target(target_params: float | None, max_error: float | None, max_drop: float | None,
-            has_labels: bool) -> tuple[str, float] | None:
+            min_agreement: float | None, min_cosine: float | None, has_labels: bool) -> tuple[str, float] | None:
     """The one target asked for, as (kind, limit); UsageError for several, a bad value, or a
     max_drop without labels."""
-    given = [(k, v) for k, v in (("params", target_params), ("error", max_error), ("drop", max_drop)) if v is not None]
+    given = [(k, v) for k, v in (("params", target_params), ("error", max_error), ("drop", max_drop),
+                                 ("agreement", min_agreement), ("cosine", min_cosine)) if v is not None]
     if len(given) > 1:
-        raise UsageError("give at most one target: target_params, max_error or max_drop")
+        raise UsageError("give at most one target: target_params, max_error, max_drop, min_agreement or min_cosine")
     if not given:
         return None
     kind, value = given[0]
@@ -130,6 +133,13 @@ def _target(target_params: float | None, max_error: float | None, max_drop: floa
         if not has_labels:
             raise UsageError("max_drop needs labels (one integer class per sample of the data)")
         return kind, _check_fraction("max_drop (accuracy lost, a fraction: 0.01 is one point)", value)
+    if kind == "agreement":
+        return kind, _check_fraction("min_agreement (the share of answers equal to the original's)", value)
+    if kind == "cosine":
+        number = _number("min_cosine", value)
+        if math.isnan(number) or not -1.0 <= number <= 1.0:
+            raise UsageError(f"min_cosine must be in [-1, 1], got {value}")
+        return kind, number
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -195,6 +205,8 @@ def _inputs(
     if isinstance(data, (str, os.PathLike)):
         return load_data(data, model)
     batches = [data] if isinstance(data, Mapping) else list(data)
+    if batches and all(isinstance(item, (str, os.PathLike)) for item in batches):
+        return load_data(batches, model)
     return check_data(model, batches, "data")
 
 
@@ -225,6 +237,8 @@ def compress(
     target_params: float | None = None,
     max_error: float | None = None,
     max_drop: float | None = None,
+    min_agreement: float | None = None,
+    min_cosine: float | None = None,
     labels: Labels | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> CompressionResult:
@@ -233,10 +247,14 @@ def compress(
     in ONNX Runtime on ``data`` (or generated inputs).
 
     ``calibrate`` refits the merged layers on ``data`` by ridge least squares (``ridge``) and
-    lets the data choose which channels merged layers keep (see ``onnxfib.calibrate``). A target chooses every layer's eps (``onnxfib.targets``): keep at
-    most ``target_params`` of the parameters (a fraction), keep the largest absolute output
-    error within ``max_error``, or the accuracy lost on ``data`` against ``labels`` within
-    ``max_drop`` (a fraction: 0.01 is one point). A calibrated error or accuracy target is
+    lets the data choose which channels merged layers keep (see ``onnxfib.calibrate``). A target
+    chooses every layer's eps (``onnxfib.targets``): keep at most ``target_params`` of the
+    parameters (a fraction), keep the largest output error relative to the output's scale
+    (``max_abs / max |original output|``) within ``max_error``, the accuracy lost on ``data``
+    against ``labels`` within ``max_drop`` (a fraction: 0.01 is one point), or, without labels,
+    the share of answers equal to the original's (top-1, per position for sequence outputs) at
+    least ``min_agreement``, or the mean cosine of output rows with the original's at least
+    ``min_cosine`` (embeddings). A calibrated target other than ``target_params`` is
     measured held out (``targets.HeldOut``: each of 4 parts of the rows on a refit of the other
     three), so the figure is not flattered by the refit having seen the rows it is measured on.
     With a target the verdict is the target (an approximate model never matches within
@@ -255,7 +273,7 @@ def compress(
     _check_measuring(symmetry, data, calibrate, labels, ridge)
     _check_tolerances(rtol, atol)
     seed = check_seed(seed)
-    goal = _target(target_params, max_error, max_drop, labels is not None)
+    goal = _target(target_params, max_error, max_drop, min_agreement, min_cosine, labels is not None)
     if goal is not None and (eps or layer_eps):
         raise UsageError("a target chooses every layer's eps: give no eps or per-layer eps with it")
     loaded = io.open_model(model_or_path)
@@ -343,7 +361,11 @@ def _describe(target: TargetReport) -> str:
     if target.kind == "params":
         return f"keeps {target.achieved:.2%} of the parameters, asked at most {target.limit:.2%}"
     if target.kind == "error":
-        return f"max abs output error {target.achieved:.3g}, asked at most {target.limit:.3g}"
+        return f"max output error {target.achieved:.3g} of the output's scale, asked at most {target.limit:.3g}"
+    if target.kind == "agreement":
+        return f"agrees with the original on {target.achieved:.2%} of the answers, asked at least {target.limit:.2%}"
+    if target.kind == "cosine":
+        return f"mean output cosine {target.achieved:.4f}, asked at least {target.limit:.4f}"
     return f"accuracy drop {target.achieved:.2%}, asked at most {target.limit:.2%}"
 
 

@@ -56,7 +56,8 @@ app = _App(
 
 SYMMETRY_CHOICES = f"[{'|'.join(SYMMETRIES)}]"
 EPS_HELP = "Merge tolerance: cosine distance in [0, 2); 0 merges only exact symmetries."
-DATA_HELP = "Inputs to validate on: .npz keyed by input name, or .npy for single-input models."
+DATA_HELP = ("Inputs to validate on: .npz keyed by input name, or .npy for single-input models; repeatable, "
+             "or a directory of such files (one batch each). A fixed-batch model takes any number of samples.")
 SHAPE_HELP = "Shape for an input's dynamic dims, NAME:D1,D2,... (repeatable), e.g. input:1,64."
 LABELS_HELP = ("Integer class labels (.npy), one per sample of --data: accuracy compares them with the model's "
                "integer label output if it has one, else with the argmax of its first output.")
@@ -156,7 +157,12 @@ def _target_line(target: TargetReport) -> str:
     if target.kind == "params":
         text = f"Target: keep at most {target.limit:.2%} of the parameters; kept {target.achieved:.2%}"
     elif target.kind == "error":
-        text = f"Target: max abs output error at most {target.limit:.3g}; reached {target.achieved:.3g}"
+        text = (f"Target: max output error at most {target.limit:.3g} of the output's scale; reached "
+                f"{target.achieved:.3g}")
+    elif target.kind == "agreement":
+        text = f"Target: agree with the original on at least {target.limit:.2%} of the answers; agreed on {target.achieved:.2%}"
+    elif target.kind == "cosine":
+        text = f"Target: mean output cosine at least {target.limit:.4f}; reached {target.achieved:.4f}"
     else:
         text = f"Target: accuracy drop at most {target.limit:.2%}; dropped {target.achieved:.2%}"
     if target.accuracy_before is not None and target.accuracy_after is not None:
@@ -224,7 +230,7 @@ def compress(
     check: bool = typer.Option(True, "--check/--no-check", metavar="", help="Validate the result against the input in ONNX Runtime."),
     rtol: float | None = typer.Option(None, "--rtol", metavar="FLOAT", help=RTOL_HELP, show_default=False),
     atol: float | None = typer.Option(None, "--atol", metavar="FLOAT", help=ATOL_HELP, show_default=False),
-    data: Path | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
+    data: list[Path] | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
     input_shape: list[str] | None = typer.Option(None, "--input-shape", metavar="NAME:D1,D2", help=SHAPE_HELP),
     seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the generated validation inputs."),
     layer_eps: list[str] | None = typer.Option(
@@ -235,12 +241,21 @@ def compress(
         None, "--target-params", metavar="FLOAT",
         help="Target: keep at most this fraction of the parameters (0.2 keeps 20%); eps chosen per layer."),
     max_error: float | None = typer.Option(
-        None, "--max-error", metavar="FLOAT", help="Target: largest absolute output error on the data (with --calibrate: held out, "
-             "each quarter of the rows on a refit of the rest); eps chosen per layer."),
+        None, "--max-error", metavar="FLOAT",
+        help="Target: largest output error on the data relative to the output's scale (its largest magnitude; "
+             "with --calibrate: held out, each quarter of the rows on a refit of the rest); eps chosen per layer."),
     max_drop: float | None = typer.Option(
         None, "--max-drop", metavar="FLOAT",
         help="Target: accuracy lost on --data against --labels, a fraction (0.01 = one point); held out "
              "like --max-error with --calibrate."),
+    min_agreement: float | None = typer.Option(
+        None, "--min-agreement", metavar="FLOAT",
+        help="Target: share of answers equal to the original's on --data (top-1 of the first output's last axis, per "
+             "position for sequences; no labels needed), e.g. 0.99; held out like --max-error with --calibrate."),
+    min_cosine: float | None = typer.Option(
+        None, "--min-cosine", metavar="FLOAT",
+        help="Target: mean cosine of the output rows (last axis) with the original's, for embedding models, "
+             "e.g. 0.97; held out like --max-error with --calibrate."),
     labels: Path | None = typer.Option(None, "--labels", metavar="PATH", help=LABELS_HELP),
     report: Path | None = typer.Option(
         None, "--report", metavar="PATH", help="Write the run's report as JSON here (also when validation fails)."
@@ -250,7 +265,7 @@ def compress(
 ) -> None:
     """Compress a model; on a validation mismatch exit 1 and write no model.
 
-    With a target (--target-params, --max-error, --max-drop) each layer's eps is searched for, \
+    With a target (--target-params, --max-error, --max-drop, --min-agreement, --min-cosine) each layer's eps is searched for, \
 the target is the verdict (exit 0 when met, 1 and no model when not), and the output error \
 against the original is reported, not checked against --rtol/--atol.
 
@@ -262,12 +277,13 @@ against the original is reported, not checked against --rtol/--atol.
         if report.resolve() == output.resolve():
             raise UsageError(f"{report}: --report path is the output model path")
     try:
-        searching = any(limit is not None for limit in (target_params, max_error, max_drop))
+        searching = any(limit is not None for limit in (target_params, max_error, max_drop, min_agreement, min_cosine))
         with _status("searching" if searching else "compressing", quiet) as progress:
             result = api.compress(
                 input, eps=eps, layer_eps=_layer_eps(layer_eps), symmetry=symmetry, check=check, rtol=rtol,
-                atol=atol, data=data, input_shapes=shapes, seed=seed, calibrate=calibrate, ridge=ridge,
-                target_params=target_params, max_error=max_error, max_drop=max_drop, labels=labels,
+                atol=atol, data=data or None, input_shapes=shapes, seed=seed, calibrate=calibrate, ridge=ridge,
+                target_params=target_params, max_error=max_error, max_drop=max_drop, min_agreement=min_agreement,
+                min_cosine=min_cosine, labels=labels,
                 progress=progress,
             )
     except ValidationMismatchError as exc:
@@ -391,7 +407,7 @@ def inspect(
 def validate(
     reference: Path = typer.Argument(..., metavar="REFERENCE", help="The reference ONNX model."),
     candidate: Path = typer.Argument(..., metavar="CANDIDATE", help="The model to compare with it."),
-    data: Path | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
+    data: list[Path] | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
     input_shape: list[str] | None = typer.Option(None, "--input-shape", metavar="NAME:D1,D2", help=SHAPE_HELP),
     rtol: float | None = typer.Option(None, "--rtol", metavar="FLOAT", help=RTOL_HELP, show_default=False),
     atol: float | None = typer.Option(None, "--atol", metavar="FLOAT", help=ATOL_HELP, show_default=False),
@@ -404,7 +420,7 @@ def validate(
 
     Example: onnxfib validate model.onnx small.onnx --data inputs.npz --json"""
     result = api.validate(
-        reference, candidate, data=data, input_shapes=_shapes(input_shape), seed=seed, rtol=rtol, atol=atol
+        reference, candidate, data=data or None, input_shapes=_shapes(input_shape), seed=seed, rtol=rtol, atol=atol
     )
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -465,7 +481,9 @@ def sweep(
     input: Path = typer.Argument(..., metavar="IN", help="The ONNX model to sweep (never modified)."),
     eps: str = typer.Option(",".join(f"{e:g}" for e in api.SWEEP_EPS), "--eps", metavar="EPS,EPS,...",
                             help="Uniform eps values, comma-separated."),
-    data: Path | None = typer.Option(None, "--data", metavar="PATH", help="Inputs to measure on (.npz/.npy); generated when absent."),
+    data: list[Path] | None = typer.Option(None, "--data", metavar="PATH",
+                                           help="Inputs to measure on (.npz/.npy files or directories, repeatable); "
+                                                "generated when absent."),
     labels: Path | None = typer.Option(None, "--labels", metavar="PATH", help=LABELS_HELP),
     calibrate: bool = typer.Option(False, "--calibrate", metavar="", help=CALIBRATE_HELP),
     ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", metavar="FLOAT", help=RIDGE_HELP),
@@ -484,7 +502,7 @@ def sweep(
     values = _eps_list(eps)
     outputs = [path for path in (json_out, plot) if path is not None]
     for path in outputs:
-        io.check_output_path(path, protect=[input, *(p for p in (data, labels) if p is not None)])
+        io.check_output_path(path, protect=[input, *(data or []), *([labels] if labels else [])])
     if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
         raise UsageError(f"{plot}: --json and --plot name the same file")
     if plot is not None:  # without matplotlib, fail before the sweep rather than after it
@@ -492,7 +510,7 @@ def sweep(
 
         pyplot()
     with _status("sweeping", quiet) as progress:
-        points = api.sweep(input, eps_values=values, symmetry=symmetry, data=data, labels=labels,
+        points = api.sweep(input, eps_values=values, symmetry=symmetry, data=data or None, labels=labels,
                            input_shapes=_shapes(input_shape), seed=seed, calibrate=calibrate, ridge=ridge,
                            progress=progress)
     png = _sweep_png(points, f"{input.name}{' (calibrated)' if calibrate else ''}") if plot is not None else None

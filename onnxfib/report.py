@@ -106,11 +106,15 @@ class RefitReport:
 class TargetReport:
     """A compression target and what the result measured on the data it was searched on.
 
-    ``kind`` is ``params`` (``limit``: fraction of parameters kept), ``error`` (largest absolute
-    output error) or ``drop`` (accuracy lost, a fraction: 0.01 is one point); ``achieved`` is
-    the same figure for the result; ``met`` is ``achieved <= limit``. ``max_abs`` is the largest
-    absolute output error; the accuracies (the model's integer label output, or the argmax of
-    its first output, against the labels) are set when labels were given."""
+    ``kind`` is ``params`` (``limit``: fraction of parameters kept), ``error`` (largest output
+    error relative to the output's largest magnitude), ``drop`` (accuracy lost, a fraction: 0.01
+    is one point), ``agreement`` (share of predictions equal to the original's: its integer label
+    output, or the argmax over the last axis of its first output, per position) or ``cosine``
+    (mean cosine of output rows with the original's, the smallest over float outputs);
+    ``achieved`` is the same figure for the result; ``met`` is ``achieved >= limit`` for the
+    lower bounds (``agreement``, ``cosine``), else ``achieved <= limit``. ``max_abs``,
+    ``max_rel``, ``agreement`` and ``cosine`` are the result's figures whatever the kind; the
+    accuracies are set when labels were given."""
 
     kind: str
     limit: float
@@ -118,10 +122,16 @@ class TargetReport:
     max_abs: float
     accuracy_before: float | None = None
     accuracy_after: float | None = None
+    max_rel: float | None = None
+    agreement: float | None = None
+    cosine: float | None = None
+
+    #: Target kinds whose limit is a lower bound.
+    LOWER_BOUNDS = ("agreement", "cosine")
 
     @property
     def met(self) -> bool:
-        return self.achieved <= self.limit
+        return self.achieved >= self.limit if self.kind in self.LOWER_BOUNDS else self.achieved <= self.limit
 
     def to_dict(self) -> dict:
         return {**asdict(self), "met": self.met}

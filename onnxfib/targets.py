@@ -10,9 +10,14 @@ by cost instead of visited one after another. It stops when
 
 - ``params``: the model keeps at most the given fraction of its parameters (the last step is
   narrowed to the fewest merges that reach it, so the fraction is met as closely as steps allow);
-- ``error``: no step keeps the largest absolute output error within the limit;
+- ``error``: no step keeps the largest output error relative to the output's scale
+  (``max_abs / max |original|``, the validation's ``max_rel``) within the limit;
 - ``drop``: no step keeps the accuracy lost (:func:`predicted_classes` against the labels)
-  within the limit.
+  within the limit;
+- ``agreement``: no step keeps the share of answers equal to the original's (the same
+  predictions, per position for sequence outputs) at or above the limit; no labels needed;
+- ``cosine``: no step keeps the mean cosine between the original's and the compressed output
+  rows (along the last axis; the smallest over float outputs) at or above the limit.
 
 For ``params`` an exchange phase follows: it trades merges between pairs of layers at the same
 budget (a step more in one, as many fewer in the other as the budget allows) while that lowers
@@ -40,7 +45,7 @@ from .folding import Folder
 from .report import RefitReport, SweepPoint, TargetReport
 from .validation import Batch, chunked, common_rows, concatenated, run_tensors
 
-TARGET_KINDS = ("params", "error", "drop")
+TARGET_KINDS = ("params", "error", "drop", "agreement", "cosine")
 
 #: A try merges about this fraction of a layer's rows (at least one).
 STEP_FRACTION = 1 / 32
@@ -67,12 +72,24 @@ def label_output(model: onnx.ModelProto) -> int | None:
     return None
 
 
+def row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """The cosine of each row (along the last axis) of ``candidate`` with that of ``reference``:
+    1 where both rows are zero, 0 where only one is."""
+    width = reference.shape[-1] if reference.ndim else 1
+    a, b = reference.reshape(-1, width), candidate.reshape(-1, width)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = ~a.any(axis=1) & ~b.any(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosines = np.where(norms > 0, np.einsum("ij,ij->i", a, b) / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.where(both_zero, 1.0, cosines)
+
+
 def predicted_classes(outputs: Sequence[np.ndarray], label_index: int | None) -> np.ndarray:
     """A classifier's predictions: its label output when it has one, else the argmax over the
-    last axis of its first output."""
+    last axis of its first output (one per position of a sequence output)."""
     if label_index is not None:
         return np.asarray(outputs[label_index]).reshape(-1).astype(np.int64)
-    return outputs[0].argmax(axis=-1).reshape(-1)
+    return np.atleast_1d(outputs[0]).argmax(axis=-1).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,9 @@ class Outcome:
     mse: float  # mean squared output error, each output's divided by the output's variance
     accuracy: float | None
     refit: list[RefitReport]
+    max_rel: float  # the largest output error relative to the output's scale (Evaluator.scales)
+    agreement: float  # share of predictions equal to the original's (predicted_classes)
+    cosine: float  # mean cosine of output rows with the original's (row_cosines), smallest over outputs
     grouping: str = "merge"  # how the channels were grouped: "merge" (the eps clustering), "fold" or "select"
 
 #: Parts the rows are dealt into when a calibrated target is measured held out (:class:`HeldOut`).
@@ -110,12 +130,13 @@ class Evaluator:
     is refit, on ``fit_batches`` (default: the measuring ``batches`` themselves). ``trees`` keeps
     the layers' clustering trees across its analyses (signatures that did not change are not
     clustered again); evaluators of one model may share one. The model is preprocessed once
-    (``GraphView``), and each analysis copies the result."""
+    (``GraphView``), and each analysis copies the result. ``scales`` (default: each output's
+    largest magnitude on ``batches``) are what relative errors divide by."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, symmetry: str = "fiber",
                  labels: np.ndarray | None = None, calibrate: bool = False, ridge: float = 1e-3,
                  folder: Folder | None = None, fit_batches: Sequence[Batch] | None = None,
-                 trees: TreeCache | None = None) -> None:
+                 trees: TreeCache | None = None, scales: Sequence[float] | None = None) -> None:
         self.original = original
         self.trees = TreeCache() if trees is None else trees
         self.prepared = GraphView(original).graph  # preprocessed once; every analysis copies it
@@ -129,8 +150,15 @@ class Evaluator:
         self.variance = [
             max(float(np.mean([np.var(run[k]) for run in self.reference])), 1e-30) for k in range(len(self.names))
         ]
+        self.scales = list(scales) if scales is not None else [
+            max(float(np.max(np.abs(np.where(np.isfinite(run[k]), run[k], 0.0)), initial=0.0)) for run in self.reference)
+            for k in range(len(self.names))]
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
         self.label_index = label_output(original)
+        self.classes = self._classes(self.reference)
+        floats = [k for k, o in enumerate(original.graph.output)
+                  if o.type.tensor_type.elem_type not in _INTEGER_TYPES]
+        self.embeddings = floats or list(range(len(self.names)))
         self.choosers: dict[str, Folder | Selector] = {"fold": folder} if folder is not None else {}
         if calibrate:
             self.choosers["select"] = Selector(original, self.fit_batches, ridge=ridge)
@@ -138,11 +166,13 @@ class Evaluator:
         self.params_before = stats.count_parameters(original)
         self.accuracy_before = self._accuracy(self.reference)
 
+    def _classes(self, runs: list[list[np.ndarray]]) -> np.ndarray:
+        return np.concatenate([predicted_classes(run, self.label_index) for run in runs])
+
     def _accuracy(self, runs: list[list[np.ndarray]]) -> float | None:
         if self.labels is None:
             return None
-        predicted = np.concatenate([predicted_classes(run, self.label_index) for run in runs])
-        return float(np.mean(predicted == self.labels))
+        return float(np.mean(self._classes(runs) == self.labels))
 
     def __call__(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> Outcome:
         """The collapse at ``layer_eps`` (``eps`` for the layers it does not name), measured: the
@@ -171,13 +201,19 @@ class Evaluator:
             model, refits = refit(analysis, self.original, self.fit_batches, ridge=self.ridge,
                                   activations=self.activations)
         runs = list(run_tensors(model, self.names, self.batches, "compressed"))
-        max_abs, mse = 0.0, 0.0
-        for k, variance in enumerate(self.variance):
+        max_abs, max_rel, mse = 0.0, 0.0, 0.0
+        for k, (variance, scale) in enumerate(zip(self.variance, self.scales)):
             diffs = [run[k] - ref[k] for run, ref in zip(runs, self.reference)]
-            max_abs = max(max_abs, max(float(np.max(np.abs(d), initial=0.0)) for d in diffs))
+            largest = max(float(np.max(np.abs(d), initial=0.0)) for d in diffs)
+            max_abs = max(max_abs, largest)
+            max_rel = max(max_rel, largest / scale if scale > 0 else (0.0 if largest == 0 else math.inf))
             mse += float(np.mean([np.mean(d * d) for d in diffs])) / variance
+        agreement = float(np.mean(self._classes(runs) == self.classes))
+        cosine = min(float(np.mean(np.concatenate([row_cosines(ref[k], run[k]) for run, ref in zip(runs, self.reference)])))
+                     for k in self.embeddings)
         return Outcome(dict(layer_eps), analysis, heights, model, stats.count_parameters(model), max_abs, mse,
-                       self._accuracy(runs), refits, grouping)
+                       self._accuracy(runs), refits, max_rel=max_rel, agreement=agreement, cosine=cosine,
+                       grouping=grouping)
 
     def params(self, layer_eps: Mapping[str, float]) -> int:
         """The parameters of the collapse at ``layer_eps``, without measuring it."""
@@ -199,12 +235,15 @@ class Evaluator:
         if kind == "params":
             return outcome.params / self.params_before
         if kind == "error":
-            return outcome.max_abs
+            return outcome.max_rel
+        if kind in ("agreement", "cosine"):
+            return getattr(outcome, kind)
         return self.accuracy_before - outcome.accuracy
 
     def report(self, outcome: Outcome, kind: str, limit: float) -> TargetReport:
         return TargetReport(kind, limit, self.figure(outcome, kind), outcome.max_abs,
-                            self.accuracy_before, outcome.accuracy)
+                            self.accuracy_before, outcome.accuracy, outcome.max_rel, outcome.agreement,
+                            outcome.cosine)
 
 
 class HeldOut(Evaluator):
@@ -222,8 +261,8 @@ class HeldOut(Evaluator):
         self.whole = Evaluator(original, batches, labels=labels, **options)
         parts, part_labels, self.rows = deal_rows(self.whole.batches, labels, folds)
         self.parts = [
-            Evaluator(original, [part], labels=part_labels[k], trees=self.whole.trees,
-                      fit_batches=[concatenated([other for j, other in enumerate(parts) if j != k])], **options)
+            Evaluator(original, [part], labels=part_labels[k], trees=self.whole.trees, scales=self.whole.scales,
+                      fit_batches=[other for j, other in enumerate(parts) if j != k], **options)
             for k, part in enumerate(parts)
         ]
         self.params_before, self.accuracy_before = self.whole.params_before, self.whole.accuracy_before
@@ -236,7 +275,9 @@ class HeldOut(Evaluator):
             accuracy = None if grouping[0].accuracy is None else float(weights @ [o.accuracy for o in grouping])
             pooled.append(replace(grouping[0], max_abs=max(o.max_abs for o in grouping),
                                   mse=float(weights @ [o.mse for o in grouping]), accuracy=accuracy,
-                                  params=max(o.params for o in grouping)))
+                                  params=max(o.params for o in grouping), max_rel=max(o.max_rel for o in grouping),
+                                  agreement=float(weights @ [o.agreement for o in grouping]),
+                                  cosine=float(weights @ [o.cosine for o in grouping])))
         return best_of(pooled)
 
     def params(self, layer_eps: Mapping[str, float]) -> int:
@@ -248,7 +289,8 @@ class HeldOut(Evaluator):
     def finish(self, outcome: Outcome) -> Outcome:
         """The outcome's grouping refit on all the data, with the pooled held-out figures."""
         full = next(o for o in self.whole.groupings(outcome.layer_eps) if o.grouping == outcome.grouping)
-        return replace(full, max_abs=outcome.max_abs, mse=outcome.mse, accuracy=outcome.accuracy)
+        return replace(full, max_abs=outcome.max_abs, mse=outcome.mse, accuracy=outcome.accuracy,
+                       max_rel=outcome.max_rel, agreement=outcome.agreement, cosine=outcome.cosine)
 
 
 def can_deal(batches: Sequence[Batch], folds: int) -> bool:
@@ -317,7 +359,7 @@ def search(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outc
     layer_sizes = {layer.name: (layer.width, layer.params) for layer in current.analysis.layers}
 
     def fits(outcome: Outcome) -> bool:
-        return kind == "params" or evaluate.figure(outcome, kind) <= limit
+        return kind == "params" or evaluate.report(outcome, kind, limit).met
 
     def attempt(name: str, more: int) -> Outcome | None:
         heights = current.heights.get(name)

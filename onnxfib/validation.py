@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -118,14 +119,18 @@ def generate_inputs(
 ) -> list[Batch]:
     """Two seeded batches for ``model``'s inputs: floats from N(0, 1), then from U(-1, 1); ints and
     bools in {0, 1} (valid as token ids, type ids and masks alike). Dynamic dims come from
-    ``input_shapes``; an unknown first axis is ``rows`` long; any other unknown dim, or a batch
-    over ``MAX_GENERATED_ELEMENTS`` elements, is a UsageError."""
+    ``input_shapes``; an unknown first axis is ``rows`` long, and so is a ``declared_batch``
+    smaller than ``rows`` (such a model runs its samples that many at a time); any other unknown
+    dim, or a batch over ``MAX_GENERATED_ELEMENTS`` elements, is a UsageError."""
     inputs = graph_inputs(model)
     given = dict(input_shapes or {})
     unknown = sorted(set(given) - set(inputs))
     if unknown:
         raise UsageError(f"--input-shape names unknown input(s) {unknown}; the model's inputs are {sorted(inputs)}")
     resolved = {name: _resolve_shape(name, shape, given.get(name), rows) for name, (_, shape) in inputs.items()}
+    batch_size = declared_batch(model)
+    if batch_size is not None and batch_size < rows and not given:
+        resolved = {name: (rows, *dims[1:]) for name, dims in resolved.items()}
     total = sum(math.prod(dims) for dims in resolved.values())
     if total > MAX_GENERATED_ELEMENTS:
         name, dims = max(resolved.items(), key=lambda item: math.prod(item[1]))
@@ -152,10 +157,56 @@ def generate_inputs(
     return batches
 
 
+def declared_batch(model: onnx.ModelProto) -> int | None:
+    """The batch every input of ``model`` declares as its fixed first dim, None when an input is a
+    scalar, of unknown rank, or has a dynamic or different first dim. Such a model takes any number
+    of samples: ``run_tensors`` and ``validate_models`` feed it ``declared_batch`` at a time."""
+    firsts = set()
+    for _, shape in graph_inputs(model).values():
+        if not shape or not isinstance(shape[0], int) or shape[0] <= 0:
+            return None
+        firsts.add(shape[0])
+    return firsts.pop() if len(firsts) == 1 else None
+
+
+def _lossless(array: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether casting ``array`` to ``dtype`` keeps every value (read in slices, so a memory-mapped
+    array is never loaded whole)."""
+    if np.can_cast(array.dtype, dtype, "safe"):
+        return True
+    flat = np.ravel(array, order="K")  # a view of C- and Fortran-ordered arrays alike
+    step = 1 << 20
+    return all(np.array_equal(part.astype(dtype).astype(array.dtype), part)
+               for part in (flat[i:i + step] for i in range(0, flat.size, step)))
+
+
+def _check_dtype(array: np.ndarray, elem_type: int, name: str, source: str) -> None:
+    """UsageError unless ``array`` may feed an input of ONNX type ``elem_type``: the same kind of
+    values, floats to any float (rounded as always), or integers that the input's type holds exactly."""
+    expected = onnx.TensorProto.DataType.Name(elem_type)
+    if elem_type not in _KINDS:
+        raise UsageError(f"{source}: '{name}' has dtype {array.dtype} but the model expects {expected}")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    kind = array.dtype.kind
+    if kind == "f" and dtype.kind == "f":
+        return
+    if kind == "f" and dtype.kind in "iu":
+        raise UsageError(f"{source}: '{name}' holds floats ({array.dtype}) but the model expects {expected} "
+                         "(e.g. token ids); pass integers")
+    if not (kind == dtype.kind == "b" or (kind in "iu" and dtype.kind in "iuf")):
+        raise UsageError(f"{source}: '{name}' has dtype {array.dtype} but the model expects {expected}")
+    if not _lossless(array, dtype):
+        raise UsageError(f"{source}: '{name}' holds {array.dtype} values that {expected} cannot hold exactly; "
+                         f"pass {dtype} data")
+
+
 def check_data(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], source: str) -> list[Batch]:
-    """Check user batches against ``model``'s inputs (same names, rank, fixed dims, dtype kind)
-    and cast each array to the input's exact dtype; UsageError naming ``source`` otherwise."""
+    """Check user batches against ``model``'s inputs (same names, rank, fixed dims, a dtype the
+    input can take without loss: ``_check_dtype``) and return them with each array in its own
+    dtype (cast per run, so memory-mapped data stays mapped); UsageError naming ``source``
+    otherwise. A model with a ``declared_batch`` takes any number of samples on the first axis."""
     inputs = graph_inputs(model)
+    batch_size = declared_batch(model)
     checked: list[Batch] = []
     for batch in batches:
         if set(batch) != set(inputs):
@@ -163,46 +214,95 @@ def check_data(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray
         out: Batch = {}
         for name, (elem_type, shape) in inputs.items():
             array = np.asarray(batch[name])
-            if elem_type not in _KINDS or array.dtype.kind not in _KINDS[elem_type]:
-                raise UsageError(
-                    f"{source}: '{name}' has dtype {array.dtype} but the model expects "
-                    f"{onnx.TensorProto.DataType.Name(elem_type)}"
-                )
+            _check_dtype(array, elem_type, name, source)
+            fixed = shape if batch_size is None or shape is None else (None, *shape[1:])
             if shape is not None and (
                 array.ndim != len(shape)
-                or any(isinstance(s, int) and s > 0 and s != a for s, a in zip(shape, array.shape))
+                or any(isinstance(s, int) and s > 0 and s != a for s, a in zip(fixed, array.shape))
             ):
                 declared = [s if isinstance(s, int) and s > 0 else (s or "?") for s in shape]
-                raise UsageError(f"{source}: '{name}' has shape {list(array.shape)} but the model expects {declared}")
-            out[name] = array.astype(onnx.helper.tensor_dtype_to_np_dtype(elem_type), copy=False)
+                many = "" if batch_size is None else " (any number of samples on the first axis)"
+                raise UsageError(
+                    f"{source}: '{name}' has shape {list(array.shape)} but the model expects {declared}{many}")
+            out[name] = array
+        if batch_size is not None and (common_rows(out) or 0) < 1:
+            raise UsageError(f"{source}: the inputs must hold the same number of samples (at least one) on "
+                             f"their first axis; the model runs {batch_size} at a time")
         checked.append(out)
     if not checked:
         raise UsageError(f"{source}: holds no input batches")
     return checked
 
 
-def load_data(path: str | os.PathLike, model: onnx.ModelProto) -> list[Batch]:
-    """Read one batch from ``.npz`` (keys = input names) or ``.npy`` (models with one input) and
-    check it against ``model`` (see ``check_data``); any problem is a one-line UsageError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: --data file not found")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            arrays: dict[str | None, np.ndarray] = {None: loaded}
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz``: members stored uncompressed (``numpy.savez``) memory-mapped,
+    compressed ones (``numpy.savez_compressed``) read."""
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                with archive.open(info) as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+                continue
+            raw.seek(info.header_offset)
+            local = raw.read(30)  # the local file header: its name and extra field lengths end it
+            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(
+                local[28:30], "little")
+            raw.seek(start)
+            version = np.lib.format.read_magic(raw)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(raw)
+            if dtype.hasobject:
+                raise ValueError("object arrays need pickle")
+            arrays[name] = (np.zeros(shape, dtype) if 0 in shape else
+                            np.memmap(path, dtype, "r", raw.tell(), shape, "F" if fortran else "C"))
+    return arrays
+
+
+def data_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The ``.npz``/``.npy`` files ``paths`` name: files as given, a directory's such files in name
+    order; UsageError for a path that does not exist or a directory without any."""
+    files: list[Path] = []
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = Path(path)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
+            if not found:
+                raise UsageError(f"{path}: --data directory holds no .npz/.npy files")
+            files += found
+        elif path.is_file():
+            files.append(path)
         else:
-            with loaded:
-                arrays = {key: loaded[key] for key in loaded.files}
-    except Exception as exc:
-        raise UsageError(f"{path}: not a readable .npz/.npy file (arrays saved by numpy.savez or numpy.save)") from exc
-    if None in arrays:
-        names = list(graph_inputs(model))
-        if len(names) != 1:
-            raise UsageError(f"{path}: a .npy file feeds one input, but the model has {len(names)}; use .npz")
-        arrays = {names[0]: arrays[None]}
-    batch = {str(key): value for key, value in arrays.items()}
-    return check_data(model, [batch], str(path))
+            raise UsageError(f"{path}: --data file not found")
+    if not files:
+        raise UsageError("--data names no files")
+    return files
+
+
+def load_data(paths: str | os.PathLike | Sequence[str | os.PathLike], model: onnx.ModelProto) -> list[Batch]:
+    """One batch per file of ``paths`` (see ``data_files``): ``.npz`` keyed by input name, ``.npy``
+    for models with one input, memory-mapped where numpy stored them uncompressed (data larger
+    than memory is read batch by batch as the model runs), each checked against ``model`` (see
+    ``check_data``); any problem is a one-line UsageError naming the file."""
+    names = list(graph_inputs(model))
+    batches: list[Batch] = []
+    for path in data_files(paths):
+        try:
+            if zipfile.is_zipfile(path):
+                arrays: dict[str | None, np.ndarray] = dict(_npz_arrays(path))
+            else:
+                arrays = {None: np.load(path, mmap_mode="r", allow_pickle=False)}
+        except Exception as exc:
+            raise UsageError(
+                f"{path}: not a readable .npz/.npy file (arrays saved by numpy.savez or numpy.save)") from exc
+        if None in arrays:
+            if len(names) != 1:
+                raise UsageError(f"{path}: a .npy file feeds one input, but the model has {len(names)}; use .npz")
+            arrays = {names[0]: arrays[None]}
+        batches += check_data(model, [{str(key): value for key, value in arrays.items()}], str(path))
+    return batches
 
 
 def _session(model: onnx.ModelProto, role: str) -> tuple[ort.InferenceSession, tempfile.TemporaryDirectory | None]:
@@ -290,17 +390,15 @@ def validate_models(
     cand_names = [o.name for o in candidate.graph.output]
     if sorted(ref_names) != sorted(cand_names):
         raise UsageError(f"the models have different outputs: {ref_names} vs {cand_names}")
+    feed = _Feed(reference)
     ref_session, ref_tmp = _session(reference, "reference")
     try:
         cand_session, cand_tmp = _session(candidate, "candidate")
         try:
             ref_runs, cand_runs = [], []
-            for batch in inputs:
-                for session, runs, role in ((ref_session, ref_runs, "reference"), (cand_session, cand_runs, "candidate")):
-                    try:
-                        runs.append(dict(zip(ref_names, session.run(ref_names, dict(batch)))))
-                    except Exception as exc:
-                        raise InvalidModelError(f"ONNX Runtime cannot run the {role} model: {first_line(exc)}") from exc
+            for batch in chunked(inputs):
+                ref_runs.append(dict(zip(ref_names, feed.run(ref_session, ref_names, batch, "reference"))))
+                cand_runs.append(dict(zip(ref_names, feed.run(cand_session, ref_names, batch, "candidate"))))
         finally:
             if cand_tmp is not None:
                 cand_tmp.cleanup()
@@ -313,8 +411,8 @@ def validate_models(
         default_rtol, default_atol = default_tolerances(types[name])
         outputs.append(compare_outputs(
             name,
-            [_as_array(r[name]) for r in ref_runs],
-            [_as_array(c[name]) for c in cand_runs],
+            [r[name] for r in ref_runs],
+            [c[name] for c in cand_runs],
             rtol=default_rtol if rtol is None else rtol,
             atol=default_atol if atol is None else atol,
         ))
@@ -354,14 +452,57 @@ def run_tensors(model: onnx.ModelProto, names: Sequence[str], batches: Iterable[
     probe.CopyFrom(model)
     listed = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in listed)
+    feed = _Feed(probe)
     session, holder = _session(probe, role)
     try:
         for batch in batches:
-            try:
-                values = session.run(list(names), dict(batch))
-            except Exception as exc:
-                raise InvalidModelError(f"ONNX Runtime cannot run the {role} model: {first_line(exc)}") from exc
-            yield [_as_array(v) for v in values]
+            yield feed.run(session, list(names), batch, role)
     finally:
         if holder is not None:
             holder.cleanup()
+
+
+class _Feed:
+    """How batches go into a model's session: each input cast to its declared dtype and, for a
+    model with a ``declared_batch``, ``size`` samples at a time."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.dtypes = {name: onnx.helper.tensor_dtype_to_np_dtype(elem_type) if elem_type in _KINDS else None
+                       for name, (elem_type, _) in graph_inputs(model).items()}
+        self.size = declared_batch(model)
+
+    def _cast(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: np.ascontiguousarray(value, dtype=self.dtypes.get(name)) for name, value in batch.items()}
+
+    def run(self, session: ort.InferenceSession, names: list[str], batch: Mapping[str, np.ndarray],
+            role: str) -> list[np.ndarray]:
+        """The named tensors on ``batch`` as float64 arrays. With a declared batch the samples go in
+        ``size`` at a time, the last chunk padded with copies of its last sample, and the chunks'
+        tensors are joined along their first axis (the padding's rows dropped; a tensor without
+        that axis cannot be cut, a UsageError). InvalidModelError if ORT cannot run the model."""
+        rows = None if self.size is None else common_rows(batch)
+        if rows is None or rows == self.size:
+            return [_as_array(v) for v in self._run(session, names, batch, role)]
+        pieces: list[list[np.ndarray]] = []
+        for start in range(0, rows, self.size):
+            chunk = {name: value[start:start + self.size] for name, value in batch.items()}
+            short = self.size - min(self.size, rows - start)
+            if short:
+                chunk = {name: np.concatenate([value, np.repeat(value[-1:], short, axis=0)])
+                         for name, value in chunk.items()}
+            values = [_as_array(v) for v in self._run(session, names, chunk, role)]
+            if short:
+                if any(v.ndim == 0 or len(v) != self.size for v in values):
+                    raise UsageError(
+                        f"the model runs {self.size} samples at a time and some of its tensors have no batch axis; "
+                        f"give a multiple of {self.size} samples")
+                values = [v[:self.size - short] for v in values]
+            pieces.append(values)
+        return [np.concatenate(parts) if parts[0].ndim else np.stack(parts) for parts in zip(*pieces)]
+
+    def _run(self, session: ort.InferenceSession, names: list[str], batch: Mapping[str, np.ndarray],
+             role: str) -> list:
+        try:
+            return session.run(names, self._cast(batch))
+        except Exception as exc:
+            raise InvalidModelError(f"ONNX Runtime cannot run the {role} model: {first_line(exc)}") from exc

@@ -44,6 +44,8 @@ CASES = {
     "data wrong dtype": ["compress", "mlp.onnx", "out.onnx", "--data", "dtype.npz"],
     "data missing": ["compress", "mlp.onnx", "out.onnx", "--data", "none.npz"],
     "data not numpy": ["compress", "mlp.onnx", "out.onnx", "--data", "text.onnx"],
+    "data directory without arrays": ["compress", "mlp.onnx", "out.onnx", "--data", "adir"],
+    "data one of two files missing": ["compress", "mlp.onnx", "out.onnx", "--data", "good.npz", "--data", "none.npz"],
     "target params 0": ["compress", "mlp.onnx", "out.onnx", "--target-params", "0"],
     "two targets": ["compress", "mlp.onnx", "out.onnx", "--target-params", "0.5", "--max-error", "1"],
     "max drop without labels": ["compress", "mlp.onnx", "out.onnx", "--data", "good.npz", "--max-drop", "0.01"],
@@ -109,7 +111,7 @@ def workdir(tmp_path, write_model, mlp_model):
     write_model(_bad_group_model(), "badgroup.onnx")
     np.savez(tmp_path / "names.npz", input=np.zeros((2, 8), np.float32))
     np.savez(tmp_path / "shape.npz", x=np.zeros((2, 7), np.float32))
-    np.savez(tmp_path / "dtype.npz", x=np.zeros((2, 8), np.int32))
+    np.savez(tmp_path / "dtype.npz", x=np.full((2, 8), 2**30 + 1, np.int32))  # float32 cannot hold it
     np.savez(tmp_path / "good.npz", x=np.zeros((4, 8), np.float32))
     np.save(tmp_path / "short.npy", np.zeros(3, np.int64))
     np.save(tmp_path / "floats.npy", np.zeros(4, np.float32))

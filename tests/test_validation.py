@@ -82,12 +82,17 @@ def test_fixed_dims_must_agree_with_input_shape(mlp_model):
 
 
 def test_load_data_npz_and_npy(tmp_path, mlp_model):
-    x = np.random.default_rng(0).standard_normal((4, 8))  # float64: cast to the input's float32
+    """float64 data is kept as read and cast to the input's float32 as it runs: the outputs are
+    ONNX Runtime's on the float32 copy."""
+    x = np.random.default_rng(0).standard_normal((4, 8))
     np.savez(tmp_path / "d.npz", x=x)
     np.save(tmp_path / "d.npy", x)
+    (expected,), = v.run_tensors(mlp_model, ["y"], [{"x": x.astype(np.float32)}], "model")
     for name in ("d.npz", "d.npy"):
         (batch,) = v.load_data(tmp_path / name, mlp_model)
-        assert batch["x"].dtype == np.float32 and batch["x"].shape == (4, 8)
+        assert batch["x"].shape == (4, 8)
+        (got,), = v.run_tensors(mlp_model, ["y"], [batch], "model")
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +101,8 @@ def test_load_data_npz_and_npy(tmp_path, mlp_model):
         ({"wrong": np.zeros((1, 8), np.float32)}, "model's inputs"),
         ({"x": np.zeros((1, 9), np.float32)}, "shape"),
         ({"x": np.zeros((8,), np.float32)}, "shape"),
-        ({"x": np.zeros((1, 8), np.int64)}, "dtype"),
+        ({"x": np.zeros((1, 8), bool)}, "dtype bool"),
+        ({"x": np.full((1, 8), 2**40 + 1, np.int64)}, "cannot hold exactly"),
     ],
 )
 def test_load_data_rejects(tmp_path, mlp_model, arrays, match):
