@@ -113,14 +113,39 @@ def _resolve_shape(name: str, shape: Shape | None, given: tuple[int, ...] | None
     return tuple(dims)
 
 
+def _measuring_rows(inputs: Mapping[str, tuple[int, Shape | None]], given: Mapping[str, tuple[int, ...]],
+                    resolved: dict[str, tuple[int, ...]], rows: int, batch_size: int | None
+                    ) -> dict[str, tuple[int, ...]]:
+    """``resolved`` with the first axis widened to ``rows``, or to as many rows as fit in
+    ``MAX_GENERATED_ELEMENTS`` (never fewer than it has): every input's where the model declares
+    a fixed ``batch_size`` smaller than ``rows`` (its samples run that many at a time), else
+    each input's that the model leaves dynamic and ``--input-shape`` made shorter
+    (``--input-shape x:1,3,48,192`` names the image size; a search still measures on many
+    samples)."""
+    if batch_size is not None and batch_size < rows:
+        widened = list(resolved)
+    else:
+        widened = [name for name, (_, shape) in inputs.items()
+                   if name in given and given[name] and given[name][0] < rows and shape
+                   and not (isinstance(shape[0], int) and shape[0] > 0)]
+    if not widened:
+        return resolved
+    fixed = sum(math.prod(dims) for name, dims in resolved.items() if name not in widened)
+    per_row = sum(math.prod(resolved[name][1:]) for name in widened)
+    fit = max(1, (MAX_GENERATED_ELEMENTS - fixed) // max(per_row, 1))
+    return {name: (max(dims[0], min(rows, fit)), *dims[1:]) if name in widened else dims
+            for name, dims in resolved.items()}
+
+
 def generate_inputs(
     model: onnx.ModelProto, *, input_shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0,
     rows: int = 1,
 ) -> list[Batch]:
     """Two seeded batches for ``model``'s inputs: floats from N(0, 1), then from U(-1, 1); ints and
     bools in {0, 1} (valid as token ids, type ids and masks alike). Dynamic dims come from
-    ``input_shapes``; an unknown first axis is ``rows`` long, and so is a ``declared_batch``
-    smaller than ``rows`` (such a model runs its samples that many at a time); any other unknown
+    ``input_shapes``; an unknown first axis is ``rows`` long, and so is one ``input_shapes`` gives
+    fewer, or a ``declared_batch`` smaller than ``rows`` (such a model runs its samples that
+    many at a time), within the element cap (:func:`_measuring_rows`); any other unknown
     dim, or a batch over ``MAX_GENERATED_ELEMENTS`` elements, is a UsageError."""
     inputs = graph_inputs(model)
     given = dict(input_shapes or {})
@@ -128,9 +153,7 @@ def generate_inputs(
     if unknown:
         raise UsageError(f"--input-shape names unknown input(s) {unknown}; the model's inputs are {sorted(inputs)}")
     resolved = {name: _resolve_shape(name, shape, given.get(name), rows) for name, (_, shape) in inputs.items()}
-    batch_size = declared_batch(model)
-    if batch_size is not None and batch_size < rows and not given:
-        resolved = {name: (rows, *dims[1:]) for name, dims in resolved.items()}
+    resolved = _measuring_rows(inputs, given, resolved, rows, declared_batch(model))
     total = sum(math.prod(dims) for dims in resolved.values())
     if total > MAX_GENERATED_ELEMENTS:
         name, dims = max(resolved.items(), key=lambda item: math.prod(item[1]))

@@ -59,6 +59,22 @@ def test_generate_inputs_dtypes_and_shapes():
     np.testing.assert_array_equal(first["f"], again["f"])
     many, _ = v.generate_inputs(model, input_shapes={"i": (2, 7)}, seed=3, rows=64)
     assert many["f"].shape == (64, 4) and many["h"].shape == (2, 3)  # only an unknown first axis grows
+    assert many["i"].shape == (64, 7)  # given 2, but the model leaves it open: measuring needs rows
+
+
+def test_given_first_axis_widens_to_measuring_rows_within_the_element_cap(monkeypatch):
+    """``--input-shape x:1,3,8,8`` on a model with a dynamic batch names the image size; a search
+    (rows > 1) still measures on ``rows`` samples, as many as the element cap allows, and never
+    on fewer than given. A declared batch grows alike (its samples run that many at a time)."""
+    dynamic = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])])
+    assert v.generate_inputs(dynamic, input_shapes={"x": (1, 3, 8, 8)})[0]["x"].shape == (1, 3, 8, 8)
+    assert v.generate_inputs(dynamic, input_shapes={"x": (1, 3, 8, 8)}, rows=128)[0]["x"].shape == (128, 3, 8, 8)
+    monkeypatch.setattr(v, "MAX_GENERATED_ELEMENTS", 3 * 8 * 8 * 10)
+    assert v.generate_inputs(dynamic, input_shapes={"x": (1, 3, 8, 8)}, rows=128)[0]["x"].shape == (10, 3, 8, 8)
+    assert v.generate_inputs(dynamic, input_shapes={"x": (10, 3, 8, 8)}, rows=128)[0]["x"].shape == (10, 3, 8, 8)
+    fixed = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, "H", "W"])])
+    assert v.generate_inputs(fixed, input_shapes={"x": (2, 3, 8, 8)})[0]["x"].shape == (2, 3, 8, 8)
+    assert v.generate_inputs(fixed, input_shapes={"x": (2, 3, 8, 8)}, rows=128)[0]["x"].shape == (10, 3, 8, 8)
 
 
 @pytest.mark.parametrize(
