@@ -2,7 +2,13 @@
 
 from onnxfib._version import __version__
 from onnxfib.api import CompressionResult, compress, inspect, sweep, validate
-from onnxfib.errors import InternalError, InvalidModelError, OnnxfibError, UsageError, ValidationMismatchError
+from onnxfib.errors import (
+    InternalError,
+    InvalidModelError,
+    OnnxfibError,
+    UsageError,
+    ValidationMismatchError,
+)
 
 __all__ = [
     "CompressionResult",

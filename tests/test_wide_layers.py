@@ -17,7 +17,13 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from onnxfib import coloring
-from onnxfib.coloring import Tolerance, TreeCache, average_linkage, equal_row_labels, threshold_clusters
+from onnxfib.coloring import (
+    Tolerance,
+    TreeCache,
+    average_linkage,
+    equal_row_labels,
+    threshold_clusters,
+)
 from onnxfib.partition import Partition
 
 

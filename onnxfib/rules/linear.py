@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import GraphView
-from .base import Context, Port, Site, is_per_channel, channel_rows, merge_channels
+from .base import Context, Port, Site, channel_rows, is_per_channel, merge_channels
 
 
 @dataclass
