@@ -12,7 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import GraphView
-from .base import UNTRACKED, Context, Declined, Port, Site, channel_position
+from .base import UNTRACKED, Context, Declined, Port, Site, channel_input
 from .elementwise import Kind, UnarySite, only_first_output_used
 
 
@@ -38,15 +38,13 @@ def bind_transpose(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> S
 
 def bind_squeeze(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """Squeeze/Unsqueeze of axes other than the channel axis."""
-    x = node.inputs[0]
-    port = known.get(x.name)
-    if port is None:
-        return UNTRACKED
+    read = channel_input(node, graph, known)
+    if isinstance(read, Declined):
+        return read
+    port, rank, channel = read
     axes = graph.ints(node, 1, "axes")
-    where = channel_position(graph, port, x)
-    if where is None or not axes or not only_first_output_used(node, graph):
-        return Declined(f"{node.op} without constant axes or of a tensor of unknown rank")
-    rank, channel = where
+    if not axes or not only_first_output_used(node, graph):
+        return Declined(f"{node.op} without constant axes")
     if node.op == "Squeeze":
         axes = sorted(a + rank if a < 0 else a for a in axes)
         if channel in axes:
@@ -79,14 +77,12 @@ class ResizeSite(UnarySite):
 
 def bind_resize(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """Resize and Upsample whose scales keep the channel axis (scale 1, or sizes = width)."""
-    x = node.inputs[0]
-    port = known.get(x.name)
-    if port is None:
-        return UNTRACKED
-    where = channel_position(graph, port, x)
-    if where is None or "axes" in node.attrs:
-        return Declined(f"{node.op} with axes, or of a tensor of unknown rank")
-    _, channel = where
+    read = channel_input(node, graph, known)
+    if isinstance(read, Declined):
+        return read
+    port, _, channel = read
+    if "axes" in node.attrs:
+        return Declined(f"{node.op} with the axes attribute")
     scales_index, sizes_index = (1, None) if node.op == "Upsample" or graph.opset < 11 else (2, 3)
     scales = graph.given(node, scales_index, "scales")
     sizes = graph.ints(node, sizes_index, "sizes") if sizes_index else None
@@ -110,17 +106,15 @@ class PadSite(UnarySite):
 
 def bind_pad(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """Pad that adds nothing along the channel axis."""
-    x = node.inputs[0]
-    port = known.get(x.name)
-    if port is None:
-        return UNTRACKED
-    where = channel_position(graph, port, x)
+    read = channel_input(node, graph, known)
+    if isinstance(read, Declined):
+        return read
+    port, rank, channel = read
     pads = graph.ints(node, 1, "pads")
     if len(node.inputs) > 3 and node.inputs[3].name:
         return Declined("Pad with the opset-18 axes input")
-    if where is None or not pads:
-        return Declined("Pad without constant pads, or of a tensor of unknown rank")
-    rank, channel = where
+    if not pads:
+        return Declined("Pad without constant pads")
     if pads[channel] or pads[channel + rank]:
         return Declined("Pad of the channel axis")
     given = len(node.inputs) > 2 and node.inputs[2].name

@@ -181,6 +181,24 @@ def channel_position(graph: GraphView, port: Port, tensor: gs.Tensor) -> tuple[i
     return None if rank is None else (rank, rank + port.axis)
 
 
+def channel_input(node: gs.Node, graph: GraphView, known: dict[str, Port], *,
+                  channel_first: bool = False) -> tuple[Port, int, int] | Declined:
+    """The port of ``node``'s first input, its rank, and its channel axis counted from the front.
+
+    Declined when that input has no tracked channel axis (``UNTRACKED``), its rank is unknown,
+    or, with ``channel_first``, its channel axis is not axis 1 (NCHW)."""
+    x = node.inputs[0]
+    port = known.get(x.name)
+    if port is None:
+        return UNTRACKED
+    rank = graph.rank(x)
+    if rank is None:
+        return Declined(f"{node.op} of a tensor of unknown rank")
+    if channel_first and not (rank >= 2 and port.axis == 1 - rank):
+        return Declined(f"{node.op} of a tensor whose channel axis is not axis 1")
+    return port, rank, rank + port.axis
+
+
 def static_sizes(dims: list, indices: Iterable[int]) -> list[int] | None:
     """The sizes of ``dims`` at ``indices`` if all are known non-negative integers."""
     picked = [dims[i] for i in indices]

@@ -12,15 +12,9 @@ import onnx_graphsurgeon as gs
 
 from ..coloring import Coloring
 from ..graph import GraphView
-from .base import UNTRACKED, Context, Declined, Link, Port, Site
+from .base import Context, Declined, Link, Port, Site, channel_input
 from .elementwise import only_first_output_used
 from .linear import LinearSite
-
-
-def channel_first(graph: GraphView, port: Port | None, tensor: gs.Tensor) -> bool:
-    """True when ``port``'s channel axis is axis 1 of ``tensor`` (NCHW layout)."""
-    rank = graph.rank(tensor)
-    return port is not None and rank is not None and rank >= 2 and port.axis == 1 - rank
 
 
 @dataclass
@@ -277,12 +271,10 @@ class BatchNormSite(Site):
 
 def bind_batch_norm(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """BatchNormalization in inference mode with constant statistics, over channel axis 1."""
-    x = node.inputs[0]
-    port = known.get(x.name)
-    if port is None:
-        return UNTRACKED
-    if not channel_first(graph, port, x):
-        return Declined("BatchNormalization of a tensor whose channel axis is not axis 1")
+    read = channel_input(node, graph, known, channel_first=True)
+    if isinstance(read, Declined):
+        return read
+    port = read[0]
     if not only_first_output_used(node, graph) or int(node.attrs.get("training_mode", 0)):
         return Declined("BatchNormalization in training mode")
     if int(node.attrs.get("spatial", 1)) != 1:

@@ -10,8 +10,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph import GraphView
 from .axes import moved
-from .base import UNTRACKED, Declined, Port, Site, channel_position
-from .conv import channel_first
+from .base import Declined, Port, Site, channel_input
 from .elementwise import Kind, UnarySite, only_first_output_used
 
 #: How each op treats a scaled coloring: averages and sums are linear (PASS), maxima, minima and
@@ -30,12 +29,10 @@ _KIND = {
 
 def bind_pool(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """Pooling over the spatial axes of an NCHW tensor."""
-    x = node.inputs[0]
-    port = known.get(x.name)
-    if port is None:
-        return UNTRACKED
-    if not channel_first(graph, port, x):
-        return Declined(f"{node.op} of a tensor whose channel axis is not axis 1")
+    read = channel_input(node, graph, known, channel_first=True)
+    if isinstance(read, Declined):
+        return read
+    port = read[0]
     if not only_first_output_used(node, graph):
         return Declined(f"{node.op} whose indices output is read")
     out = Port(node.outputs[0], port.axis, port.width)
@@ -44,17 +41,13 @@ def bind_pool(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site |
 
 def bind_reduce(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """A reduction over axes other than the channel axis."""
-    x = node.inputs[0]
-    port = known.get(x.name)
-    if port is None:
-        return UNTRACKED
-    where = channel_position(graph, port, x)
+    read = channel_input(node, graph, known)
+    if isinstance(read, Declined):
+        return read
+    port, rank, channel = read
     axes = graph.ints(node, 1, "axes")
-    if where is None:
-        return Declined(f"{node.op} of a tensor of unknown rank")
     if not axes:
         return Declined(f"{node.op} over every axis (no constant axes), the channel axis too")
-    rank, channel = where
     axes = sorted(a + rank if a < 0 else a for a in axes)
     if channel in axes:
         return Declined(f"{node.op} over the channel axis")

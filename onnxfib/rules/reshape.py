@@ -15,7 +15,17 @@ import onnx_graphsurgeon as gs
 from ..coloring import Coloring
 from ..graph import GraphView
 from ..partition import Partition
-from .base import UNTRACKED, Context, Declined, Link, Port, Site, channel_position, static_sizes
+from .base import (
+    UNTRACKED,
+    Context,
+    Declined,
+    Link,
+    Port,
+    Site,
+    channel_input,
+    channel_position,
+    static_sizes,
+)
 from .elementwise import Kind, UnarySite
 
 
@@ -152,14 +162,12 @@ class ShapeSite(Site):
 
 
 def bind_shape(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
-    x = node.inputs[0]
-    port = known.get(x.name)
-    where = None if port is None else channel_position(graph, port, x)
-    if port is None or where is None:
-        return UNTRACKED if port is None else Declined("Shape of a tensor of unknown rank")
-    rank, channel = where
-    read = graph.sizes_read(node, rank)
-    if read is None or channel in read:
+    read = channel_input(node, graph, known)
+    if isinstance(read, Declined):
+        return read
+    port, rank, channel = read
+    sizes = graph.sizes_read(node, rank)
+    if sizes is None or channel in sizes:
         return Declined("Shape whose readers use the channel count")
     return ShapeSite(nodes=[node], inputs=[port], outputs=[], coupled=False)
 

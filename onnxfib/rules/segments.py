@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 from ..coloring import Coloring
 from ..graph import GraphView
 from ..partition import Partition
-from .base import UNTRACKED, Context, Declined, Link, Port, Site, channel_position
+from .base import UNTRACKED, Context, Declined, Link, Port, Site, channel_input, channel_position
 
 
 def write_ints(node: gs.Node, graph: GraphView, index: int, attr: str, values: list[int]) -> None:
@@ -144,17 +144,13 @@ class SplitSite(Site):
 
 
 def bind_split(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
-    x = node.inputs[0]
-    port = known.get(x.name)
-    if port is None:
-        return UNTRACKED
-    where = channel_position(graph, port, x)
+    read = channel_input(node, graph, known)
+    if isinstance(read, Declined):
+        return read
+    port, rank, channel = read
     sizes = graph.ints(node, 1, "split")
-    if where is None:
-        return Declined("Split of a tensor of unknown rank")
     if sizes is False:
         return Declined("Split sizes are not constant")
-    rank, channel = where
     axis = int(node.attrs.get("axis", 0))
     along = (axis + rank if axis < 0 else axis) == channel
     count = len(node.outputs)
@@ -215,18 +211,14 @@ class SliceSite(Site):
 
 
 def bind_slice(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
-    x = node.inputs[0]
-    port = known.get(x.name)
-    if port is None:
-        return UNTRACKED
-    where = channel_position(graph, port, x)
+    read = channel_input(node, graph, known)
+    if isinstance(read, Declined):
+        return read
+    port, rank, channel = read
     starts, ends = graph.ints(node, 1, "starts"), graph.ints(node, 2, "ends")
     axes, steps = graph.ints(node, 3, "axes"), graph.ints(node, 4, "steps")
-    if where is None:
-        return Declined("Slice of a tensor of unknown rank")
     if not starts or not ends or axes is False or steps is False:
         return Declined("Slice bounds, axes or steps are not constant")
-    rank, channel = where
     axes = list(range(len(starts))) if axes is None else [a + rank if a < 0 else a for a in axes]
     out = Port(node.outputs[0], port.axis, port.width)
     if channel not in axes:
