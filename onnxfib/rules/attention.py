@@ -1,6 +1,7 @@
 """Scaled dot-product attention written out in ONNX (torch and HuggingFace eager exports), and
 torch's packed in-projection unstack that feeds it (``UnstackSite``). Both are alternative
-Reshape rules, tried after ``reshape.py``'s.
+Reshape rules, tried after ``reshape.py``'s. (Over 350 lines: the two pattern walks and the
+head chain they share are one op family, kept together.)
 
 The pattern, from the Reshape that merges the heads back:
     q, k, v [.., H*dh] -> head chain -> q [.., H, S, dh], k [.., H, dh, S], v [.., H, S, dh]
