@@ -33,9 +33,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 import baselines
+import numpy as np
 from baselines import Layer, Reduced, _blocks, _merge, _rows, _select, count_params
 
 __all__ = ["Layer", "Reduced", "count_params", "widths_of", "forward", "from_torch", "to_onnx",

@@ -59,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     from torch import nn
 
     import onnxfib
-    from onnxfib.train import CoverTracker, collapse_retrain, collapse_to_base, export_onnx, parameter_count
+    from onnxfib.train import (
+        CoverTracker,
+        collapse_retrain,
+        collapse_to_base,
+        export_onnx,
+        parameter_count,
+    )
 
     start = time.perf_counter()
     torch.manual_seed(SEED)

@@ -39,8 +39,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import baselines  # noqa: E402
 import fashion_mnist  # noqa: E402
-from sections import (comparison_table, fashion_mnist_missing, fit, markers, plot_methods, quiet,  # noqa: E402
-                      single_threaded, write_section)
+from sections import (  # noqa: E402
+    comparison_table,
+    fashion_mnist_missing,
+    fit,
+    markers,
+    plot_methods,
+    quiet,
+    single_threaded,
+    write_section,
+)
 
 import onnxfib  # noqa: E402
 

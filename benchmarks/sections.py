@@ -11,9 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 import fashion_mnist
+import numpy as np
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 

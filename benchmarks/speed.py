@@ -180,7 +180,7 @@ def build_mlp(path: Path, sizes: tuple[int, ...], seed: int = SEED) -> Case:
     params = sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
     assert params == count_parameters(model)
     return Case("mlp", "x".join(map(str, sizes)), path, params, sum(i * o + o for i, o in zip(base[:-1], base[1:])),
-                ["--input-shape", "x:1,%d" % sizes[0]], external)
+                ["--input-shape", f"x:1,{sizes[0]}"], external)
 
 
 def build_bert(path: Path, layers: int, seed: int = SEED, **config) -> Case:

@@ -1,8 +1,14 @@
 """onnxfib: compress ONNX models by merging neurons that share a fibration symmetry."""
 
 from onnxfib._version import __version__
-from onnxfib.api import CompressionResult, compress, inspect, sweep, validate
-from onnxfib.errors import InternalError, InvalidModelError, OnnxfibError, UsageError, ValidationMismatchError
+from onnxfib.api import CompressionResult, barriers, compress, inspect, sweep, validate
+from onnxfib.errors import (
+    InternalError,
+    InvalidModelError,
+    OnnxfibError,
+    UsageError,
+    ValidationMismatchError,
+)
 
 __all__ = [
     "CompressionResult",
@@ -12,6 +18,7 @@ __all__ = [
     "UsageError",
     "ValidationMismatchError",
     "__version__",
+    "barriers",
     "compress",
     "inspect",
     "sweep",

@@ -24,8 +24,8 @@ from .errors import UsageError
 from .graph import GraphView
 from .partition import Partition
 from .groups import ShrinkGroup, build_groups
-from .report import LayerReport
-from .rules import Plan, Port, Registry, Site, default_registry
+from .report import Barrier, LayerReport
+from .rules import Declined, Plan, Port, Registry, Site, default_registry
 from .rules.linear import LinearSite
 
 SYMMETRIES = ("fiber", "cover")
@@ -54,7 +54,8 @@ class Analysis:
     instead of clustering its rows: merges chosen from calibration data or by folding. ``trees``
     keeps the clustering trees between runs over the same model (a search's many analyses), and
     ``prepared`` is the preprocessed graph of an untouched ``GraphView`` of it, copied instead of
-    preprocessing the model again."""
+    preprocessing the model again. ``barriers`` lists the nodes reading a channel axis that no
+    rule binds, each with its rule's reason."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
@@ -71,7 +72,7 @@ class Analysis:
         self._opfibers: dict[str, Partition] = {}
         self._plans: dict[str, Plan] = {}
         self._collapsed: onnx.ModelProto | None = None
-        self.sites = self._bind(registry or default_registry())
+        self.sites, self.barriers = bind(self.graph, registry or default_registry())
         self._ports = self._ports_by_tensor()
         self._expanding: dict[str, Port] = {}  # graph outputs that narrow and are re-expanded
         self._freeze = self._freeze_reasons()
@@ -134,22 +135,6 @@ class Analysis:
         return next((site for site, p in self._ports.get(port.name, ()) if p in site.outputs), None)
 
     # -- passes -----------------------------------------------------------------------------
-    def _bind(self, registry: Registry) -> list[Site]:
-        sites: list[Site] = []
-        known: dict[str, Port] = {}
-        covered: set[int] = set()
-        for node in self.graph.nodes:
-            if id(node) in covered:
-                continue
-            rule = registry.lookup(node)
-            site = rule(node, self.graph, known) if rule else None
-            if site is None or any(id(n) in covered for n in site.nodes):
-                continue  # a barrier (a site may not claim a node another site holds)
-            sites.append(site)
-            covered.update(id(n) for n in site.nodes)
-            known.update((p.name, p) for p in site.outputs)
-        return sites
-
     def _site_eps(self, eps: float, layer_eps: dict[str, float]) -> dict[int, float]:
         """The eps of every site: a layer's own (``layer_eps`` or ``eps``), any other site's that of
         the site producing its first input (``eps`` when none does)."""
@@ -301,6 +286,34 @@ class Analysis:
         return collapsed
 
 
+def bind(graph: GraphView, registry: Registry) -> tuple[list[Site], list[Barrier]]:
+    """The bind pass: each node in topological order becomes part of the site its rule binds
+    (a site may claim nodes after its own, but not a node another site holds), or a barrier.
+    Returns the sites in order, and the barriers that read a channel axis bound before them (the
+    others stand outside the channel graph: shape arithmetic, barriers' successors) and that no
+    later site claims (attention claims the head splits before it)."""
+    sites: list[Site] = []
+    declined: list[tuple[gs.Node, str]] = []
+    known: dict[str, Port] = {}
+    covered: set[int] = set()
+    for node in graph.nodes:
+        if id(node) in covered:
+            continue
+        site = registry.bind(node, graph, known)
+        if isinstance(site, Site) and any(id(n) in covered for n in site.nodes):
+            site = Declined(f"its {type(site).__name__} would claim a node another site holds")
+        if isinstance(site, Declined):
+            if any(t.name in known for t in node.inputs):
+                declined.append((node, site.reason))
+            continue
+        sites.append(site)
+        covered.update(id(n) for n in site.nodes)
+        known.update((p.name, p) for p in site.outputs)
+    barriers = [Barrier(node.name or node.outputs[0].name, node.op, node.domain or "", reason)
+                for node, reason in declined if id(node) not in covered]
+    return sites, barriers
+
+
 def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
             registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
             record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
@@ -311,4 +324,4 @@ def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
                     record_heights=record_heights, layer_colorings=layer_colorings, trees=trees, prepared=prepared)
 
 
-__all__ = ["Analysis", "MemberFigures", "SYMMETRIES", "analyze"]
+__all__ = ["Analysis", "MemberFigures", "SYMMETRIES", "analyze", "bind"]

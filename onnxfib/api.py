@@ -18,11 +18,13 @@ import onnx
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxfib import io, stats
-from onnxfib.analysis import SYMMETRIES, analyze
+from onnxfib.analysis import SYMMETRIES, analyze, bind
 from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
-from onnxfib.report import CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
+from onnxfib.graph import GraphView
+from onnxfib.report import Barrier, CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
+from onnxfib.rules import default_registry
 from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, Outcome, can_deal, search
 from onnxfib.targets import sweep as sweep_eps
 from onnxfib.validation import (check_data, check_runs, generate_inputs, load_data,
@@ -417,6 +419,14 @@ def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerRep
     eps = check_eps(eps)
     model = io.open_model(model_or_path).model
     return list(analyze(model, eps=eps).layers)
+
+
+@_silent
+def barriers(model_or_path: io.ModelSource) -> list[Barrier]:
+    """The nodes reading a channel axis that no rule binds, each with the reason (they keep
+    their neighbours' widths); the tolerance plays no part in binding."""
+    model = io.open_model(model_or_path).model
+    return bind(GraphView(model), default_registry())[1]
 
 
 def validate(

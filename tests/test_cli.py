@@ -77,7 +77,7 @@ def test_inspect_table_and_json(mlp_path, capsys):
     table = capsys.readouterr().out
     assert "fibers" in table and "opfibers" in table and "fc1" in table
     assert main(["inspect", str(mlp_path), "--json", "--eps", "0.1"]) == 0
-    layers = json.loads(capsys.readouterr().out)
+    layers = json.loads(capsys.readouterr().out)["layers"]
     assert [layer["name"] for layer in layers] == ["fc0", "fc1", "fc2"]
     assert layers[0]["width"] == 16 and layers[0]["fibers"] <= 14
 
@@ -97,7 +97,7 @@ def test_graphsurgeon_warnings_stay_off_stdout(tmp_path, write_model, run_cli):
     write_model(_bfloat16_tail_model(), "bf16.onnx")
     result = run_cli("inspect", "bf16.onnx", "--json")
     assert result.returncode == 0, result.stderr
-    assert {layer["name"] for layer in json.loads(result.stdout)} == {"fc0", "fc1"}  # stdout is the JSON only
+    assert {layer["name"] for layer in json.loads(result.stdout)["layers"]} == {"fc0", "fc1"}  # stdout is the JSON only
     result = run_cli("compress", "bf16.onnx", "out.onnx", "-q")
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout + result.stderr
 
@@ -132,7 +132,7 @@ def test_every_command_takes_quiet_and_verbose(tmp_path, mlp_path, write_model, 
         assert main([*argv, "-q", "-v"]) == 0
         assert capsys.readouterr() == ("", ""), argv
     assert main(["inspect", str(mlp_path), "-q", "--json"]) == 0  # what --json asks for still prints
-    assert len(json.loads(capsys.readouterr().out)) == 3
+    assert len(json.loads(capsys.readouterr().out)["layers"]) == 3
 
 
 def test_rules_lists_the_registry(capsys):

@@ -5,11 +5,11 @@ collapses (Eq. 10) back to the base parameters; broken lifts are caught."""
 from __future__ import annotations
 
 import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 from cnn_lifting import (
     TOPOLOGIES,
     ChannelMap,

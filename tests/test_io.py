@@ -244,7 +244,7 @@ def test_stale_temporary_files_of_dead_runs_are_removed(tmp_path, mlp_model):
 
 def test_killed_run_leaves_nothing_the_next_run_keeps(tmp_path):
     """A real SIGKILL while the output is being written; the next save removes its leftovers."""
-    code = (
+    code = (  # noqa: UP031 (a %r template of Python source)
         "import sys, time; sys.path.insert(0, %r); from conftest import build_mlp; from onnxfib import io\n"
         "real = io.write_model\n"
         "def slow(*a, **k):\n    real(*a, **k); print('written', flush=True); time.sleep(60)\n"

@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from graphs import compress_and_compare, lift_map, run
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import compress_and_compare, lift_map, run
 from onnxfib.stats import count_parameters
 
 V, TYPES, D, F, K, EXTRA = 11, 2, 5, 7, 3, 4

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from lifting import lift_layers, lift_mlp, lift_mlp_proportional, lift_sklearn_mlp, onnx_mlp
 from planted_utils import digits, digits_standardized, ort_run, random_mlp
 

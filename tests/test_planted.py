@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from lifting import lift_mlp, lift_mlp_proportional, lift_sklearn_mlp
 from planted_utils import (
     MODELS,

@@ -33,10 +33,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxscript")
 onnxfib = pytest.importorskip("onnxfib")
-from onnxfib.stats import count_parameters  # noqa: E402
-
 from cnn_lifting import TOPOLOGIES, YOLOish, lift_model, torch_threads, train_briefly  # noqa: E402
 from planted_utils import assert_same_outputs, export_torch_image, image_inputs  # noqa: E402
+
+from onnxfib.stats import count_parameters  # noqa: E402
 
 pytestmark = pytest.mark.slow  # exports every CNN topology with both exporters
 

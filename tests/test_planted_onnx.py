@@ -12,7 +12,6 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from lifting import dense_param_count, lift_layers, onnx_mlp
 from planted_utils import assert_same_outputs, eval_inputs
 

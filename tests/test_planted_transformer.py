@@ -32,8 +32,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxscript")
 onnxfib = pytest.importorskip("onnxfib")
-from onnxfib.stats import count_parameters  # noqa: E402
-
 from cnn_lifting import torch_threads  # noqa: E402
 from planted_utils import (  # noqa: E402
     assert_same_outputs_feeds,
@@ -51,6 +49,8 @@ from transformer_lifting import (  # noqa: E402
     rnn_model,
     transformer_stack,
 )
+
+from onnxfib.stats import count_parameters  # noqa: E402
 
 pytestmark = pytest.mark.slow  # exports MiniLM, torch stacks and RNNs with both exporters
 

@@ -15,15 +15,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import build_mlp
+from graphs import Builder
+from lifting import onnx_mlp
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxfib
 from onnxfib import cli
 from onnxfib.stats import count_parameters
-
-from conftest import build_mlp
-from graphs import Builder
-from lifting import onnx_mlp
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -251,7 +250,6 @@ def test_old_quantized_model_comes_out_unchanged_through_the_cli(tmp_path):
 
 def _torch_models(tmp_path: Path) -> dict[str, Path]:
     import torch  # noqa: F401
-
     from cnn_lifting import ResNetish
     from planted_utils import export_torch, export_torch_image, random_mlp
     from transformer_lifting import rnn_model, transformer_stack

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graphs import Builder, compress_and_compare, lift_map
 
 from onnxfib.analysis import analyze
 from onnxfib.rules import default_registry
 from onnxfib.stats import count_parameters
-from graphs import Builder, compress_and_compare, lift_map
 
 K, N, M, EXTRA = 6, 5, 4, 3
 
@@ -253,7 +253,7 @@ def test_shared_channel_uniform_constants_stay_shared_and_unchanged():
     g = Builder()
     scale = g.const(np.array(1.5))
     h = g.op("Tanh", [g.op("Mul", [g.op("Gemm", ["x", g.const(w1[s1]), g.const(b1[s1])], transB=1), scale])])
-    h = g.op("Gemm", [h, g.const((w_mid[s2][:, s1] * f1)), g.const(b1[s2])], transB=1)
+    h = g.op("Gemm", [h, g.const(w_mid[s2][:, s1] * f1), g.const(b1[s2])], transB=1)
     h = g.op("Tanh", [g.op("Mul", [h, scale])])
     y = g.op("Gemm", [h, g.const(w2[:, s2] * f2), g.const(b2)], transB=1)
     model = g.model({"x": ["batch", K]}, y, ["batch", M])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from graphs import Builder, compress_and_compare, lift_map
 
 CIN, C, D = 3, 4, 5
@@ -111,7 +110,10 @@ def test_concat_and_split_track_channel_ranges(opset):
     wb, bb = rng.standard_normal((2, CIN, 3, 3)), rng.standard_normal(2)
     sa, sb = np.array([0, 1, 2, 0]), np.array([0, 1, 1, 0])  # both lifted to 4: an equal split of 8
     wc, wd = rng.standard_normal((D, 3, 1, 1)), rng.standard_normal((D, 2, 1, 1))
-    share = lambda s: 1.0 / np.bincount(s)[s]
+
+    def share(s: np.ndarray) -> np.ndarray:
+        return 1.0 / np.bincount(s)[s]
+
     g = Builder(opset)
     a = g.op("Relu", [g.op("Conv", ["x", g.const(wa[sa]), g.const(ba[sa])])])
     b = g.op("Sigmoid", [g.op("Conv", ["x", g.const(wb[sb]), g.const(bb[sb])])])

@@ -12,12 +12,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
+from train_planted import planted_mlp  # noqa: E402
 
 from onnxfib.partition import Partition  # noqa: E402
 from onnxfib.train import (  # noqa: E402
-    TorchAnalysis, activity_partition, collapse_to_base, layer_outputs, synchronized, synchronized_blocks,
+    TorchAnalysis,
+    activity_partition,
+    collapse_to_base,
+    layer_outputs,
+    synchronized,
+    synchronized_blocks,
 )
-from train_planted import planted_mlp  # noqa: E402
 
 WIDTHS = [5, 3, 3, 2]
 MULTIPLICITIES = [[2, 1, 3], [2, 2, 1]]

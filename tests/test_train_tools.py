@@ -10,17 +10,24 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
+from train_planted import planted_mlp  # noqa: E402
 
 import onnxfib  # noqa: E402
 from onnxfib.errors import UsageError  # noqa: E402
 from onnxfib.partition import Partition  # noqa: E402
 from onnxfib.train import (  # noqa: E402
-    ContinualBackprop, CoverTracker, SymmetryBreaker, TorchAnalysis, break_covers, collapse_retrain,
-    collapse_to_base, export_onnx, parameter_count,
+    ContinualBackprop,
+    CoverTracker,
+    SymmetryBreaker,
+    TorchAnalysis,
+    break_covers,
+    collapse_retrain,
+    collapse_to_base,
+    export_onnx,
+    parameter_count,
 )
 from onnxfib.train.surgery import reinitialize  # noqa: E402
 from onnxfib.train.tracker import splits  # noqa: E402
-from train_planted import planted_mlp  # noqa: E402
 
 WIDTHS = [6, 4, 4, 3]
 MULTIPLICITIES = [[2, 1, 3, 1], [1, 2, 2, 1]]

@@ -9,7 +9,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn as nn  # noqa: E402
-
 from cnn_lifting import ChannelMap, torch_threads  # noqa: E402
 from planted_utils import sequence_inputs  # noqa: E402
 from transformer_lifting import (  # noqa: E402

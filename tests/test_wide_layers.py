@@ -17,7 +17,13 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from onnxfib import coloring
-from onnxfib.coloring import Tolerance, TreeCache, average_linkage, equal_row_labels, threshold_clusters
+from onnxfib.coloring import (
+    Tolerance,
+    TreeCache,
+    average_linkage,
+    equal_row_labels,
+    threshold_clusters,
+)
 from onnxfib.partition import Partition
 
 
@@ -84,7 +90,7 @@ def test_nan_weights_finish_and_are_reported(tmp_path, eps):
     result = subprocess.run([sys.executable, "-m", "onnxfib", "inspect", "nan.onnx", "--eps", eps, "--json"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    layers = {layer["name"]: layer for layer in json.loads(result.stdout)}
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
     assert layers["fc0"]["nonfinite"] == 1 and layers["fc0"]["fibers"] == 2
     assert layers["fc1"]["nonfinite"] == 0
 

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-
 from cnn_lifting import ChannelMap, channel_map, concat_maps
 
 __all__ = [

@@ -1,4 +1,7 @@
-"""Scaled dot-product attention written out in ONNX (torch and HuggingFace eager exports).
+"""Scaled dot-product attention written out in ONNX (torch and HuggingFace eager exports), and
+torch's packed in-projection unstack that feeds it (``UnstackSite``). Both are alternative
+Reshape rules, tried after ``reshape.py``'s. (Over 350 lines: the two pattern walks and the
+head chain they share are one op family, kept together.)
 
 The pattern, from the Reshape that merges the heads back:
     q, k, v [.., H*dh] -> head chain -> q [.., H, S, dh], k [.., H, dh, S], v [.., H, S, dh]
@@ -27,6 +30,8 @@ from ..coloring import Coloring
 from ..graph import GraphView
 from ..partition import Partition
 from .base import Context, Link, Port, Site
+from .segments import SplitSite, part_sizes
+
 
 @dataclass
 class HeadChain:
@@ -36,7 +41,7 @@ class HeadChain:
     heads: int
     dim: int
     nodes: list[gs.Node]  # in graph order, the head split first
-    entries: list[tuple[gs.Node, int]]  # each Reshape and its target entry (from the end) holding dim
+    entries: list[tuple[gs.Node, int]]  # each Reshape, its target entry (from the end) holding dim
     axis: int  # where the head dimensions lie at the MatMul, counted from the end
 
     def set_dim(self, graph: GraphView, dim: int) -> None:
@@ -67,8 +72,14 @@ class AttentionSite(Site):
         labels = {}
         q_can_carry = ctx.can_rescale(self.inputs[0])
         for port in self.inputs[:2]:  # the score needs equal values, not the scale rule
-            unit = ctx.tol.unit(ctx.fiber(port)).partition.labels if q_can_carry else np.arange(port.width)
-            labels[port.name] = Partition.from_rows(np.column_stack([self._head_of(port), unit])).labels
+            unit = (
+                ctx.tol.unit(ctx.fiber(port)).partition.labels
+                if q_can_carry
+                else np.arange(port.width)
+            )
+            labels[port.name] = Partition.from_rows(
+                np.column_stack([self._head_of(port), unit])
+            ).labels
         for port in (self.inputs[2], self.outputs[0]):
             labels[port.name] = self._head_of(port)
         return labels
@@ -93,7 +104,9 @@ class AttentionSite(Site):
             for tensor in node.outputs:
                 ctx.graph.forget_shape(tensor)
         if (plan := ctx.plan(q_chain.port)) is not None:
-            ctx.rescale(q_chain.port, plan.partition.sizes().astype(np.float64))  # Q . K sums over merged dims
+            ctx.rescale(
+                q_chain.port, plan.partition.sizes().astype(np.float64)
+            )  # Q . K sums over merged dims
             for chain in (q_chain, k_chain):
                 chain.set_dim(ctx.graph, plan.partition.n_colors // self.heads)
         if (plan := ctx.plan(v_chain.port)) is not None:
@@ -105,7 +118,9 @@ def _perm(node: gs.Node | None) -> list[int] | None:
     return None if node is None else [int(p) for p in node.attrs.get("perm", [])]
 
 
-def _only_reader(tensor: gs.Tensor, reader: gs.Node, graph: GraphView, rank: int, keep: int | None) -> bool:
+def _only_reader(
+    tensor: gs.Tensor, reader: gs.Node, graph: GraphView, rank: int, keep: int | None
+) -> bool:
     """Whether ``reader`` is the only node reading ``tensor`` apart from Shape nodes taking
     sizes other than axis ``keep`` (counted from the front)."""
     if graph.is_boundary(tensor):
@@ -127,7 +142,11 @@ def _producer(tensor: gs.Tensor, op: str, graph: GraphView) -> gs.Node | None:
     if producer is None or producer.op != op or rank is None or len(tensor.outputs) < 1:
         return None
     reader = next((n for n in tensor.outputs if n.op != "Shape"), None)
-    return producer if reader is not None and _only_reader(tensor, reader, graph, rank, rank - 1) else None
+    return (
+        producer
+        if reader is not None and _only_reader(tensor, reader, graph, rank, rank - 1)
+        else None
+    )
 
 
 def _scaled_input(node: gs.Node, graph: GraphView) -> gs.Tensor | None:
@@ -135,14 +154,19 @@ def _scaled_input(node: gs.Node, graph: GraphView) -> gs.Tensor | None:
     constants, such as torch's dh^-1/4 from a static size) scales; None for other nodes."""
     if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
         return None
-    scalars = [i for i, t in enumerate(node.inputs)
-               if graph.computed_from_constants(t) and t.shape is not None and int(np.prod(t.shape)) == 1]
+    scalars = [
+        i
+        for i, t in enumerate(node.inputs)
+        if graph.computed_from_constants(t) and t.shape is not None and int(np.prod(t.shape)) == 1
+    ]
     if len(scalars) != 1 or (node.op == "Div" and scalars[0] != 1):
         return None
     return node.inputs[1 - scalars[0]]
 
 
-def _head_chain(tensor: gs.Tensor, reader: gs.Node, graph: GraphView, known: dict[str, Port]) -> HeadChain | None:
+def _head_chain(
+    tensor: gs.Tensor, reader: gs.Node, graph: GraphView, known: dict[str, Port]
+) -> HeadChain | None:
     """Walk back from ``tensor`` (read by ``reader``) to the Reshape splitting a bound
     activation's last axis into heads, then check forward that every step keeps the head
     dimensions on one axis of unchanged size."""
@@ -154,7 +178,9 @@ def _head_chain(tensor: gs.Tensor, reader: gs.Node, graph: GraphView, known: dic
         nodes.append(producer)
         if producer.op == "Reshape" and producer.inputs[0].name in known:
             break
-        if producer.op in ("Transpose", "Reshape") or (producer.op == "Concat" and len(producer.inputs) == 1):
+        if producer.op in ("Transpose", "Reshape") or (
+            producer.op == "Concat" and len(producer.inputs) == 1
+        ):
             tensor = producer.inputs[0]
         elif (scaled := _scaled_input(producer, graph)) is not None:
             tensor = scaled
@@ -183,7 +209,13 @@ def _head_chain(tensor: gs.Tensor, reader: gs.Node, graph: GraphView, known: dic
             trailing = [graph.dim(following.inputs[0], a) for a in range(rank + axis + 1, rank)]
             target = graph.reshape_target(following, lenient=True)
             at = None if target is None else len(target) - 1 - len(trailing)
-            if at is None or at < 0 or None in trailing or target[at] != dim or target[at + 1:] != trailing:
+            if (
+                at is None
+                or at < 0
+                or None in trailing
+                or target[at] != dim
+                or target[at + 1 :] != trailing
+            ):
                 return None
             rank, axis = len(target), at - len(target)
             if not graph.target_entry_is_constant(following, axis):
@@ -199,7 +231,9 @@ def _reaches_scores(tensor: gs.Tensor, graph: GraphView, depth: int = 3) -> bool
         return False
     if producer.op == "MatMul":
         return all(graph.constant(t) is None for t in producer.inputs)
-    return producer.op in ("Add", "Mul", "Div") and any(_reaches_scores(t, graph, depth - 1) for t in producer.inputs)
+    return producer.op in ("Add", "Mul", "Div") and any(
+        _reaches_scores(t, graph, depth - 1) for t in producer.inputs
+    )
 
 
 def bind_attention(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
@@ -245,5 +279,84 @@ def bind_attention(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> S
     if target[-1] not in (-1, out.width):
         return None
     claimed = [*q.nodes, *k.nodes, *v.nodes, scores, *reversed(nodes), weighted, merge, node]
-    return AttentionSite(nodes=claimed, inputs=[q.port, k.port, v.port], outputs=[out], heads=q.heads,
-                         chains=(q, k, v), merge=node)
+    return AttentionSite(
+        nodes=claimed,
+        inputs=[q.port, k.port, v.port],
+        outputs=[out],
+        heads=q.heads,
+        chains=(q, k, v),
+        merge=node,
+    )
+
+
+@dataclass
+class UnstackSite(SplitSite):
+    """torch's packed in-projection split: Reshape [.., n, W] -> Unsqueeze(0) -> Transpose
+    (the new axis and n swap) -> Squeeze -> Gather(i) per part, i.e. a Split of the channel
+    axis into n equal parts. A merge replaces the chain with that Split (the parts may no
+    longer be equal)."""
+
+    def rewrite(self, ctx: Context) -> None:
+        if ctx.plan(self.inputs[0]) is None:
+            return
+        sizes = part_sizes(ctx, self.outputs)
+        x, parts = self.inputs[0].tensor, [p.tensor for p in self.outputs]
+        name = f"{self.nodes[0].name or x.name}__onnxfib_split"
+        if ctx.graph.opset >= 13:
+            given = gs.Constant(f"{name}_sizes", np.asarray(sizes, np.int64))
+            split = gs.Node("Split", name, {"axis": -1}, inputs=[x, given], outputs=parts)
+        else:
+            split = gs.Node("Split", name, {"axis": -1, "split": sizes}, inputs=[x], outputs=parts)
+        ctx.graph.replace_nodes(self.nodes, split)
+
+
+def _single_reader(tensor: gs.Tensor, op: str, graph: GraphView) -> gs.Node | None:
+    readers = tensor.outputs
+    if len(readers) == 1 and readers[0].op == op and not graph.is_boundary(tensor):
+        return readers[0]
+    return None
+
+
+def bind_unstack(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+    """The unstack chain, anchored at its Reshape [.., n*W] -> [.., n, W]."""
+    x, stacked = node.inputs[0], node.outputs[0]
+    port = known.get(x.name)
+    rank = graph.rank(stacked)
+    if port is None or port.axis != -1 or rank is None or graph.rank(x) != rank - 1:
+        return None
+    count, width = graph.dim(stacked, -2), graph.dim(stacked, -1)
+    if count is None or width is None or count * width != port.width:
+        return None
+    if list(stacked.shape[:-2]) != list(x.shape[:-1]):
+        return None
+    unsqueeze = _single_reader(stacked, "Unsqueeze", graph)
+    transpose = unsqueeze and _single_reader(unsqueeze.outputs[0], "Transpose", graph)
+    squeeze = transpose and _single_reader(transpose.outputs[0], "Squeeze", graph)
+    swapped = list(range(rank + 1))
+    swapped[0], swapped[rank - 1] = rank - 1, 0
+    if squeeze is None or graph.ints(unsqueeze, 1, "axes") != [0] or _perm(transpose) != swapped:
+        return None
+    if [a % (rank + 1) for a in (graph.ints(squeeze, 1, "axes") or [])] != [rank - 1]:
+        return None
+    gathers = squeeze.outputs[0].outputs
+    indices = [
+        graph.constant(g.inputs[1])
+        if g.op == "Gather" and int(g.attrs.get("axis", 0)) == 0
+        else None
+        for g in gathers
+    ]
+    if graph.is_boundary(squeeze.outputs[0]) or any(i is None or i.shape != () for i in indices):
+        return None
+    order = sorted(range(len(gathers)), key=lambda j: int(indices[j]))
+    if [int(indices[j]) for j in order] != list(range(count)):
+        return None
+    outputs = [Port(gathers[j].outputs[0], -1, width) for j in order]
+    nodes = [node, unsqueeze, transpose, squeeze, *(gathers[j] for j in order)]
+    return UnstackSite(
+        nodes=nodes, inputs=[port], outputs=outputs, coupled=False, along_channels=True
+    )
+
+
+def register(registry) -> None:
+    registry.register("Reshape", bind_unstack, alternative=True)
+    registry.register("Reshape", bind_attention, alternative=True)

@@ -1,7 +1,9 @@
-"""What a rule binds to: sites, ports, the context they read, and per-channel constant helpers."""
+"""What a rule binds to: sites, ports, the context they read, a rule's refusal (:class:`Declined`),
+and helpers shared by rules (channel positions, per-channel constants)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,13 +37,14 @@ class Plan:
 
     def fit_base(self, values: np.ndarray, axis: int) -> np.ndarray:
         """Per color, the base ``b`` that best reproduces each channel's ``values`` under its scale
-        (least squares: minimises sum_i ||v_i - s_i b||^2, so b = sum_i s_i v_i / sum_i s_i^2) along
-        ``axis``. Exact when v_i = s_i b; the plain mean of v_i / s_i when a color's scales agree."""
+        (least squares: minimises sum_i ||v_i - s_i b||^2, so b = sum_i s_i v_i / sum_i s_i^2)
+        along ``axis``. Exact when v_i = s_i b; the plain mean of v_i / s_i when a color's scales
+        agree."""
         values = np.asarray(values, dtype=np.float64)
         shape = [1] * values.ndim
         shape[axis] = -1
         numerator = self.partition.reduce(values * self.scales.reshape(shape), axis)
-        return numerator / self.partition.reduce(self.scales ** 2, 0).reshape(shape)
+        return numerator / self.partition.reduce(self.scales**2, 0).reshape(shape)
 
 
 class Context(Protocol):
@@ -57,6 +60,7 @@ class Context(Protocol):
     def plan(self, port: Port) -> Plan | None: ...
     def rescale(self, port: Port, factors: np.ndarray) -> None:
         """Ask the site producing ``port`` to multiply its (rewritten) channels by ``factors``."""
+
     def can_rescale(self, port: Port) -> bool:
         """Whether the site producing ``port`` (if any) can carry positive per-channel factors."""
 
@@ -105,7 +109,8 @@ class Site:
         return False
 
     def constraints(self, ctx: Context) -> dict[str, np.ndarray]:
-        """Extra labels per port: channels with different labels must not merge (none by default)."""
+        """Extra labels per port: channels with different labels must not merge (none by
+        default)."""
         return {}
 
     def blocks(self) -> dict[str, int]:
@@ -139,14 +144,67 @@ class Site:
         """Rewrite this site's constants for the plans of its ports (nothing to do by default)."""
 
 
-class Rule(Protocol):
-    """Binds a node (and possibly nodes right after it) to a site, or returns None: a barrier.
+@dataclass(frozen=True)
+class Declined:
+    """A rule's answer for a node it does not bind: the node is a barrier, for ``reason``
+    (shown by ``onnxfib inspect``), e.g. ``Declined("Gather along the channel axis")``."""
 
-    ``known`` maps each activation already bound to the port that produced it (its channel
-    axis and width).
+    reason: str
+
+
+#: The refusal of a rule whose node reads no activation with a channel axis bound so far.
+UNTRACKED = Declined("reads no tensor with a tracked channel axis")
+
+
+class Rule(Protocol):
+    """Binds a node (and possibly nodes right after it) to a site, or declines: a barrier.
+
+    Args:
+        node: the node to bind.
+        graph: the model being analysed (read-only while binding).
+        known: each activation already bound, mapped to the port that produced it (its channel
+            axis and width).
+
+    Returns:
+        The :class:`Site`, or :class:`Declined` with the reason (None: declined, no reason).
     """
 
-    def __call__(self, node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None: ...
+    def __call__(
+        self, node: gs.Node, graph: GraphView, known: dict[str, Port]
+    ) -> Site | Declined | None: ...
+
+
+def channel_position(graph: GraphView, port: Port, tensor: gs.Tensor) -> tuple[int, int] | None:
+    """(rank, channel axis counted from the front) of ``tensor`` read at ``port``'s channel
+    axis, when its rank is known."""
+    rank = graph.rank(tensor)
+    return None if rank is None else (rank, rank + port.axis)
+
+
+def channel_input(node: gs.Node, graph: GraphView, known: dict[str, Port], *,
+                  channel_first: bool = False) -> tuple[Port, int, int] | Declined:
+    """The port of ``node``'s first input, its rank, and its channel axis counted from the front.
+
+    Declined when that input has no tracked channel axis (``UNTRACKED``), its rank is unknown,
+    or, with ``channel_first``, its channel axis is not axis 1 (NCHW)."""
+    x = node.inputs[0]
+    port = known.get(x.name)
+    if port is None:
+        return UNTRACKED
+    rank = graph.rank(x)
+    if rank is None:
+        return Declined(f"{node.op} of a tensor of unknown rank")
+    if channel_first and not (rank >= 2 and port.axis == 1 - rank):
+        return Declined(f"{node.op} of a tensor whose channel axis is not axis 1")
+    return port, rank, rank + port.axis
+
+
+def static_sizes(dims: list, indices: Iterable[int]) -> list[int] | None:
+    """The sizes of ``dims`` at ``indices`` if all are known non-negative integers."""
+    picked = [dims[i] for i in indices]
+    if all(isinstance(d, (int, np.integer)) and d >= 0 for d in picked):
+        return [int(d) for d in picked]
+    return None
 
 
 def is_per_channel(const: np.ndarray, axis: int, width: int) -> bool:
@@ -174,5 +232,7 @@ def merge_channels(
     if not is_per_channel(const, axis, width):
         return None
     moved = np.moveaxis(np.asarray(const, dtype=np.float64), axis, 0)
-    merged = plan.fit_base(moved, 0) if divide_by_scale else plan.partition.reduce(moved, 0, mean=True)
+    merged = (
+        plan.fit_base(moved, 0) if divide_by_scale else plan.partition.reduce(moved, 0, mean=True)
+    )
     return np.moveaxis(merged, 0, axis)

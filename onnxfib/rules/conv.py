@@ -1,6 +1,7 @@
-"""Convolutional layers: Conv (1-D/2-D/3-D, plain or depthwise), ConvTranspose,
-BatchNormalization (inference) and pooling. Channels play the role of neurons (paper Eq. 15):
-the kernel between two channels is one "weight", carried whole in the signature."""
+"""Convolutional layers: Conv (1-D/2-D/3-D, plain or depthwise), ConvTranspose and
+BatchNormalization (inference); pooling is in ``pooling.py``. Channels play the role of neurons
+(paper Eq. 15): the kernel between two channels is one "weight", carried whole in the
+signature."""
 
 from __future__ import annotations
 
@@ -11,15 +12,9 @@ import onnx_graphsurgeon as gs
 
 from ..coloring import Coloring
 from ..graph import GraphView
-from .base import Context, Link, Port, Site
-from .elementwise import Kind, UnarySite, only_first_output_used
+from .base import Context, Declined, Link, Port, Site, channel_input
+from .elementwise import only_first_output_used
 from .linear import LinearSite
-
-
-def _channel_first(graph: GraphView, port: Port | None, tensor: gs.Tensor) -> bool:
-    """True when ``port``'s channel axis is axis 1 of ``tensor`` (NCHW layout)."""
-    rank = graph.rank(tensor)
-    return port is not None and rank is not None and rank >= 2 and port.axis == 1 - rank
 
 
 @dataclass
@@ -42,17 +37,24 @@ class DepthwiseSite(LinearSite):
         kernels = self.matrix()[:, 0, :]  # (out channels, kernel size)
         source = self._source()
         signature = np.zeros((len(source), x.partition.n_colors, kernels.shape[1]))
-        signature[np.arange(len(source)), x.partition.labels[source]] = kernels * x.scales[source, None]
+        signature[np.arange(len(source)), x.partition.labels[source]] = (
+            kernels * x.scales[source, None]
+        )
         signature = signature.reshape(len(source), -1)
         bias = self.bias_rows()
-        ctx.set_fiber(self.outputs[0], ctx.tol.cluster(signature if bias is None else np.hstack([signature, bias])))
+        ctx.set_fiber(
+            self.outputs[0],
+            ctx.tol.cluster(signature if bias is None else np.hstack([signature, bias])),
+        )
 
     def backward(self, ctx: Context) -> None:
         kernels = self.matrix()[:, 0, :]
         op = ctx.opfiber(self.outputs[0])
         signature = np.zeros((self.inputs[0].width, op.n_colors, kernels.shape[1]))
         np.add.at(signature, (self._source(), op.labels), kernels)
-        ctx.add_opfiber(self.inputs[0], ctx.tol.partition(signature.reshape(self.inputs[0].width, -1)))
+        ctx.add_opfiber(
+            self.inputs[0], ctx.tol.partition(signature.reshape(self.inputs[0].width, -1))
+        )
 
     def rewrite(self, ctx: Context) -> None:
         inp, out = ctx.plan(self.inputs[0]), ctx.plan(self.outputs[0])
@@ -91,7 +93,7 @@ class GroupedConvSite(LinearSite):
         full = np.zeros((w.shape[0], in_per * self.groups, *w.shape[2:]))
         for group in range(self.groups):
             rows = slice(group * out_per, (group + 1) * out_per)
-            full[rows, group * in_per:(group + 1) * in_per] = w[rows]
+            full[rows, group * in_per : (group + 1) * in_per] = w[rows]
         return full
 
     def matrix(self) -> np.ndarray:
@@ -99,7 +101,10 @@ class GroupedConvSite(LinearSite):
         return w.reshape(w.shape[0], w.shape[1], -1)
 
     def constraints(self, ctx: Context) -> dict[str, np.ndarray]:
-        return {port.name: np.arange(port.width) // (port.width // self.groups) for port in (*self.inputs, *self.outputs)}
+        return {
+            port.name: np.arange(port.width) // (port.width // self.groups)
+            for port in (*self.inputs, *self.outputs)
+        }
 
     def blocks(self) -> dict[str, int]:
         return {port.name: port.width // self.groups for port in (*self.inputs, *self.outputs)}
@@ -110,20 +115,31 @@ class GroupedConvSite(LinearSite):
             return
         full = self._full(self._stored(self.weight).astype(np.float64))
         if inp is not None:
-            full = inp.partition.reduce(full * inp.scales.reshape((1, -1) + (1,) * (full.ndim - 2)), 1)
+            full = inp.partition.reduce(
+                full * inp.scales.reshape((1, -1) + (1,) * (full.ndim - 2)), 1
+            )
         if out is not None:
-            full = out.partition.reduce(full / out.scales.reshape((-1,) + (1,) * (full.ndim - 1)), 0, mean=True)
+            full = out.partition.reduce(
+                full / out.scales.reshape((-1,) + (1,) * (full.ndim - 1)), 0, mean=True
+            )
         out_per, in_per = full.shape[0] // self.groups, full.shape[1] // self.groups
-        blocks = [full[g * out_per:(g + 1) * out_per, g * in_per:(g + 1) * in_per] for g in range(self.groups)]
+        blocks = [
+            full[g * out_per : (g + 1) * out_per, g * in_per : (g + 1) * in_per]
+            for g in range(self.groups)
+        ]
         ctx.graph.set_constant(*self.weight, np.concatenate(blocks))
         if out is not None and self.bias is not None:
             bias = self._stored(self.bias).astype(np.float64)
-            ctx.graph.set_constant(*self.bias, out.partition.reduce(bias / out.scales, 0, mean=True))
+            ctx.graph.set_constant(
+                *self.bias, out.partition.reduce(bias / out.scales, 0, mean=True)
+            )
 
     def parameters(self, in_width: int, out_width: int) -> int:
         w = self._stored(self.weight)
         per_kernel = w.size // (w.shape[0] * w.shape[1])
-        return int(out_width * (in_width // self.groups) * per_kernel + (out_width if self.bias else 0))
+        return int(
+            out_width * (in_width // self.groups) * per_kernel + (out_width if self.bias else 0)
+        )
 
 
 def _conv_bias(node: gs.Node, graph: GraphView) -> tuple[gs.Node, int] | None | bool:
@@ -140,43 +156,72 @@ def _input_width_agrees(x: gs.Tensor, axis: int, width: int, known: dict[str, Po
     if port is not None and port.width != width:
         return False
     shape = x.shape
-    return not (shape is not None and len(shape) >= -axis and isinstance(shape[axis], int) and shape[axis] != width)
+    return not (
+        shape is not None
+        and len(shape) >= -axis
+        and isinstance(shape[axis], int)
+        and shape[axis] != width
+    )
 
 
-def bind_conv(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+def bind_conv(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """Conv with a constant kernel [O, I/group, k...]: plain (group 1) or depthwise."""
     w = graph.constant(node.inputs[1])
     bias = _conv_bias(node, graph)
-    if w is None or w.ndim < 3 or bias is False or not np.issubdtype(w.dtype, np.floating):
-        return None
+    if w is None or w.ndim < 3 or not np.issubdtype(w.dtype, np.floating):
+        return Declined("Conv whose kernel is not a constant float tensor")
+    if bias is False:
+        return Declined("Conv whose bias is not constant")
     axis = 1 - w.ndim
     groups = int(node.attrs.get("group", 1))
     out_width, per_group = int(w.shape[0]), int(w.shape[1])
     if not _input_width_agrees(node.inputs[0], axis, per_group * groups, known):
-        return None
+        return Declined(
+            f"Conv kernel reads {per_group * groups} channels ({groups} group(s) of "
+            f"{per_group}); its input has another count"
+        )
     x, y = node.inputs[0], node.outputs[0]
     common = dict(nodes=[node], weight=(node, 1), out_axis=0, in_axis=1, bias=bias, bias_axis=0)
     if groups == 1:
-        return LinearSite(inputs=[Port(x, axis, per_group)], outputs=[Port(y, axis, out_width)], **common)
+        return LinearSite(
+            inputs=[Port(x, axis, per_group)], outputs=[Port(y, axis, out_width)], **common
+        )
     if per_group == 1 and out_width % groups == 0:
-        return DepthwiseSite(inputs=[Port(x, axis, groups)], outputs=[Port(y, axis, out_width)],
-                             multiplier=out_width // groups, **common)
+        return DepthwiseSite(
+            inputs=[Port(x, axis, groups)],
+            outputs=[Port(y, axis, out_width)],
+            multiplier=out_width // groups,
+            **common,
+        )
     if out_width % groups == 0:
-        return GroupedConvSite(inputs=[Port(x, axis, per_group * groups)], outputs=[Port(y, axis, out_width)],
-                               groups=groups, **common)
-    return None
+        return GroupedConvSite(
+            inputs=[Port(x, axis, per_group * groups)],
+            outputs=[Port(y, axis, out_width)],
+            groups=groups,
+            **common,
+        )
+    return Declined(f"Conv whose {out_width} outputs do not divide into {groups} groups")
 
 
-def bind_conv_transpose(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+def bind_conv_transpose(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """ConvTranspose with a constant kernel [I, O/group, k...] and group 1."""
     w = graph.constant(node.inputs[1])
     bias = _conv_bias(node, graph)
-    if w is None or w.ndim < 3 or bias is False or int(node.attrs.get("group", 1)) != 1:
-        return None
+    if w is None or w.ndim < 3 or bias is False:
+        return Declined("ConvTranspose whose kernel or bias is not constant")
+    if int(node.attrs.get("group", 1)) != 1:
+        return Declined("ConvTranspose with groups")
     axis = 1 - w.ndim
-    return LinearSite(nodes=[node], inputs=[Port(node.inputs[0], axis, int(w.shape[0]))],
-                      outputs=[Port(node.outputs[0], axis, int(w.shape[1]))], weight=(node, 1),
-                      out_axis=1, in_axis=0, bias=bias, bias_axis=0)
+    return LinearSite(
+        nodes=[node],
+        inputs=[Port(node.inputs[0], axis, int(w.shape[0]))],
+        outputs=[Port(node.outputs[0], axis, int(w.shape[1]))],
+        weight=(node, 1),
+        out_axis=1,
+        in_axis=0,
+        bias=bias,
+        bias_axis=0,
+    )
 
 
 @dataclass
@@ -203,7 +248,10 @@ class BatchNormSite(Site):
 
     def backward(self, ctx: Context) -> None:
         op = ctx.opfiber(self.outputs[0])
-        ctx.add_opfiber(self.inputs[0], ctx.tol.split_by_rows(Coloring(op, np.ones(len(op))), self._affine()[0]).partition)
+        ctx.add_opfiber(
+            self.inputs[0],
+            ctx.tol.split_by_rows(Coloring(op, np.ones(len(op))), self._affine()[0]).partition,
+        )
 
     def rewrite(self, ctx: Context) -> None:
         plan = ctx.plan(self.outputs[0])
@@ -215,45 +263,32 @@ class BatchNormSite(Site):
         a, d = merge(a, 0, mean=True), merge(d / plan.scales, 0, mean=True)
         mean, var = merge(mean / plan.scales, 0, mean=True), merge(var, 0, mean=True)
         node = self.nodes[0]
-        for index, values in enumerate((a * np.sqrt(var + self.epsilon), d + mean * a, mean, var), start=1):
+        for index, values in enumerate(
+            (a * np.sqrt(var + self.epsilon), d + mean * a, mean, var), start=1
+        ):
             ctx.graph.set_constant(node, index, values)
 
 
-def bind_batch_norm(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+def bind_batch_norm(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """BatchNormalization in inference mode with constant statistics, over channel axis 1."""
-    x = node.inputs[0]
-    port = known.get(x.name)
-    if not _channel_first(graph, port, x) or not only_first_output_used(node, graph):
-        return None
-    if int(node.attrs.get("training_mode", 0)) or int(node.attrs.get("spatial", 1)) != 1:
-        return None
+    read = channel_input(node, graph, known, channel_first=True)
+    if isinstance(read, Declined):
+        return read
+    port = read[0]
+    if not only_first_output_used(node, graph) or int(node.attrs.get("training_mode", 0)):
+        return Declined("BatchNormalization in training mode")
+    if int(node.attrs.get("spatial", 1)) != 1:
+        return Declined("BatchNormalization with spatial=0")
     constants = [graph.constant(t) for t in node.inputs[1:5]]
     if len(constants) != 4 or any(c is None or c.shape != (port.width,) for c in constants):
-        return None
+        return Declined("BatchNormalization whose statistics are not constant per channel")
     out = Port(node.outputs[0], port.axis, port.width)
-    return BatchNormSite(nodes=[node], inputs=[port], outputs=[out], epsilon=float(node.attrs.get("epsilon", 1e-5)))
-
-
-_POOLS = {
-    "AveragePool": Kind.PASS, "GlobalAveragePool": Kind.PASS,
-    "MaxPool": Kind.HOMOGENEOUS, "GlobalMaxPool": Kind.HOMOGENEOUS,
-    "LpPool": Kind.HOMOGENEOUS, "GlobalLpPool": Kind.HOMOGENEOUS,
-}
-
-
-def bind_pool(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
-    """Pooling over the spatial axes of an NCHW tensor: per channel, positively homogeneous."""
-    x = node.inputs[0]
-    port = known.get(x.name)
-    if not _channel_first(graph, port, x) or not only_first_output_used(node, graph):
-        return None
-    out = Port(node.outputs[0], port.axis, port.width)
-    return UnarySite(nodes=[node], inputs=[port], outputs=[out], kind=_POOLS[node.op])
+    return BatchNormSite(
+        nodes=[node], inputs=[port], outputs=[out], epsilon=float(node.attrs.get("epsilon", 1e-5))
+    )
 
 
 def register(registry) -> None:
     registry.register("Conv", bind_conv)
     registry.register("ConvTranspose", bind_conv_transpose)
     registry.register("BatchNormalization", bind_batch_norm)
-    for op in _POOLS:
-        registry.register(op, bind_pool)

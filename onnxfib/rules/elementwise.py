@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from ..coloring import Coloring
 from ..graph import GraphView
 from ..partition import Partition
-from .base import Context, Port, Site, channel_rows, merge_channels
+from .base import UNTRACKED, Context, Declined, Port, Site, channel_rows, merge_channels
 
 
 class Kind(Enum):
@@ -169,49 +169,62 @@ def only_first_output_used(node: gs.Node, graph: GraphView) -> bool:
     return all(not t.outputs and not graph.is_boundary(t) for t in node.outputs[1:])
 
 
-def bind_unary(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
-    """Activations and pass-through ops whose extra inputs (Clip bounds, Dropout ratio) are constant."""
+def bind_unary(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
+    """Activations and pass-through ops whose extra inputs (Clip bounds, Dropout ratio) are
+    constant."""
     port = _channel_input(node.inputs[0], known) if node.inputs else None
-    if port is None or not only_first_output_used(node, graph):
-        return None
+    if port is None:
+        return UNTRACKED
+    if not only_first_output_used(node, graph):
+        return Declined(f"{node.op} whose second output is read")
     extras = [graph.constant(t) for t in node.inputs[1:] if t.name]
     if any(value is None or value.size != 1 for value in extras):
-        return None  # bounds, ratios and exponents must be single constants
+        return Declined(f"{node.op} whose extra inputs are not single constants")
     kind = _UNARY.get(node.op, Kind.FUNCTION)
     if node.op == "Cast":
         kind = Kind.PASS if node.attrs.get("to") in _FLOAT_CASTS else Kind.FUNCTION
     if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2].name:
         if bool(np.asarray(graph.constant(node.inputs[2])).item()):
-            return None  # training mode: random masks are not element-wise functions of x
+            return Declined("Dropout in training mode (random masks)")
     out = Port(node.outputs[0], port.axis, port.width)
     return UnarySite(nodes=[node], inputs=[port], outputs=[out], kind=kind)
 
 
-def bind_prelu(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+def bind_prelu(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """PRelu: homogeneous, with a (per-channel) slope constant that splits colors."""
     port = _channel_input(node.inputs[0], known)
     slope = graph.constant(node.inputs[1])
-    if port is None or slope is None or channel_rows(slope, port.axis, port.width) is None:
-        return None
+    if port is None:
+        return UNTRACKED
+    if slope is None or channel_rows(slope, port.axis, port.width) is None:
+        return Declined("PRelu whose slope is not a constant broadcast along the channels")
     out = Port(node.outputs[0], port.axis, port.width)
-    return ConstantSite(nodes=[node], inputs=[port], outputs=[out], const=(node, 1),
-                        role=ConstantRole.MULTIPLIER, kind=Kind.HOMOGENEOUS)
+    return ConstantSite(
+        nodes=[node],
+        inputs=[port],
+        outputs=[out],
+        const=(node, 1),
+        role=ConstantRole.MULTIPLIER,
+        kind=Kind.HOMOGENEOUS,
+    )
 
 
-def bind_arithmetic(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+def bind_arithmetic(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """Add/Sub/Mul/Div of an activation with a broadcast constant, or of two activations."""
     a, b = node.inputs
     pa, pb = _channel_input(a, known), _channel_input(b, known)
     ca, cb = graph.constant(a), graph.constant(b)
     if pa is not None and pb is not None:
         if (pa.axis, pa.width) != (pb.axis, pb.width):
-            return None
-        combination = {"Mul": Combination.PRODUCT, "Div": Combination.QUOTIENT}.get(node.op, Combination.SUM)
+            return Declined(f"{node.op} of two tensors whose channel axes or counts differ")
+        combination = {"Mul": Combination.PRODUCT, "Div": Combination.QUOTIENT}.get(
+            node.op, Combination.SUM
+        )
         out = Port(node.outputs[0], pa.axis, pa.width)
         return PairSite(nodes=[node], inputs=[pa, pb], outputs=[out], combination=combination)
     port, const, index = (pa, cb, 1) if pa is not None else (pb, ca, 0)
     if port is None:
-        return None
+        return UNTRACKED
     if node.op in ("Add", "Sub"):
         role = ConstantRole.SHIFT
     elif node.op == "Mul" or index == 1:
@@ -221,10 +234,11 @@ def bind_arithmetic(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> 
     out = Port(node.outputs[0], port.axis, port.width)
     if const is None:  # an activation equal across channels: a row statistic (mean, deviation)
         other = node.inputs[index]
-        return UniformSite(nodes=[node], inputs=[port], outputs=[out], role=role) \
-            if _channel_uniform(other, port.axis, graph) else None
+        if not _channel_uniform(other, port.axis, graph):
+            return Declined(f"{node.op} with an untracked tensor that varies across channels")
+        return UniformSite(nodes=[node], inputs=[port], outputs=[out], role=role)
     if channel_rows(const, port.axis, port.width) is None:
-        return None
+        return Declined(f"{node.op} with a constant that does not broadcast along the channels")
     return ConstantSite(nodes=[node], inputs=[port], outputs=[out], const=(node, index), role=role)
 
 
@@ -244,7 +258,9 @@ class UniformSite(Site):
 
     def forward(self, ctx: Context) -> None:
         x = ctx.fiber(self.inputs[0])
-        ctx.set_fiber(self.outputs[0], x if self.role is ConstantRole.MULTIPLIER else ctx.tol.unit(x))
+        ctx.set_fiber(
+            self.outputs[0], x if self.role is ConstantRole.MULTIPLIER else ctx.tol.unit(x)
+        )
 
     def backward(self, ctx: Context) -> None:
         out, inp = self.outputs[0], self.inputs[0]
@@ -252,11 +268,13 @@ class UniformSite(Site):
         ctx.add_opfiber(inp, op)
 
 
-def bind_sum(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+def bind_sum(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """Sum of activations that share their channel axis (opset-8 residuals)."""
     ports = [_channel_input(t, known) for t in node.inputs]
-    if not ports or any(p is None for p in ports) or len({(p.axis, p.width) for p in ports}) != 1:
-        return None
+    if not ports or any(p is None for p in ports):
+        return UNTRACKED if not any(ports) else Declined("Sum of tracked and untracked tensors")
+    if len({(p.axis, p.width) for p in ports}) != 1:
+        return Declined("Sum of tensors whose channel axes or counts differ")
     out = Port(node.outputs[0], ports[0].axis, ports[0].width)
     return PairSite(nodes=[node], inputs=ports, outputs=[out], combination=Combination.SUM)
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import GraphView
-from .base import Context, Port, Site
+from .base import UNTRACKED, Context, Declined, Port, Site
 from .elementwise import Kind, UnarySite
 
 
@@ -38,7 +38,7 @@ class EmbeddingSite(Site):
             ctx.graph.set_constant(self.nodes[0], 0, plan.fit_base(self._table(), 1))
 
 
-def bind_gather(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+def bind_gather(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """An embedding lookup (constant float 2-D table, axis 0, integer indices), or a
     Gather of a channel port with constant indices along another axis."""
     data, indices = node.inputs
@@ -46,19 +46,27 @@ def bind_gather(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site
     table, index = graph.constant(data), graph.constant(indices)
     if table is not None:
         if table.ndim != 2 or axis not in (0, -2) or not np.issubdtype(table.dtype, np.floating):
-            return None
-        return EmbeddingSite(nodes=[node], inputs=[], outputs=[Port(node.outputs[0], -1, int(table.shape[1]))])
+            return Declined("Gather from a constant that is not a float 2-D table read by rows")
+        return EmbeddingSite(
+            nodes=[node], inputs=[], outputs=[Port(node.outputs[0], -1, int(table.shape[1]))]
+        )
     port = known.get(data.name)
     rank = graph.rank(data)
-    if port is None or index is None or rank is None:
-        return None
+    if port is None:
+        return UNTRACKED
+    if index is None or rank is None:
+        return Declined("Gather with indices that are not constant, or of unknown rank")
     axis, channel = axis % rank, rank + port.axis
     if axis == channel:
-        return None
+        return Declined("Gather along the channel axis")
     rank_out = rank - 1 + index.ndim
     moved = channel if axis > channel else channel - 1 + index.ndim
-    return UnarySite(nodes=[node], inputs=[port], outputs=[Port(node.outputs[0], moved - rank_out, port.width)],
-                     kind=Kind.PASS)
+    return UnarySite(
+        nodes=[node],
+        inputs=[port],
+        outputs=[Port(node.outputs[0], moved - rank_out, port.width)],
+        kind=Kind.PASS,
+    )
 
 
 def register(registry) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import GraphView
-from .base import Context, Port, Site, is_per_channel, channel_rows, merge_channels
+from .base import Context, Declined, Port, Site, channel_rows, is_per_channel, merge_channels
 
 
 @dataclass
@@ -43,7 +43,9 @@ class LinearSite(Site):
 
     def matrix(self) -> np.ndarray:
         """The weight as (out channels, in channels, rest), alpha applied, float64."""
-        w = np.moveaxis(self._stored(self.weight).astype(np.float64), (self.out_axis, self.in_axis), (0, 1))
+        w = np.moveaxis(
+            self._stored(self.weight).astype(np.float64), (self.out_axis, self.in_axis), (0, 1)
+        )
         return self.alpha * w.reshape(w.shape[0], w.shape[1], -1)
 
     @property
@@ -53,7 +55,9 @@ class LinearSite(Site):
     def bias_rows(self) -> np.ndarray | None:
         if self.bias is None:
             return None
-        return self.beta * channel_rows(self._stored(self.bias), self._bias_axis, self.outputs[0].width)
+        return self.beta * channel_rows(
+            self._stored(self.bias), self._bias_axis, self.outputs[0].width
+        )
 
     def forward(self, ctx: Context) -> None:
         x = ctx.fiber(self.inputs[0])
@@ -80,8 +84,13 @@ class LinearSite(Site):
             w = out.fit_base(w, self.out_axis)
         ctx.graph.set_constant(*self.weight, w)
         if out is not None and self.bias is not None:
-            merged = merge_channels(self._stored(self.bias), self._bias_axis, self.outputs[0].width, out,
-                                    divide_by_scale=True)
+            merged = merge_channels(
+                self._stored(self.bias),
+                self._bias_axis,
+                self.outputs[0].width,
+                out,
+                divide_by_scale=True,
+            )
             if merged is not None:
                 ctx.graph.set_constant(*self.bias, merged)
         for tensor in self.internal:
@@ -97,7 +106,11 @@ class LinearSite(Site):
         per channel."""
         w = self.matrix()
         width = w.shape[0]  # the current width: the layer may have been collapsed already
-        rows = None if self.bias is None else self.beta * channel_rows(self._stored(self.bias), self._bias_axis, width)
+        rows = (
+            None
+            if self.bias is None
+            else self.beta * channel_rows(self._stored(self.bias), self._bias_axis, width)
+        )
         flat = w.reshape(width, -1)
         if rows is None:
             return flat, np.zeros(width), False
@@ -106,7 +119,9 @@ class LinearSite(Site):
 
     def nonfinite_channels(self) -> int:
         """Output channels whose weights or bias hold NaN or infinities."""
-        stored = [self._stored(self.weight)] + ([] if self.bias is None else [self._stored(self.bias)])
+        stored = [self._stored(self.weight)] + (
+            [] if self.bias is None else [self._stored(self.bias)]
+        )
         if all(np.isfinite(values).all() for values in stored):
             return 0
         w, b, _ = self.flat()
@@ -116,12 +131,18 @@ class LinearSite(Site):
         """Store a new map (the inverse of :meth:`flat`; ``b`` only where it is free)."""
         stored = self._stored(self.weight)
         moved = np.moveaxis(stored, (self.out_axis, self.in_axis), (0, 1))
-        graph.set_constant(*self.weight, np.moveaxis((w / self.alpha).reshape(moved.shape), (0, 1), (self.out_axis, self.in_axis)))
+        graph.set_constant(
+            *self.weight,
+            np.moveaxis(
+                (w / self.alpha).reshape(moved.shape), (0, 1), (self.out_axis, self.in_axis)
+            ),
+        )
         if b is not None:
             graph.set_constant(*self.bias, (b / self.beta).reshape(self._stored(self.bias).shape))
 
     def rescale(self, ctx: Context, port: Port, factors: np.ndarray) -> None:
-        """Multiply output channels (rows and per-channel bias) by ``factors``, after the rewrite."""
+        """Multiply output channels (rows and per-channel bias) by ``factors``, after the
+        rewrite."""
         w = self._stored(self.weight).astype(np.float64)
         ctx.graph.set_constant(*self.weight, w * _along(factors, self.out_axis, w.ndim))
         if self.bias is not None:
@@ -135,7 +156,9 @@ class LinearSite(Site):
         total = w.size // (w.shape[self.in_axis] * w.shape[self.out_axis]) * in_width * out_width
         if self.bias is not None:
             b, width = self._stored(self.bias), self.outputs[0].width
-            total += b.size // width * out_width if is_per_channel(b, self._bias_axis, width) else b.size
+            total += (
+                b.size // width * out_width if is_per_channel(b, self._bias_axis, width) else b.size
+            )
         return int(total)
 
 
@@ -146,7 +169,9 @@ def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-def _bias_add(y: gs.Variable, port_axis: int, width: int, graph: GraphView) -> tuple[gs.Node, int] | None:
+def _bias_add(
+    y: gs.Variable, port_axis: int, width: int, graph: GraphView
+) -> tuple[gs.Node, int] | None:
     """The Add of a constant per-channel bias that is ``y``'s only consumer, if there is one."""
     if graph.is_boundary(y) or len(y.outputs) != 1:
         return None
@@ -162,9 +187,19 @@ def _bias_add(y: gs.Variable, port_axis: int, width: int, graph: GraphView) -> t
     return add, index
 
 
-def _linear(node: gs.Node, graph: GraphView, weight_index: int, out_axis: int, in_axis: int,
-            x_axis: int, y_axis: int, alpha: float = 1.0, beta: float = 1.0,
-            bias: tuple[gs.Node, int] | None = None, fuse_bias: bool = False) -> LinearSite | None:
+def _linear(
+    node: gs.Node,
+    graph: GraphView,
+    weight_index: int,
+    out_axis: int,
+    in_axis: int,
+    x_axis: int,
+    y_axis: int,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    bias: tuple[gs.Node, int] | None = None,
+    fuse_bias: bool = False,
+) -> LinearSite | None:
     w = graph.constant(node.inputs[weight_index])
     if w is None or w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
         return None
@@ -191,7 +226,7 @@ def _linear(node: gs.Node, graph: GraphView, weight_index: int, out_axis: int, i
     )
 
 
-def bind_gemm(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+def bind_gemm(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """Gemm: ``Y = alpha * A' B' + beta * C``; the constant operand is the weight."""
     a, b = node.inputs[0], node.inputs[1]
     trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
@@ -200,41 +235,48 @@ def bind_gemm(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site |
     if len(node.inputs) > 2 and node.inputs[2].name:
         c = graph.constant(node.inputs[2])
         if c is None:
-            return None
+            return Declined("Gemm whose C is not constant")
         bias = (node, 2)
     if graph.constant(b) is not None and graph.constant(a) is None:
         # B' is [K, N]: output channels are N (Y axis 1), A's features are its axis 1 (or 0).
         out_axis, in_axis = (0, 1) if trans_b else (1, 0)
-        site = _linear(node, graph, 1, out_axis, in_axis, -2 if trans_a else -1, -1, alpha, beta, bias)
+        site = _linear(
+            node, graph, 1, out_axis, in_axis, -2 if trans_a else -1, -1, alpha, beta, bias
+        )
     elif graph.constant(a) is not None and graph.constant(b) is None:
         # A' is [M, K]: output channels are M (Y axis 0), B's features are its axis 0 (or 1).
         out_axis, in_axis = (1, 0) if trans_a else (0, 1)
-        site = _linear(node, graph, 0, out_axis, in_axis, -1 if trans_b else -2, -2, alpha, beta, bias)
+        site = _linear(
+            node, graph, 0, out_axis, in_axis, -1 if trans_b else -2, -2, alpha, beta, bias
+        )
     else:
-        return None
-    if site is not None and bias is not None:
+        return Declined("Gemm of two activations (no constant weight)")
+    if site is None:
+        return Declined("Gemm whose constant weight is not a float matrix")
+    if bias is not None:
         out = site.outputs[0]
         if channel_rows(graph.constant(node.inputs[2]), out.axis, out.width) is None:
-            return None
+            return Declined("Gemm whose C does not broadcast along the output channels")
     return site
 
 
-def bind_matmul(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | None:
+def bind_matmul(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """MatMul with a 2-D constant weight: ``x @ W`` (channels last) or ``W @ x`` (channels on
     axis -2, or -1 for a vector x); a following constant bias Add is part of the layer."""
     x, w = node.inputs
     if graph.constant(w) is not None and graph.constant(x) is None:
-        return _linear(node, graph, 1, 1, 0, -1, -1, fuse_bias=True)
-    if graph.constant(x) is not None and graph.constant(w) is None:
+        site = _linear(node, graph, 1, 1, 0, -1, -1, fuse_bias=True)
+    elif graph.constant(x) is not None and graph.constant(w) is None:
         rank = graph.rank(w)
         if rank is None:
-            return None
+            return Declined("MatMul W @ x with x of unknown rank")
         axis = -1 if rank == 1 else -2
-        return _linear(node, graph, 0, 0, 1, axis, axis, fuse_bias=True)
-    return None
+        site = _linear(node, graph, 0, 0, 1, axis, axis, fuse_bias=True)
+    else:
+        return Declined("MatMul of two activations (no constant weight)")
+    return Declined("MatMul whose constant is not a float matrix") if site is None else site
 
 
 def register(registry) -> None:
     registry.register("Gemm", bind_gemm)
     registry.register("MatMul", bind_matmul)
-

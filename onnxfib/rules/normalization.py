@@ -29,7 +29,11 @@ class LayerNormSite(Site):
     def pinned(self) -> dict[str, str]:
         if self.inputs:
             return {}
-        return {self.outputs[0].name: f"comes from {self.nodes[0].op} (its input is not a float32/64 channel port)"}
+        return {
+            self.outputs[
+                0
+            ].name: f"comes from {self.nodes[0].op} (its input is not a float32/64 channel port)"
+        }
 
     @property
     def expands_output(self) -> bool:
@@ -77,20 +81,30 @@ class LayerNormSite(Site):
         width = len(plan.partition)
         merged_gamma = plan.partition.reduce(gamma.astype(np.float64), 0, mean=True)
         weights = graph.shared_constant(plan.partition.sizes() / width, dtype, "layernorm_weights")
-        epsilon = graph.shared_constant(np.asarray(float(node.attrs.get("epsilon", 1e-5))), dtype, "layernorm_epsilon")
+        epsilon = graph.shared_constant(
+            np.asarray(float(node.attrs.get("epsilon", 1e-5))), dtype, "layernorm_epsilon"
+        )
         axes = graph.shared_constant(np.asarray([-1]), np.int64, "layernorm_axes")
         name = node.name or y.name
         nodes: list[gs.Node] = []
 
-        def op(kind: str, inputs: list[gs.Tensor], out: gs.Variable | None = None, **attrs) -> gs.Variable:
+        def op(
+            kind: str, inputs: list[gs.Tensor], out: gs.Variable | None = None, **attrs
+        ) -> gs.Variable:
             out = out or gs.Variable(f"{name}__onnxfib_{len(nodes)}", dtype=y.dtype)
-            nodes.append(gs.Node(kind, f"{name}__onnxfib_{kind}{len(nodes)}", attrs, inputs=inputs, outputs=[out]))
+            nodes.append(
+                gs.Node(
+                    kind, f"{name}__onnxfib_{kind}{len(nodes)}", attrs, inputs=inputs, outputs=[out]
+                )
+            )
             return out
 
         # LayerNormalization exists from opset 17, so ReduceSum takes its axes as an input
         mean = op("ReduceSum", [op("Mul", [x, weights]), axes], keepdims=1)
         centred = op("Sub", [x, mean])
-        var = op("ReduceSum", [op("Mul", [op("Mul", [centred, centred]), weights]), axes], keepdims=1)
+        var = op(
+            "ReduceSum", [op("Mul", [op("Mul", [centred, centred]), weights]), axes], keepdims=1
+        )
         normalised = op("Div", [centred, op("Sqrt", [op("Add", [var, epsilon])])])
         beta = self._constant(2)
         scale = gs.Constant(f"{name}__onnxfib_scale", merged_gamma.astype(dtype))
@@ -112,13 +126,17 @@ def bind_layer_norm(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> 
         return None
     rank = graph.rank(x)
     axis = int(node.attrs.get("axis", -1))
-    if not only_first_output_used(node, graph) or not (axis == -1 or (rank is not None and axis == rank - 1)):
+    if not only_first_output_used(node, graph) or not (
+        axis == -1 or (rank is not None and axis == rank - 1)
+    ):
         return None
     port = known.get(x.name)
     # float16/bfloat16: the fused op computes its statistics in float32 (stash_type), the
     # weighted form would not, so such a LayerNorm keeps its width
     wide = scale.dtype in (np.float32, np.float64)
-    source = port if wide and port is not None and port.axis == -1 and port.width == scale.size else None
+    source = (
+        port if wide and port is not None and port.axis == -1 and port.width == scale.size else None
+    )
     out = Port(node.outputs[0], -1, int(scale.size))
     if source is None:
         return LayerNormSite(nodes=[node], inputs=[], outputs=[out], coupled=False)

@@ -87,7 +87,9 @@ class RecurrentSite(Site):
         hidden = Partition.uniform(self.hidden)
         while True:
             parts = [*fixed, hidden.reduce(recurrent, 2)]
-            signature = np.concatenate([np.moveaxis(p, 1, 0).reshape(self.hidden, -1) for p in parts], axis=1)
+            signature = np.concatenate(
+                [np.moveaxis(p, 1, 0).reshape(self.hidden, -1) for p in parts], axis=1
+            )
             refined = ctx.tol.unit(ctx.tol.cluster(signature)).partition.meet(hidden)
             if refined == hidden:
                 return hidden
@@ -128,7 +130,11 @@ class RecurrentSite(Site):
                         direction = part.reduce(direction, 2)
                     merged.append(part.reduce(direction, 1, mean=True))
                 value = np.stack(merged)
-            shape = (value.shape[0], -1) if index in (3, 7) else (value.shape[0], value.shape[1] * value.shape[2], -1)
+            shape = (
+                (value.shape[0], -1)
+                if index in (3, 7)
+                else (value.shape[0], value.shape[1] * value.shape[2], -1)
+            )
             ctx.graph.set_constant(node, index, value.reshape(shape))
         if hidden is not None:
             node.attrs["hidden_size"] = hidden[0].n_colors
@@ -144,14 +150,23 @@ class RecurrentSite(Site):
         """Scalars in W, R, B and P with ``in_width`` inputs and ``out_width`` output channels."""
         hidden = out_width // self.directions if self.apart else out_width
         per_unit = {1: self.gates * in_width, 2: self.gates * hidden, 3: 2 * self.gates, 7: 3}
-        return int(sum(value.shape[0] * count * hidden for index, count in per_unit.items()
-                       if (value := self._constant(index)) is not None))
+        return int(
+            sum(
+                value.shape[0] * count * hidden
+                for index, count in per_unit.items()
+                if (value := self._constant(index)) is not None
+            )
+        )
 
 
 def _directions_merged(node: gs.Node, graph: GraphView, hidden: int) -> list[gs.Node] | None:
     """Transpose [0, 2, 1, 3] then Reshape to [.., dirs*H]: how torch reads a bidirectional Y."""
     y = node.outputs[0]
-    if graph.is_boundary(y) or len(y.outputs) != 1 or any(t.outputs or graph.is_boundary(t) for t in node.outputs[1:]):
+    if (
+        graph.is_boundary(y)
+        or len(y.outputs) != 1
+        or any(t.outputs or graph.is_boundary(t) for t in node.outputs[1:])
+    ):
         return None
     transpose = y.outputs[0]
     if transpose.op != "Transpose" or list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3]:
@@ -161,7 +176,12 @@ def _directions_merged(node: gs.Node, graph: GraphView, hidden: int) -> list[gs.
         return None
     reshape = moved.outputs[0]
     target = graph.reshape_target(reshape)
-    if target is None or len(target) != 3 or target[-1] not in (-1, 2 * hidden) or any(t != 0 for t in target[:2]):
+    if (
+        target is None
+        or len(target) != 3
+        or target[-1] not in (-1, 2 * hidden)
+        or any(t != 0 for t in target[:2])
+    ):
         return None
     return [transpose, reshape]
 
@@ -179,7 +199,9 @@ def _only_zeros(tensor: gs.Tensor, graph: GraphView) -> bool:
         return _only_zeros(producer.inputs[0], graph)
     if producer.op == "ConstantOfShape":
         fill = producer.attrs.get("value")
-        return fill is None or not np.any(np.asarray(fill.values if isinstance(fill, gs.Constant) else fill))
+        return fill is None or not np.any(
+            np.asarray(fill.values if isinstance(fill, gs.Constant) else fill)
+        )
     if producer.op == "Expand":
         return _only_zeros(producer.inputs[0], graph)
     return False
@@ -209,13 +231,26 @@ def bind_recurrent(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> S
     merged = _directions_merged(node, graph, hidden) if w.shape[0] == 2 else None
     if merged is not None:
         out = Port(merged[-1].outputs[0], -1, 2 * hidden)
-        return RecurrentSite(nodes=[node, *merged], inputs=[port], outputs=[out], gates=gates, hidden=hidden,
-                             zero_states=tuple(zero_states), apart=True)
+        return RecurrentSite(
+            nodes=[node, *merged],
+            inputs=[port],
+            outputs=[out],
+            gates=gates,
+            hidden=hidden,
+            zero_states=tuple(zero_states),
+            apart=True,
+        )
     outputs = [Port(t, -1, hidden) for t in node.outputs if t.outputs or graph.is_boundary(t)]
     if not outputs:
         return None
-    return RecurrentSite(nodes=[node], inputs=[port], outputs=outputs, gates=gates, hidden=hidden,
-                         zero_states=tuple(zero_states))
+    return RecurrentSite(
+        nodes=[node],
+        inputs=[port],
+        outputs=outputs,
+        gates=gates,
+        hidden=hidden,
+        zero_states=tuple(zero_states),
+    )
 
 
 def register(registry) -> None:

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from ..errors import UsageError
-from .adapter import LAYER_TYPES, CHANNEL_TYPES, TorchAnalysis, initializer_name, parameter_count
+from .adapter import CHANNEL_TYPES, LAYER_TYPES, TorchAnalysis, initializer_name, parameter_count
 
 _WIDTH_ATTRS = {nn.Linear: ("out_features", "in_features"), nn.Conv1d: ("out_channels", "in_channels"),
                 nn.Conv2d: ("out_channels", "in_channels")}
