@@ -145,7 +145,9 @@ class TargetReport:
 
     @property
     def met(self) -> bool:
-        return self.achieved >= self.limit if self.kind in self.LOWER_BOUNDS else self.achieved <= self.limit
+        if self.kind in self.LOWER_BOUNDS:
+            return self.achieved >= self.limit
+        return self.achieved <= self.limit
 
     def to_dict(self) -> dict:
         return {**asdict(self), "met": self.met}

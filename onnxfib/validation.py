@@ -503,23 +503,24 @@ class _Feed:
         ``size`` at a time, the last chunk padded with copies of its last sample, and the chunks'
         tensors are joined along their first axis (the padding's rows dropped; a tensor without
         that axis cannot be cut, a UsageError). InvalidModelError if ORT cannot run the model."""
-        rows = None if self.size is None else common_rows(batch)
-        if rows is None or rows == self.size:
+        size = self.size
+        rows = None if size is None else common_rows(batch)
+        if size is None or rows is None or rows == size:
             return [_as_array(v) for v in self._run(session, names, batch, role)]
         pieces: list[list[np.ndarray]] = []
-        for start in range(0, rows, self.size):
-            chunk = {name: value[start:start + self.size] for name, value in batch.items()}
-            short = self.size - min(self.size, rows - start)
+        for start in range(0, rows, size):
+            chunk = {name: value[start:start + size] for name, value in batch.items()}
+            short = size - min(size, rows - start)
             if short:
                 chunk = {name: np.concatenate([value, np.repeat(value[-1:], short, axis=0)])
                          for name, value in chunk.items()}
             values = [_as_array(v) for v in self._run(session, names, chunk, role)]
             if short:
-                if any(v.ndim == 0 or len(v) != self.size for v in values):
+                if any(v.ndim == 0 or len(v) != size for v in values):
                     raise UsageError(
-                        f"the model runs {self.size} samples at a time and some of its tensors have no batch axis; "
-                        f"give a multiple of {self.size} samples")
-                values = [v[:self.size - short] for v in values]
+                        f"the model runs {size} samples at a time and some of its tensors have no batch axis; "
+                        f"give a multiple of {size} samples")
+                values = [v[:size - short] for v in values]
             pieces.append(values)
         return [np.concatenate(parts) if parts[0].ndim else np.stack(parts) for parts in zip(*pieces)]
 
