@@ -24,6 +24,7 @@ from .errors import UsageError
 from .graph import GraphView
 from .partition import Partition
 from .groups import ShrinkGroup, build_groups
+from .io import Storage
 from .report import LayerReport
 from .rules import Plan, Port, Registry, Site, default_registry
 from .rules.linear import LinearSite
@@ -54,15 +55,17 @@ class Analysis:
     instead of clustering its rows: merges chosen from calibration data or by folding. ``trees``
     keeps the clustering trees between runs over the same model (a search's many analyses), and
     ``prepared`` is the preprocessed graph of an untouched ``GraphView`` of it, copied instead of
-    preprocessing the model again."""
+    preprocessing the model again. ``storage`` reads a model whose external data was not loaded
+    from disk (``GraphView``)."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
                  record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
-                 trees: TreeCache | None = None, prepared: gs.Graph | None = None) -> None:
+                 trees: TreeCache | None = None, prepared: gs.Graph | None = None,
+                 storage: Storage | None = None) -> None:
         if symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
-        self.graph = GraphView(model, prepared=prepared)
+        self.graph = GraphView(model, prepared=prepared, storage=storage)
         self.tol = Tolerance(float(eps))
         self.symmetry = symmetry
         self.heights: dict[str, np.ndarray] = {}
@@ -304,11 +307,13 @@ class Analysis:
 def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
             registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
             record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
-            trees: TreeCache | None = None, prepared: gs.Graph | None = None) -> Analysis:
-    """Analyse ``model`` (external data loaded) at tolerance ``eps`` (``layer_eps`` per layer);
-    see :class:`Analysis`."""
+            trees: TreeCache | None = None, prepared: gs.Graph | None = None,
+            storage: Storage | None = None) -> Analysis:
+    """Analyse ``model`` (external data loaded, or on disk at ``storage``) at tolerance ``eps``
+    (``layer_eps`` per layer); see :class:`Analysis`."""
     return Analysis(model, eps=eps, symmetry=symmetry, registry=registry, layer_eps=layer_eps,
-                    record_heights=record_heights, layer_colorings=layer_colorings, trees=trees, prepared=prepared)
+                    record_heights=record_heights, layer_colorings=layer_colorings, trees=trees, prepared=prepared,
+                    storage=storage)
 
 
 __all__ = ["Analysis", "MemberFigures", "SYMMETRIES", "analyze"]

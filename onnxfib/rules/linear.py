@@ -44,7 +44,10 @@ class LinearSite(Site):
     def matrix(self) -> np.ndarray:
         """The weight as (out channels, in channels, rest), alpha applied, float64."""
         w = np.moveaxis(self._stored(self.weight).astype(np.float64), (self.out_axis, self.in_axis), (0, 1))
-        return self.alpha * w.reshape(w.shape[0], w.shape[1], -1)
+        w = w.reshape(w.shape[0], w.shape[1], -1)
+        if self.alpha != 1:
+            w *= self.alpha  # in place: a wide layer's float64 copy is the largest array of a run
+        return w
 
     @property
     def _bias_axis(self) -> int:
@@ -57,10 +60,13 @@ class LinearSite(Site):
 
     def forward(self, ctx: Context) -> None:
         x = ctx.fiber(self.inputs[0])
-        w = self.matrix() * x.scales[None, :, None]
+        w = self.matrix()
+        w *= x.scales[None, :, None]
         aggregated = x.partition.reduce(w, 1).reshape(w.shape[0], -1)
+        del w  # the copies below and the clustering need the memory
         bias = self.bias_rows()
         signature = aggregated if bias is None else np.hstack([aggregated, bias])
+        del aggregated
         ctx.set_fiber(self.outputs[0], ctx.tol.cluster(signature))
 
     def backward(self, ctx: Context) -> None:
@@ -75,7 +81,8 @@ class LinearSite(Site):
             return
         w = self._stored(self.weight).astype(np.float64)
         if inp is not None:
-            w = inp.partition.reduce(w * _along(inp.scales, self.in_axis, w.ndim), self.in_axis)
+            w *= _along(inp.scales, self.in_axis, w.ndim)
+            w = inp.partition.reduce(w, self.in_axis)
         if out is not None:
             w = out.fit_base(w, self.out_axis)
         ctx.graph.set_constant(*self.weight, w)
