@@ -84,6 +84,7 @@ class Analysis:
             recorded: list[np.ndarray] | None = [] if record_heights and site.layer else None
             self.tol = Tolerance(tolerances[id(site)].eps, recorded, (layer_colorings or {}).get(site.name), trees)
             site.forward(self)
+            self.graph.release()
             if recorded:
                 self.heights[site.name] = recorded[-1]
         for site in reversed(self.sites):
@@ -91,6 +92,7 @@ class Analysis:
                 self._settle_opfiber(port)
             self.tol = tolerances[id(site)]
             site.backward(self)
+            self.graph.release()
         self.tol = Tolerance(float(eps))
         self._freeze.update((n, "is not colored") for n in self._ports if n not in self._fibers)
         self._constraints: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -292,6 +294,7 @@ class Analysis:
         if self._collapsed is None:
             for site in self.sites:
                 site.rewrite(self)
+                self.graph.release()
             for name, port in self._expanding.items():
                 plan = self._plans.get(name)
                 if plan is not None and not plan.partition.is_discrete:  # unit scales: LayerNorm's

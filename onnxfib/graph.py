@@ -8,6 +8,7 @@ other nodes share. Nothing here knows about colorings.
 from __future__ import annotations
 
 import hashlib
+import mmap
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -99,6 +100,17 @@ class GraphView:
         finally:
             for tensor, values in swapped:
                 tensor._values = values
+
+    def release(self) -> None:
+        """Hand back the pages of memory-mapped weights this process has read (the file keeps them;
+        they are read again when next needed), so a streamed run holds about one layer at a time."""
+        for values, _ in self._lazy.values():
+            base = values.base
+            while base is not None and not isinstance(base, np.memmap):
+                base = getattr(base, "base", None)
+            handle = getattr(base, "_mmap", None)
+            if handle is not None:
+                handle.madvise(mmap.MADV_DONTNEED)
 
     def _spilled(self, values: np.ndarray) -> tuple[np.ndarray, LazyValues | None]:
         """``values`` written to the storage's scratch directory and mapped back, with their stored

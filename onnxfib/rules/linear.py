@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import GraphView
-from .base import Context, Port, Site, is_per_channel, channel_rows, merge_channels
+from .base import Context, Plan, Port, Site, is_per_channel, channel_rows, merge_channels
 
 
 @dataclass
@@ -79,13 +79,7 @@ class LinearSite(Site):
         inp, out = ctx.plan(self.inputs[0]), ctx.plan(self.outputs[0])
         if inp is None and out is None:
             return
-        w = self._stored(self.weight).astype(np.float64)
-        if inp is not None:
-            w *= _along(inp.scales, self.in_axis, w.ndim)
-            w = inp.partition.reduce(w, self.in_axis)
-        if out is not None:
-            w = out.fit_base(w, self.out_axis)
-        ctx.graph.set_constant(*self.weight, w)
+        ctx.graph.set_constant(*self.weight, _collapsed(self._stored(self.weight), inp, self.in_axis, out, self.out_axis))
         if out is not None and self.bias is not None:
             merged = merge_channels(self._stored(self.bias), self._bias_axis, self.outputs[0].width, out,
                                     divide_by_scale=True)
@@ -144,6 +138,44 @@ class LinearSite(Site):
             b, width = self._stored(self.bias), self.outputs[0].width
             total += b.size // width * out_width if is_per_channel(b, self._bias_axis, width) else b.size
         return int(total)
+
+
+#: Rows (then columns) of a weight collapsed at a time, so that a wide layer's float64 working
+#: copies stay a block, not the whole matrix.
+BLOCK = 1024
+
+
+def _part(array: np.ndarray, axis: int, start: int) -> tuple[slice, ...]:
+    """The index of entries ``start`` to ``start + BLOCK`` of ``array`` along ``axis``."""
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(start, start + BLOCK)
+    return tuple(index)
+
+
+def _collapsed(stored: np.ndarray, inp: Plan | None, in_axis: int, out: Plan | None, out_axis: int) -> np.ndarray:
+    """Eq. 10 with the scale rule on a weight: input channels summed per color times their
+    scales (``inp``), then output channels fitted per color (``out.fit_base``), in float64 and
+    returned in the stored dtype. Each output entry depends on one block of rows (columns) only,
+    so the work goes a BLOCK at a time with the same sums as on the whole matrix."""
+    columns = stored
+    if inp is not None:
+        shape = list(stored.shape)
+        shape[in_axis] = inp.partition.n_colors
+        columns = np.empty(shape, np.float64 if out is not None else stored.dtype)
+        for start in range(0, stored.shape[out_axis], BLOCK):
+            part = _part(stored, out_axis, start)
+            block = stored[part].astype(np.float64)
+            block *= _along(inp.scales, in_axis, block.ndim)
+            columns[part] = inp.partition.reduce(block, in_axis)
+    if out is None:
+        return columns
+    shape = list(columns.shape)
+    shape[out_axis] = out.partition.n_colors
+    result = np.empty(shape, stored.dtype)
+    for start in range(0, columns.shape[in_axis], BLOCK):
+        part = _part(columns, in_axis, start)
+        result[part] = out.fit_base(columns[part], out_axis)
+    return result
 
 
 def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
