@@ -459,10 +459,13 @@ def sweep(
 
 @_silent
 def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerReport]:
-    """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps``."""
+    """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps`` (external data
+    read memory-mapped)."""
     eps = check_eps(eps)
-    model = io.open_model(model_or_path).model
-    return list(analyze(model, eps=eps).layers)
+    loaded = io.open_model(model_or_path, lazy=True)
+    with tempfile.TemporaryDirectory(prefix="onnxfib-") as scratch:
+        storage = None if loaded.directory is None else io.Storage(loaded.directory, Path(scratch))
+        return list(analyze(loaded.model, eps=eps, storage=storage).layers)
 
 
 def validate(
@@ -479,6 +482,7 @@ def validate(
     shaped from the reference); returns the report, whatever the verdict."""
     _check_tolerances(rtol, atol)
     seed = check_seed(seed)
-    ref = io.open_model(reference).model
-    cand = io.open_model(candidate).model
-    return validate_models(ref, cand, _inputs(ref, data, input_shapes, seed), rtol=rtol, atol=atol)
+    ref, cand = io.open_model(reference, lazy=True), io.open_model(candidate, lazy=True)
+    batches = _inputs(ref.model, data, input_shapes, seed)
+    return validate_models(ref.model if ref.path is None else ref.path, cand.model if cand.path is None else cand.path,
+                           batches, rtol=rtol, atol=atol)

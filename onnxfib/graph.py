@@ -81,9 +81,16 @@ class GraphView:
                 if not isinstance(lazy, LazyValues) or not external_data_helper.uses_external_data(lazy.tensor):
                     continue
                 values = io.mapped(lazy.tensor, self._storage.source)
-                if values is not None:
-                    tensor.values = values
-                    self._lazy[id(tensor)] = (values, lazy)
+                if values is None:  # a dtype numpy cannot map: its bytes are read into memory
+                    loaded = onnx.TensorProto()
+                    loaded.CopyFrom(lazy.tensor)
+                    external_data_helper.load_external_data_for_tensor(loaded, str(self._storage.source))
+                    loaded.data_location = onnx.TensorProto.DEFAULT
+                    del loaded.external_data[:]
+                    tensor._values = LazyValues(loaded)
+                    continue
+                tensor.values = values
+                self._lazy[id(tensor)] = (values, lazy)
         return graph
 
     def _export_graph(self) -> onnx.ModelProto:

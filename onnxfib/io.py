@@ -563,17 +563,17 @@ def finalize_model(model: onnx.ModelProto, *, eps: float, symmetry: str,
     its data beside it, checked from there, and returned as written (data relative to scratch)."""
     settings = {"onnxfib.version": __version__, "onnxfib.eps": repr(float(eps)), "onnxfib.symmetry": symmetry}
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **settings})
+    target = None if storage is None else storage.scratch / SCRATCH_MODEL
     try:
-        if storage is not None:
-            target = storage.scratch / SCRATCH_MODEL
+        if target is not None:
             model = write_model(model, target, external_data=True, source=storage.source)
             onnx.checker.check_model(str(target), full_check=True)  # strict shape inference included
         else:
             _check(model, None)
             if not too_large(model):
                 onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    except OSError:
-        raise
+    except OSError as exc:
+        raise UsageError(f"cannot write the compressed model's working copy ({first_line(exc)})") from exc
     except Exception as exc:
         raise InternalError(
             f"internal error: the compressed model is not valid ONNX ({first_line(exc)}); "
