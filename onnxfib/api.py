@@ -16,6 +16,7 @@ from typing import ParamSpec, TypeVar
 
 import numpy as np
 import onnx
+from onnx import external_data_helper
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxfib import io, stats
@@ -67,19 +68,26 @@ class CompressionResult:
     """A compressed, checked model, the report of the run that made it, the files the input was
     read from, and whether it kept its tensors in external data. A model compressed from external
     data is streamed: its tensors stay on disk in ``directory`` (a private temporary directory that
-    lives as long as the result), where its external data locations point."""
+    lives as long as the result) until :attr:`model` is first read; ``save`` copies them from there."""
 
-    model: onnx.ModelProto
+    stored: onnx.ModelProto
     report: CompressionReport
     inputs: tuple[Path, ...] = ()
     external_data: bool = False
     directory: Path | None = None
     scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The compressed model in memory (a streamed one's tensors read from ``directory`` now)."""
+        if self.directory is not None and io.has_external(self.stored):
+            external_data_helper.load_external_data_for_model(self.stored, str(self.directory))
+        return self.stored
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model atomically (external data if the input had it or it exceeds 2 GB);
         refuses to overwrite the input's model or data files."""
-        return io.save_model(self.model, path, external_data=self.external_data, protect=self.inputs,
+        return io.save_model(self.stored, path, external_data=self.external_data, protect=self.inputs,
                              source=self.directory)
 
 

@@ -31,6 +31,15 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
+def _run_proto(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _inputs() -> np.ndarray:
+    return np.random.default_rng(3).standard_normal((5, SIZES[0])).astype(np.float32)
+
+
 @pytest.fixture
 def external_mlp(write_model) -> Path:
     return write_model(build_mlp(SIZES), "big.onnx", external_data=True)
@@ -42,11 +51,13 @@ def test_external_model_streams_to_its_base(external_mlp: Path, tmp_path: Path, 
     result = onnxfib.compress(external_mlp, eps=0.0, check=check)
     assert result.directory is not None  # streamed: the model's tensors are on disk
     assert result.report.validation.ok and result.report.validation.mode == check
-    assert result.report.params_after == _params(BASE) == count_parameters(result.model)
     out = result.save(tmp_path / "out.onnx")
+    assert result.report.params_after == _params(BASE) == count_parameters(result.model)
+    onnx.checker.check_model(result.model, full_check=True)  # read into memory on use: self-contained
+    x = _inputs()
+    np.testing.assert_allclose(_run_proto(result.model, x), _run(external_mlp, x), rtol=1e-5, atol=1e-5)
     assert (tmp_path / "out.onnx.data").is_file()
     onnx.checker.check_model(str(out), full_check=True)
-    x = np.random.default_rng(3).standard_normal((5, SIZES[0])).astype(np.float32)
     np.testing.assert_allclose(_run(out, x), _run(external_mlp, x), rtol=1e-5, atol=1e-5)
     assert {p: sha256(p) for p in before} == before  # the input is untouched
 
