@@ -3,6 +3,9 @@ as they are made) and the layer-by-layer check, against ONNX Runtime on the orig
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ from conftest import build_mlp, sha256
 
 import onnxfib
 from onnxfib import validation
+from onnxfib.api import check_mode, memory_bytes
 from onnxfib.errors import UsageError
 from onnxfib.stats import count_parameters
 
@@ -101,3 +105,21 @@ def test_cli_check_layers_says_so_and_refuses_contradictions(external_mlp: Path,
         assert not (external_mlp.parent / "bad.onnx").exists()
     with pytest.raises(UsageError):
         onnxfib.compress(external_mlp, check="sometimes")
+
+
+def test_default_check_is_layers_only_past_half_the_machines_memory() -> None:
+    assert check_mode(True, memory_bytes() // 2) == "full"
+    assert check_mode(True, memory_bytes() // 2 + 1) == "layers"
+    assert check_mode(False, 1) == check_mode("none", 1) == "none"
+    assert check_mode("layers", 1) == "layers"
+
+
+def test_streamed_mismatch_writes_nothing_and_leaves_no_scratch(external_mlp: Path, tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    done = subprocess.run([sys.executable, "-m", "onnxfib", "compress", str(external_mlp), "out.onnx", "--eps", "0.6",
+                           "--check", "layers"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(scratch)})
+    assert done.returncode == 1 and "validation mismatch" in done.stderr, done.stderr
+    assert not any(tmp_path.glob("out.onnx*"))
+    assert [p.name for p in scratch.iterdir()] in ([], [".ses"])  # importing onnxruntime leaves .ses there
