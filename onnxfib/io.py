@@ -240,6 +240,10 @@ def open_model(source: ModelSource, *, lazy: bool = False) -> LoadedModel:
     except Exception as exc:
         raise InvalidModelError(f"{path}: model fails the ONNX checker: {first_line(exc)}") from exc
     if external and lazy:
+        try:
+            _check_regions(model, path.resolve().parent)
+        except (OSError, ValueError) as exc:
+            raise InvalidModelError(f"{path}: cannot read its external data ({first_line(exc)})") from exc
         return LoadedModel(model, path, external, (path, *sorted(data_files)), path.resolve().parent)
     try:
         if external:
@@ -247,6 +251,23 @@ def open_model(source: ModelSource, *, lazy: bool = False) -> LoadedModel:
     except Exception as exc:
         raise InvalidModelError(f"{path}: cannot read its external data ({first_line(exc)})") from exc
     return LoadedModel(model, path, external, (path, *sorted(data_files)))
+
+
+def _check_regions(model: onnx.ModelProto, directory: Path) -> None:
+    """ValueError unless every external tensor's bytes lie inside its data file (what loading it
+    would find out), without reading them."""
+    for tensor in all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        size = (directory / info.location).stat().st_size
+        offset, length = info.offset or 0, info.length
+        if not length:
+            with contextlib.suppress(KeyError, TypeError, ValueError):  # a type numpy lacks: the offset only
+                length = math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        if offset + (length or 0) > size:
+            raise ValueError(f"tensor '{tensor.name}' needs bytes {offset} to {offset + (length or 0)} of "
+                             f"{info.location}, which holds {size}")
 
 
 def load_model(source: ModelSource) -> tuple[onnx.ModelProto, Path | None]:

@@ -123,3 +123,11 @@ def test_streamed_mismatch_writes_nothing_and_leaves_no_scratch(external_mlp: Pa
     assert done.returncode == 1 and "validation mismatch" in done.stderr, done.stderr
     assert not any(tmp_path.glob("out.onnx*"))
     assert [p.name for p in scratch.iterdir()] in ([], [".ses"])  # importing onnxruntime leaves .ses there
+
+
+def test_truncated_external_data_is_a_one_line_error(external_mlp: Path, tmp_path: Path, run_cli) -> None:
+    data = external_mlp.with_name("big.onnx.data")
+    data.write_bytes(data.read_bytes()[:500_000])
+    done = run_cli("compress", external_mlp, "out.onnx")
+    assert done.returncode == 2 and "cannot read its external data" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not any(tmp_path.glob("out.onnx*"))
