@@ -4,6 +4,7 @@
     python benchmarks/speed.py --quick          # BERT 2 layers, MLPs 256 and 1024: a few minutes
     python benchmarks/speed.py --only mlp --widths 256 1024 --no-write
     python benchmarks/speed.py --large          # also a 4 x 12288 x 12288 MLP (external data, ~10 GB)
+    python benchmarks/speed.py --streaming      # external-data MLPs 4 x 4096 and 4 x 12288, --check full/layers
 
 Every model is built into a temporary directory with planted copies, so that eps 0 has something
 to merge and the fibration base's parameter count is known: BERT (``transformers.BertConfig()``
@@ -15,6 +16,12 @@ Each model is compressed by ``onnxfib compress IN OUT --eps 0`` (validation on, 
 alternating per repeat), measured by ``os.wait4``: CPU seconds (user + sys, all threads), wall
 seconds and the child's peak RSS. eps 0 must reach exactly the planted base. Writes
 ``results/speed.json`` and the ``speed`` section of ``RESULTS.md``.
+
+``--streaming`` measures models kept in external data instead (the MLPs 4096^5 and 12288^5 with the
+same planted copies, always written with external data): ``onnxfib compress --eps 0`` with
+``--check full`` and with ``--check layers``, peak RSS against the files' size and against issue 11's
+goals (at most 2x the files with full validation, at most 1 GiB plus the largest layer with layers).
+Writes ``results/speed_streaming.json`` and the ``streaming`` section of ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -66,6 +73,10 @@ TOOLS = {
                                    "--report", "{report}", "-q"],
 }
 EXACT, SLIM, TOLERANT = TOOLS
+STREAMING = "streaming"
+STREAMING_JSON = HERE / "results" / f"speed_{STREAMING}.json"
+STREAMED = ((4096,) * 5, LARGE)
+CHECKS = ("full", "layers")
 
 
 @dataclasses.dataclass
@@ -146,14 +157,16 @@ def _planted(rows: int) -> int:
     return rows // PLANTED
 
 
-def save(model: onnx.ModelProto, path: Path) -> bool:
-    """Write ``model`` to ``path``, with its weights in ``path.data`` past EXTERNAL_BYTES; whether it did."""
-    external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_BYTES
+def save(model: onnx.ModelProto, path: Path, external: bool | None = None) -> bool:
+    """Write ``model`` to ``path``, with its weights in ``path.data`` past EXTERNAL_BYTES (or as
+    ``external`` says); whether it did."""
+    if external is None:
+        external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_BYTES
     onnx.save_model(model, str(path), save_as_external_data=external, location=path.name + ".data")
     return external
 
 
-def build_mlp(path: Path, sizes: tuple[int, ...], seed: int = SEED) -> Case:
+def build_mlp(path: Path, sizes: tuple[int, ...], seed: int = SEED, external: bool | None = None) -> Case:
     """A Gemm/Relu MLP through ``sizes``; in every hidden layer the last 1/PLANTED rows (and biases)
     copy the first ones, so the base drops those rows and the matching columns of the next layer."""
     rng = np.random.default_rng(seed)
@@ -175,10 +188,11 @@ def build_mlp(path: Path, sizes: tuple[int, ...], seed: int = SEED) -> Case:
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", sizes[0]])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", sizes[-1]])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    external = save(model, path)
+    external = save(model, path, external)
+    del model, inits
     base = [sizes[0], *(w - _planted(w) for w in sizes[1:-1]), sizes[-1]]
     params = sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
-    assert params == count_parameters(model)
+    assert params == count_parameters(onnx.load(str(path), load_external_data=False))
     return Case("mlp", "x".join(map(str, sizes)), path, params, sum(i * o + o for i, o in zip(base[:-1], base[1:])),
                 ["--input-shape", f"x:1,{sizes[0]}"], external)
 
@@ -398,6 +412,69 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def run_streaming(timeout: float) -> dict:
+    """Every model of STREAMED, built with external data, compressed at eps 0 with each of CHECKS."""
+    start, cases = time.perf_counter(), []
+    for sizes in STREAMED:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            case = build_mlp(tmp / "mlp.onnx", sizes, external=True)
+            size = case.file_bytes
+            largest = 4 * max(i * o for i, o in zip(sizes[:-1], sizes[1:]))
+            print(f"{case.name}: {case.params:,} parameters, {size / 2**20:.0f} MiB", file=sys.stderr)
+            for check in CHECKS:
+                out, report = tmp / "out.onnx", tmp / "report.json"
+                argv = [sys.executable, "-m", "onnxfib", "compress", str(case.path), str(out), "--eps", "0",
+                        "--check", check, "--report", str(report), "-q", *case.options]
+                result = measure(argv, timeout)
+                print(f"  --check {check}: {_status(result)}", file=sys.stderr)
+                limit = 2 * size if check == "full" else (1 << 30) + largest
+                row = {"name": case.name, "params": case.params, "base_params": case.base_params,
+                       "file_mb": round(size / 2**20, 1), "largest_layer_mb": round(largest / 2**20, 1),
+                       "check": check, "limit_mb": round(limit / 2**20, 1)} | result
+                if result["exit"] == 0:
+                    done = json.loads(report.read_text())
+                    row |= {"params_after": done["params_after"], "base_reached": done["params_after"] == case.base_params,
+                            "validation_ok": done["validation"]["ok"], "validation_mode": done["validation"]["mode"],
+                            "max_abs_error": done["validation"]["outputs"][0]["max_abs"],
+                            "rss_over_file": result["peak_rss_mb"] * 2**20 / size,
+                            "goal_met": result["peak_rss_mb"] * 2**20 <= limit}
+                cases.append(row)
+                for path in (report, *tmp.glob(out.name + "*")):
+                    path.unlink(missing_ok=True)
+    return {"benchmark": STREAMING, "machine": machine(), "timeout_s": timeout, "cases": cases,
+            "seconds": round(time.perf_counter() - start, 1), "onnxfib": onnxfib.__version__}
+
+
+def streaming_markdown(data: dict) -> str:
+    begin, end = markers(STREAMING)
+    m = data["machine"]
+    lines = [begin, "## Models in external data (`benchmarks/speed.py --streaming`)", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB memory, load average "
+             f"{m['load_average_at_start'][0]:.1f} at the start (shared). Gemm/Relu MLPs whose hidden layers carry "
+             "planted copies (the last eighth of the rows copy the first), written with external data; "
+             "`onnxfib compress IN OUT --eps 0 --check full|layers` as a child process, peak RSS its `ru_maxrss` "
+             "(memory-mapped weights it touched count). Goals (issue 11): peak at most 2x the files with "
+             "`--check full`, at most 1 GiB plus the largest layer with `--check layers`.", "",
+             "| model | parameters | base (planted) | files MiB | check | CPU s | wall s | peak RSS MiB | RSS / files "
+             "| goal MiB | met | parameters after | max abs error |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for c in data["cases"]:
+        if c["exit"] != 0:
+            why = "timed out" if c["timed_out"] else f"failed (exit {c['exit']})"
+            lines.append(f"| {c['name']} | {c['params']:,} | {c['base_params']:,} | {c['file_mb']:,.0f} | {c['check']} "
+                         f"| {why} | | {c.get('peak_rss_mb', 0):,.0f} | | {c['limit_mb']:,.0f} | **no** | | |")
+            continue
+        after = f"{c['params_after']:,}" + (" (base)" if c["base_reached"] else " (**not the base**)")
+        lines.append(f"| {c['name']} | {c['params']:,} | {c['base_params']:,} | {c['file_mb']:,.0f} | {c['check']} "
+                     f"| {c['cpu_s']:.1f} | {c['wall_s']:.1f} | {c['peak_rss_mb']:,.0f} | {c['rss_over_file']:.2f} "
+                     f"| {c['limit_mb']:,.0f} | {'yes' if c['goal_met'] else '**no**'} | {after} "
+                     f"| {c['max_abs_error']:.3g} |")
+    lines += ["", f"Regenerate: `python benchmarks/speed.py --streaming` ({data['seconds']:.0f} s here; onnxfib "
+              f"{data['onnxfib']}).", end]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=("bert", "mlp"), default=["bert", "mlp"])
@@ -405,11 +482,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", type=int, nargs="+", default=list(MLP_WIDTHS), help="MLP widths")
     parser.add_argument("--quick", action="store_true", help="BERT 2 layers, MLP widths 256 and 1024")
     parser.add_argument("--large", action="store_true", help="also the 4 x 12288 x 12288 MLP (~10 GB)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="only the external-data MLPs (4096^5, 12288^5) with --check full and layers")
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool and model (median)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per run")
     parser.add_argument("--no-write", action="store_true", help="print the section, write nothing")
     parser.add_argument("--section", action="store_true", help="rewrite the RESULTS.md section from the JSON only")
     args = parser.parse_args(argv)
+    if args.streaming:
+        if args.section:
+            write_section(STREAMING, streaming_markdown(json.loads(STREAMING_JSON.read_text())))
+            return 0
+        data = run_streaming(args.timeout)
+        section = streaming_markdown(data)
+        print(section)
+        if not args.no_write:
+            STREAMING_JSON.parent.mkdir(parents=True, exist_ok=True)
+            STREAMING_JSON.write_text(json.dumps(data, indent=2) + "\n")
+            write_section(STREAMING, section)
+        return 0 if all(c.get("base_reached") and c.get("validation_ok") for c in data["cases"]) else 1
     if args.section:
         write_section(NAME, markdown(json.loads(RESULTS_JSON.read_text())))
         return 0

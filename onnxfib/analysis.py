@@ -24,6 +24,7 @@ from .errors import UsageError
 from .graph import GraphView
 from .partition import Partition
 from .groups import ShrinkGroup, build_groups
+from .io import Storage
 from .report import Barrier, LayerReport
 from .rules import Declined, Plan, Port, Registry, Site, default_registry
 from .rules.linear import LinearSite
@@ -55,15 +56,17 @@ class Analysis:
     keeps the clustering trees between runs over the same model (a search's many analyses), and
     ``prepared`` is the preprocessed graph of an untouched ``GraphView`` of it, copied instead of
     preprocessing the model again. ``barriers`` lists the nodes reading a channel axis that no
-    rule binds, each with its rule's reason."""
+    rule binds, each with its rule's reason. ``storage`` reads a model whose external data was
+    not loaded from disk (``GraphView``)."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
                  record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
-                 trees: TreeCache | None = None, prepared: gs.Graph | None = None) -> None:
+                 trees: TreeCache | None = None, prepared: gs.Graph | None = None,
+                 storage: Storage | None = None) -> None:
         if symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
-        self.graph = GraphView(model, prepared=prepared)
+        self.graph = GraphView(model, prepared=prepared, storage=storage)
         self.tol = Tolerance(float(eps))
         self.symmetry = symmetry
         self.heights: dict[str, np.ndarray] = {}
@@ -82,6 +85,7 @@ class Analysis:
             recorded: list[np.ndarray] | None = [] if record_heights and site.layer else None
             self.tol = Tolerance(tolerances[id(site)].eps, recorded, (layer_colorings or {}).get(site.name), trees)
             site.forward(self)
+            self.graph.release()
             if recorded:
                 self.heights[site.name] = recorded[-1]
         for site in reversed(self.sites):
@@ -89,6 +93,7 @@ class Analysis:
                 self._settle_opfiber(port)
             self.tol = tolerances[id(site)]
             site.backward(self)
+            self.graph.release()
         self.tol = Tolerance(float(eps))
         self._freeze.update((n, "is not colored") for n in self._ports if n not in self._fibers)
         self._constraints: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -274,6 +279,7 @@ class Analysis:
         if self._collapsed is None:
             for site in self.sites:
                 site.rewrite(self)
+                self.graph.release()
             for name, port in self._expanding.items():
                 plan = self._plans.get(name)
                 if plan is not None and not plan.partition.is_discrete:  # unit scales: LayerNorm's
@@ -317,11 +323,13 @@ def bind(graph: GraphView, registry: Registry) -> tuple[list[Site], list[Barrier
 def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
             registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
             record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
-            trees: TreeCache | None = None, prepared: gs.Graph | None = None) -> Analysis:
-    """Analyse ``model`` (external data loaded) at tolerance ``eps`` (``layer_eps`` per layer);
-    see :class:`Analysis`."""
+            trees: TreeCache | None = None, prepared: gs.Graph | None = None,
+            storage: Storage | None = None) -> Analysis:
+    """Analyse ``model`` (external data loaded, or on disk at ``storage``) at tolerance ``eps``
+    (``layer_eps`` per layer); see :class:`Analysis`."""
     return Analysis(model, eps=eps, symmetry=symmetry, registry=registry, layer_eps=layer_eps,
-                    record_heights=record_heights, layer_colorings=layer_colorings, trees=trees, prepared=prepared)
+                    record_heights=record_heights, layer_colorings=layer_colorings, trees=trees, prepared=prepared,
+                    storage=storage)
 
 
 __all__ = ["Analysis", "MemberFigures", "SYMMETRIES", "analyze", "bind"]

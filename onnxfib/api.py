@@ -6,15 +6,17 @@ import itertools
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import numpy as np
 import onnx
+from onnx import external_data_helper
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxfib import io, stats
@@ -22,12 +24,12 @@ from onnxfib.analysis import SYMMETRIES, analyze, bind
 from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
-from onnxfib.graph import GraphView
+from onnxfib.graph import SPILL_FILE, GraphView
 from onnxfib.report import Barrier, CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
 from onnxfib.rules import default_registry
 from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, Outcome, can_deal, search
 from onnxfib.targets import sweep as sweep_eps
-from onnxfib.validation import (check_data, check_runs, generate_inputs, load_data,
+from onnxfib.validation import (ModelFile, check_data, check_runs, generate_inputs, load_data,
                                 validate_models)
 
 #: ``data`` may be a .npz/.npy path or directory, a list of them (``validation.load_data``: one
@@ -37,6 +39,9 @@ Data = (str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, np.ndarra
 
 #: ``labels`` may be a .npy path or an array: one integer class per sample of ``data``.
 Labels = str | os.PathLike | np.ndarray | Sequence[int]
+
+#: What ``compress(check=)`` accepts: a whole-model comparison, one layer at a time, or none.
+CHECK_MODES = ("full", "layers", "none")
 
 #: Uniform eps values a sweep visits by default.
 SWEEP_EPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -64,17 +69,46 @@ def _silent(function: Callable[_P, _R]) -> Callable[_P, _R]:
 @dataclass
 class CompressionResult:
     """A compressed, checked model, the report of the run that made it, the files the input was
-    read from, and whether it kept its tensors in external data."""
+    read from, and whether it kept its tensors in external data. A model compressed from external
+    data is streamed: its tensors stay on disk in ``directory`` (a private temporary directory that
+    lives as long as the result) until :attr:`model` is first read; ``save`` copies them from there."""
 
-    model: onnx.ModelProto
+    stored: onnx.ModelProto
     report: CompressionReport
     inputs: tuple[Path, ...] = ()
     external_data: bool = False
+    directory: Path | None = None
+    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The compressed model in memory (a streamed one's tensors read from ``directory`` now)."""
+        if self.directory is not None and io.has_external(self.stored):
+            external_data_helper.load_external_data_for_model(self.stored, str(self.directory))
+        return self.stored
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model atomically (external data if the input had it or it exceeds 2 GB);
         refuses to overwrite the input's model or data files."""
-        return io.save_model(self.model, path, external_data=self.external_data, protect=self.inputs)
+        return io.save_model(self.stored, path, external_data=self.external_data, protect=self.inputs,
+                             source=self.directory)
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_mode(check: bool | str, model_bytes: int) -> str:
+    """The validation ``compress`` runs: "full", "layers" or "none" as given (False is "none");
+    True chooses "full", or "layers" for a model larger than half the machine's memory."""
+    if check is True:
+        return "layers" if model_bytes > memory_bytes() // 2 else "full"
+    if check is False:
+        return "none"
+    if check not in CHECK_MODES:
+        raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (or True/False), got {check!r}")
+    return check
 
 
 def check_eps(eps: float) -> float:
@@ -228,7 +262,7 @@ def compress(
     eps: float = 0.0,
     layer_eps: Mapping[str, float] | None = None,
     symmetry: str = "fiber",
-    check: bool = True,
+    check: bool | str = True,
     rtol: float | None = None,
     atol: float | None = None,
     data: Data | None = None,
@@ -245,8 +279,15 @@ def compress(
     progress: Callable[[str], None] | None = None,
 ) -> CompressionResult:
     """Merge the model's symmetric neurons (``symmetry`` base, tolerance ``eps``, or ``layer_eps``
-    per layer name), check the result and, when ``check`` is set, compare it with the original
-    in ONNX Runtime on ``data`` (or generated inputs).
+    per layer name), check the result and compare it with the original in ONNX Runtime on
+    ``data`` (or generated inputs): ``check`` "full" runs both models whole, "layers" one layer at a
+    time (``validation.run_by_layers``: for models larger than memory), "none" (or False) not at
+    all; True is "full", or "layers" for a model larger than half the machine's memory.
+
+    A model with external data given as a path is streamed when no target or calibration asks
+    for the model in memory: its weights are read memory-mapped, rewritten ones are written to a
+    private temporary directory as they are made, and the result refers to them there
+    (``CompressionResult.directory``).
 
     ``calibrate`` refits the merged layers on ``data`` by ridge least squares (``ridge``) and
     lets the data choose which channels merged layers keep (see ``onnxfib.calibrate``). A target
@@ -278,13 +319,40 @@ def compress(
     goal = _target(target_params, max_error, max_drop, min_agreement, min_cosine, labels is not None)
     if goal is not None and (eps or layer_eps):
         raise UsageError("a target chooses every layer's eps: give no eps or per-layer eps with it")
-    loaded = io.open_model(model_or_path)
+    check_mode(check, 0)  # a bad value is refused before the model is read
+    streamable = goal is None and not calibrate
+    loaded = io.open_model(model_or_path, lazy=streamable)
     original = loaded.model
+    size = sum(f.stat().st_size for f in loaded.files) if loaded.files else io.tensor_bytes(original)
+    mode = check_mode(check, size)
+    checking = mode != "none"
+    reference: ModelFile = loaded.path if loaded.path is not None else original
     rows = MEASURING_ROWS if goal is not None else 1
-    batches = _inputs(original, data, input_shapes, seed, rows) if check or calibrate or goal else None
+    batches = _inputs(original, data, input_shapes, seed, rows) if checking or calibrate or goal else None
     label_array = _labels(labels, batches) if batches is not None else None
-    if not (check or calibrate or goal or io.too_large(original)):  # else the original runs anyway, first
-        check_runs(original, _probe(original, input_shapes, seed))
+    if not (checking or calibrate or goal or io.too_large(original) or size > memory_bytes() // 2):
+        check_runs(reference, _probe(original, input_shapes, seed))  # else the original runs anyway, first
+    scratch = tempfile.TemporaryDirectory(prefix="onnxfib-") if loaded.directory is not None else None
+    storage = None if scratch is None else io.Storage(loaded.directory, Path(scratch.name))
+    try:
+        result = _compress(original, reference, batches, label_array, storage, eps=eps, layer_eps=layer_eps,
+                           symmetry=symmetry, calibrate=calibrate, ridge=ridge, goal=goal, progress=progress,
+                           mode=mode, rtol=rtol, atol=atol, start=start)
+    except BaseException:
+        if scratch is not None:
+            scratch.cleanup()
+        raise
+    result.inputs, result.external_data, result.scratch = loaded.files, loaded.external_data, scratch
+    result.directory = None if storage is None else storage.scratch
+    return result
+
+
+def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dict[str, np.ndarray]] | None,
+              label_array: np.ndarray | None, storage: io.Storage | None, *, eps: float,
+              layer_eps: dict[str, float], symmetry: str, calibrate: bool, ridge: float,
+              goal: tuple[str, float] | None, progress: Callable[[str], None] | None, mode: str,
+              rtol: float | None, atol: float | None, start: float) -> CompressionResult:
+    """``compress`` once its arguments are checked and the input loaded (``storage``: streamed)."""
     refits: list[RefitReport] = []
     target: TargetReport | None = None
     if goal is not None:
@@ -302,11 +370,17 @@ def compress(
         outcome = Evaluator(original, batches, symmetry=symmetry, calibrate=True, ridge=ridge)(layer_eps, eps)
         analysis, compressed, refits = outcome.analysis, outcome.model, outcome.refit
     else:
-        analysis = analyze(original, eps=eps, symmetry=symmetry, layer_eps=layer_eps)
+        analysis = analyze(original, eps=eps, symmetry=symmetry, layer_eps=layer_eps, storage=storage)
         compressed = analysis.collapse()
     layers = list(analysis.layers)
-    compressed = _record_settings(compressed, layers, eps=eps, symmetry=symmetry, calibrate=calibrate, goal=goal)
-    validation = validate_models(original, compressed, batches, rtol=rtol, atol=atol) if check else None
+    del analysis  # its graph holds the working weights (memory-mapped when streamed)
+    compressed = _record_settings(compressed, layers, eps=eps, symmetry=symmetry, calibrate=calibrate, goal=goal,
+                                  storage=storage)
+    candidate = compressed if storage is None else storage.scratch / io.SCRATCH_MODEL
+    if storage is not None:
+        (storage.scratch / SPILL_FILE).unlink(missing_ok=True)  # the written model holds its tensors now
+    validation = (validate_models(reference, candidate, batches, rtol=rtol, atol=atol, mode=mode)
+                  if mode != "none" else None)
     report = CompressionReport(
         eps=eps,
         symmetry=symmetry,
@@ -318,8 +392,8 @@ def compress(
         ops_after=stats.count_ops(compressed),
         layers=layers,
         seconds=time.perf_counter() - start,
-        bytes_before=original.ByteSize(),
-        bytes_after=compressed.ByteSize(),
+        bytes_before=io.stored_bytes(original),
+        bytes_after=io.stored_bytes(compressed),
         validation=validation,
         target=target,
         calibrated=calibrate,
@@ -333,11 +407,12 @@ def compress(
         bad = ", ".join(f"{o.name} (max abs {o.max_abs:.3g}, rtol={o.rtol:g}, atol={o.atol:g})"
                         for o in validation.outputs if not o.ok)
         raise ValidationMismatchError(f"compressed model differs from the original beyond tolerance on {bad}", report)
-    return CompressionResult(compressed, report, loaded.files, loaded.external_data)
+    return CompressionResult(compressed, report)
 
 
 def _record_settings(model: onnx.ModelProto, layers: Sequence[LayerReport], *, eps: float, symmetry: str,
-                     calibrate: bool, goal: tuple[str, float] | None) -> onnx.ModelProto:
+                     calibrate: bool, goal: tuple[str, float] | None, storage: io.Storage | None = None
+                     ) -> onnx.ModelProto:
     """Record this run in the ``onnxfib.*`` metadata (an earlier run's keys dropped) and finalize
     ``model``: a search records its target (``onnxfib.target``, JSON kind and limit) and the eps
     it chose per layer, and no uniform ``onnxfib.eps``."""
@@ -350,7 +425,7 @@ def _record_settings(model: onnx.ModelProto, layers: Sequence[LayerReport], *, e
         settings["onnxfib.target"] = json.dumps({"kind": goal[0], "limit": goal[1]})
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, settings)
-    model = io.finalize_model(model, eps=eps, symmetry=symmetry)
+    model = io.finalize_model(model, eps=eps, symmetry=symmetry, storage=storage)
     if goal is not None:  # the search chose per-layer eps; eps 0.0 would claim an exact run
         kept = [p for p in model.metadata_props if p.key != "onnxfib.eps"]
         del model.metadata_props[:]
@@ -415,10 +490,13 @@ def sweep(
 
 @_silent
 def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerReport]:
-    """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps``."""
+    """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps`` (external data
+    read memory-mapped)."""
     eps = check_eps(eps)
-    model = io.open_model(model_or_path).model
-    return list(analyze(model, eps=eps).layers)
+    loaded = io.open_model(model_or_path, lazy=True)
+    with tempfile.TemporaryDirectory(prefix="onnxfib-") as scratch:
+        storage = None if loaded.directory is None else io.Storage(loaded.directory, Path(scratch))
+        return list(analyze(loaded.model, eps=eps, storage=storage).layers)
 
 
 @_silent
@@ -443,6 +521,7 @@ def validate(
     shaped from the reference); returns the report, whatever the verdict."""
     _check_tolerances(rtol, atol)
     seed = check_seed(seed)
-    ref = io.open_model(reference).model
-    cand = io.open_model(candidate).model
-    return validate_models(ref, cand, _inputs(ref, data, input_shapes, seed), rtol=rtol, atol=atol)
+    ref, cand = io.open_model(reference, lazy=True), io.open_model(candidate, lazy=True)
+    batches = _inputs(ref.model, data, input_shapes, seed)
+    return validate_models(ref.model if ref.path is None else ref.path, cand.model if cand.path is None else cand.path,
+                           batches, rtol=rtol, atol=atol)

@@ -127,6 +127,8 @@ def _validation_table(validation: ValidationReport, informative: bool = False, t
     ``tolerances_shown``: rtol/atol columns even where every output has the same."""
     count = validation.samples or validation.batches
     inputs = f"{count:,} input{'' if count == 1 else 's'}"
+    if validation.mode == "layers":
+        inputs += ", each model run one layer at a time"
     if informative:
         table = Table(title=f"Output error against the original ({inputs})")
         columns: tuple[str, ...] = ("output", "max abs error", "max rel error")
@@ -217,7 +219,7 @@ def _render_compress(console: Console, report: CompressionReport, output: Path, 
     if report.validation is not None:
         console.print(_validation_table(report.validation, informative=report.target is not None))
     else:
-        console.print("Validation skipped (--no-check).")
+        console.print("Validation skipped (--check none).")
 
 
 @app.command()
@@ -227,7 +229,12 @@ def compress(
     eps: float = typer.Option(0.0, "--eps", metavar="FLOAT", help=EPS_HELP),
     symmetry: str = typer.Option("fiber", "--symmetry", metavar=SYMMETRY_CHOICES,
                                  help="Base to collapse to: fiber (forward function) or cover."),
-    check: bool = typer.Option(True, "--check/--no-check", metavar="", help="Validate the result against the input in ONNX Runtime."),
+    check: str | None = typer.Option(
+        None, "--check", metavar="full|layers|none",
+        help="Validate the result against the input in ONNX Runtime: both models whole (full), one layer at a time "
+             "(layers: bounded memory), or not (none). Default: full, or layers for a model larger than half the "
+             "machine's memory.", show_default=False),
+    no_check: bool = typer.Option(False, "--no-check", metavar="", help="The same as --check none."),
     rtol: float | None = typer.Option(None, "--rtol", metavar="FLOAT", help=RTOL_HELP, show_default=False),
     atol: float | None = typer.Option(None, "--atol", metavar="FLOAT", help=ATOL_HELP, show_default=False),
     data: list[Path] | None = typer.Option(None, "--data", metavar="PATH", help=DATA_HELP),
@@ -271,16 +278,19 @@ against the original is reported, not checked against --rtol/--atol.
 
     Example: onnxfib compress model.onnx small.onnx --target-params 0.5"""
     shapes = _shapes(input_shape)
+    if no_check and check not in (None, "none"):
+        raise UsageError(f"--no-check contradicts --check {check}")
     io.check_output_path(output, protect=[input])
     if report is not None:
         io.check_output_path(report, protect=[input])
         if report.resolve() == output.resolve():
             raise UsageError(f"{report}: --report path is the output model path")
+    check_value: bool | str = False if no_check else True if check is None else check
     try:
         searching = any(limit is not None for limit in (target_params, max_error, max_drop, min_agreement, min_cosine))
         with _status("searching" if searching else "compressing", quiet) as progress:
             result = api.compress(
-                input, eps=eps, layer_eps=_layer_eps(layer_eps), symmetry=symmetry, check=check, rtol=rtol,
+                input, eps=eps, layer_eps=_layer_eps(layer_eps), symmetry=symmetry, check=check_value, rtol=rtol,
                 atol=atol, data=data or None, input_shapes=shapes, seed=seed, calibrate=calibrate, ridge=ridge,
                 target_params=target_params, max_error=max_error, max_drop=max_drop, min_agreement=min_agreement,
                 min_cosine=min_cosine, labels=labels,

@@ -8,6 +8,7 @@ other nodes share. Nothing here knows about colorings.
 from __future__ import annotations
 
 import hashlib
+import mmap
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -15,10 +16,18 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 import onnxruntime
+from onnx import external_data_helper
+
+from onnxfib import io
 
 _GENERATORS = {"ConstantOfShape", "Expand", "Tile", "Range", "EyeLike", "RandomNormal", "RandomUniform", "Identity"}
 _CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
+#: With a ``Storage``, rewritten constants of at least this many bytes are written to its scratch
+#: directory at once and read back memory-mapped, so a collapse holds no second copy of the weights.
+SPILL_BYTES = 1 << 20
+SPILL_FILE = "spill.data"
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -39,11 +48,17 @@ def _integer(tensor: gs.Tensor) -> bool:
 class GraphView:
     """The model's main graph with Constant nodes materialised as constants, in topological order."""
 
-    def __init__(self, model: onnx.ModelProto, *, prepared: gs.Graph | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, *, prepared: gs.Graph | None = None,
+                 storage: io.Storage | None = None) -> None:
         """View ``model``, preprocessed (shapes inferred, Constant nodes materialised, constant
         subexpressions folded, Concat/Slice pairs bypassed); ``prepared``, the :attr:`graph` of
-        an untouched view of the same model, is copied instead of preprocessing again."""
+        an untouched view of the same model, is copied instead of preprocessing again. With
+        ``storage`` (a model whose external data was not loaded) weights are read memory-mapped
+        from ``storage.source``, large rewritten ones go to ``storage.scratch`` as they are made,
+        and the export refers to both instead of holding their bytes (see :meth:`export`)."""
         self._source = model
+        self._storage = storage
+        self._lazy: dict[int, tuple[np.ndarray, LazyValues]] = {}  # id(constant) -> (its mapped values, where stored)
         if prepared is not None:
             self.graph = prepared.copy()
             self.input_names = {t.name for t in self.graph.inputs}
@@ -57,15 +72,76 @@ class GraphView:
         self._changed: set[str] = set()  # constants whose values set_constant changed in place
         self._narrowed: set[str] = set()  # tensors whose shapes forget_shape dropped
 
+    def _import(self, model: onnx.ModelProto) -> gs.Graph:
+        """graphsurgeon's import; with a storage, external tensors of the main graph read as
+        memory maps (their stored form kept for the export)."""
+        graph = gs.import_onnx(model)
+        if self._storage is not None:
+            for tensor in graph.tensors().values():
+                lazy = tensor._values if isinstance(tensor, gs.Constant) else None
+                if not isinstance(lazy, LazyValues) or not external_data_helper.uses_external_data(lazy.tensor):
+                    continue
+                values = io.mapped(lazy.tensor, self._storage.source)
+                if values is None:  # a dtype numpy cannot map: its bytes are read into memory
+                    loaded = onnx.TensorProto()
+                    loaded.CopyFrom(lazy.tensor)
+                    external_data_helper.load_external_data_for_tensor(loaded, str(self._storage.source))
+                    loaded.data_location = onnx.TensorProto.DEFAULT
+                    del loaded.external_data[:]
+                    tensor._values = LazyValues(loaded)
+                    continue
+                tensor.values = values
+                self._lazy[id(tensor)] = (values, lazy)
+        return graph
+
+    def _export_graph(self) -> onnx.ModelProto:
+        """graphsurgeon's export, with every constant still holding values read from or written to
+        disk exported as its stored (external) form instead of its bytes."""
+        swapped = []
+        for tensor in self.graph.tensors().values():
+            entry = self._lazy.get(id(tensor))
+            if entry is not None and tensor._values is entry[0]:
+                tensor._values = entry[1]
+                swapped.append((tensor, entry[0]))
+        try:
+            return gs.export_onnx(self.graph, do_type_check=False)
+        finally:
+            for tensor, values in swapped:
+                tensor._values = values
+
+    def release(self) -> None:
+        """Hand back the pages of memory-mapped weights this process has read (the file keeps them;
+        they are read again when next needed), so a streamed run holds about one layer at a time."""
+        for values, _ in self._lazy.values():
+            base = values.base
+            while base is not None and not isinstance(base, np.memmap):
+                base = getattr(base, "base", None)
+            handle = getattr(base, "_mmap", None)
+            if handle is not None:
+                handle.madvise(mmap.MADV_DONTNEED)
+
+    def _spilled(self, values: np.ndarray) -> tuple[np.ndarray, LazyValues | None]:
+        """``values`` written to the storage's scratch directory and mapped back, with their stored
+        form; ``values`` itself (and None) without a storage or below SPILL_BYTES."""
+        if self._storage is None or values.nbytes < SPILL_BYTES:
+            return values, None
+        path = self._storage.scratch / SPILL_FILE
+        with open(path, "ab") as handle:
+            offset = io.append_aligned(handle, memoryview(values).cast("B"))
+        stored = io.external_ref("spilled", values, path.resolve(), offset)
+        view = io.mapped(stored, path.parent)
+        return (values, None) if view is None else (view, LazyValues(stored))
+
     def _prepare(self, model: onnx.ModelProto) -> None:
-        self.graph = gs.import_onnx(_infer_shapes(model))
+        self.graph = self._import(_infer_shapes(model))
         self._materialise_constant_nodes()
         if self._fold_constants() and any(node.op == "Shape" for node in self.graph.nodes):
             # sizes folded into Reshape targets make more shapes static (a head split's width,
             # read back for 1/sqrt(d) scaling): infer again and fold the sizes that became known
-            folded = gs.export_onnx(self.graph, do_type_check=False)
+            folded = self._export_graph()
             _restore(folded, model, narrowed=set(), changed=set())  # sequence/map types infer again
-            self.graph = gs.import_onnx(_infer_shapes(folded))
+            self._lazy.clear()
+            self.graph = self._import(_infer_shapes(folded))
             self._fold_constants(sizes_only=True)
         self.input_names = {t.name for t in self.graph.inputs}
         self.output_names = {t.name for t in self.graph.outputs}
@@ -229,15 +305,26 @@ class GraphView:
         source = self._through_identity(old)
         origin = self._origin.get(id(source), source.name)
         if source is old and origin not in self._shared and len(old.outputs) == 1:
-            old.values = values
+            self._store(old, values)
             self._changed.add(old.name)
             return
         self._shared.add(origin)
         key = (origin, values.dtype.str, values.shape, hashlib.sha256(values.tobytes()).digest())
         if key not in self._rewritten:
             self._rewritten[key] = gs.Constant(f"{origin}__onnxfib{len(self._rewritten) + 1}", values)
+            self._store(self._rewritten[key], values)
             self._origin[id(self._rewritten[key])] = origin
         node.inputs[index] = self._rewritten[key]
+
+    def _store(self, constant: gs.Constant, values: np.ndarray) -> None:
+        """Give ``constant`` its new ``values`` (spilled to the storage when large)."""
+        values, stored = self._spilled(values)
+        constant.values = values
+        constant.data_location = None  # where the source kept it: its new values are exported as given
+        if stored is None:
+            self._lazy.pop(id(constant), None)
+        else:
+            self._lazy[id(constant)] = (values, stored)
 
     def reshape_target(self, reshape: gs.Node, *, lenient: bool = False) -> list[int] | None:
         """A Reshape's target: a constant, or a Concat of constant pieces and pieces that read
@@ -387,13 +474,15 @@ class GraphView:
     def export(self, *, unchanged: bool = False) -> onnx.ModelProto:
         """The rewritten model: graphsurgeon's export with what it drops restored from the
         source (:func:`_restore`); a copy of the source itself when the caller says nothing
-        was rewritten (``unchanged``: no plan merged anything)."""
+        was rewritten (``unchanged``: no plan merged anything). With a storage, constants read
+        from or spilled to disk stay there: the model refers to them as external data, relative
+        to ``storage.source`` or by absolute path (spilled), which ``io.write_model`` reads."""
         model = onnx.ModelProto()
         if unchanged:
             model.CopyFrom(self._source)
             return model
         self.graph.cleanup(remove_unused_graph_inputs=False)
-        model = gs.export_onnx(self.graph, do_type_check=False)
+        model = self._export_graph()
         _restore(model, self._source, narrowed=self._narrowed, changed=self._changed)
         return model
 
@@ -407,13 +496,13 @@ def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
-def _outer_names(graph: onnx.GraphProto) -> set[str]:
+def outer_names(graph: onnx.GraphProto) -> set[str]:
     """The names a subgraph (its own subgraphs included) reads from enclosing scopes."""
     defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
     defined |= {t.values.name for t in graph.sparse_initializer}
     defined |= {name for node in graph.node for name in node.output}
     read = {name for node in graph.node for name in node.input if name}
-    read |= {name for node in graph.node for sub in _subgraphs(node) for name in _outer_names(sub)}
+    read |= {name for node in graph.node for sub in _subgraphs(node) for name in outer_names(sub)}
     return read - defined
 
 
@@ -514,7 +603,7 @@ def _restore(model: onnx.ModelProto, source: onnx.ModelProto, *, narrowed: set[s
     # the source's subgraphs are back, so their outer names must be defined at this scope
     scope = {v.name for v in graph.input} | {t.name for t in graph.initializer}
     scope |= {name for node in graph.node for name in node.output}
-    wanted = {name for node in graph.node for sub in _subgraphs(node) for name in _outer_names(sub)} - scope
+    wanted = {name for node in graph.node for sub in _subgraphs(node) for name in outer_names(sub)} - scope
     constant_nodes = {n.output[0]: n for n in original.node if n.op_type == "Constant" and len(n.output) == 1}
     for name in sorted(wanted):
         if name in stored or name in folded:

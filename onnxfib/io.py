@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import os
 import re
 import secrets
@@ -12,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import onnx
 from onnx import external_data_helper
 
@@ -23,18 +26,92 @@ PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF
 
 #: Tensors of at least this many bytes go to the external data file (onnx's own default).
 EXTERNAL_THRESHOLD = 1024
+#: Tensors of at least this many bytes start at a page boundary of the data file, so that readers
+#: (numpy, ONNX Runtime) can map them instead of copying them.
+ALIGNED_BYTES = 1 << 20
+_PAGE = 4096
+_COPY_CHUNK = 16 << 20
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 
 
 class LoadedModel(NamedTuple):
     """A checked model, the file it came from (None when given in memory), whether that file kept
-    its tensors in external data, and every file it was read from (model and data files)."""
+    its tensors in external data, every file it was read from (model and data files) and, when
+    its external data was left on disk (``open_model(lazy=True)``), the directory its tensors'
+    locations are relative to."""
 
     model: onnx.ModelProto
     path: Path | None
     external_data: bool
     files: tuple[Path, ...] = ()
+    directory: Path | None = None
+
+
+class Storage(NamedTuple):
+    """Where the tensors of a lazily loaded model live (``source``: the directory its external data
+    locations are relative to; absolute locations are read as they are) and a private directory
+    (``scratch``) for tensors written while compressing it."""
+
+    source: Path
+    scratch: Path
+
+
+def mapped(tensor: onnx.TensorProto, directory: Path) -> np.ndarray | None:
+    """A read-only memory map of an external tensor's values (relative locations resolved against
+    ``directory``); None where numpy cannot map it (a dtype numpy does not hold natively, a length
+    that disagrees with the shape, a missing file)."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    except (KeyError, TypeError, ValueError):
+        return None
+    shape = tuple(int(d) for d in tensor.dims)
+    length = math.prod(shape) * dtype.itemsize
+    if dtype.kind not in "biuf" or (info.length and info.length != length) or length == 0:
+        return None
+    try:
+        return np.asarray(np.memmap(directory / info.location, dtype=dtype, mode="r",
+                                    offset=info.offset or 0, shape=shape))
+    except (OSError, ValueError):
+        return None
+
+
+def external_ref(name: str, values: np.ndarray, location: Path, offset: int) -> onnx.TensorProto:
+    """A tensor named ``name`` whose ``values`` (their dtype and shape) are stored at ``offset`` of the
+    file ``location`` (an absolute path: only onnxfib's own writer reads such a tensor)."""
+    tensor = onnx.TensorProto(name=name, dims=values.shape,
+                              data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
+    _locate(tensor, str(location), offset, values.nbytes)
+    return tensor
+
+
+def _locate(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Record that ``tensor``'s values are ``length`` bytes at ``offset`` of ``location`` (its
+    in-memory bytes, if any, dropped)."""
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+
+
+def _aligned_end(handle, length: int) -> int:
+    """Move ``handle`` (an open binary file) to its end, padded to a page boundary when ``length``
+    bytes of at least ALIGNED_BYTES are to follow; returns that offset."""
+    handle.seek(0, os.SEEK_END)
+    offset = handle.tell()
+    if length >= ALIGNED_BYTES and offset % _PAGE:
+        handle.write(b"\0" * (_PAGE - offset % _PAGE))
+        offset = handle.tell()
+    return offset
+
+
+def append_aligned(handle, data: bytes | memoryview) -> int:
+    """Write ``data`` at the end of ``handle`` (see ``_aligned_end``); returns where it starts."""
+    offset = _aligned_end(handle, len(data))
+    handle.write(data)
+    return offset
 
 
 def first_line(exc: BaseException) -> str:
@@ -73,6 +150,18 @@ def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from in_graph(model.graph)
     for function in model.functions:
         yield from in_graph(function)
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of ``model`` keeps its values in external data (not loaded)."""
+    return any(external_data_helper.uses_external_data(t) for t in all_tensors(model))
+
+
+def stored_bytes(model: onnx.ModelProto) -> int:
+    """The model's size as stored: its serialized size plus the bytes of its tensors kept in
+    external data."""
+    return model.ByteSize() + sum(external_data_helper.ExternalDataInfo(t).length or 0
+                                  for t in all_tensors(model) if external_data_helper.uses_external_data(t))
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -115,10 +204,11 @@ def _check(model: onnx.ModelProto, path: Path | None) -> None:
         onnx.checker.check_model(model, full_check=True)
 
 
-def open_model(source: ModelSource) -> LoadedModel:
+def open_model(source: ModelSource, *, lazy: bool = False) -> LoadedModel:
     """Load ``source`` (a path, or a ModelProto that is copied, never modified) with its external
-    data in memory and pass it through the full checker; any failure raises InvalidModelError
-    (UsageError for a source of another type)."""
+    data in memory (with ``lazy``, left on disk: ``LoadedModel.directory`` says where) and pass it
+    through the full checker; any failure raises InvalidModelError (UsageError for a source of
+    another type)."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -146,15 +236,38 @@ def open_model(source: ModelSource) -> LoadedModel:
     }
     external = bool(data_files)
     try:
+        _check(model, path)
+    except Exception as exc:
+        raise InvalidModelError(f"{path}: model fails the ONNX checker: {first_line(exc)}") from exc
+    if external and lazy:
+        try:
+            _check_regions(model, path.resolve().parent)
+        except (OSError, ValueError) as exc:
+            raise InvalidModelError(f"{path}: cannot read its external data ({first_line(exc)})") from exc
+        return LoadedModel(model, path, external, (path, *sorted(data_files)), path.resolve().parent)
+    try:
         if external:
             external_data_helper.load_external_data_for_model(model, str(path.resolve().parent))
     except Exception as exc:
         raise InvalidModelError(f"{path}: cannot read its external data ({first_line(exc)})") from exc
-    try:
-        _check(model, path)
-    except Exception as exc:
-        raise InvalidModelError(f"{path}: model fails the ONNX checker: {first_line(exc)}") from exc
     return LoadedModel(model, path, external, (path, *sorted(data_files)))
+
+
+def _check_regions(model: onnx.ModelProto, directory: Path) -> None:
+    """ValueError unless every external tensor's bytes lie inside its data file (what loading it
+    would find out), without reading them."""
+    for tensor in all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        size = (directory / info.location).stat().st_size
+        offset, length = info.offset or 0, info.length
+        if not length:
+            with contextlib.suppress(KeyError, TypeError, ValueError):  # a type numpy lacks: the offset only
+                length = math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        if offset + (length or 0) > size:
+            raise ValueError(f"tensor '{tensor.name}' needs bytes {offset} to {offset + (length or 0)} of "
+                             f"{info.location}, which holds {size}")
 
 
 def load_model(source: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
@@ -183,22 +296,74 @@ def check_output_path(path: str | os.PathLike, *, protect: Iterable[str | os.Pat
     return out
 
 
+def _shallow(message, skip: str):
+    """A copy of a protobuf ``message`` without its field ``skip``."""
+    copy = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(copy, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(copy, field.name).CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    return copy
+
+
+def _copy_region(source: Path, offset: int, length: int, handle) -> int:
+    """Append ``length`` bytes of ``source`` from ``offset`` to ``handle`` (aligned as
+    ``append_aligned``), a chunk at a time; returns where they start."""
+    start = _aligned_end(handle, length)
+    with open(source, "rb") as src:
+        src.seek(offset)
+        remaining = length
+        while remaining:
+            chunk = src.read(min(remaining, _COPY_CHUNK))
+            if not chunk:
+                raise OSError(f"{source}: shorter than its tensors say")
+            handle.write(chunk)
+            remaining -= len(chunk)
+    return start
+
+
 def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool,
-                location: str | None = None) -> onnx.ModelProto:
-    """Serialize to ``target`` (not atomic); external data goes to ``location`` beside it
-    (default ``<target name>.data``). Returns the proto as written (tensors moved out of it)."""
+                location: str | None = None, source: Path | None = None) -> onnx.ModelProto:
+    """Serialize to ``target`` (not atomic); external data goes to ``location`` beside it (default
+    ``<target name>.data``), one tensor at a time: main-graph initializers of at least
+    EXTERNAL_THRESHOLD bytes held in memory, and every tensor already stored externally (read from
+    its location relative to ``source``, or absolute). Returns the proto as written (tensors moved
+    out of it); ``model`` is not changed."""
     if not external_data:
         onnx.save_model(model, str(target), format="protobuf")
         return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # saving moves tensor bytes out of the proto it is given
-    # Mark the tensors ourselves: onnx's save_as_external_data refuses when a file of the
-    # data file's name exists in the *working* directory, not next to the model.
-    for tensor in copy.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
-            external_data_helper.set_external_data(tensor, location or target.name + ".data")
-    onnx.save_model(copy, str(target), format="protobuf")
-    return copy
+    location = location or target.name + ".data"
+    written = onnx.ModelProto()
+    written.CopyFrom(_shallow(model, "graph"))
+    written.graph.CopyFrom(_shallow(model.graph, "initializer"))
+    with open(target.parent / location, "wb") as handle:
+        def store(tensor: onnx.TensorProto) -> None:
+            if external_data_helper.uses_external_data(tensor):
+                info = external_data_helper.ExternalDataInfo(tensor)
+                path = Path(info.location) if os.path.isabs(info.location) else (source or target.parent) / info.location
+                length = info.length or (path.stat().st_size - (info.offset or 0))
+                _locate(tensor, location, _copy_region(path, info.offset or 0, length, handle), length)
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+                _locate(tensor, location, append_aligned(handle, tensor.raw_data), len(tensor.raw_data))
+
+        for tensor in model.graph.initializer:  # one tensor's bytes in memory at a time
+            copy = written.graph.initializer.add()
+            copy.CopyFrom(tensor)
+            store(copy)
+        others = itertools.islice(all_tensors(written), len(written.graph.initializer), None)
+        for tensor in others:  # tensors in nodes' attributes stay inline unless stored externally
+            if external_data_helper.uses_external_data(tensor):
+                store(tensor)
+        empty = handle.tell() == 0
+    if empty:
+        (target.parent / location).unlink()
+    onnx.save_model(written, str(target), format="protobuf")
+    return written
 
 
 #: Temporary files and directories beside an output are named ``.onnxfib-<pid>-...``.
@@ -270,7 +435,7 @@ def _relocated(written: onnx.ModelProto, location: str) -> bytes:
     return copy.SerializeToString()
 
 
-def _install_external(model: onnx.ModelProto, out: Path, tmp: Path, protect: tuple) -> None:
+def _install_external(model: onnx.ModelProto, out: Path, tmp: Path, protect: tuple, source: Path | None) -> None:
     """Write ``model`` with external data over ``out`` so that at every instant the pair on disk
     is wholly old or wholly new. Where the existing ``out`` reads ``<out>.data``, that file cannot
     be replaced first, so the new data goes under a unique name ``<out>.<12 hex>.data`` and the
@@ -283,7 +448,7 @@ def _install_external(model: onnx.ModelProto, out: Path, tmp: Path, protect: tup
     read_before = _referenced_data(out) if out.exists() else set()
     busy = data_name in read_before
     name = f"{out.name}.{secrets.token_hex(6)}.data" if busy else data_name
-    written = write_model(model, tmp / out.name, external_data=True, location=name)
+    written = write_model(model, tmp / out.name, external_data=True, location=name, source=source)
     for path in tmp.iterdir():
         _seal(path)
     has_data = (tmp / name).exists()  # absent when every tensor is under onnx's 1 KB threshold
@@ -324,16 +489,18 @@ def save_model(
     *,
     external_data: bool,
     protect: Iterable[str | os.PathLike] = (),
+    source: Path | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically: files are written in a temporary directory next to
     the target and renamed into place, so the output appears whole or not at all, and a model
     with external data replaces an existing pair wholly (see ``_install_external``). Tensors go
-    to ``<name>.data`` when ``external_data`` is set or the model is too large for one protobuf.
+    to ``<name>.data`` when ``external_data`` is set, the model keeps tensors in external data
+    (read relative to ``source``, see ``write_model``) or it is too large for one protobuf.
     Temporary files of killed runs in the directory are removed first. Refuses (UsageError) to
     overwrite ``protect`` or to write into a missing/unwritable directory."""
     protect = tuple(protect)
     out = check_output_path(path, protect=protect)
-    use_external = external_data or too_large(model)
+    use_external = external_data or has_external(model) or too_large(model)
     if use_external:
         _refuse_input(out.with_name(out.name + ".data"), protect)
     parent = out.resolve().parent
@@ -345,7 +512,7 @@ def save_model(
         raise UsageError(f"{out}: cannot write in its directory ({first_line(exc)})") from exc
     try:
         if use_external:
-            _install_external(model, target, tmp, protect)
+            _install_external(model, target, tmp, protect, source)
         else:
             read_before = _referenced_data(target) if target.exists() else set()
             write_model(model, tmp / out.name, external_data=False)
@@ -404,16 +571,30 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, protect: Iterabl
     return out
 
 
-def finalize_model(model: onnx.ModelProto, *, eps: float, symmetry: str) -> onnx.ModelProto:
+#: The file a streamed compression writes its model to, inside ``Storage.scratch``.
+SCRATCH_MODEL = "model.onnx"
+
+
+def finalize_model(model: onnx.ModelProto, *, eps: float, symmetry: str,
+                   storage: Storage | None = None) -> onnx.ModelProto:
     """Record the run's settings in ``metadata_props`` (``onnxfib.*`` keys, replacing old ones),
     then require the full checker and strict shape inference to pass; a failure is an internal
-    bug and raises InternalError. Modifies and returns ``model``."""
+    bug and raises InternalError. Modifies and returns ``model``; with ``storage`` (a model whose
+    tensors are on disk) the model is first written to ``storage.scratch / SCRATCH_MODEL`` with
+    its data beside it, checked from there, and returned as written (data relative to scratch)."""
     settings = {"onnxfib.version": __version__, "onnxfib.eps": repr(float(eps)), "onnxfib.symmetry": symmetry}
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **settings})
+    target = None if storage is None else storage.scratch / SCRATCH_MODEL
     try:
-        _check(model, None)
-        if not too_large(model):
-            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        if storage is not None and target is not None:
+            model = write_model(model, target, external_data=True, source=storage.source)
+            onnx.checker.check_model(str(target), full_check=True)  # strict shape inference included
+        else:
+            _check(model, None)
+            if not too_large(model):
+                onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write the compressed model's working copy ({first_line(exc)})") from exc
     except Exception as exc:
         raise InternalError(
             f"internal error: the compressed model is not valid ONNX ({first_line(exc)}); "

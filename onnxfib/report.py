@@ -86,7 +86,9 @@ class ValidationReport:
     rtol: float | None
     atol: float | None
     batches: int
-    samples: int = 0
+    samples: int = 0  # inputs compared: rows of the batches' shared first axis (1 per batch
+    # without one)
+    mode: str = "full"  # "full": whole ONNX Runtime sessions; "layers": one layer at a time
 
     @property
     def ok(self) -> bool:
@@ -99,6 +101,7 @@ class ValidationReport:
             "atol": self.atol,
             "batches": self.batches,
             "samples": self.samples,
+            "mode": self.mode,
             "outputs": [o.to_dict() for o in self.outputs],
         }
 

@@ -33,6 +33,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxfib.errors import InvalidModelError, UsageError
+from onnxfib.graph import outer_names
 from onnxfib.io import first_line, too_large, write_model
 from onnxfib.report import OutputError, ValidationReport
 
@@ -44,6 +45,8 @@ DTYPE_TOLERANCES = {onnx.TensorProto.FLOAT16: (1e-2, 1e-2), onnx.TensorProto.BFL
 #: The most elements one generated batch holds over all inputs (2**26: 512 MB as float64 while
 #: drawn); larger declared or requested shapes are refused rather than exhausting memory.
 MAX_GENERATED_ELEMENTS = 2**26
+#: ``run_by_layers`` cuts a model after the node at which its sub-model's weights reach this many bytes.
+LAYER_BYTES = 64 << 20
 
 Batch = dict[str, np.ndarray]
 Shape = tuple[int | str | None, ...]
@@ -328,14 +331,28 @@ def load_data(paths: str | os.PathLike | Sequence[str | os.PathLike], model: onn
     return batches
 
 
-def _session(model: onnx.ModelProto, role: str) -> tuple[ort.InferenceSession, tempfile.TemporaryDirectory | None]:
-    """An ORT CPU session; models too large for one protobuf go through a temporary file."""
+#: A model to run: in memory, or a file (its external data beside it), which ORT reads itself.
+ModelFile = onnx.ModelProto | Path
+
+
+def _skeleton(model: ModelFile) -> onnx.ModelProto:
+    """The model's graph (a file's read without its external data)."""
+    return model if isinstance(model, onnx.ModelProto) else onnx.load_model(str(model), load_external_data=False)
+
+
+def _session(model: ModelFile, role: str) -> tuple[ort.InferenceSession, tempfile.TemporaryDirectory | None]:
+    """An ORT CPU session; a file is read by ORT itself, models too large for one protobuf go
+    through a temporary file."""
     holder = None
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures reach the caller as exceptions; keep stderr clean
     # idle ORT threads must not spin: numpy's BLAS runs between ORT calls (refits) on the same cores
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # no second, pre-packed copy of every weight: a check runs each model a few times only
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
+        if isinstance(model, Path):
+            return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"]), None
         if too_large(model):
             holder = tempfile.TemporaryDirectory()
             target = Path(holder.name) / "model.onnx"
@@ -348,7 +365,7 @@ def _session(model: onnx.ModelProto, role: str) -> tuple[ort.InferenceSession, t
         raise InvalidModelError(f"ONNX Runtime cannot load the {role} model: {first_line(exc)}") from exc
 
 
-def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray] | None = None) -> None:
+def check_runs(model: ModelFile, batch: Mapping[str, np.ndarray] | None = None) -> None:
     """Load ``model`` in ONNX Runtime and, given ``batch``, run it on that batch (whole: a static
     batch axis takes no fewer rows); InvalidModelError naming the input model when ORT cannot
     (the checker accepts some models ORT refuses, e.g. a Conv kernel that disagrees with ``group``)."""
@@ -397,38 +414,49 @@ def compare_outputs(name: str, refs: list[np.ndarray], cands: list[np.ndarray], 
     return OutputError(name, max_abs, max_rel, ok, rtol, atol)
 
 
+def _outputs(model: ModelFile, names: Sequence[str], inputs: Sequence[Mapping[str, np.ndarray]],
+             role: str) -> list[dict[str, np.ndarray]]:
+    """The named outputs of ``model`` on every batch (one session, closed before returning), fed
+    as :class:`_Feed` says (declared dtypes, a declared batch at a time)."""
+    feed = _Feed(_skeleton(model))
+    session, holder = _session(model, role)
+    try:
+        return [dict(zip(names, feed.run(session, list(names), batch, role))) for batch in inputs]
+    finally:
+        del session
+        if holder is not None:
+            holder.cleanup()
+
+
 def validate_models(
-    reference: onnx.ModelProto,
-    candidate: onnx.ModelProto,
+    reference: ModelFile,
+    candidate: ModelFile,
     inputs: Sequence[Mapping[str, np.ndarray]],
     *,
     rtol: float | None = None,
     atol: float | None = None,
+    mode: str = "full",
+    layer_bytes: int = LAYER_BYTES,
 ) -> ValidationReport:
-    """Run both models in ONNX Runtime (CPU) on every batch and compare outputs by name, within
-    ``rtol``/``atol`` or, where None, the defaults of each reference output's dtype
-    (``default_tolerances``). InvalidModelError if ORT cannot load or run a model; UsageError if
-    their outputs differ in name."""
-    ref_names = [o.name for o in reference.graph.output]
-    cand_names = [o.name for o in candidate.graph.output]
+    """Run both models in ONNX Runtime (CPU) on every batch, one after the other, and compare
+    outputs by name, within ``rtol``/``atol`` or, where None, the defaults of each reference
+    output's dtype (``default_tolerances``). ``mode`` "layers" runs each model as a chain of
+    sub-models of about ``layer_bytes`` of weights each (``run_by_layers``: at most one layer's
+    weights in memory), "full" as whole sessions. InvalidModelError if ORT cannot load or run a model;
+    UsageError if their outputs differ in name."""
+    ref_graph, cand_graph = _skeleton(reference), _skeleton(candidate)
+    ref_names = [o.name for o in ref_graph.graph.output]
+    cand_names = [o.name for o in cand_graph.graph.output]
     if sorted(ref_names) != sorted(cand_names):
         raise UsageError(f"the models have different outputs: {ref_names} vs {cand_names}")
-    feed = _Feed(reference)
-    ref_session, ref_tmp = _session(reference, "reference")
-    try:
-        cand_session, cand_tmp = _session(candidate, "candidate")
-        try:
-            ref_runs, cand_runs = [], []
-            for batch in chunked(inputs):
-                ref_runs.append(dict(zip(ref_names, feed.run(ref_session, ref_names, batch, "reference"))))
-                cand_runs.append(dict(zip(ref_names, feed.run(cand_session, ref_names, batch, "candidate"))))
-        finally:
-            if cand_tmp is not None:
-                cand_tmp.cleanup()
-    finally:
-        if ref_tmp is not None:
-            ref_tmp.cleanup()
-    types = {o.name: o.type.tensor_type.elem_type for o in reference.graph.output}
+    def run(model: ModelFile, role: str) -> list[dict[str, np.ndarray]]:
+        if mode == "layers":
+            return run_by_layers(model, ref_names, inputs, role, layer_bytes)
+        return _outputs(model, ref_names, inputs, role)
+
+    ref_runs = run(reference, "reference")
+    cand_runs = run(candidate, "candidate")
+    types = {o.name: o.type.tensor_type.elem_type for o in ref_graph.graph.output}
     outputs = []
     for name in ref_names:
         default_rtol, default_atol = default_tolerances(types[name])
@@ -440,7 +468,7 @@ def validate_models(
             atol=default_atol if atol is None else atol,
         ))
     samples = sum(common_rows(batch) or 1 for batch in inputs)
-    return ValidationReport(outputs=outputs, rtol=rtol, atol=atol, batches=len(inputs), samples=samples)
+    return ValidationReport(outputs=outputs, rtol=rtol, atol=atol, batches=len(inputs), samples=samples, mode=mode)
 
 
 def common_rows(batch: Mapping[str, np.ndarray]) -> int | None:
@@ -494,7 +522,8 @@ class _Feed:
                        for name, (elem_type, _) in graph_inputs(model).items()}
         self.size = declared_batch(model)
 
-    def _cast(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def cast(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``batch`` with every input as the model declares its dtype."""
         return {name: np.ascontiguousarray(value, dtype=self.dtypes.get(name)) for name, value in batch.items()}
 
     def run(self, session: ort.InferenceSession, names: list[str], batch: Mapping[str, np.ndarray],
@@ -527,6 +556,91 @@ class _Feed:
     def _run(self, session: ort.InferenceSession, names: list[str], batch: Mapping[str, np.ndarray],
              role: str) -> list:
         try:
-            return session.run(names, self._cast(batch))
+            return session.run(names, self.cast(batch))
         except Exception as exc:
             raise InvalidModelError(f"ONNX Runtime cannot run the {role} model: {first_line(exc)}") from exc
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's values from its dims and type (nothing read or serialized)."""
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 1
+    return math.prod(tensor.dims) * itemsize
+
+
+def layers(model: onnx.ModelProto, layer_bytes: int = LAYER_BYTES) -> list[list[onnx.NodeProto]]:
+    """The main graph's nodes in their (topological) order, cut after every node at which the
+    weights read since the last cut reach ``layer_bytes``."""
+    sizes = {t.name: _tensor_nbytes(t) for t in model.graph.initializer}
+    layers: list[list[onnx.NodeProto]] = [[]]
+    weights = 0
+    seen: set[str] = set()
+    for node in model.graph.node:
+        layers[-1].append(node)
+        for name in _reads(node):
+            if name in sizes and name not in seen:
+                seen.add(name)
+                weights += sizes[name]
+        if weights >= layer_bytes:
+            layers.append([])
+            weights, seen = 0, set()
+    return [layer for layer in layers if layer]
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The names a node reads: its inputs and what its subgraphs read from the outer scope."""
+    subgraphs = [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+    return [n for n in node.input if n] + sorted(set().union(*(outer_names(g) for g in subgraphs)))
+
+
+def _value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
+    """A graph input typed like ``value``, every axis of unknown size."""
+    dims = [f"{name}_d{axis}" for axis in range(value.ndim)]
+    return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), dims)
+
+
+def run_by_layers(model: ModelFile, names: Sequence[str], inputs: Sequence[Mapping[str, np.ndarray]],
+                  role: str, layer_bytes: int = LAYER_BYTES) -> list[dict[str, np.ndarray]]:
+    """The named outputs of ``model`` on every batch, computed one layer at a time: the graph is cut
+    into sub-models of about ``layer_bytes`` of weights each (``layers``), each written to a
+    temporary file with only its own weights and run on the activations the earlier ones computed,
+    which are dropped once no later layer reads them. The same values as one whole session, with at
+    most one layer's weights in memory. Models whose outputs are not all computed by nodes, whose
+    activations are not all tensors, or that declare a fixed batch (their reshapes may name it) run
+    whole."""
+    graph = _skeleton(model)
+    source = model.resolve().parent if isinstance(model, Path) else None
+    initializers = {t.name: t for t in graph.graph.initializer}
+    produced = {name for node in graph.graph.node for name in node.output}
+    feed = _Feed(graph)
+    if any(name not in produced for name in names) or feed.size is not None:
+        return _outputs(model, names, inputs, role)
+    parts = layers(graph, layer_bytes)
+    later: list[set[str]] = [set(names)]  # later[i]: read by parts after i, or asked for
+    for layer in reversed(parts[1:]):
+        later.insert(0, later[0] | {n for node in layer for n in _reads(node)})
+    values: list[dict[str, np.ndarray]] = [feed.cast(batch) for batch in inputs]
+    with tempfile.TemporaryDirectory() as tmp:
+        for layer, needed in zip(parts, later):
+            made = {name for node in layer for name in node.output if name}
+            reads = list(dict.fromkeys(n for node in layer for n in _reads(node) if n not in made))
+            feeds = [n for n in reads if n not in initializers]
+            outs = [n for n in dict.fromkeys(o for node in layer for o in node.output) if n in needed]
+            if not outs:
+                continue
+            if any(not isinstance(values[0].get(n), np.ndarray) for n in feeds):
+                return _outputs(model, names, inputs, role)
+            sub = onnx.helper.make_model(
+                onnx.helper.make_graph(layer, f"{graph.graph.name}_layer",
+                                       [_value_info(n, values[0][n]) for n in feeds],
+                                       [onnx.ValueInfoProto(name=n) for n in outs],
+                                       [initializers[n] for n in reads if n in initializers]),
+                opset_imports=graph.opset_import, ir_version=max(graph.ir_version, 4), functions=graph.functions)
+            target = Path(tmp) / "layer.onnx"
+            write_model(sub, target, external_data=True, source=source)
+            del sub
+            for batch, got in zip(values, _outputs(target, outs, [{n: v[n] for n in feeds} for v in values], role)):
+                batch.update(got)
+                for name in [n for n in batch if n not in needed]:
+                    del batch[name]
+    return [{name: batch[name] for name in names} for batch in values]

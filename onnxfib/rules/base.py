@@ -43,8 +43,9 @@ class Plan:
         values = np.asarray(values, dtype=np.float64)
         shape = [1] * values.ndim
         shape[axis] = -1
-        numerator = self.partition.reduce(values * self.scales.reshape(shape), axis)
-        return numerator / self.partition.reduce(self.scales**2, 0).reshape(shape)
+        numerator = self.partition.reduce(values * self.scales.reshape(shape), axis)  # a new array
+        numerator /= self.partition.reduce(self.scales ** 2, 0).reshape(shape)
+        return numerator
 
 
 class Context(Protocol):

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import GraphView
-from .base import Context, Declined, Port, Site, channel_rows, is_per_channel, merge_channels
+from .base import Context, Declined, Plan, Port, Site, channel_rows, is_per_channel, merge_channels
 
 
 @dataclass
@@ -43,10 +43,12 @@ class LinearSite(Site):
 
     def matrix(self) -> np.ndarray:
         """The weight as (out channels, in channels, rest), alpha applied, float64."""
-        w = np.moveaxis(
-            self._stored(self.weight).astype(np.float64), (self.out_axis, self.in_axis), (0, 1)
-        )
-        return self.alpha * w.reshape(w.shape[0], w.shape[1], -1)
+        stored = self._stored(self.weight).astype(np.float64)
+        w = np.moveaxis(stored, (self.out_axis, self.in_axis), (0, 1))
+        w = w.reshape(w.shape[0], w.shape[1], -1)
+        if self.alpha != 1:
+            w *= self.alpha  # in place: a wide layer's float64 copy is the largest array of a run
+        return w
 
     @property
     def _bias_axis(self) -> int:
@@ -61,10 +63,13 @@ class LinearSite(Site):
 
     def forward(self, ctx: Context) -> None:
         x = ctx.fiber(self.inputs[0])
-        w = self.matrix() * x.scales[None, :, None]
+        w = self.matrix()
+        w *= x.scales[None, :, None]
         aggregated = x.partition.reduce(w, 1).reshape(w.shape[0], -1)
+        del w  # the copies below and the clustering need the memory
         bias = self.bias_rows()
         signature = aggregated if bias is None else np.hstack([aggregated, bias])
+        del aggregated
         ctx.set_fiber(self.outputs[0], ctx.tol.cluster(signature))
 
     def backward(self, ctx: Context) -> None:
@@ -77,12 +82,8 @@ class LinearSite(Site):
         inp, out = ctx.plan(self.inputs[0]), ctx.plan(self.outputs[0])
         if inp is None and out is None:
             return
-        w = self._stored(self.weight).astype(np.float64)
-        if inp is not None:
-            w = inp.partition.reduce(w * _along(inp.scales, self.in_axis, w.ndim), self.in_axis)
-        if out is not None:
-            w = out.fit_base(w, self.out_axis)
-        ctx.graph.set_constant(*self.weight, w)
+        collapsed = _collapsed(self._stored(self.weight), inp, self.in_axis, out, self.out_axis)
+        ctx.graph.set_constant(*self.weight, collapsed)
         if out is not None and self.bias is not None:
             merged = merge_channels(
                 self._stored(self.bias),
@@ -160,6 +161,45 @@ class LinearSite(Site):
                 b.size // width * out_width if is_per_channel(b, self._bias_axis, width) else b.size
             )
         return int(total)
+
+
+#: Rows (then columns) of a weight collapsed at a time, so that a wide layer's float64 working
+#: copies stay a block, not the whole matrix.
+BLOCK = 1024
+
+
+def _part(array: np.ndarray, axis: int, start: int) -> tuple[slice, ...]:
+    """The index of entries ``start`` to ``start + BLOCK`` of ``array`` along ``axis``."""
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(start, start + BLOCK)
+    return tuple(index)
+
+
+def _collapsed(stored: np.ndarray, inp: Plan | None, in_axis: int, out: Plan | None,
+               out_axis: int) -> np.ndarray:
+    """Eq. 10 with the scale rule on a weight: input channels summed per color times their
+    scales (``inp``), then output channels fitted per color (``out.fit_base``), in float64 and
+    returned in the stored dtype. Each output entry depends on one block of rows (columns) only,
+    so the work goes a BLOCK at a time with the same sums as on the whole matrix."""
+    columns = stored
+    if inp is not None:
+        shape = list(stored.shape)
+        shape[in_axis] = inp.partition.n_colors
+        columns = np.empty(shape, np.float64 if out is not None else stored.dtype)
+        for start in range(0, stored.shape[out_axis], BLOCK):
+            part = _part(stored, out_axis, start)
+            block = stored[part].astype(np.float64)
+            block *= _along(inp.scales, in_axis, block.ndim)
+            columns[part] = inp.partition.reduce(block, in_axis)
+    if out is None:
+        return columns
+    shape = list(columns.shape)
+    shape[out_axis] = out.partition.n_colors
+    result = np.empty(shape, stored.dtype)
+    for start in range(0, columns.shape[in_axis], BLOCK):
+        part = _part(columns, in_axis, start)
+        result[part] = out.fit_base(columns[part], out_axis)
+    return result
 
 
 def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
