@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -382,9 +382,14 @@ def check_runs(model: ModelFile, batch: Mapping[str, np.ndarray] | None = None) 
 
 def _as_array(value: object) -> np.ndarray:
     """ORT outputs as float64 arrays; sequences of maps (e.g. ZipMap probabilities) become rows."""
+    return _native(value).astype(np.float64)
+
+
+def _native(value: object) -> np.ndarray:
+    """ORT outputs as arrays of their own dtype; sequences of maps become float64 rows."""
     if isinstance(value, list) and value and isinstance(value[0], dict):
         return np.array([[row[k] for k in sorted(row)] for row in value], dtype=np.float64)
-    return np.asarray(value).astype(np.float64)
+    return np.asarray(value)
 
 
 def default_tolerances(elem_type: int) -> tuple[float, float]:
@@ -417,11 +422,11 @@ def compare_outputs(name: str, refs: list[np.ndarray], cands: list[np.ndarray], 
 def _outputs(model: ModelFile, names: Sequence[str], inputs: Sequence[Mapping[str, np.ndarray]],
              role: str) -> list[dict[str, np.ndarray]]:
     """The named outputs of ``model`` on every batch (one session, closed before returning), fed
-    as :class:`_Feed` says (declared dtypes, a declared batch at a time)."""
+    as :class:`_Feed` says (declared dtypes, a declared batch at a time), in their own dtypes."""
     feed = _Feed(_skeleton(model))
     session, holder = _session(model, role)
     try:
-        return [dict(zip(names, feed.run(session, list(names), batch, role))) for batch in inputs]
+        return [dict(zip(names, feed.run(session, list(names), batch, role, _native))) for batch in inputs]
     finally:
         del session
         if holder is not None:
@@ -527,15 +532,15 @@ class _Feed:
         return {name: np.ascontiguousarray(value, dtype=self.dtypes.get(name)) for name, value in batch.items()}
 
     def run(self, session: ort.InferenceSession, names: list[str], batch: Mapping[str, np.ndarray],
-            role: str) -> list[np.ndarray]:
-        """The named tensors on ``batch`` as float64 arrays. With a declared batch the samples go in
+            role: str, convert: Callable[[object], np.ndarray] = _as_array) -> list[np.ndarray]:
+        """The named tensors on ``batch`` as float64 arrays (or as ``convert`` makes them). With a declared batch the samples go in
         ``size`` at a time, the last chunk padded with copies of its last sample, and the chunks'
         tensors are joined along their first axis (the padding's rows dropped; a tensor without
         that axis cannot be cut, a UsageError). InvalidModelError if ORT cannot run the model."""
         size = self.size
         rows = None if size is None else common_rows(batch)
         if size is None or rows is None or rows == size:
-            return [_as_array(v) for v in self._run(session, names, batch, role)]
+            return [convert(v) for v in self._run(session, names, batch, role)]
         pieces: list[list[np.ndarray]] = []
         for start in range(0, rows, size):
             chunk = {name: value[start:start + size] for name, value in batch.items()}
@@ -543,7 +548,7 @@ class _Feed:
             if short:
                 chunk = {name: np.concatenate([value, np.repeat(value[-1:], short, axis=0)])
                          for name, value in chunk.items()}
-            values = [_as_array(v) for v in self._run(session, names, chunk, role)]
+            values = [convert(v) for v in self._run(session, names, chunk, role)]
             if short:
                 if any(v.ndim == 0 or len(v) != size for v in values):
                     raise UsageError(
