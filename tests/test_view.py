@@ -1,0 +1,281 @@
+"""``onnxfib view``: the page opened in a real headless Chromium, the figure's artists, bad input.
+
+Truth is independent of the view: the planted lifts of tests/lifting.py (whose fibers are the
+copies planted), and ``onnxfib inspect --json`` run as a separate process on the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import sha256
+from lifting import lift_layers, onnx_mlp
+
+from onnxfib import api
+from onnxfib.partition import Partition
+from onnxfib.view import SINGLETON_COLOR, fiber_colors, figure, view_data, write_page
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "models" / "digits_mlp_lifted.onnx"
+CHROMIUM = Path("/usr/bin/chromium")
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at "
+                                    "/usr/bin/chromium (apt-get install chromium): no browser to open the page in")
+
+
+def _planted(sizes: list[int], extra: list[int], seed: int = 0) -> tuple[onnx.ModelProto, list[np.ndarray]]:
+    """A random Relu MLP of ``sizes`` lifted by ``extra`` copies per hidden layer; returns the
+    lifted model and, per hidden layer, which original neuron each lifted neuron copies."""
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal((o, i)) / np.sqrt(i) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [rng.uniform(-0.5, 0.5, o) for o in sizes[1:]]
+    lifted_w, lifted_b, lifts = lift_layers(weights, biases, extra, rng)
+    return onnx_mlp(lifted_w, lifted_b, "relu"), [lift.source for lift in lifts]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+    model, sources = _planted([10, 8, 6, 3], [5, 4])
+    path = tmp_path_factory.mktemp("planted") / "planted.onnx"
+    onnx.save(model, path)
+    return path, sources
+
+
+class _Elements(HTMLParser):
+    """Every element of a dumped DOM: (tag, attributes, its own text)."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str], list[str]]] = []
+        self._open: list[list[str]] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        text: list[str] = []
+        self.elements.append((tag, {k: v or "" for k, v in attrs}, text))
+        if tag not in ("input", "meta", "br"):
+            self._open.append(text)
+
+    def handle_endtag(self, tag):
+        if self._open:
+            self._open.pop()
+
+    def handle_data(self, data):
+        if self._open:
+            self._open[-1].append(data)
+
+    def having(self, **wanted: str) -> list[tuple[str, dict[str, str], list[str]]]:
+        return [e for e in self.elements if all(e[1].get(k.replace("_", "-")) == v for k, v in wanted.items())]
+
+
+def _dom(page: Path, state: str = "", *offline: str) -> _Elements:
+    """The page's DOM after its scripts ran, in headless Chromium, opened at ``#state``."""
+    profile = page.parent / f"profile-{os.getpid()}"
+    result = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+         *offline, "--dump-dom", page.as_uri() + ("#" + state if state else "")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = _Elements(result.stdout)
+    body = next(attrs for tag, attrs, _ in dom.elements if tag == "body")
+    assert body.get("data-ready") == "1", "the page's script did not finish"
+    assert "data-errors" not in body, body.get("data-errors")
+    return dom
+
+
+def _inspect(model: Path, eps: float, cli: bool = False) -> dict[str, dict]:
+    """Per layer what ``onnxfib inspect --json`` prints: run as a process, or the api call it makes."""
+    if not cli:
+        return {layer.name: layer.to_dict() for layer in api.inspect(model, eps=eps)}
+    result = subprocess.run([sys.executable, "-m", "onnxfib", "inspect", str(model), "--eps", str(eps), "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return {layer["name"]: layer for layer in json.loads(result.stdout)}
+
+
+def _fills(dom: _Elements, tensor: str) -> list[str]:
+    """Fill of each channel dot of ``tensor`` in the layer panel, by channel index."""
+    dots = [attrs for tag, attrs, _ in dom.having(**{"class": "channel", "data_tensor": tensor})]
+    return [d["fill"] for d in sorted(dots, key=lambda d: int(d["data-channel"]))]
+
+
+def _same_classes(fills: list[str], labels: np.ndarray) -> bool:
+    """Whether the dots' colors partition the channels as ``labels`` do, singletons grey."""
+    labels = Partition(labels).labels
+    sizes = np.bincount(labels)
+    if any((fill == SINGLETON_COLOR) != (sizes[c] == 1) for fill, c in zip(fills, labels)):
+        return False
+    ids: dict[str, int] = {}
+    keys = [ids.setdefault(fill, len(ids)) if sizes[c] > 1 else len(fills) + i
+            for i, (fill, c) in enumerate(zip(fills, labels))]
+    return Partition(keys) == Partition(labels)
+
+
+def test_data_holds_the_planted_fibers_and_base(planted):
+    path, sources = planted
+    data = view_data(path, eps=0.0, layout=False)
+    exact = data["analyses"][data["eps_values"].index(0.0)]
+    for layer, source in zip(data["layers"][:2], sources):
+        labels = exact["tensors"][layer["output"]]
+        assert Partition(labels["fibers"]) == Partition(source)  # each planted fiber one color
+        assert Partition(labels["base"]) == Partition(source)
+    reports = {r["name"]: r for r in exact["layers"]}
+    assert [reports[layer["name"]]["width_after"] for layer in data["layers"]] == [8, 6, 3]  # the base
+    assert data["layers"][0]["next"] == [data["layers"][1]["name"]]
+    assert json.loads(json.dumps(data)) == data  # plain JSON
+
+
+def test_fiber_colors_follow_the_partition():
+    labels = [0, 1, 0, 2, 1, 3, 0]
+    colors = fiber_colors(labels)
+    assert colors[0] == colors[2] == colors[6] != colors[1] == colors[4]
+    assert colors[3] == colors[5] == SINGLETON_COLOR != colors[0]
+
+
+@needs_chromium
+def test_page_shows_inspects_figures_at_each_eps(tmp_path):
+    page = write_page(view_data(DIGITS, eps=0.0), tmp_path / "digits.html")
+    for eps in (0.0, 0.3):
+        truth = _inspect(DIGITS, eps, cli=eps > 0)
+        dom = _dom(page, f"eps={eps}&layer=/0/Gemm")
+        nodes = {attrs["data-layer"]: attrs for tag, attrs, _ in dom.elements
+                 if tag == "g" and "layer" in attrs.get("class", "").split()}
+        assert set(nodes) == set(truth)  # every analysed layer, under inspect's name
+        for name, layer in truth.items():
+            attrs = nodes[name]
+            assert int(attrs["data-fibers"]) == layer["fibers"] and int(attrs["data-covers"]) == layer["covers"]
+            assert int(attrs["data-width-after"]) == layer["width_after"]
+            assert (attrs["data-frozen"] or None) == layer["frozen"]
+        lines = [" ".join(t) for _, a, t in dom.elements if a.get("class") in ("line1", "line2")]
+        for layer in truth.values():
+            assert f"{layer['op_type']}  {layer['width']} -> {layer['width_after']}" in lines
+            assert f"fibers {layer['fibers']}  opfibers {layer['opfibers']}  covers {layer['covers']}" in lines
+        fills = _fills(dom, truth["/0/Gemm"]["tensor"])  # the panel re-colored for this eps
+        assert len(fills) == truth["/0/Gemm"]["width"]
+        singles = fills.count(SINGLETON_COLOR)
+        assert len(set(fills) - {SINGLETON_COLOR}) + singles == truth["/0/Gemm"]["fibers"]
+
+
+@needs_chromium
+def test_panel_colors_are_the_planted_fibers_and_toggles(planted, tmp_path):
+    path, sources = planted
+    data = view_data(path, eps=0.0)
+    page = write_page(data, tmp_path / "planted.html")
+    first, second = data["layers"][0], data["layers"][1]
+    dom = _dom(page, f"eps=0&layer={first['name']}")
+    assert _same_classes(_fills(dom, first["output"]), sources[0])
+    assert _same_classes(_fills(dom, second["output"]), sources[1])  # the next layer's column
+    exact = data["analyses"][data["eps_values"].index(0.0)]["tensors"]
+    assert _fills(dom, first["output"]) == fiber_colors(exact[first["output"]]["fibers"])  # as the figure's
+    assert len(_fills(dom, first["input"])) == 10
+    assert dom.having(**{"class": "weights"})  # edges to and from the small layer
+    base = _dom(page, f"eps=0&layer={first['name']}&base=1")
+    assert len(_fills(base, first["output"])) == 8  # one dot per base channel: the original width
+    truth = _inspect(path, 0.5)
+    covers = _dom(page, f"eps=0.5&layer={first['name']}&kind=covers")
+    fills = _fills(covers, first["output"])
+    assert len(set(fills) - {SINGLETON_COLOR}) + fills.count(SINGLETON_COLOR) == truth[first["name"]]["covers"]
+
+
+@needs_chromium
+def test_wide_layer_histogram_counts_the_planted_fibers(tmp_path):
+    model, sources = _planted([6, 100, 3], [200], seed=3)
+    onnx.save(model, tmp_path / "wide.onnx")
+    data = view_data(tmp_path / "wide.onnx", eps=0.0, eps_values=())
+    page = write_page(data, tmp_path / "wide.html")
+    dom = _dom(page, f"eps=0&layer={data['layers'][0]['name']}")
+    bars = {int(a["data-size"]): int(a["data-count"]) for _, a, _ in dom.having(**{"class": "bar"})}
+    sizes = np.bincount(sources[0])
+    assert bars == {int(s): int(c) for s, c in zip(*np.unique(sizes, return_counts=True))}
+    assert not dom.having(**{"class": "channel"})  # 300 channels: aggregated, no dots
+
+
+@needs_chromium
+def test_page_is_self_contained(tmp_path):
+    page = write_page(view_data(DIGITS, eps=0.1, eps_values=(0.0,)), tmp_path / "digits.html")
+    html = page.read_text()
+    assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?\s*(https?:)?//""", html, re.IGNORECASE)
+    assert "default-src 'none'" in html  # the page may load nothing, even if a script tried
+    dom = _dom(page, "layer=/2/Gemm", "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9")
+    assert dom.having(data_layer="/2/Gemm")
+
+
+def test_layered_layout_without_dot(planted, tmp_path, monkeypatch):
+    path, _ = planted
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no dot on the PATH
+    data = view_data(path, eps=0.0, eps_values=())
+    assert data["layout"]["engine"] == "layered" and "dot is not installed" in data["layout"]["note"]
+    layers = {n["layer"] for n in data["layout"]["nodes"] if n["layer"]}
+    assert layers == {layer["name"] for layer in data["layers"]}
+    if CHROMIUM.exists():
+        dom = _dom(write_page(data, tmp_path / "p.html"))
+        note = next(text for _, a, text in dom.elements if a.get("id") == "note")
+        assert "dot is not installed" in "".join(note)
+
+
+def test_figure_draws_every_neuron_in_its_fiber_color(planted):
+    path, sources = planted
+    data = view_data(path, eps=0.0, layout=False)
+    names = [layer["name"] for layer in data["layers"]]
+    fig = figure(data)
+    dots = {c.get_gid(): c for c in fig.axes[0].collections if c.get_gid()}
+    assert list(dots) == [data["layers"][0]["input"], *names]
+    for name, width in zip(dots, (10, 13, 10, 3)):
+        assert len(dots[name].get_offsets()) == width  # one dot per neuron
+    from matplotlib.colors import to_hex
+
+    for name, source in zip(names[:2], sources):
+        fills = [to_hex(c) for c in dots[name].get_facecolors()]
+        assert _same_classes(fills, source)
+    edges = [c for c in fig.axes[0].collections if not c.get_gid()]
+    assert len(edges) == 3  # shaded weights between each pair of columns
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    chosen = figure(data, layers=names[1:2])
+    assert [c.get_gid() for c in chosen.axes[0].collections if c.get_gid()] == [data["layers"][1]["input"], names[1]]
+    plt.close(chosen)
+
+
+def test_cli_writes_page_figure_and_json(planted, tmp_path, run_cli):
+    path, _ = planted
+    result = run_cli("view", path, "--eps", "0.2", "-o", "m.html", "--png", "m.png", "--svg", "m.svg", "--json", "m.json")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (tmp_path / "m.svg").read_bytes()[:400]
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert 0.2 in data["eps_values"] and data["eps"] == 0.2
+    assert "ONNXFIB_DATA" not in (tmp_path / "m.html").read_text()
+
+
+slow = pytest.mark.slow  # a CLI process each: two stay in the fast suite
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(["missing.onnx"], "missing.onnx", marks=slow),
+    (["{model}", "--eps", "2.5"], "eps must be in [0, 2)"),
+    pytest.param(["{model}", "--eps", "nan"], "eps must be in [0, 2)", marks=slow),
+    (["{model}", "--png", "f.png", "--layers", "nope", "-o", "p.html"], "unknown layer(s) ['nope']"),
+    pytest.param(["{model}", "-o", "{model}"], "output path is an input file", marks=slow),
+    pytest.param(["{model}", "-o", "nodir/p.html"], "does not exist", marks=slow),
+    pytest.param(["{model}", "-o", "same.html", "--json", "same.html"], "the output paths must differ", marks=slow),
+])
+def test_bad_input_is_one_line_and_writes_nothing(planted, tmp_path, run_cli, args, message):
+    path, _ = planted
+    model = tmp_path / "model.onnx"
+    model.write_bytes(path.read_bytes())
+    before = sha256(model)
+    result = run_cli("view", *(a.format(model=model) for a in args))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"] and sha256(model) == before
