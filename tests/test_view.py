@@ -279,3 +279,36 @@ def test_bad_input_is_one_line_and_writes_nothing(planted, tmp_path, run_cli, ar
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"] and sha256(model) == before
+
+
+@pytest.mark.slow  # imports torch and exports the model at every record
+def test_tracker_animates_cover_formation_frame_by_frame(tmp_path):
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+    from train_planted import planted_mlp
+
+    from onnxfib.train import CoverTracker
+
+    model, planted = planted_mlp([6, 4, 4, 3], [[2, 1, 3, 1], [1, 2, 2, 1]], dtype=torch.float32, seed=0)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    tracker = CoverTracker(model, x, eps=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(3):
+        tracker.record(step)
+        optimizer.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+    fig = tracker.frame(0)
+    dots = {c.get_gid(): c for c in fig.axes[0].collections}
+    from matplotlib.colors import to_hex
+
+    for name, partition in zip(("0", "2"), planted):  # the planted covers, one color each
+        fills = [to_hex(c) for c in dots[name].get_facecolors()]
+        assert len(fills) == len(partition)
+        sizes = sorted((fills.count(f) for f in set(fills) - {SINGLETON_COLOR}), reverse=True)
+        assert sizes + [1] * fills.count(SINGLETON_COLOR) == sorted(partition.sizes().tolist(), reverse=True)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    with Image.open(tracker.animate(tmp_path / "covers.gif")) as gif:
+        assert gif.n_frames == 3  # one frame per recorded step
