@@ -85,8 +85,9 @@ def view_data(model_or_path: io.ModelSource, *, eps: float = 0.0,
       left out when ``layout`` is False;
     - ``layers``: per analysed layer (``inspect``'s names, in its order) ``name``, ``op_type``,
       ``input`` and ``output`` tensors, ``next`` (layers reading its output channel for
-      channel), ``edges`` (|weight| as rows out x columns in, scaled to a maximum of 1, when
-      both widths are at most ``EDGE_LIMIT``, else null);
+      channel), ``edges`` (|weight| as rows out x columns in, summed over kernel positions and
+      scaled to a maximum of 1, when both widths are at most ``EDGE_LIMIT`` and every output
+      reads every input: null for wider, grouped or depthwise layers);
     - ``analyses``: per eps, ``layers`` (``LayerReport.to_dict()``, what ``inspect --json``
       prints) and ``tensors``: per layer input and output tensor the channel labels of its
       ``fibers``, ``opfibers``, ``covers`` and ``base`` (the collapse) partitions, and its
@@ -125,17 +126,22 @@ def _layer(analysis: Analysis, site: Any, layer_sites: list[Any]) -> dict[str, A
                 and np.array_equal(group.members[a].classes, group.members[b].classes)
                 and not group.members[b].position.any())
 
+    # layers whose input is this output's channels, one for one; not those behind one of them
+    # (a depthwise convolution ties its input to its output)
+    reading = [other for other in layer_sites if other is not site and tied(out.name, other.inputs[0].name)]
     edges = None
     if isinstance(site, LinearSite) and max(inp.width, out.width) <= EDGE_LIMIT:
         weights = np.abs(site.matrix()).sum(axis=2)
         top = weights.max(initial=0.0)
-        edges = np.round(weights / top if top > 0 else weights, 3).tolist()
+        if weights.shape == (out.width, inp.width):  # not a grouped or depthwise weight
+            edges = np.round(weights / top if top > 0 else weights, 3).tolist()
     return {
         "name": site.name,
         "op_type": site.op_type,
         "input": inp.name,
         "output": out.name,
-        "next": [other.name for other in layer_sites if other is not site and tied(out.name, other.inputs[0].name)],
+        "next": [m.name for m in reading
+                 if not any(k is not m and tied(k.outputs[0].name, m.inputs[0].name) for k in reading)],
         "edges": edges,
     }
 

@@ -134,6 +134,26 @@ def test_data_holds_the_planted_fibers_and_base(planted):
     assert json.loads(json.dumps(data)) == data  # plain JSON
 
 
+def test_edges_only_where_every_output_reads_every_input(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+             (("W0", (4, 3, 3, 3)), ("W1", (4, 1, 3, 3)), ("W2", (2, 4, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "W0"], ["c0"], name="conv"), helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "W1"], ["c1"], name="depthwise", group=4),
+             helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Conv", ["r1", "W2"], ["y"], name="mix")]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 5, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    data = view_data(model, eps=0.0, eps_values=(), layout=False)
+    layers = {layer["name"]: layer for layer in data["layers"]}
+    kernels = np.abs(numpy_helper.to_array(inits[0])).sum(axis=(2, 3))
+    assert np.allclose(layers["conv"]["edges"], kernels / kernels.max(), atol=1e-3)  # |W| summed over the kernel
+    assert layers["depthwise"]["edges"] is None  # one input channel per output: no full set of edges
+    assert layers["conv"]["next"] == ["depthwise"] and layers["depthwise"]["next"] == ["mix"]
+
+
 def test_fiber_colors_follow_the_partition():
     labels = [0, 1, 0, 2, 1, 3, 0]
     colors = fiber_colors(labels)
