@@ -6,11 +6,14 @@ copies planted), and ``onnxfib inspect --json`` run as a separate process on the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import select
 import subprocess
 import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -90,6 +93,88 @@ def _dom(page: Path, state: str = "", *offline: str) -> _Elements:
     assert body.get("data-ready") == "1", "the page's script did not finish"
     assert "data-errors" not in body, body.get("data-errors")
     return dom
+
+
+class _Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``:
+    commands on fd 3, replies on fd 4, each JSON ending in NUL): real mouse and key events."""
+
+    def __init__(self, page: Path, profile: Path) -> None:
+        self._to_browser, self._from_browser = os.pipe(), os.pipe()
+        # the child's ends above fd 9, so that making them fds 3 and 4 overwrites neither
+        commands, replies = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (self._to_browser[0], self._from_browser[1]))
+        os.close(self._to_browser[0])
+        os.close(self._from_browser[1])
+
+        self.process = subprocess.Popen(  # bash hands the pipes to chromium as its fds 3 and 4
+            ["/bin/bash", "-c", f'exec "$0" "$@" 3<&{commands} 4>&{replies}', str(CHROMIUM), "--headless",
+             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run", "--remote-debugging-pipe", f"--user-data-dir={profile}",
+             "--window-size=1200,800", "about:blank"],
+            pass_fds=(commands, replies), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(commands)
+        os.close(replies)
+        self._buffer, self._id, self.events = b"", 0, []
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Runtime.enable", self.session)
+        self.call("Page.enable", self.session)
+        self.call("Page.navigate", self.session, url=page.as_uri())
+        self.wait("document.body && document.body.dataset.ready === '1'")
+
+    def call(self, method: str, session: str | None = None, **params) -> dict:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._to_browser[1], json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                ready, _, _ = select.select([self._from_browser[0]], [], [], 60.0)
+                assert ready, f"chromium did not answer {method} within 60 s"
+                chunk = os.read(self._from_browser[0], 1 << 16)
+                assert chunk, "chromium closed the DevTools pipe"
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") != self._id:
+                self.events.append(reply)
+                continue
+            assert "error" not in reply, reply["error"]
+            return reply["result"]
+
+    def js(self, expression: str):
+        result = self.call("Runtime.evaluate", self.session, expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def wait(self, condition: str, seconds: float = 20.0) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.js(f"!!({condition})"):
+            assert time.monotonic() < deadline, f"timed out waiting for {condition}"
+            time.sleep(0.05)
+
+    def click(self, selector: str) -> None:
+        """A left click, as the mouse makes it, at the centre of the element ``selector`` names."""
+        x, y = self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView();"
+                       " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", self.session, type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def press(self, key: str, code: int) -> None:
+        for kind in ("rawKeyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", self.session, type=kind, key=key, code=key, windowsVirtualKeyCode=code)
+
+    def errors(self) -> list[dict]:
+        """Uncaught exceptions and console errors the page raised so far."""
+        return [e for e in self.events if e.get("method") == "Runtime.exceptionThrown"
+                or (e.get("method") == "Runtime.consoleAPICalled" and e["params"].get("type") == "error")]
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+        finally:
+            self.process.wait(timeout=30)
+            for fd in (self._to_browser[1], self._from_browser[0]):
+                os.close(fd)
 
 
 def _inspect(model: Path, eps: float, cli: bool = False) -> dict[str, dict]:
@@ -204,6 +289,39 @@ def test_panel_colors_are_the_planted_fibers_and_toggles(planted, tmp_path):
     covers = _dom(page, f"eps=0.5&layer={first['name']}&kind=covers")
     fills = _fills(covers, first["output"])
     assert len(set(fills) - {SINGLETON_COLOR}) + fills.count(SINGLETON_COLOR) == truth[first["name"]]["covers"]
+
+
+@needs_chromium
+def test_mouse_and_keys_drive_the_controls(tmp_path):
+    page = write_page(view_data(DIGITS, eps=0.0, eps_values=(0.0, 0.1)), tmp_path / "digits.html")
+    browser = _Browser(page, tmp_path / "profile")
+    try:
+        def fills(selector: str = "/0/Gemm_output_0") -> list[str]:
+            return browser.js(f"[...document.querySelectorAll('circle[data-tensor=\"{selector}\"]')]"
+                              ".sort((a, b) => a.dataset.channel - b.dataset.channel).map((c) => c.getAttribute('fill'))")
+
+        def classes(colors: list[str]) -> int:
+            return len(set(colors) - {SINGLETON_COLOR}) + colors.count(SINGLETON_COLOR)
+
+        browser.click('g[data-layer="/0/Gemm"]')  # clicking a layer shows its channels
+        browser.wait("document.getElementById('panel').dataset.layer === '/0/Gemm'")
+        exact, tolerant = _inspect(DIGITS, 0.0)["/0/Gemm"], _inspect(DIGITS, 0.1)["/0/Gemm"]
+        assert classes(fills()) == exact["fibers"]
+        browser.js("document.getElementById('eps').focus()")
+        browser.press("ArrowRight", 39)  # the eps slider, one step right: eps 0.1
+        browser.wait("document.body.dataset.eps === '0.1'")
+        assert classes(fills()) == tolerant["fibers"] != exact["fibers"]  # re-colored at the new eps
+        browser.click('input[name=kind][value=covers]')
+        browser.wait("document.body.dataset.kind === 'covers'")  # rendered
+        assert classes(fills()) == tolerant["covers"]
+        browser.click("#base")
+        browser.wait("document.body.dataset.base === '1'")
+        assert len(fills()) == tolerant["width_after"]  # one dot per base channel
+        text = browser.js("document.querySelector('g[data-layer=\"/0/Gemm\"] .line1').textContent")
+        assert text == f"Gemm  base width {tolerant['width_after']}"
+        assert browser.errors() == []
+    finally:
+        browser.close()
 
 
 @needs_chromium
