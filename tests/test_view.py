@@ -248,7 +248,7 @@ def test_fiber_colors_follow_the_partition():
 
 @needs_chromium
 def test_page_shows_inspects_figures_at_each_eps(tmp_path):
-    page = write_page(view_data(DIGITS, eps=0.0), tmp_path / "digits.html")
+    page = write_page(view_data(DIGITS, eps=0.0, eps_values=(0.3,)), tmp_path / "digits.html")
     for eps in (0.0, 0.3):
         truth = _inspect(DIGITS, eps, cli=eps > 0)
         dom = _dom(page, f"eps={eps}&layer=/0/Gemm")
@@ -273,7 +273,7 @@ def test_page_shows_inspects_figures_at_each_eps(tmp_path):
 @needs_chromium
 def test_panel_colors_are_the_planted_fibers_and_toggles(planted, tmp_path):
     path, sources = planted
-    data = view_data(path, eps=0.0)
+    data = view_data(path, eps=0.0, eps_values=(0.5,))
     page = write_page(data, tmp_path / "planted.html")
     first, second = data["layers"][0], data["layers"][1]
     dom = _dom(page, f"eps=0&layer={first['name']}")
@@ -395,12 +395,12 @@ def test_cli_writes_page_figure_and_json(planted, tmp_path, run_cli):
     assert "ONNXFIB_DATA" not in (tmp_path / "m.html").read_text()
 
 
-slow = pytest.mark.slow  # a CLI process each: two stay in the fast suite
+slow = pytest.mark.slow  # a CLI process each: one stays in the fast suite
 
 
 @pytest.mark.parametrize("args, message", [
     pytest.param(["missing.onnx"], "missing.onnx", marks=slow),
-    (["{model}", "--eps", "2.5"], "eps must be in [0, 2)"),
+    pytest.param(["{model}", "--eps", "2.5"], "eps must be in [0, 2)", marks=slow),
     pytest.param(["{model}", "--eps", "nan"], "eps must be in [0, 2)", marks=slow),
     (["{model}", "--png", "f.png", "--layers", "nope", "-o", "p.html"], "unknown layer(s) ['nope']"),
     pytest.param(["{model}", "-o", "{model}"], "output path is an input file", marks=slow),
