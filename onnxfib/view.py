@@ -307,8 +307,10 @@ def _columns(data: dict[str, Any], layers: Sequence[str] | None, eps_index: int)
     layer's input, channel for channel, and both are at most ``EDGE_LIMIT`` wide)."""
     known = {layer["name"]: layer for layer in data["layers"]}
     chosen = list(layers) if layers else list(known)
+    if not known:
+        raise UsageError(f"{data['model']} has no layer onnxfib analyses (see 'onnxfib rules'): no neurons to draw")
     unknown = [name for name in chosen if name not in known]
-    if unknown or not chosen:
+    if unknown:
         raise UsageError(f"--layers names unknown layer(s) {unknown}; the layers are {list(known)}")
     tensors = data["analyses"][eps_index]["tensors"]
     reports = {r["name"]: r for r in data["analyses"][eps_index]["layers"]}

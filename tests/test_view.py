@@ -24,6 +24,7 @@ from conftest import sha256
 from lifting import lift_layers, onnx_mlp
 
 from onnxfib import api
+from onnxfib.errors import UsageError
 from onnxfib.partition import Partition
 from onnxfib.view import SINGLETON_COLOR, fiber_colors, figure, view_data, write_page
 
@@ -237,6 +238,19 @@ def test_edges_only_where_every_output_reads_every_input(tmp_path):
     assert np.allclose(layers["conv"]["edges"], kernels / kernels.max(), atol=1e-3)  # |W| summed over the kernel
     assert layers["depthwise"]["edges"] is None  # one input channel per output: no full set of edges
     assert layers["conv"]["next"] == ["depthwise"] and layers["depthwise"]["next"] == ["mix"]
+
+
+def test_a_model_without_layers_has_a_page_but_no_figure():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    data = view_data(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                     eps_values=())
+    assert data["layers"] == [] and [n["op"] for n in data["layout"]["nodes"]] == ["input", "Relu", "output"]
+    with pytest.raises(UsageError, match="no layer onnxfib analyses"):
+        figure(data)
 
 
 def test_fiber_colors_follow_the_partition():
