@@ -430,6 +430,54 @@ def inspect(
 
 
 @app.command()
+def view(
+    input: Path = typer.Argument(..., metavar="IN", help="The ONNX model to look at (never modified)."),
+    eps: float = typer.Option(0.0, "--eps", metavar="FLOAT", help=EPS_HELP + " Added to the page's eps control."),
+    output: Path | None = typer.Option(None, "-o", "--output", metavar="PATH",
+                                       help="Write the HTML page here (default: IN with .html, unless --png/--svg/--json)."),
+    png: Path | None = typer.Option(None, "--png", metavar="PATH", help="Write a static figure (PNG): neurons colored by fiber."),
+    svg: Path | None = typer.Option(None, "--svg", metavar="PATH", help="Write the static figure as SVG."),
+    layers: str | None = typer.Option(None, "--layers", metavar="NAME,NAME,...",
+                                      help="Layers of the static figure, comma-separated (default: every layer)."),
+    json_out: Path | None = typer.Option(None, "--json", metavar="PATH", help="Write the page's data as JSON here."),
+    quiet: bool = _quiet_option(),
+    verbose: bool = _verbose_option(NOTHING_MORE.format("the page holds everything")),
+) -> None:
+    """Draw the colored network: a self-contained HTML page (op graph, layer channels by fiber,
+    an eps control, the base) and, with --png/--svg, a static figure.
+
+    Example: onnxfib view model.onnx --eps 0.1 -o model.html --png model.png"""
+    from onnxfib import view as views
+
+    chosen = [name.strip() for name in layers.split(",") if name.strip()] if layers is not None else None
+    figures = [(path, kind) for path, kind in ((png, "png"), (svg, "svg")) if path is not None]
+    if chosen is not None and not figures:
+        raise UsageError("--layers chooses the static figure's layers: give --png or --svg with it")
+    page = output if output is not None or figures or json_out else input.with_suffix(".html")
+    written = [path for path in (page, *(path for path, _ in figures), json_out) if path is not None]
+    for path in written:
+        io.check_output_path(path, protect=[input])
+    if len({path.resolve() for path in written}) < len(written):
+        raise UsageError("the output paths must differ")
+    if figures:  # without matplotlib, fail before the analyses rather than after them
+        from onnxfib.plotting import pyplot
+
+        pyplot()
+    with _status("analysing", quiet):
+        data = views.view_data(input, eps=eps, layout=page is not None or json_out is not None)
+    rendered = [(path, views.figure_bytes(data, kind, layers=chosen)) for path, kind in figures]
+    if page is not None:
+        views.write_page(data, page, protect=[input])
+    if json_out is not None:
+        io.write_text_atomic(json_out, json.dumps(data), protect=[input])
+    for path, content in rendered:
+        io.write_bytes_atomic(path, content, protect=[input])
+    if not quiet:
+        for path in written:
+            print(f"wrote {path}")
+
+
+@app.command()
 def validate(
     reference: Path = typer.Argument(..., metavar="REFERENCE", help="The reference ONNX model."),
     candidate: Path = typer.Argument(..., metavar="CANDIDATE", help="The model to compare with it."),

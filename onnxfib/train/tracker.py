@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import io
 from ..errors import UsageError
 from ..partition import Partition
 from ..plotting import pyplot
+from ..view import fiber_colors
 from .adapter import TorchAnalysis
 
 KINDS = ("fibers", "opfibers", "covers")
@@ -150,6 +153,59 @@ class CoverTracker:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return Path(path)
+
+    def steps(self) -> list[int]:
+        return list(dict.fromkeys(r.step for r in self.records))
+
+    def _draw(self, ax, step: int, kind: str) -> None:
+        """One record on ``ax``: a row per layer, its channels as dots grouped by ``kind``
+        (largest first) and colored as the view colors them (``view.fiber_colors``)."""
+        rows = [r for r in self.records if r.step == step]
+        ax.clear()
+        for y, row in enumerate(rows):
+            sizes = row.sizes(kind)
+            labels = np.repeat(np.arange(len(sizes)), sizes)
+            x = np.arange(row.width) / max(row.width - 1, 1)
+            ax.scatter(x, np.full(row.width, y), c=fiber_colors(labels), s=max(4.0, 40.0 - row.width / 4),
+                       edgecolors="#555555", linewidths=0.3, gid=row.layer)
+            ax.text(-0.02, y, f"{row.layer}: {len(sizes)} {kind} of {row.width}", ha="right", va="center", fontsize=7)
+        epoch = rows[0].epoch if rows else None
+        ax.set_title(f"step {step}{'' if epoch is None else f' (epoch {epoch})'}: channels grouped by {kind}, "
+                     f"eps {self.eps:g}; grey: alone", fontsize=8)
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.axis("off")
+
+    def frame(self, step: int, kind: str = "covers"):
+        """A matplotlib figure of the record at ``step`` (see ``animate``); the caller closes it."""
+        if kind not in KINDS:
+            raise UsageError(f"kind must be one of {KINDS}, got {kind!r}")
+        if step not in self.steps():
+            raise UsageError(f"no record at step {step}; recorded steps: {self.steps()}")
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(8, 0.6 * len(self.layers()) + 1.0), dpi=100)
+        fig.subplots_adjust(left=0.3, right=0.98)
+        self._draw(ax, step, kind)
+        return fig
+
+    def animate(self, path: str | os.PathLike, kind: str = "covers", fps: float = 2.0) -> Path:
+        """An animated GIF of fiber (or opfiber, cover) formation: one frame per recorded step,
+        a row of dots per layer grouped and colored by ``kind``; written atomically."""
+        steps = self.steps()
+        if not steps:
+            raise UsageError("nothing recorded yet: call record() during training first")
+        fig = self.frame(steps[0], kind)  # UsageError first when matplotlib is missing
+        from matplotlib.animation import FuncAnimation, PillowWriter
+
+        animation = FuncAnimation(fig, lambda i: self._draw(fig.axes[0], steps[i], kind), frames=len(steps))
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                gif = Path(scratch) / "frames.gif"
+                animation.save(gif, writer=PillowWriter(fps=fps))
+                data = gif.read_bytes()
+        finally:
+            pyplot().close(fig)
+        return io.write_bytes_atomic(path, data)
 
 
 __all__ = ["CoverTracker", "KINDS", "LayerRecord", "splits"]
