@@ -8,7 +8,6 @@ internal error (a bug: its traceback, then one ``error:`` line). Every other err
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 import traceback
@@ -26,7 +25,15 @@ from onnxfib._version import __version__
 from onnxfib.errors import OnnxfibError, UsageError, ValidationMismatchError
 from onnxfib.analysis import SYMMETRIES
 from onnxfib.calibrate import DEFAULT_RIDGE
-from onnxfib.report import Barrier, CompressionReport, LayerReport, SweepPoint, TargetReport, ValidationReport
+from onnxfib.report import (
+    Barrier,
+    CompressionReport,
+    LayerReport,
+    SweepPoint,
+    TargetReport,
+    ValidationReport,
+    to_json,
+)
 from onnxfib.rules import default_registry
 from onnxfib.validation import DEFAULT_RTOL, DTYPE_TOLERANCES, parse_input_shape
 
@@ -298,7 +305,7 @@ against the original is reported, not checked against --rtol/--atol.
             )
     except ValidationMismatchError as exc:
         if report is not None and isinstance(exc.report, CompressionReport):
-            io.write_text_atomic(report, json.dumps(exc.report.to_dict(), indent=2), protect=[input])
+            io.write_text_atomic(report, to_json(exc.report.to_dict()), protect=[input])
         if str(exc).startswith("target not met"):
             raise ValidationMismatchError(f"{exc}; nothing written to {output}", exc.report) from exc
         gain = ""
@@ -310,7 +317,7 @@ against the original is reported, not checked against --rtol/--atol.
             "or a looser --rtol/--atol, or give a target such as --max-error", exc.report) from exc
     result.save(output)
     if report is not None:
-        io.write_text_atomic(report, json.dumps(result.report.to_dict(), indent=2), protect=result.inputs)
+        io.write_text_atomic(report, to_json(result.report.to_dict()), protect=result.inputs)
     if not quiet:
         _render_compress(_console(), result.report, output, verbose)
 
@@ -420,8 +427,8 @@ def inspect(
     model = io.open_model(input).model
     layers, barriers = api.inspect(model, eps=eps), api.barriers(model)
     if as_json:
-        print(json.dumps({"layers": [layer.to_dict() for layer in layers],
-                          "barriers": [barrier.to_dict() for barrier in barriers]}, indent=2))
+        print(to_json({"layers": [layer.to_dict() for layer in layers],
+                       "barriers": [barrier.to_dict() for barrier in barriers]}))
     elif not quiet:
         console = _console()
         console.print(_layers_table(layers, eps))
@@ -469,7 +476,7 @@ def view(
     if page is not None:
         views.write_page(data, page, protect=[input])
     if json_out is not None:
-        io.write_text_atomic(json_out, json.dumps(data), protect=[input])
+        io.write_text_atomic(json_out, to_json(data, indent=None), protect=[input])
     for path, content in rendered:
         io.write_bytes_atomic(path, content, protect=[input])
     if not quiet:
@@ -497,7 +504,7 @@ def validate(
         reference, candidate, data=data or None, input_shapes=_shapes(input_shape), seed=seed, rtol=rtol, atol=atol
     )
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(to_json(result.to_dict()))
     elif not quiet:
         _console().print(_validation_table(result, tolerances_shown=verbose))
     if not result.ok:
@@ -589,7 +596,7 @@ def sweep(
                            progress=progress)
     png = _sweep_png(points, f"{input.name}{' (calibrated)' if calibrate else ''}") if plot is not None else None
     if json_out is not None:
-        io.write_text_atomic(json_out, json.dumps([p.to_dict() for p in points], indent=2), protect=[input])
+        io.write_text_atomic(json_out, to_json([p.to_dict() for p in points]), protect=[input])
     if png is not None:
         io.write_bytes_atomic(plot, png, protect=[input])
     if not quiet:

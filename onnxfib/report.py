@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -213,3 +216,20 @@ class CompressionReport:
             "refit": [r.to_dict() for r in self.refit],
             **self.extra,
         }
+
+
+def to_json(value: Any, indent: int | None = 2) -> str:
+    """``value`` (what the reports' ``to_dict`` give) as strict JSON (RFC 8259, which has no NaN
+    or infinity): non-finite floats are written as the strings "NaN", "Infinity" and "-Infinity",
+    which JavaScript's ``Number()`` and Python's ``float()`` read back."""
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

@@ -230,6 +230,28 @@ def test_models_with_infinite_outputs_validate_and_compress(tmp_path, run_cli):
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
+def test_validate_json_is_strict_json_where_an_error_is_infinite(tmp_path, run_cli):
+    """A candidate that gives finite values where the reference gives +inf has an infinite max
+    error; ``validate --json`` still prints strict JSON (no bare Infinity/NaN), the error as the
+    string "Infinity", and exits 1."""
+    import json
+
+    reference = _infinite_outputs_model()
+    candidate = _infinite_outputs_model()
+    next(n for n in candidate.graph.node if n.name == "recip_out").op_type = "Relu"  # finite where y <= 0
+    onnx.save_model(reference, str(tmp_path / "ref.onnx"))
+    onnx.save_model(candidate, str(tmp_path / "cand.onnx"))
+    result = run_cli("validate", "ref.onnx", "cand.onnx", "--input-shape", "x:8,8", "--json")
+    assert result.returncode == 1, result.stderr
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not strict JSON: bare {constant}")
+
+    report = json.loads(result.stdout, parse_constant=refuse)
+    hi = next(o for o in report["outputs"] if o["name"] == "hi")
+    assert hi["max_abs"] == "Infinity" and float(hi["max_abs"]) == np.inf and not report["ok"]
+
+
 def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with float16 weights, input and output."""
     for tensor in model.graph.initializer:
