@@ -75,6 +75,8 @@ def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
     _, first, inverse = np.unique(projection, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.ravel()
     distinct = finite[first]
+    if distinct.size == n and tol > 0:  # every row finite and distinct: no copy of the rows
+        return _near_groups(rows, tol)
     groups = _near_groups(rows[distinct], tol) if tol > 0 and distinct.size > 1 else np.arange(distinct.size)
     labels[finite] = distinct[groups][inverse]
     stood_in = np.flatnonzero(distinct[inverse] != finite)  # a row represented by an equal projection
