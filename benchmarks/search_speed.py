@@ -1,7 +1,7 @@
 """Target-search speed on real trained CNNs: a data-free ``target_params`` search, timed.
 
     python benchmarks/search_speed.py                 # PP-OCR direction classifier, keep 0.5
-    python benchmarks/search_speed.py --keep 0.8 --timeout 900 --no-write
+    python benchmarks/search_speed.py --keep 0.8 0.9 --timeout 900 --append
 
 The models are the trained PP-OCR networks shipped inside the ``rapidocr-onnxruntime`` wheel
 (fetched from PyPI with ``pip download --no-deps`` into a cache folder; nothing comes from a model
@@ -90,25 +90,32 @@ def run_search(path: Path, shape: tuple[int, ...], keep: float, timeout: float) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.5])
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "onnxfib-bench-wheels")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the recorded cases of other (model, keep) pairs in the results")
     args = parser.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
     models = fetch_models(args.cache)
     cases = []
     for name, (file, shape) in MODELS.items():
-        before = os.times()
-        figures = run_search(models / file, shape, args.keep, args.timeout)
-        after = os.times()
-        figures.update(model=name, keep=args.keep,
-                       cpu_s=round(after.children_user + after.children_system
-                                   - before.children_user - before.children_system, 1))
-        if "layers" in figures:
-            figures["eager_at_least"] = figures["layers"] * figures["steps"]
-        cases.append(figures)
-        print(json.dumps(figures), flush=True)
+        for keep in args.keep:
+            before, load = os.times(), round(os.getloadavg()[0], 1)
+            figures = run_search(models / file, shape, keep, args.timeout)
+            after = os.times()
+            figures.update(model=name, keep=keep, timeout_s=args.timeout, load_at_start=load,
+                           cpu_s=round(after.children_user + after.children_system
+                                       - before.children_user - before.children_system, 1))
+            if "layers" in figures:
+                figures["eager_at_least"] = figures["layers"] * figures["steps"]
+            cases.append(figures)
+            print(json.dumps(figures), flush=True)
+    if args.append and RESULTS_JSON.exists():
+        ran = {(c["model"], c["keep"]) for c in cases}
+        cases = [c for c in json.loads(RESULTS_JSON.read_text())["cases"]
+                 if (c["model"], c["keep"]) not in ran] + cases
     if not args.no_write:
         RESULTS_JSON.write_text(json.dumps({"cases": cases, "cpus": os.cpu_count()}, indent=2) + "\n")
         write_section(NAME, markdown(cases))
@@ -120,12 +127,13 @@ def markdown(cases: list[dict]) -> str:
              f"Data-free `target_params` searches on the PP-OCR models of the `{WHEEL}` wheel, 64 generated "
              f"rows, on a machine with {os.cpu_count()} cores (shared). *Eager at least* is one collapse per "
              "searchable layer per step, what the search measured before it became lazy.", "",
-             "| model | keep | status | CPU s | steps | collapses | eager at least | parameters kept |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| model | keep | status | CPU s | steps | collapses | eager at least | parameters kept | load at start |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for c in cases:
         kept = f"{c['params_after'] / c['params_before']:.1%}" if "params_after" in c else "-"
         lines.append(f"| {c['model']} | {c['keep']} | {c['status']} | {c.get('cpu_s', '-')} | {c.get('steps', '-')} | "
-                     f"{c.get('collapses', '-')} | {c.get('eager_at_least', '-')} | {kept} |")
+                     f"{c.get('collapses', '-')} | {c.get('eager_at_least', '-')} | {kept} | "
+                     f"{c.get('load_at_start', '-')} |")
     return "\n".join(lines + ["", END])
 
 
