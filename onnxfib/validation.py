@@ -407,7 +407,9 @@ def compare_outputs(name: str, refs: list[np.ndarray], cands: list[np.ndarray], 
         same = (cand == ref) | (np.isnan(ref) & np.isnan(cand))  # equal infinities, NaN at NaN
         finite = np.isfinite(ref) & np.isfinite(cand)
         diff = np.full(ref.shape, np.inf)
-        with np.errstate(over="ignore"):  # finite differences near the float limits may overflow
+        # finite differences near the float limits may overflow; masked-out (non-finite) lanes
+        # may still raise the invalid flag in numpy's vector loops, and their results are unused
+        with np.errstate(over="ignore", invalid="ignore"):
             np.subtract(cand, ref, out=diff, where=finite)
         diff = np.where(same, 0.0, np.abs(diff))
         finite_ref = np.where(np.isfinite(ref), np.abs(ref), 0.0)

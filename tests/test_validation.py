@@ -178,6 +178,7 @@ def test_validate_model_ort_cannot_load(mlp_model):
         v.validate_models(mlp_model, broken, v.generate_inputs(mlp_model))
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # comparing outputs warns of nothing
 def test_validate_sklearn_classifier_with_zipmap_output():
     from skl2onnx import to_onnx
     from sklearn.datasets import load_digits
