@@ -421,11 +421,10 @@ def compare_outputs(name: str, refs: list[np.ndarray], cands: list[np.ndarray], 
     return OutputError(name, max_abs, max_rel, ok, rtol, atol)
 
 
-def _outputs(model: ModelFile, names: Sequence[str], inputs: Sequence[Mapping[str, np.ndarray]],
+def _outputs(model: ModelFile, feed: _Feed, names: Sequence[str], inputs: Sequence[Mapping[str, np.ndarray]],
              role: str) -> list[dict[str, np.ndarray]]:
     """The named outputs of ``model`` on every batch (one session, closed before returning), fed
-    as :class:`_Feed` says (declared dtypes, a declared batch at a time), in their own dtypes."""
-    feed = _Feed(_skeleton(model))
+    as ``feed`` (the model's :class:`_Feed`) says, in their own dtypes."""
     session, holder = _session(model, role)
     try:
         return [dict(zip(names, feed.run(session, list(names), batch, role, _native))) for batch in inputs]
@@ -456,13 +455,13 @@ def validate_models(
     cand_names = [o.name for o in cand_graph.graph.output]
     if sorted(ref_names) != sorted(cand_names):
         raise UsageError(f"the models have different outputs: {ref_names} vs {cand_names}")
-    def run(model: ModelFile, role: str) -> list[dict[str, np.ndarray]]:
+    def run(model: ModelFile, graph: onnx.ModelProto, role: str) -> list[dict[str, np.ndarray]]:
         if mode == "layers":
-            return run_by_layers(model, ref_names, inputs, role, layer_bytes)
-        return _outputs(model, ref_names, inputs, role)
+            return run_by_layers(model, ref_names, inputs, role, layer_bytes, graph=graph)
+        return _outputs(model, _Feed(graph), ref_names, inputs, role)
 
-    ref_runs = run(reference, "reference")
-    cand_runs = run(candidate, "candidate")
+    ref_runs = run(reference, ref_graph, "reference")
+    cand_runs = run(candidate, cand_graph, "candidate")
     types = {o.name: o.type.tensor_type.elem_type for o in ref_graph.graph.output}
     outputs = []
     for name in ref_names:
@@ -607,21 +606,22 @@ def _value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
 
 
 def run_by_layers(model: ModelFile, names: Sequence[str], inputs: Sequence[Mapping[str, np.ndarray]],
-                  role: str, layer_bytes: int = LAYER_BYTES) -> list[dict[str, np.ndarray]]:
+                  role: str, layer_bytes: int = LAYER_BYTES, *, graph: onnx.ModelProto | None = None
+                  ) -> list[dict[str, np.ndarray]]:
     """The named outputs of ``model`` on every batch, computed one layer at a time: the graph is cut
     into sub-models of about ``layer_bytes`` of weights each (``layers``), each written to a
     temporary file with only its own weights and run on the activations the earlier ones computed,
     which are dropped once no later layer reads them. The same values as one whole session, with at
     most one layer's weights in memory. Models whose outputs are not all computed by nodes, whose
     activations are not all tensors, or that declare a fixed batch (their reshapes may name it) run
-    whole."""
-    graph = _skeleton(model)
+    whole. ``graph`` is the model read without its external data, where the caller has it."""
+    graph = _skeleton(model) if graph is None else graph
     source = model.resolve().parent if isinstance(model, Path) else None
     initializers = {t.name: t for t in graph.graph.initializer}
     produced = {name for node in graph.graph.node for name in node.output}
     feed = _Feed(graph)
     if any(name not in produced for name in names) or feed.size is not None:
-        return _outputs(model, names, inputs, role)
+        return _outputs(model, feed, names, inputs, role)
     parts = layers(graph, layer_bytes)
     later: list[set[str]] = [set(names)]  # later[i]: read by parts after i, or asked for
     for layer in reversed(parts[1:]):
@@ -636,7 +636,7 @@ def run_by_layers(model: ModelFile, names: Sequence[str], inputs: Sequence[Mappi
             if not outs:
                 continue
             if any(not isinstance(values[0].get(n), np.ndarray) for n in feeds):
-                return _outputs(model, names, inputs, role)
+                return _outputs(model, feed, names, inputs, role)
             sub = onnx.helper.make_model(
                 onnx.helper.make_graph(layer, f"{graph.graph.name}_layer",
                                        [_value_info(n, values[0][n]) for n in feeds],
@@ -645,8 +645,10 @@ def run_by_layers(model: ModelFile, names: Sequence[str], inputs: Sequence[Mappi
                 opset_imports=graph.opset_import, ir_version=max(graph.ir_version, 4), functions=graph.functions)
             target = Path(tmp) / "layer.onnx"
             write_model(sub, target, external_data=True, source=source)
+            sub_feed = _Feed(sub)
             del sub
-            for batch, got in zip(values, _outputs(target, outs, [{n: v[n] for n in feeds} for v in values], role)):
+            pieces = [{n: v[n] for n in feeds} for v in values]
+            for batch, got in zip(values, _outputs(target, sub_feed, outs, pieces, role)):
                 batch.update(got)
                 for name in [n for n in batch if n not in needed]:
                     del batch[name]
