@@ -57,18 +57,22 @@ class Analysis:
     ``prepared`` is the preprocessed graph of an untouched ``GraphView`` of it, copied instead of
     preprocessing the model again. ``barriers`` lists the nodes reading a channel axis that no
     rule binds, each with its rule's reason. ``storage`` reads a model whose external data was
-    not loaded from disk (``GraphView``)."""
+    not loaded from disk (``GraphView``). With ``figures`` False (a search's many analyses, which
+    need only the collapse) the fibers, opfibers and covers of each tensor are not worked out,
+    and with the fiber symmetry, whose collapse does not read opfibers, the backward pass is
+    skipped: ``figures`` is then empty, and ``layers`` carry None for them."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
                  record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
                  trees: TreeCache | None = None, prepared: gs.Graph | None = None,
-                 storage: Storage | None = None) -> None:
+                 storage: Storage | None = None, figures: bool = True) -> None:
         if symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
         self.graph = GraphView(model, prepared=prepared, storage=storage)
         self.tol = Tolerance(float(eps))
         self.symmetry = symmetry
+        self.with_figures = figures
         self.heights: dict[str, np.ndarray] = {}
         self._fibers: dict[str, Coloring] = {}
         self._opfiber_parts: dict[str, list[Partition]] = defaultdict(list)
@@ -88,7 +92,7 @@ class Analysis:
             self.graph.release()
             if recorded:
                 self.heights[site.name] = recorded[-1]
-        for site in reversed(self.sites):
+        for site in reversed(self.sites) if figures or symmetry == "cover" else ():
             for port in site.outputs:
                 self._settle_opfiber(port)
             self.tol = tolerances[id(site)]
@@ -107,6 +111,7 @@ class Analysis:
         links = [link for site in self.sites for link in site.links()]
         self.groups = build_groups(port_of, links, self._freeze)
         self.figures: dict[str, MemberFigures] = {}
+        self._collapses: dict[str, tuple[Partition, str | None]] = {}  # tensor -> its collapse, why frozen
         for group in self.groups:
             self._decide(group)
         self.layers = self._layer_reports()
@@ -217,9 +222,8 @@ class Analysis:
     def _decide(self, group: ShrinkGroup) -> None:
         """Figures of every member, and a plan for each when the group's collapse merges anything."""
         fibers = {n: self.fiber(m.port).partition.labels for n, m in group.members.items()}
-        opfibers = {n: self.opfiber(m.port).labels for n, m in group.members.items()}
-        base_fibers = group.base_partition(fibers, honor_frozen=False)
-        base_opfibers = group.base_partition(opfibers, honor_frozen=False)
+        opfibers = ({n: self.opfiber(m.port).labels for n, m in group.members.items()}
+                    if self.with_figures or self.symmetry == "cover" else {})
         chosen = (fibers,) if self.symmetry == "fiber" else (fibers, opfibers)
         required = {
             n: Partition.from_rows(np.column_stack(self._constraints[n])).labels if n in self._constraints
@@ -234,13 +238,16 @@ class Analysis:
                 collapse = group.equal_blocks(name, size, collapse)
             if collapse == before:
                 break
+        if self.with_figures:
+            base_fibers = group.base_partition(fibers, honor_frozen=False)
+            base_opfibers = group.base_partition(opfibers, honor_frozen=False)
         for name in group.members:
-            induced_fibers, induced_opfibers = group.induced(name, base_fibers), group.induced(name, base_opfibers)
             member_collapse = group.induced(name, collapse)
-            self.figures[name] = MemberFigures(
-                induced_fibers, induced_opfibers, induced_fibers.meet(induced_opfibers),
-                member_collapse, group.frozen_reason(name),
-            )
+            self._collapses[name] = (member_collapse, group.frozen_reason(name))
+            if self.with_figures:
+                induced_fibers, induced_opfibers = group.induced(name, base_fibers), group.induced(name, base_opfibers)
+                self.figures[name] = MemberFigures(induced_fibers, induced_opfibers,
+                                                   induced_fibers.meet(induced_opfibers), *self._collapses[name])
             if not collapse.is_discrete:
                 scales = self.fiber(group.members[name].port).relative_scales(member_collapse)
                 self._plans[name] = Plan(member_collapse, scales)
@@ -251,22 +258,23 @@ class Analysis:
             if not site.layer:
                 continue
             inp, out = site.inputs[0], site.outputs[0]
-            figures = self.figures[out.name]
-            width_in = self.figures[inp.name].collapse.n_colors if inp.name in self.figures else inp.width
-            width_out = figures.collapse.n_colors
+            collapse, frozen = self._collapses[out.name]
+            figures = self.figures.get(out.name)
+            width_in = self._collapses[inp.name][0].n_colors if inp.name in self._collapses else inp.width
+            width_out = collapse.n_colors
             reports.append(LayerReport(
                 name=site.name,
                 op_type=site.op_type,
                 tensor=out.name,
                 width=out.width,
-                fibers=figures.fibers.n_colors,
-                opfibers=figures.opfibers.n_colors,
-                covers=figures.covers.n_colors,
-                largest_fiber=int(figures.fibers.sizes().max()) if out.width else 0,
+                fibers=None if figures is None else figures.fibers.n_colors,
+                opfibers=None if figures is None else figures.opfibers.n_colors,
+                covers=None if figures is None else figures.covers.n_colors,
+                largest_fiber=None if figures is None else int(figures.fibers.sizes().max()) if out.width else 0,
                 width_after=width_out,
                 params=site.parameters(inp.width, out.width),
                 params_after=site.parameters(width_in, width_out),
-                frozen=figures.frozen,
+                frozen=frozen,
                 blocks=out.width // min(self._blocks[out.name]) if out.name in self._blocks else 1,
                 eps=self.layer_eps[id(site)],
                 nonfinite=site.nonfinite_channels() if isinstance(site, LinearSite) else 0,
@@ -324,12 +332,12 @@ def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
             registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
             record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
             trees: TreeCache | None = None, prepared: gs.Graph | None = None,
-            storage: Storage | None = None) -> Analysis:
+            storage: Storage | None = None, figures: bool = True) -> Analysis:
     """Analyse ``model`` (external data loaded, or on disk at ``storage``) at tolerance ``eps``
     (``layer_eps`` per layer); see :class:`Analysis`."""
     return Analysis(model, eps=eps, symmetry=symmetry, registry=registry, layer_eps=layer_eps,
                     record_heights=record_heights, layer_colorings=layer_colorings, trees=trees, prepared=prepared,
-                    storage=storage)
+                    storage=storage, figures=figures)
 
 
 __all__ = ["Analysis", "MemberFigures", "SYMMETRIES", "analyze", "bind"]

@@ -367,7 +367,8 @@ def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dic
         analysis, compressed, refits = outcome.analysis, outcome.model, outcome.refit
         target = evaluator.report(outcome, *goal)
     elif calibrate:
-        outcome = Evaluator(original, batches, symmetry=symmetry, calibrate=True, ridge=ridge)(layer_eps, eps)
+        refitting = Evaluator(original, batches, symmetry=symmetry, calibrate=True, ridge=ridge)
+        outcome = refitting.finish(refitting(layer_eps, eps))
         analysis, compressed, refits = outcome.analysis, outcome.model, outcome.refit
     else:
         analysis = analyze(original, eps=eps, symmetry=symmetry, layer_eps=layer_eps, storage=storage)

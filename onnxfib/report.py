@@ -13,7 +13,8 @@ class LayerReport:
     """Symmetry figures of one linear layer (a Gemm/MatMul producer) and its collapse.
 
     ``width`` counts the layer's output channels; ``fibers``/``opfibers``/``covers`` count the
-    colors of each partition of those channels; ``width_after`` is the width the collapse keeps
+    colors of each partition of those channels (None from an analysis without figures, as a
+    target search's intermediate ones); ``width_after`` is the width the collapse keeps
     (equal to ``width`` when ``frozen`` names why the channels may not shrink); ``params`` and
     ``params_after`` count the scalars in the layer's weight and bias before and after;
     ``blocks`` > 1 says the output is cut into that many blocks of equal width (attention
@@ -26,10 +27,10 @@ class LayerReport:
     op_type: str
     tensor: str
     width: int
-    fibers: int
-    opfibers: int
-    covers: int
-    largest_fiber: int
+    fibers: int | None
+    opfibers: int | None
+    covers: int | None
+    largest_fiber: int | None
     width_after: int
     params: int
     params_after: int

@@ -1,30 +1,35 @@
 """Choosing per-layer eps for a stated cost, and sweeping eps to show the trade-off.
 
-The search (:func:`search`) starts from the exact collapse (eps 0 everywhere) and repeatedly
-takes the step that costs least output error per parameter removed: for every layer it tries
-the eps that merges a few more of its rows (read from the layer's merge distances, so each try
-removes neurons), measures the whole model's outputs on the data against the original's, and
-keeps the try with the smallest increase of mean squared output error per parameter removed.
-This is the paper's greedy per-layer threshold search (Sec. 11.4.1) with layers interleaved
-by cost instead of visited one after another. It stops when
+Both searches start from the exact collapse (eps 0 everywhere) and read each layer's merge
+distances (the eps at which its rows would merge further), so every eps they try removes
+neurons. They measure the whole model's outputs on the data against the original's, and
+spend output error where it buys the most parameters: the paper's per-layer threshold search
+(Sec. 11.4.1), with layers weighed against each other instead of visited one after another.
 
-- ``params``: the model keeps at most the given fraction of its parameters (the last step is
-  narrowed to the fewest merges that reach it, so the fraction is met as closely as steps allow);
-- ``error``: no step keeps the largest output error relative to the output's scale
-  (``max_abs / max |original|``, the validation's ``max_rel``) within the limit;
-- ``drop``: no step keeps the accuracy lost (:func:`predicted_classes` against the labels)
-  within the limit;
-- ``agreement``: no step keeps the share of answers equal to the original's (the same
-  predictions, per position for sequence outputs) at or above the limit; no labels needed;
-- ``cosine``: no step keeps the mean cosine between the original's and the compressed output
-  rows (along the last axis; the smallest over float outputs) at or above the limit.
+- ``params`` (keep at most a fraction of the parameters): :func:`allocate`. Each layer is
+  probed once (its merge alone, measured), which gives a model of its error against its merges
+  (:class:`Curve`); one price of error per parameter then decides every layer's eps, and is
+  bisected on parameter counts alone (no model run) to the goal. Layers the allocation takes
+  beyond what their probes support are probed deeper and the allocation repeated. An exchange
+  phase follows: it trades merges between pairs of layers at the same budget (a step more in
+  one, as many fewer in the other as the budget allows) while that lowers the output error.
+  Cost: about one collapse per layer and round, plus a few dozen analyses.
+- the fidelity limits, met while as much as possible is merged: :func:`greedy` takes, step by
+  step, the layer whose next merges cost least output error per parameter removed, measured,
+  and stops when no step keeps the figure within the limit:
 
-For ``params`` an exchange phase follows: it trades merges between pairs of layers at the same
-budget (a step more in one, as many fewer in the other as the budget allows) while that lowers
-the output error, which the greedy order alone can miss.
+  - ``error``: the largest output error relative to the output's scale
+    (``max_abs / max |original|``, the validation's ``max_rel``) at most the limit;
+  - ``drop``: the accuracy lost (:func:`predicted_classes` against the labels) at most the limit;
+  - ``agreement``: the share of answers equal to the original's (the same predictions, per
+    position for sequence outputs) at least the limit; no labels needed;
+  - ``cosine``: the mean cosine between the original's and the compressed output rows (along
+    the last axis; the smallest over float outputs) at least the limit.
 
 Every evaluation collapses the model (refit on the data when calibrating) and runs it in ONNX
-Runtime; the figures reported are those of the returned eps on the same data.
+Runtime; the figures reported are those of the returned eps on the same data. The analyses of
+a search skip the figures a report shows (``Analysis(figures=False)``); the returned outcome's
+analysis has them (:meth:`Evaluator.finish`).
 """
 
 from __future__ import annotations
@@ -38,20 +43,18 @@ import onnx
 
 from . import stats
 from .analysis import Analysis, analyze
-from .coloring import TreeCache
+from .coloring import Coloring, TreeCache
 from .graph import GraphView
 from .calibrate import OriginalActivations, Selector, refit
 from .folding import Folder
 from .report import RefitReport, SweepPoint, TargetReport
+from .partition import Partition
 from .validation import Batch, chunked, common_rows, concatenated, run_tensors
 
 TARGET_KINDS = ("params", "error", "drop", "agreement", "cosine")
 
-#: A try merges about this fraction of a layer's rows (at least one).
+#: A trade of the exchange phase merges about this fraction of a layer's rows (at least one).
 STEP_FRACTION = 1 / 32
-
-#: A step towards a distant parameter target merges at most this fraction of a layer's rows.
-MAX_STEP_FRACTION = 1 / 4
 
 #: The exchange phase trades merges from this many of the costliest layers to as many of the
 #: cheapest (see :func:`_exchange`).
@@ -109,6 +112,8 @@ class Outcome:
     agreement: float  # share of predictions equal to the original's (predicted_classes)
     cosine: float  # mean cosine of output rows with the original's (row_cosines), smallest over outputs
     grouping: str = "merge"  # how the channels were grouped: "merge" (the eps clustering), "fold" or "select"
+    eps: float = 0.0  # the eps of the layers layer_eps does not name
+    colorings: Mapping[str, Coloring | Partition] | None = None  # the regrouping imposed (Analysis layer_colorings)
 
 #: Parts the rows are dealt into when a calibrated target is measured held out (:class:`HeldOut`).
 HELD_OUT_FOLDS = 4
@@ -179,21 +184,33 @@ class Evaluator:
         best of its merge and its regroupings at no more parameters (:func:`best_of`)."""
         return best_of(self.groupings(layer_eps, eps))
 
+    def probe(self, layer_eps: Mapping[str, float]) -> Outcome:
+        """The collapse at ``layer_eps`` as merged (no regrouping), measured: what a search
+        probes a layer's sensitivity with."""
+        analysis = self._analyze(layer_eps, record_heights=True)
+        return self._collapse(layer_eps, analysis, analysis.heights, "merge")
+
     def groupings(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> list[Outcome]:
         """The collapse at ``layer_eps`` as merged, then regrouped by each chooser that applies."""
-        analysis = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True,
-                           trees=self.trees, prepared=self.prepared)
-        outcomes = [self._collapse(layer_eps, analysis, analysis.heights, "merge")]
+        analysis = self._analyze(layer_eps, eps, record_heights=True)
+        outcomes = [self._collapse(layer_eps, analysis, analysis.heights, "merge", eps)]
         for name, chooser in self.choosers.items():
             chosen = chooser.colorings(analysis)
             if chosen:
-                regrouped = analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps,
-                                    layer_colorings=chosen, trees=self.trees, prepared=self.prepared)
-                outcomes.append(self._collapse(layer_eps, regrouped, analysis.heights, name))
+                regrouped = self._analyze(layer_eps, eps, layer_colorings=chosen)
+                outcomes.append(self._collapse(layer_eps, regrouped, analysis.heights, name, eps, chosen))
         return outcomes
 
+    def _analyze(self, layer_eps: Mapping[str, float], eps: float = 0.0, *, figures: bool = False,
+                 **options) -> Analysis:
+        """The model analysed at ``layer_eps`` through the shared trees and preprocessed graph;
+        without figures (``Analysis(figures=False)``) unless asked: a search needs the collapse."""
+        return analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, trees=self.trees,
+                       prepared=self.prepared, figures=figures, **options)
+
     def _collapse(self, layer_eps: Mapping[str, float], analysis: Analysis, heights: dict[str, np.ndarray],
-                  grouping: str) -> Outcome:
+                  grouping: str, eps: float = 0.0, colorings: Mapping[str, Coloring | Partition] | None = None
+                  ) -> Outcome:
         """``analysis`` collapsed (and refit when calibrating), measured."""
         if not self.calibrate:
             model, refits = analysis.collapse(), []
@@ -213,22 +230,21 @@ class Evaluator:
                      for k in self.embeddings)
         return Outcome(dict(layer_eps), analysis, heights, model, stats.count_parameters(model), max_abs, mse,
                        self._accuracy(runs), refits, max_rel=max_rel, agreement=agreement, cosine=cosine,
-                       grouping=grouping)
+                       grouping=grouping, eps=eps, colorings=colorings)
 
     def params(self, layer_eps: Mapping[str, float]) -> int:
         """The parameters of the collapse at ``layer_eps``, without measuring it."""
-        analysis = analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps, trees=self.trees,
-                           prepared=self.prepared)
-        return stats.count_parameters(analysis.collapse())
+        return stats.count_parameters(self._analyze(layer_eps).collapse())
 
     def heights(self, layer_eps: Mapping[str, float]) -> dict[str, np.ndarray]:
         """Each layer's merge distances at ``layer_eps`` (they depend on the layers before it)."""
-        return analyze(self.original, eps=0.0, symmetry=self.symmetry, layer_eps=layer_eps, record_heights=True,
-                       trees=self.trees, prepared=self.prepared).heights
+        return self._analyze(layer_eps, record_heights=True).heights
 
     def finish(self, outcome: Outcome) -> Outcome:
-        """The outcome a search returns: as measured."""
-        return outcome
+        """The outcome a search returns: as measured, with the analysis worked out in full (the
+        figures a report shows; the collapse is the same)."""
+        return replace(outcome, analysis=self._analyze(outcome.layer_eps, outcome.eps, figures=True,
+                                                       layer_colorings=outcome.colorings))
 
     def figure(self, outcome: Outcome, kind: str) -> float:
         """The outcome's figure for a target ``kind`` (see :class:`TargetReport`)."""
@@ -280,6 +296,9 @@ class HeldOut(Evaluator):
                                   cosine=float(weights @ [o.cosine for o in grouping])))
         return best_of(pooled)
 
+    def probe(self, layer_eps: Mapping[str, float]) -> Outcome:
+        return self.whole.probe(layer_eps)
+
     def params(self, layer_eps: Mapping[str, float]) -> int:
         return self.whole.params(layer_eps)
 
@@ -289,7 +308,7 @@ class HeldOut(Evaluator):
     def finish(self, outcome: Outcome) -> Outcome:
         """The outcome's grouping refit on all the data, with the pooled held-out figures."""
         full = next(o for o in self.whole.groupings(outcome.layer_eps) if o.grouping == outcome.grouping)
-        return replace(full, max_abs=outcome.max_abs, mse=outcome.mse, accuracy=outcome.accuracy,
+        return replace(self.whole.finish(full), max_abs=outcome.max_abs, mse=outcome.mse, accuracy=outcome.accuracy,
                        max_rel=outcome.max_rel, agreement=outcome.agreement, cosine=outcome.cosine)
 
 
@@ -344,22 +363,30 @@ def _merged(heights: np.ndarray, eps: float) -> int:
 
 def search(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outcome], None] | None = None
            ) -> Outcome:
-    """The per-layer eps meeting target ``kind`` at ``limit`` found by the greedy search of the
-    module docstring; the outcome of eps 0 everywhere when no step qualifies. ``on_step`` is
-    called with the outcome of every step taken (greedy or exchange).
+    """The per-layer eps meeting target ``kind`` at ``limit``: by allocation for ``params``
+    (:func:`allocate`), by the greedy for the other kinds (:func:`greedy`). ``on_step`` is called
+    with the outcome of every step taken."""
+    if kind == "params":
+        return allocate(evaluate, limit, on_step)
+    return greedy(evaluate, kind, limit, on_step)
+
+
+def greedy(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outcome], None] | None = None
+           ) -> Outcome:
+    """The per-layer eps that merge the most while the outcome meets the fidelity target
+    ``kind`` at ``limit`` (an error, accuracy drop, agreement or cosine), found by the greedy of
+    the module docstring; the outcome of eps 0 everywhere when no step qualifies. ``on_step`` is
+    called with the outcome of every step taken.
 
     The greedy is lazy (as in CELF): a layer's step is measured again only while its score from
     an earlier measurement could still beat the best score measured against the current model,
     since a step rarely becomes cheaper once other layers have merged. A step then costs a few
-    evaluations instead of one per layer; the first step measures every layer."""
+    evaluations instead of one per layer; the first step measures every layer. A step merges
+    ``STEP_FRACTION`` of a layer's rows, or one row when that no longer fits."""
     current = evaluate({})
-    goal = limit * evaluate.params_before
     layers = [layer.name for layer in current.analysis.layers
               if layer.frozen is None or layer.frozen.startswith("partly")]
-    layer_sizes = {layer.name: (layer.width, layer.params) for layer in current.analysis.layers}
-
-    def fits(outcome: Outcome) -> bool:
-        return kind == "params" or evaluate.report(outcome, kind, limit).met
+    widths = {layer.name: layer.width for layer in current.analysis.layers}
 
     def attempt(name: str, more: int) -> Outcome | None:
         heights = current.heights.get(name)
@@ -375,11 +402,10 @@ def search(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outc
             outcome = evaluate(kept) if kept != layer_eps else outcome
         return outcome if outcome.params < current.params else None
 
-    def measure(name: str) -> tuple[float, int, Outcome] | None:
-        """Layer ``name``'s step against ``current`` (its score, merges and outcome), None when
-        none fits; a layer with no merge left leaves the search."""
-        gap = 0.0 if kind != "params" else current.params - goal
-        for more in dict.fromkeys((_step_rows(layer_sizes[name], gap), 1)):
+    def measure(name: str) -> tuple[float, Outcome] | None:
+        """Layer ``name``'s step against ``current`` (its score and outcome), None when none
+        fits; a layer with no merge left leaves the search."""
+        for more in dict.fromkeys((max(1, math.ceil(widths[name] * STEP_FRACTION)), 1)):
             heights = current.heights.get(name)
             if heights is None or _next_eps(heights, current.layer_eps.get(name, 0.0), more) is None:
                 if more == 1:
@@ -388,41 +414,26 @@ def search(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outc
             outcome = attempt(name, more)
             if outcome is None:  # merging here now unmerges a later layer (its input colors changed)
                 continue
-            if fits(outcome):
-                return (outcome.mse - current.mse) / (current.params - outcome.params), more, outcome
+            if evaluate.report(outcome, kind, limit).met:
+                return (outcome.mse - current.mse) / (current.params - outcome.params), outcome
         return None
 
     scores: dict[str, float] = {}  # each layer's score when last measured (lower is better)
-    while not (kind == "params" and current.params <= goal):
-        best: tuple[float, str, int, Outcome] | None = None
+    while True:
+        best: tuple[float, Outcome] | None = None
         for name in sorted(layers, key=lambda n: scores.get(n, -math.inf)):
             if best is not None and scores.get(name, -math.inf) >= best[0]:
                 break  # no layer left whose last score could beat the best one measured now
             measured = measure(name)
             scores[name] = math.inf if measured is None else measured[0]
             if measured is not None and (best is None or measured[0] < best[0]):
-                best = (measured[0], name, measured[1], measured[2])
+                best = measured
         if best is None:
             break
-        score, name, more, outcome = best
-        if kind == "params" and outcome.params < goal and more > 1:
-            outcome = _fewest(attempt, name, more, goal) or outcome
-        current = outcome
+        current = best[1]
         if on_step is not None:
             on_step(current)
-    if kind == "params" and current.params <= goal:
-        current = _exchange(evaluate, current, layers, scores, goal, on_step)
     return evaluate.finish(current)
-
-
-def _step_rows(size: tuple[int, int], gap: float) -> int:
-    """The rows one step merges in a layer of ``size`` (width, parameters): ``STEP_FRACTION`` of
-    them, or, while the model is still ``gap`` parameters above a parameter target, as many as
-    remove an eighth of the gap (a merged row also drops its reader's columns: about twice the
-    layer's parameters per row), up to ``MAX_STEP_FRACTION`` of them."""
-    width, params = size
-    rows = gap / 8 / max(2 * params / max(width, 1), 1.0)
-    return max(1, min(math.ceil(width * MAX_STEP_FRACTION), max(math.ceil(width * STEP_FRACTION), math.ceil(rows))))
 
 
 def _keep_merges(evaluate: Evaluator, layer_eps: dict[str, float], heights: dict[str, np.ndarray],
@@ -444,6 +455,201 @@ def _keep_merges(evaluate: Evaluator, layer_eps: dict[str, float], heights: dict
         layer_eps = {**layer_eps, name: eps}
         heights = evaluate.heights(layer_eps)
     return layer_eps
+
+
+def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None] | None = None) -> Outcome:
+    """The per-layer eps keeping at most ``keep`` of the parameters with the least output
+    error, found by allocation; ``on_step`` is called with each allocation measured and each
+    trade of the exchange phase that follows.
+
+    Each layer's added output error is modelled from probes, merges of that layer alone measured
+    on the data (:class:`Curve`); the merges all layers should make at a price ``lam`` (output
+    error per parameter removed) are those whose modelled marginal cost is at most ``lam``, and
+    the price is bisected on parameter counts alone (no model is run) to the smallest that
+    reaches the goal. A layer never merges beyond twice its deepest probe (the model is not
+    trusted further); a layer the allocation takes to that limit is probed there and the
+    allocation repeated, at most ``ALLOCATION_ROUNDS`` times. A search costs about one probe per
+    layer and round plus a few dozen analyses, however far the target is: the greedy measures
+    every layer again at every few steps."""
+    current = evaluate({})
+    goal = keep * evaluate.params_before
+    if current.params <= goal:
+        return evaluate.finish(current)
+    curves = _probe(evaluate, current, _probe_depths(current, goal / current.params), {})
+    chosen: Outcome | None = None
+    for _ in range(ALLOCATION_ROUNDS):
+        if not curves:
+            break
+        allocated = _allocate(evaluate, curves, current, goal)
+        if chosen is None or _better(allocated, chosen, goal):
+            chosen = allocated
+            if on_step is not None:
+                on_step(chosen)
+        limited = {name: curve.reach for name, curve in curves.items()
+                   if curve.reach < len(curve.heights) and _merged(curve.heights, allocated.layer_eps[name]) >= curve.reach}
+        if not limited:
+            break
+        curves = _probe(evaluate, current, limited, curves)
+    if chosen is None:
+        return evaluate.finish(current)
+    if chosen.params <= goal:
+        scores = {name: curve.score for name, curve in curves.items()}
+        chosen = _exchange(evaluate, chosen, list(curves), scores, goal, on_step)
+    return evaluate.finish(chosen)
+
+
+#: How many times the allocation is repeated with deeper probes (see :func:`search`).
+ALLOCATION_ROUNDS = 4
+
+#: The bisection of the price stops when its bounds are within this ratio of each other, or
+#: after ``PRICE_STEPS`` steps.
+PRICE_RATIO = 1.01
+PRICE_STEPS = 40
+
+#: The power of the sum of merge distances a layer's error grows with, before a second probe
+#: fits it (:class:`Curve`): faster than the distances, since later merges join larger clusters.
+DEFAULT_POWER = 2.0
+
+#: The powers a layer's fitted curve is held between.
+POWER_RANGE = (1.0, 4.0)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A layer's modelled cost of merging: beyond the ``done`` merges of the search's start, its
+    next ``k`` merges (at the distances ``heights[done:done + k]``) add ``scale * H(k) ** power``
+    output error, ``H(k)`` the sum of those distances, and remove ``per_merge`` parameters each.
+    ``probes`` are the measured points (merges, added error) the model was fitted to; ``reach``
+    is as far as it is trusted: twice the deepest probe. ``score`` is the error per parameter
+    of the deepest probe (which the exchange phase ranks layers by)."""
+
+    heights: np.ndarray
+    done: int
+    probes: tuple[tuple[int, float], ...]
+    per_merge: float
+    floor: float  # the slope given a layer whose probes added no error
+
+    @property
+    def reach(self) -> int:
+        return min(len(self.heights), self.done + 2 * max(merges for merges, _ in self.probes))
+
+    def distance(self, merges: int) -> float:
+        return float(np.sum(self.heights[self.done:self.done + merges]))
+
+    @property
+    def fit(self) -> tuple[float, float]:
+        """(scale, power) through the probes: least squares on a log scale, the power held in
+        ``POWER_RANGE``; ``DEFAULT_POWER`` and the deepest probe with fewer than two points."""
+        points = [(math.log(self.distance(m)), math.log(added)) for m, added in self.probes
+                  if added > 0 and self.distance(m) > 0]
+        power = DEFAULT_POWER
+        if len(points) >= 2:
+            x, y = np.array(points).T
+            if np.ptp(x) > 0:
+                power = float(np.clip(np.polyfit(x, y, 1)[0], *POWER_RANGE))
+        if not points:
+            return self.floor, power
+        deepest = max(points)
+        return max(math.exp(deepest[1] - power * deepest[0]), self.floor), power
+
+    @property
+    def score(self) -> float:
+        merges, added = max(self.probes)
+        return added / (merges * self.per_merge)
+
+    @property
+    def marginal(self) -> np.ndarray:
+        """The modelled error per parameter of each further merge within reach (non-decreasing)."""
+        scale, power = self.fit
+        total = np.cumsum(self.heights[self.done:self.reach])
+        added = scale * np.diff(total ** power, prepend=0.0)
+        return np.maximum.accumulate(added / self.per_merge)
+
+    def eps(self, price: float) -> float:
+        """The layer's eps at ``price``: it makes every further merge within reach whose
+        marginal error per parameter is at most ``price``."""
+        merges = self.done + int(np.searchsorted(self.marginal, price, side="right"))
+        eps = _eps_for(self.heights, merges)
+        return float(self.heights[-1]) if eps is None else eps
+
+
+def _probe_depths(current: Outcome, keep: float) -> dict[str, int]:
+    """The merges each searchable layer is first probed at: as many as a uniform reach of
+    ``keep`` (a fraction of ``current``'s parameters: rows kept about its square root) makes."""
+    ratio = 1.0 - math.sqrt(min(max(keep, 0.0), 1.0))
+    depths = {}
+    for layer in current.analysis.layers:
+        heights = current.heights.get(layer.name)
+        if heights is None or not (layer.frozen is None or layer.frozen.startswith("partly")):
+            continue
+        done = _merged(heights, current.layer_eps.get(layer.name, 0.0))
+        depths[layer.name] = done + min(len(heights) - done, max(1, round(layer.width * ratio)))
+    return {name: merges for name, merges in depths.items() if merges > _merged(current.heights[name], 0.0)}
+
+
+def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], curves: Mapping[str, Curve]
+           ) -> dict[str, Curve]:
+    """``curves`` with a probe of each layer in ``depths`` at that many merges (of its rows in
+    ``current``) added: its merge alone measured (``Evaluator.probe``). A layer whose first
+    probe removes no parameter (a later layer's merges undone) is left out. A probe that added
+    no error gives a slope of a thousandth of the smallest measured one: cheap, not free."""
+    updated = dict(curves)
+    for name, merges in depths.items():
+        heights = current.heights[name]
+        eps = _eps_for(heights, merges)
+        if eps is None:
+            continue
+        outcome = evaluate.probe({**current.layer_eps, name: eps})
+        done = _merged(heights, current.layer_eps.get(name, 0.0))
+        removed = current.params - outcome.params
+        point = (merges - done, max(outcome.mse - current.mse, 0.0))
+        if name in updated:
+            updated[name] = replace(updated[name], probes=(*updated[name].probes, point))
+        elif removed > 0:
+            updated[name] = Curve(heights, done, (point,), removed / point[0], 0.0)
+    slopes = [added / curve.distance(m) ** DEFAULT_POWER for curve in updated.values()
+              for m, added in curve.probes if added > 0 and curve.distance(m) > 0]
+    floor = 1e-3 * min(slopes, default=1.0)
+    return {name: replace(curve, floor=floor) for name, curve in updated.items()}
+
+
+def _allocation(curves: Mapping[str, Curve], current: Outcome, price: float) -> dict[str, float]:
+    """Every layer's eps at ``price`` (error per parameter), from ``current``'s."""
+    return {**current.layer_eps, **{name: curve.eps(price) for name, curve in curves.items()}}
+
+
+def _allocate(evaluate: Evaluator, curves: Mapping[str, Curve], current: Outcome, goal: float) -> Outcome:
+    """The allocation of ``curves`` at the smallest price whose collapse keeps at most ``goal``
+    parameters (counted, not run; the largest price's when none does), measured."""
+    low = min(float(curve.marginal[0]) for curve in curves.values()) / 2
+    high = max(float(curve.marginal[-1]) for curve in curves.values()) * 2
+    price = _bisect(low, high, lambda p: evaluate.params(_allocation(curves, current, p)) <= goal)
+    return evaluate(_allocation(curves, current, high if price is None else price))
+
+
+def _better(a: Outcome, b: Outcome, goal: float) -> bool:
+    """Whether ``a`` serves a parameter goal better than ``b``: within it with the smaller output
+    error, or closer to it while both are above it."""
+    if (a.params <= goal) != (b.params <= goal):
+        return a.params <= goal
+    return a.mse < b.mse if a.params <= goal else a.params < b.params
+
+
+def _bisect(low: float, high: float, accepts: Callable[[float], bool]) -> float | None:
+    """On a log scale between ``low`` and ``high``: the smallest price ``accepts`` takes,
+    assuming it takes every price above it; None when it does not take ``high``."""
+    if not accepts(high):
+        return None
+    good, bad = high, low
+    for _ in range(PRICE_STEPS):
+        if max(good, bad) / min(good, bad) <= PRICE_RATIO:
+            break
+        middle = math.sqrt(good * bad)
+        if accepts(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
 
 
 def _exchange(evaluate: Evaluator, current: Outcome, layers: list[str], scores: Mapping[str, float], goal: float,
@@ -500,19 +706,6 @@ def _trade(evaluate: Evaluator, current: Outcome, more: tuple[str, float], fewer
         else:
             high = middle - 1
     return evaluate(eps_of(best)) if best else None
-
-
-def _fewest(attempt, name: str, more: int, goal: float) -> Outcome | None:
-    """The try on layer ``name`` with the fewest merges (at most ``more``) that reaches ``goal``."""
-    low, high, found = 1, more, None
-    while low <= high:
-        middle = (low + high) // 2
-        outcome = attempt(name, middle)
-        if outcome is not None and outcome.params <= goal:
-            found, high = outcome, middle - 1
-        else:
-            low = middle + 1
-    return found
 
 
 def sweep(evaluate: Evaluator, eps_values: Sequence[float], on_point: Callable[[SweepPoint], None] | None = None
