@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ..analysis import Analysis, MemberFigures
+from ..coloring import TreeCache
 from ..errors import UsageError
 from ..partition import Partition
 from ..rules import Plan, Port
@@ -42,12 +44,15 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     was_training = model.training
     model.eval()
     buffer = io.BytesIO()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused encoder layer has no ONNX export
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), buffer, dynamo=False, do_constant_folding=False,
                               opset_version=_OPSET, input_names=["input"], output_names=["output"])
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     return onnx.load_from_string(buffer.getvalue())
 
@@ -89,17 +94,21 @@ class Unit:
 
 class TorchAnalysis:
     """The core's analysis of a torch model at tolerance ``eps`` (``symmetry`` decides what the
-    collapse plans follow), with its layers and replaceable units named by module."""
+    collapse plans follow; ``layer_eps`` per layer site, ``trees`` a clustering cache and
+    ``record_heights`` as :class:`onnxfib.analysis.Analysis` takes them), with its layers and
+    replaceable units named by module."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, *, eps: float,
-                 symmetry: str = "cover") -> None:
+                 symmetry: str = "cover", layer_eps: Mapping[str, float] | None = None,
+                 trees: TreeCache | None = None, record_heights: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not 0.0 <= float(eps) < 2.0:
             raise UsageError(f"eps must be in [0, 2) (a cosine distance), got {eps}")
         self.model = model
         self.onnx = export_onnx(model, example)
-        self.analysis = Analysis(self.onnx, eps=float(eps), symmetry=symmetry)
+        self.analysis = Analysis(self.onnx, eps=float(eps), symmetry=symmetry, layer_eps=layer_eps, trees=trees,
+                                 record_heights=record_heights)
         modules = dict(model.named_modules())
         self.layers: list[Layer] = []
         self._channel_modules: dict[str, nn.Module] = {}  # ONNX input tensor -> BatchNorm module
