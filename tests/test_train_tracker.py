@@ -83,6 +83,7 @@ def test_stack_onnx_is_the_model_and_gives_the_exporters_figures(trained) -> Non
     model.load_state_dict(snapshots[STEPS])
     direct = stack_onnx(model, example)
     assert direct is not None
+    onnx.checker.check_model(direct, full_check=True)
     x = _digits()[0][5:6]
     session = ort.InferenceSession(direct.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).detach().numpy(),

@@ -52,7 +52,7 @@ def stack_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto | Non
     if not isinstance(model, nn.Sequential) or example.dim() != 2 or example.dtype != torch.float32 or \
             any(p.dtype != torch.float32 for p in model.parameters()):
         return None
-    nodes, initializers, current = [], [], "input"
+    nodes, initializers, current, width = [], [], "input", int(example.shape[1])
     for name, module in model.named_children():
         if isinstance(module, nn.Linear):
             names = [f"{name}.weight"] + ([f"{name}.bias"] if module.bias is not None else [])
@@ -60,6 +60,7 @@ def stack_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto | Non
                              for n, p in zip(names, (module.weight, module.bias))]
             nodes.append(helper.make_node("Gemm", [current, *names], [f"/{name}/Gemm_output_0"],
                                                name=f"/{name}/Gemm", transB=1))
+            width = module.out_features
         elif type(module) in _STACK_OPS and not (isinstance(module, nn.Softplus) and module.beta != 1.0):
             op = _STACK_OPS[type(module)]
             nodes.append(helper.make_node(op, [current], [f"/{name}/{op}_output_0"], name=f"/{name}/{op}"))
@@ -71,7 +72,8 @@ def stack_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto | Non
     nodes[-1].output[0] = "output"
     graph = helper.make_graph(
         nodes, "stack", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, list(example.shape))],
-        [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, None)], initializers)
+        [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [int(example.shape[0]), width])],
+        initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
 
 
