@@ -6,8 +6,8 @@ down the ladder with ``onnxfib.train.collapse_retrain`` (the paper's Algorithm 1
     python benchmarks/scaling.py --quick    # seconds: the structure, on a sliver of the data
 
 Data: real text available offline from Debian packages, the glosses (definitions and examples)
-of WordNet 3.0 (``wordnet-base``: ``/usr/share/wordnet/data.*``) and the fortune cookies of
-``fortunes-min`` (``/usr/share/games/fortunes``), split by document (gloss or fortune) into
+of WordNet 3.0 (``wordnet-base``: ``/usr/share/wordnet/data.*``) and every fortune cookie file in
+``/usr/share/games/fortunes`` (``fortunes``, or ``fortunes-min`` alone), split by document (gloss or fortune) into
 train / validation / test (90 / 5 / 5 %, seeded). Tokenizer: UTF-8 bytes (256 symbols), stated
 as such; no tokenizer is downloaded. Model: a causal ``nn.TransformerEncoder`` LM (byte and
 position embeddings, ``LAYERS`` encoder layers of width ``D_MODEL`` with ReLU feed-forward
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the section, write no file of the repository")
     args = parser.parse_args(argv)
     if not (WORDNET / "data.noun").exists() or not FORTUNES.is_dir():
-        print("text corpora not found: apt-get install -y wordnet-base fortunes-min", file=sys.stderr)
+        print("text corpora not found: apt-get install -y wordnet-base fortunes", file=sys.stderr)
         return 2
     setup = QUICK if args.quick else Setup()
     if args.seeds is not None:
@@ -356,7 +356,7 @@ def markdown(data: dict) -> str:
           if data["seeds_done"] < len(setup["seeds"]) else []),
         f"Byte-level causal transformer LM ({setup['layers']} encoder layers, residual width {setup['d_model']}, "
         f"{setup['heads']} heads, context {setup['context']}, ReLU feed-forward blocks) on WordNet 3.0 glosses and "
-        f"fortunes-min ({data['corpus']['train']:,} / {data['corpus']['val']:,} / {data['corpus']['test']:,} bytes "
+        f"the Debian fortunes files ({data['corpus']['train']:,} / {data['corpus']['val']:,} / {data['corpus']['test']:,} bytes "
         f"train / val / test; tokenizer: UTF-8 bytes). Adam lr {setup['lr']}, batch {setup['batch']}, early stopping on "
         f"the validation split every {setup['every']} steps, patience {setup['patience']}, at most "
         f"{setup['max_steps']} steps. Ladder: feed-forward widths {list(setup['widths'])}; collapse–retrain starts "
