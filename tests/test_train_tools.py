@@ -18,6 +18,8 @@ from onnxfib.partition import Partition  # noqa: E402
 from onnxfib.train import (  # noqa: E402
     ContinualBackprop,
     CoverTracker,
+    EarlyStopping,
+    OnnxLayers,
     SymmetryBreaker,
     TorchAnalysis,
     break_covers,
@@ -231,30 +233,29 @@ def test_collapse_to_base_narrows_cnn_with_batchnorm() -> None:
 
 
 @pytest.mark.slow
-def test_collapse_retrain_stops_when_the_loss_rises() -> None:
+def test_collapse_retrain_on_an_mlp_stops_when_the_validation_loss_rises() -> None:
     model, _ = _planted(nn.Tanh)
-    x = _x(256)
+    x, x_val = _x(256), _x(128, seed=5)
     with torch.no_grad():
-        y = model(x)
+        y, y_val = model(x), model(x_val) + 0.05 * torch.randn(128, WIDTHS[-1], generator=torch.Generator().manual_seed(6))
 
-    def evaluate(m: nn.Module) -> float:
+    def validate(m: nn.Module) -> float:
         with torch.no_grad():
-            return float(((m(x) - y) ** 2).mean()) + 1e-3
+            return float(((m(x_val) - y_val) ** 2).mean())
 
-    def retrain(m: nn.Module) -> None:
-        optimizer = torch.optim.SGD(m.parameters(), lr=0.01)
-        for _ in range(5):
-            optimizer.zero_grad()
-            ((m(x) - y) ** 2).mean().backward()
-            optimizer.step()
+    def step(m: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad()
+        ((m(x) - y) ** 2).mean().backward()
+        optimizer.step()
 
-    result = collapse_retrain(model, x, thresholds=[0.0, 1.9], retrain=retrain, evaluate=evaluate, tolerance=0.05)
-    assert [r.accepted for r in result.rounds] == [True, False]
+    retrain = EarlyStopping(step, validate, lambda p: torch.optim.SGD(p, lr=0.01), every=5, patience=1, max_steps=10)
+    result = collapse_retrain(model, layers=OnnxLayers(x[:1]), validate=validate, retrain=retrain, tolerance=0.0)
+    assert result.rounds and not result.rounds[-1].accepted and result.stopped == "validation loss not recovered"
+    assert all(r.accepted for r in result.rounds[:-1])
+    assert result.rounds[-1].loss_retrained > result.loss_before
+    assert [r.params for r in result.rounds] == sorted((r.params for r in result.rounds), reverse=True)
     assert result.rounds[0].params < result.params_before
-    assert result.rounds[1].params < result.rounds[0].params
-    assert parameter_count(result.model) == result.rounds[0].params
-    with pytest.raises(UsageError):
-        collapse_retrain(model, x, thresholds=[0.5, 0.1], retrain=retrain, evaluate=evaluate)
+    assert parameter_count(result.model) == (result.rounds[-2].params if len(result.rounds) > 1 else result.params_before)
 
 
 def test_bad_arguments_raise_usage_errors() -> None:

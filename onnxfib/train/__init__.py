@@ -13,7 +13,17 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
 
 from .adapter import Layer, TorchAnalysis, Unit, export_onnx, parameter_count
 from .breaking import Broken, SymmetryBreaker, break_covers
-from .collapse import CollapseRetrainResult, Round, collapse_retrain, collapse_to_base
+from .collapse import (
+    CollapseRetrainResult,
+    EarlyStopping,
+    FeedForwardLayers,
+    Layers,
+    OnnxLayers,
+    Round,
+    collapse_retrain,
+    collapse_to_base,
+    greedy_thresholds,
+)
 from .continual_backprop import ContinualBackprop
 from .probes import activity_partition, layer_outputs, synchronized, synchronized_blocks
 from .tracker import CoverTracker, LayerRecord
@@ -23,8 +33,12 @@ __all__ = [
     "CollapseRetrainResult",
     "ContinualBackprop",
     "CoverTracker",
+    "EarlyStopping",
+    "FeedForwardLayers",
     "Layer",
     "LayerRecord",
+    "Layers",
+    "OnnxLayers",
     "Round",
     "SymmetryBreaker",
     "TorchAnalysis",
@@ -34,6 +48,7 @@ __all__ = [
     "collapse_retrain",
     "collapse_to_base",
     "export_onnx",
+    "greedy_thresholds",
     "layer_outputs",
     "parameter_count",
     "synchronized",

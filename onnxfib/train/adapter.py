@@ -12,14 +12,17 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
+from onnx import helper, numpy_helper
 from torch import nn
 
 from ..analysis import Analysis, MemberFigures
+from ..coloring import TreeCache
 from ..errors import UsageError
 from ..partition import Partition
 from ..rules import Plan, Port
@@ -36,18 +39,63 @@ _OPSET = 17
 _RENAMED = re.compile(r"__onnxfib\d+$")
 
 
+#: Element-wise modules a plain stack may hold, and the ONNX op each one is.
+_STACK_OPS: dict[type[nn.Module], str] = {nn.ReLU: "Relu", nn.Tanh: "Tanh", nn.Sigmoid: "Sigmoid",
+                                          nn.Identity: "Identity", nn.Softplus: "Softplus"}
+
+
+def stack_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto | None:
+    """A plain stack (``nn.Sequential`` of Linear modules and parameter-free activations with
+    default settings, on a 2-D input) written straight as ONNX: a Gemm (transB) per Linear with
+    its parameters as initializers under their names, one node per activation. The same graph
+    the exporter makes, without tracing; None for any other model."""
+    if not isinstance(model, nn.Sequential) or example.dim() != 2 or example.dtype != torch.float32 or \
+            any(p.dtype != torch.float32 for p in model.parameters()):
+        return None
+    nodes, initializers, current, width = [], [], "input", int(example.shape[1])
+    for name, module in model.named_children():
+        if isinstance(module, nn.Linear):
+            names = [f"{name}.weight"] + ([f"{name}.bias"] if module.bias is not None else [])
+            initializers += [numpy_helper.from_array(p.detach().cpu().numpy(), n)
+                             for n, p in zip(names, (module.weight, module.bias))]
+            nodes.append(helper.make_node("Gemm", [current, *names], [f"/{name}/Gemm_output_0"],
+                                               name=f"/{name}/Gemm", transB=1))
+            width = module.out_features
+        elif type(module) in _STACK_OPS and not (isinstance(module, nn.Softplus) and module.beta != 1.0):
+            op = _STACK_OPS[type(module)]
+            nodes.append(helper.make_node(op, [current], [f"/{name}/{op}_output_0"], name=f"/{name}/{op}"))
+        else:
+            return None
+        current = nodes[-1].output[0]
+    if not nodes:
+        return None
+    nodes[-1].output[0] = "output"
+    graph = helper.make_graph(
+        nodes, "stack", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, list(example.shape))],
+        [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [int(example.shape[0]), width])],
+        initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
-    """``model`` as an ONNX model (eval mode, initializers named after parameters); the
+    """``model`` as an ONNX model (eval mode, initializers named after parameters): a plain
+    stack written directly (:func:`stack_onnx`), anything else through torch's exporter; the
     model's training flag is restored afterwards."""
+    direct = stack_onnx(model, example)
+    if direct is not None:
+        return direct
     was_training = model.training
     model.eval()
     buffer = io.BytesIO()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused encoder layer has no ONNX export
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), buffer, dynamo=False, do_constant_folding=False,
                               opset_version=_OPSET, input_names=["input"], output_names=["output"])
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     return onnx.load_from_string(buffer.getvalue())
 
@@ -89,17 +137,21 @@ class Unit:
 
 class TorchAnalysis:
     """The core's analysis of a torch model at tolerance ``eps`` (``symmetry`` decides what the
-    collapse plans follow), with its layers and replaceable units named by module."""
+    collapse plans follow; ``layer_eps`` per layer site, ``trees`` a clustering cache and
+    ``record_heights`` as :class:`onnxfib.analysis.Analysis` takes them), with its layers and
+    replaceable units named by module."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, *, eps: float,
-                 symmetry: str = "cover") -> None:
+                 symmetry: str = "cover", layer_eps: Mapping[str, float] | None = None,
+                 trees: TreeCache | None = None, record_heights: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not 0.0 <= float(eps) < 2.0:
             raise UsageError(f"eps must be in [0, 2) (a cosine distance), got {eps}")
         self.model = model
         self.onnx = export_onnx(model, example)
-        self.analysis = Analysis(self.onnx, eps=float(eps), symmetry=symmetry)
+        self.analysis = Analysis(self.onnx, eps=float(eps), symmetry=symmetry, layer_eps=layer_eps, trees=trees,
+                                 record_heights=record_heights)
         modules = dict(model.named_modules())
         self.layers: list[Layer] = []
         self._channel_modules: dict[str, nn.Module] = {}  # ONNX input tensor -> BatchNorm module
@@ -168,4 +220,4 @@ def parameter_count(model: nn.Module) -> int:
 
 
 __all__ = ["CHANNEL_TYPES", "LAYER_TYPES", "Layer", "TorchAnalysis", "Unit", "export_onnx",
-           "initializer_name", "parameter_count"]
+           "initializer_name", "parameter_count", "stack_onnx"]

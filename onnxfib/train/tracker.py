@@ -1,7 +1,7 @@
 """Watch fibers, opfibers and covers form during training (paper Sec. 4.1, Fig. 8 and Fig. 10).
 
-Each record runs the core's analysis on the current weights (an in-memory ONNX export) and
-keeps, per Linear/Conv layer, the numbers of fibers, flavored opfibers (Eq. 5) and covers
+Each record runs the core's analysis on the current weights (a plain stack written straight as
+ONNX, anything else an in-memory export; see :func:`adapter.export_onnx`) and keeps, per Linear/Conv layer, the numbers of fibers, flavored opfibers (Eq. 5) and covers
 (Eq. 7), their size distributions, how many channels merged, and how many covers of the
 previous record split (Theorem 3.1 says none do under exact gradient descent at eps = 0).
 """
@@ -60,12 +60,13 @@ def splits(before: Partition, after: Partition) -> int:
 class CoverTracker:
     """Records symmetry figures of ``model`` at tolerance ``eps`` every ``every`` steps;
     ``example`` is one input batch (its shape fixes the export). ``seconds`` is the time spent
-    recording, for overhead figures."""
+    recording, for overhead figures; ``cpu_seconds`` the process CPU time it took."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, *, eps: float = 0.0, every: int = 1) -> None:
         if every < 1:
             raise UsageError(f"every must be at least 1, got {every}")
         self.model, self.example, self.eps, self.every = model, example, float(eps), int(every)
+        self.cpu_seconds = 0.0
         self.records: list[LayerRecord] = []
         self.seconds = 0.0
         self._last: dict[str, Partition] = {}
@@ -76,7 +77,7 @@ class CoverTracker:
 
     def record(self, step: int, epoch: int | None = None) -> list[LayerRecord]:
         """Analyse the current weights and append one record per layer."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         analysis = TorchAnalysis(self.model, self.example, eps=self.eps, symmetry="cover")
         new = []
         for layer in analysis.layers:
@@ -94,6 +95,7 @@ class CoverTracker:
             self._last[layer.name] = figures.covers
         self.records.extend(new)
         self.seconds += time.perf_counter() - start
+        self.cpu_seconds += time.process_time() - cpu
         return new
 
     def layers(self) -> list[str]:
@@ -101,7 +103,7 @@ class CoverTracker:
 
     def to_json(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        path.write_text(json.dumps({"eps": self.eps, "seconds": self.seconds,
+        path.write_text(json.dumps({"eps": self.eps, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
                                     "records": [asdict(r) for r in self.records]}, indent=1))
         return path
 
