@@ -637,13 +637,19 @@ def figure(
     channels (the first chosen layer's input first), one dot per neuron colored by fiber
     (``fiber_colors``), channels of a fiber side by side, edges shaded by |weight| between
     consecutive columns no wider than ``EDGE_LIMIT``. Each column's dots are one scatter whose
-    gid is the column's tensor or layer; ``eps`` picks the analysis (default: the given eps)."""
+    gid is the column's tensor or layer; ``eps`` picks a uniform stop's analysis (default: the
+    stop the page opens at, the per-layer one when there is one)."""
     from onnxfib.plotting import pyplot
 
-    eps = data["eps"] if eps is None else check_eps(eps)
-    if eps not in data["eps_values"]:
-        raise UsageError(f"eps {eps:g} was not analysed; the page holds {data['eps_values']}")
-    columns = _columns(data, layers, data["eps_values"].index(eps))
+    if eps is None:
+        index = data["start"]
+    else:
+        eps = check_eps(eps)
+        if eps not in data["eps_values"]:
+            raise UsageError(f"eps {eps:g} was not analysed; the page holds {data['eps_values']}")
+        index = data["eps_values"].index(eps)
+    stop = data["stops"][index]
+    columns = _columns(data, layers, index)
     widest = max(len(c["labels"]) for c in columns)
     plt = pyplot()
     from matplotlib.collections import LineCollection  # after pyplot(): it names the missing extra
@@ -680,7 +686,7 @@ def figure(
     axes.set_ylim(1.03, -0.12)
     axes.axis("off")
     axes.set_title(
-        f"{data['model']}: neurons colored by fiber (eps {eps:g}); grey: alone in its fiber",
+        f"{data['model']}: neurons colored by fiber (eps {stop['label']}); grey: alone",
         fontsize=9,
         pad=4,
     )

@@ -33,6 +33,7 @@ from onnxfib.view import (
     fiber_colors,
     figure,
     packed,
+    recorded,
     view_data,
     write_page,
 )
@@ -413,6 +414,18 @@ def test_settings_of_a_compressed_model_is_the_stop_the_page_opens_at(planted, t
         assert {name: int(attrs["data-base-width"]) for name, attrs in base.items()} == \
             {name: shape[0] for name, shape in shapes.items()}
         assert [shapes[name][0] for name in report] == [layer["width_after"] for layer in report.values()]
+    settings = recorded(tmp_path / "small.onnx")  # the static figure draws the same stop
+    fig = figure(view_data(path, eps=settings.eps, layer_eps=settings.layer_eps, eps_values=(), layout=False))
+    from matplotlib.colors import to_hex
+
+    for collection in fig.axes[0].collections:
+        if collection.get_gid() in report:
+            fills = [to_hex(c) for c in collection.get_facecolors()]
+            classes = len(set(fills) - {to_hex(SINGLETON_COLOR)}) + fills.count(to_hex(SINGLETON_COLOR))
+            assert classes == report[collection.get_gid()]["fibers"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 @needs_chromium
