@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import colorsys
+import functools
 import json
 import os
 import shutil
@@ -26,11 +27,12 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxfib import io
-from onnxfib.analysis import SYMMETRIES, Analysis, analyze
+from onnxfib.analysis import SYMMETRIES, Analysis, analyze, bind
 from onnxfib.api import check_eps, check_layer_eps
 from onnxfib.errors import UsageError
 from onnxfib.graph import GraphView
 from onnxfib.report import LayerReport
+from onnxfib.rules import default_registry
 from onnxfib.rules.linear import LinearSite
 
 #: The eps values the page's control offers (the eps asked for is added).
@@ -221,7 +223,7 @@ def view_data(
             "analyses": [_analysis(run, tensors) for run in runs],
         }
         if layout:  # before any collapse: collapsing rewrites an analysis's graph
-            data["layout"] = graph_layout(first)
+            data["layout"] = graph_layout(first.graph.graph, first.sites, first.layers)
         if base:
             data["bases"] = _bases(runs, data["analyses"], tensors, layout)
     return data
@@ -242,16 +244,18 @@ def _bases(
         key = b"|".join(p.labels.astype(np.int64).tobytes() for p in members)
         if key not in seen:
             seen[key] = len(bases)
-            bases.append(_base(run.collapse(), layout))
+            bases.append(_base(run.collapse(), run.layers if layout else None))
         entry["base"] = seen[key]
     return bases
 
 
-def _base(collapsed: onnx.ModelProto, layout: bool) -> dict[str, Any]:
-    """One collapsed model analysed as a model of its own: its layers' widths and weights, and
-    its op graph laid out."""
-    own = analyze(collapsed, eps=0.0)
-    sites: list[Any] = [site for site in own.sites if site.layer]
+def _base(collapsed: onnx.ModelProto, reports: Sequence[LayerReport] | None) -> dict[str, Any]:
+    """One collapsed model read as a model of its own (its graph prepared and bound to sites,
+    not analysed): its layers' widths and weights, and with ``reports`` (the original's, which
+    the page's boxes show) its op graph laid out."""
+    graph = GraphView(collapsed)
+    bound, _ = bind(graph, default_registry())
+    sites: list[Any] = [site for site in bound if site.layer]
     layers = [
         {
             "name": site.name,
@@ -264,7 +268,8 @@ def _base(collapsed: onnx.ModelProto, layout: bool) -> dict[str, Any]:
         }
         for site in sites
     ]
-    return {"layers": layers, "layout": graph_layout(own) if layout else None}
+    laid = graph_layout(graph.graph, bound, reports) if reports is not None else None
+    return {"layers": layers, "layout": laid}
 
 
 def _edges(site: Any) -> list[list[float]] | None:
@@ -336,10 +341,11 @@ def _analysis(run: Analysis, tensors: list[str]) -> dict[str, Any]:
 # -- layout ---------------------------------------------------------------------------------
 
 
-def _graph_nodes(analysis: Analysis) -> tuple[list[dict[str, Any]], list[tuple[int, int, str]]]:
+def _graph_nodes(
+    graph: gs.Graph, sites: Sequence[Any]
+) -> tuple[list[dict[str, Any]], list[tuple[int, int, str]]]:
     """Boxes of the op graph (a layer's nodes are one box, graph inputs and outputs are boxes)
     and the edges between them (from, to, tensor), before layout."""
-    graph: gs.Graph = analysis.graph.graph
     box_of: dict[int, int] = {}
     boxes: list[dict[str, Any]] = []
 
@@ -350,7 +356,7 @@ def _graph_nodes(analysis: Analysis) -> tuple[list[dict[str, Any]], list[tuple[i
     producer: dict[str, int] = {}
     for tensor in graph.inputs:
         producer[tensor.name] = add(op="input", name=tensor.name, layer=None, kind="input")
-    layer_of = {id(node): site.name for site in analysis.sites if site.layer for node in site.nodes}
+    layer_of = {id(node): site.name for site in sites if site.layer for node in site.nodes}
     for node in graph.nodes:
         layer = layer_of.get(id(node))
         if layer is not None and any(boxes[b]["layer"] == layer for b in set(box_of.values())):
@@ -390,11 +396,13 @@ def _label(box: dict[str, Any], report: LayerReport | None) -> str:
     return "\n".join(lines + ([f"frozen: {report.note}"] if report.note else []))
 
 
-def graph_layout(analysis: Analysis) -> dict[str, Any]:
+def graph_layout(
+    graph: gs.Graph, sites: Sequence[Any], reports: Sequence[LayerReport]
+) -> dict[str, Any]:
     """The op graph laid out by Graphviz ``dot`` (``-Tjson``) when it is installed and finishes
     within ``DOT_TIMEOUT``, else by ``layered_layout``; see ``view_data`` for the structure."""
-    boxes, edges = _graph_nodes(analysis)
-    reports = {report.name: report for report in analysis.layers}
+    boxes, edges = _graph_nodes(graph, sites)
+    by_name = {report.name: report for report in reports}
     dot = shutil.which("dot")
     note = (
         "Graphviz dot is not installed: a simple layered layout "
@@ -409,22 +417,29 @@ def graph_layout(analysis: Analysis) -> dict[str, Any]:
         for box in boxes:
             shape = ", shape=ellipse" if box["kind"] in ("input", "output") else ""
             lines.append(
-                f"n{box['id']} [label={json.dumps(_label(box, reports.get(box['layer'])))}{shape}];"
+                f"n{box['id']} [label={json.dumps(_label(box, by_name.get(box['layer'])))}{shape}];"
             )
         lines += [f"n{a} -> n{b};" for a, b, _ in edges] + ["}"]
         try:
-            done = subprocess.run(
-                [dot, "-Tjson"],
-                input="\n".join(lines),
-                capture_output=True,
-                text=True,
-                timeout=DOT_TIMEOUT,
-                check=True,
-            )
-            return _from_dot(json.loads(done.stdout), boxes, edges)
+            return _from_dot(json.loads(_dot_json(dot, "\n".join(lines))), boxes, edges)
         except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
             note = f"Graphviz dot failed ({io.first_line(exc)}): a simple layered layout"
     return layered_layout(boxes, edges, note)
+
+
+@functools.lru_cache(maxsize=8)
+def _dot_json(dot: str, source: str) -> str:
+    """``dot -Tjson`` of ``source``; kept for the same source (the bases of several eps stops
+    often have one graph)."""
+    done = subprocess.run(
+        [dot, "-Tjson"],
+        input=source,
+        capture_output=True,
+        text=True,
+        timeout=DOT_TIMEOUT,
+        check=True,
+    )
+    return done.stdout
 
 
 def _from_dot(
