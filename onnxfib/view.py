@@ -557,7 +557,9 @@ def page(data: dict[str, Any]) -> str:
 
 def packed(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` as the page holds it: each label list of ``analyses[].tensors`` replaced by its
-    index in ``partitions``, where each distinct list is stored once (``pack_labels``)."""
+    index in ``partitions``, where each distinct list is stored once (``pack_labels``), and each
+    base's layout equal to the model's or to an earlier base's replaced by ``{"same_as":
+    "model"}`` or ``{"same_as": k}``."""
     pool: dict[str, int] = {}
 
     def ref(labels: list[int]) -> int:
@@ -573,7 +575,17 @@ def packed(data: dict[str, Any]) -> dict[str, Any]:
         }
         for entry in data["analyses"]
     ]
-    return {**data, "analyses": analyses, "partitions": list(pool)}
+    originals = data.get("bases", [])
+    bases = []  # a base drawn as the model, or as an earlier base, points at that layout
+    for index, base in enumerate(originals):
+        laid = base["layout"]
+        same = next((k for k in range(index) if originals[k]["layout"] == laid), None)
+        if laid is not None and laid == data.get("layout"):
+            laid = {"same_as": "model"}
+        elif laid is not None and same is not None:
+            laid = {"same_as": same}
+        bases.append({**base, "layout": laid})
+    return {**data, "analyses": analyses, "partitions": list(pool), "bases": bases}
 
 
 def pack_labels(labels: Sequence[int]) -> str:
