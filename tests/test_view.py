@@ -32,6 +32,7 @@ from onnxfib.view import (
     SINGLETON_COLOR,
     fiber_colors,
     figure,
+    pack_labels,
     packed,
     recorded,
     view_data,
@@ -470,6 +471,9 @@ def test_packed_page_unpacks_to_the_data(tmp_path):
     try:
         seen = browser.js("DATA.analyses.map((a) => Object.fromEntries(Object.entries(a.tensors).map(([name, f]) =>"
                           f" [name, {json.dumps(list(KINDS))}.map((k) => labelsOf(f, k))])))")
+        wide = Partition(np.r_[np.random.default_rng(0).permutation(70_000), 5]).labels.tolist()  # 32-bit labels
+        assert pack_labels(wide)[0] == "w"
+        assert browser.js(f"unpack({json.dumps(pack_labels(wide))})") == wide
         assert browser.errors() == []
     finally:
         browser.close()
