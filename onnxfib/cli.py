@@ -490,6 +490,7 @@ def view(
         data = views.view_data(
             input, eps=settings.eps if settings is not None else eps, layer_eps=chosen_eps,
             eps_values=(*views.EPS_VALUES, eps), source=settings.source if settings is not None else None,
+            widths=settings.widths if settings is not None else None,
             symmetry=settings.symmetry if settings is not None else symmetry or "fiber",
             layout=page is not None or json_out is not None)
     rendered = [(path, views.figure_bytes(data, kind, layers=chosen)) for path, kind in figures]

@@ -80,12 +80,15 @@ def _eps_values(eps: float, eps_values: Iterable[float]) -> list[float]:
 @dataclass(frozen=True)
 class Recorded:
     """What a run of ``onnxfib compress`` used: ``eps`` for the layers ``layer_eps`` does not
-    name, the ``symmetry``, and ``source`` (the file and run, in words, for the page)."""
+    name, the ``symmetry``, ``source`` (the file and run, in words, for the page), and
+    ``widths``: each layer's width in the result (the report's ``width_after``, or the
+    compressed model's own layers)."""
 
     eps: float
     layer_eps: dict[str, float]
     symmetry: str
     source: str
+    widths: dict[str, int]
 
 
 def recorded(path: str | os.PathLike) -> Recorded:
@@ -101,6 +104,7 @@ def recorded(path: str | os.PathLike) -> Recorded:
             layers, eps, symmetry = report["layers"], report["eps"], report["symmetry"]
             chosen = {layer["name"]: layer["eps"] for layer in layers}
             target, calibrated = report.get("target"), bool(report.get("calibrated"))
+            widths = {str(layer["name"]): int(layer["width_after"]) for layer in layers}
         else:
             props = {
                 p.key: p.value
@@ -112,11 +116,15 @@ def recorded(path: str | os.PathLike) -> Recorded:
             eps, symmetry = props.get("onnxfib.eps", "0.0"), props["onnxfib.symmetry"]
             target = json.loads(props["onnxfib.target"]) if "onnxfib.target" in props else None
             calibrated = props.get("onnxfib.calibrated") == "true"
+            with G_LOGGER.suppress(G_LOGGER.CRITICAL + 1):
+                sites, _ = bind(GraphView(io.open_model(path).model), default_registry())
+            widths = {site.name: site.outputs[0].width for site in sites if site.layer}
         settings = Recorded(
             check_eps(float(eps)),
             check_layer_eps({str(k): float(v) for k, v in dict(chosen).items()}),
             str(symmetry),
             "",
+            widths,
         )
     except UsageError:
         raise
@@ -136,7 +144,7 @@ def recorded(path: str | os.PathLike) -> Recorded:
         "; layers it regrouped by folding or selection show their eps clustering" if run else ""
     )
     words = f"as compressed in {path.name}" + (f" ({', '.join(run)}{caveat})" if run else "")
-    return Recorded(settings.eps, settings.layer_eps, settings.symmetry, words)
+    return Recorded(settings.eps, settings.layer_eps, settings.symmetry, words, settings.widths)
 
 
 def view_data(
@@ -146,6 +154,7 @@ def view_data(
     eps_values: Iterable[float] = EPS_VALUES,
     layer_eps: Mapping[str, float] | None = None,
     source: str | None = None,
+    widths: Mapping[str, int] | None = None,
     symmetry: str = "fiber",
     layout: bool = True,
     base: bool = True,
@@ -159,8 +168,10 @@ def view_data(
       first entries of ``analyses``; ``stops``: per entry of ``analyses`` its ``label`` (the eps,
       or ``LAYER_STOP``), ``eps`` and ``layer_eps``; given ``layer_eps`` (layer name -> eps,
       ``eps`` for the others: what ``compress --layer-eps`` or a target search used) it is the
-      last stop, with ``source`` saying where it came from, and ``start`` (the stop the page
-      opens at) points at it, else at ``eps``;
+      last stop, with ``source`` saying where it came from and ``widths`` (layer name -> its
+      width in that compressed model, as ``Recorded.widths``: the page marks a layer whose
+      width there differs, one a search or calibration regrouped), and ``start`` (the stop the
+      page opens at) points at it, else at ``eps``;
     - ``layout``: the op graph (``engine`` "dot" or "layered", ``note``, ``width``/``height``,
       ``nodes`` with ``id``, ``op``, ``name``, ``layer`` (its layer's name or null), ``kind``
       ("op", "layer", "input", "output"), box centre ``x``/``y`` and size ``w``/``h`` in points,
@@ -189,7 +200,13 @@ def view_data(
     stops: list[dict[str, Any]] = [{"label": f"{v:g}", "eps": v, "layer_eps": None} for v in values]
     if chosen is not None:
         stops.append(
-            {"label": LAYER_STOP, "eps": check_eps(eps), "layer_eps": chosen, "source": source}
+            {
+                "label": LAYER_STOP,
+                "eps": check_eps(eps),
+                "layer_eps": chosen,
+                "source": source,
+                "widths": dict(widths) if widths is not None else None,
+            }
         )
     source_model = io.open_model(model_or_path)
     with G_LOGGER.suppress(G_LOGGER.CRITICAL + 1):

@@ -411,6 +411,7 @@ def test_settings_of_a_compressed_model_is_the_stop_the_page_opens_at(planted, t
         for name, layer in report.items():
             assert float(nodes[name]["data-eps"]) == layer["eps"]
             assert int(nodes[name]["data-width-after"]) == layer["width_after"]
+            assert int(nodes[name]["data-compressed-width"]) == shapes[name][0]  # no layer regrouped
         base = _nodes(_dom(tmp_path / "page.html", "base=1"))  # the collapsed model's own widths
         assert {name: int(attrs["data-base-width"]) for name, attrs in base.items()} == \
             {name: shape[0] for name, shape in shapes.items()}
@@ -427,6 +428,27 @@ def test_settings_of_a_compressed_model_is_the_stop_the_page_opens_at(planted, t
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+@needs_chromium
+def test_a_layer_compressed_otherwise_than_its_recorded_eps_is_marked(planted, tmp_path, run_cli):
+    path, _ = planted
+    result = run_cli("compress", path, "small.onnx", "--layer-eps", "fc0=0.5", "--no-check", "-q")
+    assert result.returncode == 0, result.stderr
+    small = onnx.load(str(tmp_path / "small.onnx"))  # its metadata now claims eps 0 for fc0
+    onnx.helper.set_model_props(small, {**{p.key: p.value for p in small.metadata_props},
+                                        "onnxfib.layer_eps": json.dumps({"fc0": 0.0, "fc1": 0.0, "fc2": 0.0})})
+    onnx.save(small, tmp_path / "claims.onnx")
+    width = _gemm_weights(tmp_path / "claims.onnx")["fc0"].shape[0]
+    exact = _inspect(path, 0.0)["fc0"]["width_after"]
+    assert width < exact  # eps 0.5 merged more than eps 0 does
+    result = run_cli("view", path, "--settings-of", "claims.onnx", "-o", "page.html")
+    assert result.returncode == 0, result.stderr
+    dom = _dom(tmp_path / "page.html")
+    nodes = _nodes(dom)
+    assert int(nodes["fc0"]["data-compressed-width"]) == width and int(nodes["fc0"]["data-width-after"]) == exact
+    marks = [" ".join(t) for _, a, t in dom.elements if a.get("class", "").startswith("line") and "regrouped" in "".join(t)]
+    assert marks == [f"compressed to {width}: regrouped, not by eps"]  # fc0 only
 
 
 @needs_chromium
