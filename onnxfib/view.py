@@ -188,7 +188,7 @@ def view_data(
       channel labels of its ``fibers``, ``opfibers``, ``covers`` and ``base`` (the collapse)
       partitions, and its ``frozen`` reason; and ``base``: the index in ``bases`` of the
       collapsed model at this stop, null where nothing merges (the base is the model itself);
-    - ``bases`` (left out when ``base`` is False): the distinct collapsed models, each analysed
+    - ``bases`` (left out when ``base`` is False): the distinct collapsed models, each read
       as a model of its own: ``layers`` (per layer of the collapsed graph ``name``, ``op_type``,
       ``input``, ``output``, ``width`` and ``in_width`` and ``edges`` as above, from the base's
       own weights: base channel k is class k of the original's ``base`` labels) and ``layout``
