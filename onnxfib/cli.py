@@ -447,15 +447,31 @@ def view(
     layers: str | None = typer.Option(None, "--layers", metavar="NAME,NAME,...",
                                       help="Layers of the static figure, comma-separated (default: every layer)."),
     json_out: Path | None = typer.Option(None, "--json", metavar="PATH", help="Write the page's data as JSON here."),
+    layer_eps: list[str] | None = typer.Option(
+        None, "--layer-eps", metavar="NAME=EPS",
+        help="One layer's eps, NAME=EPS (repeatable; --eps is the rest's): a stop of the eps control, the one the page opens at."),
+    settings_of: Path | None = typer.Option(
+        None, "--settings-of", metavar="PATH",
+        help="A model onnxfib compress wrote from IN, or its --report JSON: its eps per layer (a target's too) and "
+             "symmetry become the stop the page opens at."),
+    symmetry: str | None = typer.Option(None, "--symmetry", metavar=SYMMETRY_CHOICES,
+                                        help="Base to collapse to: fiber or cover (default: fiber, or --settings-of's)."),
     quiet: bool = _quiet_option(),
     verbose: bool = _verbose_option(NOTHING_MORE.format("the page holds everything")),
 ) -> None:
     """Draw the colored network: a self-contained HTML page (op graph, layer channels by fiber,
-    an eps control, the base) and, with --png/--svg, a static figure.
+    an eps control, the base: the collapsed model's own graph and weights) and, with --png/--svg,
+    a static figure.
 
-    Example: onnxfib view model.onnx --eps 0.1 -o model.html --png model.png"""
+    Example: onnxfib view model.onnx --settings-of small.onnx -o model.html"""
     from onnxfib import view as views
 
+    if settings_of is not None and layer_eps:
+        raise UsageError("--settings-of and --layer-eps both give the eps per layer: give one")
+    settings = views.recorded(settings_of) if settings_of is not None else None
+    if settings is not None and symmetry is not None and symmetry != settings.symmetry:
+        raise UsageError(f"--symmetry {symmetry} contradicts {settings_of}, compressed to the {settings.symmetry} base")
+    chosen_eps = settings.layer_eps if settings is not None else _layer_eps(layer_eps) if layer_eps else None
     chosen = [name.strip() for name in layers.split(",") if name.strip()] if layers is not None else None
     figures = [(path, kind) for path, kind in ((png, "png"), (svg, "svg")) if path is not None]
     if chosen is not None and not figures:
@@ -471,7 +487,12 @@ def view(
 
         pyplot()
     with _status("analysing", quiet):
-        data = views.view_data(input, eps=eps, layout=page is not None or json_out is not None)
+        data = views.view_data(
+            input, eps=settings.eps if settings is not None else eps, layer_eps=chosen_eps,
+            eps_values=(*views.EPS_VALUES, eps), source=settings.source if settings is not None else None,
+            widths=settings.widths if settings is not None else None,
+            symmetry=settings.symmetry if settings is not None else symmetry or "fiber",
+            layout=page is not None or json_out is not None)
     rendered = [(path, views.figure_bytes(data, kind, layers=chosen)) for path, kind in figures]
     if page is not None:
         views.write_page(data, page, protect=[input])

@@ -8,26 +8,31 @@ by a simple layered layout (the page says which). matplotlib is imported only fo
 
 from __future__ import annotations
 
+import base64
 import colorsys
+import functools
 import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxfib import io
-from onnxfib.analysis import Analysis, analyze
-from onnxfib.api import check_eps
+from onnxfib.analysis import SYMMETRIES, Analysis, analyze, bind
+from onnxfib.api import check_eps, check_layer_eps
 from onnxfib.errors import UsageError
 from onnxfib.graph import GraphView
 from onnxfib.report import LayerReport
+from onnxfib.rules import default_registry
 from onnxfib.rules.linear import LinearSite
 
 #: The eps values the page's control offers (the eps asked for is added).
@@ -39,8 +44,10 @@ EDGE_FLOOR = 0.05
 #: Seconds ``dot`` may take before the layered layout is used instead.
 DOT_TIMEOUT = 120.0
 #: Version of the JSON structure ``view_data`` returns.
-FORMAT = 1
+FORMAT = 2
 KINDS = ("fibers", "opfibers", "covers", "base")
+#: The eps control's stop for per-layer eps (``layer_eps``), in the page's URL and ``stops``.
+LAYER_STOP = "per layer"
 SINGLETON_COLOR = "#d9d9d9"
 
 _POINTS = 72.0  # dot's unit per inch
@@ -70,18 +77,101 @@ def _eps_values(eps: float, eps_values: Iterable[float]) -> list[float]:
     return sorted({check_eps(e) for e in (*eps_values, eps)})
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What a run of ``onnxfib compress`` used: ``eps`` for the layers ``layer_eps`` does not
+    name, the ``symmetry``, ``source`` (the file and run, in words, for the page), and
+    ``widths``: each layer's width in the result (the report's ``width_after``, or the
+    compressed model's own layers)."""
+
+    eps: float
+    layer_eps: dict[str, float]
+    symmetry: str
+    source: str
+    widths: dict[str, int]
+
+
+def recorded(path: str | os.PathLike) -> Recorded:
+    """The settings of the ``onnxfib compress`` run that wrote ``path``: a model (its
+    ``onnxfib.*`` metadata_props) or the run's ``--report`` JSON (a file ending in .json).
+    UsageError when it cannot be read or records no run. A target search or calibration may
+    also have regrouped some layers (folding, selection), which eps alone do not reproduce: the
+    source says so."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".json":
+            report = json.loads(path.read_text(encoding="utf-8"))
+            layers, eps, symmetry = report["layers"], report["eps"], report["symmetry"]
+            chosen = {layer["name"]: layer["eps"] for layer in layers}
+            target, calibrated = report.get("target"), bool(report.get("calibrated"))
+            widths = {str(layer["name"]): int(layer["width_after"]) for layer in layers}
+        else:
+            props = {
+                p.key: p.value
+                for p in onnx.load(str(path), load_external_data=False).metadata_props
+            }
+            if "onnxfib.version" not in props:
+                raise UsageError(f"{path} records no onnxfib compress run (no onnxfib.* metadata)")
+            chosen = json.loads(props.get("onnxfib.layer_eps", "{}"))
+            eps, symmetry = props.get("onnxfib.eps", "0.0"), props["onnxfib.symmetry"]
+            target = json.loads(props["onnxfib.target"]) if "onnxfib.target" in props else None
+            calibrated = props.get("onnxfib.calibrated") == "true"
+            with G_LOGGER.suppress(G_LOGGER.CRITICAL + 1):
+                sites, _ = bind(GraphView(io.open_model(path).model), default_registry())
+            widths = {site.name: site.outputs[0].width for site in sites if site.layer}
+        settings = Recorded(
+            check_eps(float(eps)),
+            check_layer_eps({str(k): float(v) for k, v in dict(chosen).items()}),
+            str(symmetry),
+            "",
+            widths,
+        )
+    except UsageError:
+        raise
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {io.first_line(exc)}") from None
+    except (KeyError, TypeError, AttributeError) as exc:  # JSON of another shape
+        raise UsageError(
+            f"{path} is not a report onnxfib compress wrote (bad or missing {exc})"
+        ) from None
+    except Exception as exc:  # a corrupt model or JSON
+        raise UsageError(
+            f"{path} is not a model or report onnxfib compress wrote ({io.first_line(exc)})"
+        ) from None
+    run = [f"target {target['kind']} {target['limit']:g}"] if target else []
+    run += ["calibrated"] if calibrated else []
+    caveat = (
+        "; layers it regrouped by folding or selection show their eps clustering" if run else ""
+    )
+    words = f"as compressed in {path.name}" + (f" ({', '.join(run)}{caveat})" if run else "")
+    return Recorded(settings.eps, settings.layer_eps, settings.symmetry, words, settings.widths)
+
+
 def view_data(
     model_or_path: io.ModelSource,
     *,
     eps: float = 0.0,
     eps_values: Iterable[float] = EPS_VALUES,
+    layer_eps: Mapping[str, float] | None = None,
+    source: str | None = None,
+    widths: Mapping[str, int] | None = None,
+    symmetry: str = "fiber",
     layout: bool = True,
+    base: bool = True,
 ) -> dict[str, Any]:
     """The data behind the page, JSON-serialisable (the input is never modified):
 
-    - ``format`` (``FORMAT``), ``model`` (the file's name), ``edge_limit`` and ``edge_floor``
-      (``EDGE_LIMIT``, ``EDGE_FLOOR``);
-    - ``eps``: the eps asked for; ``eps_values``: the eps of each entry of ``analyses``;
+    - ``format`` (``FORMAT``), ``model`` (the file's name), ``symmetry`` (the base collapsed
+      to, as ``compress --symmetry``), ``edge_limit`` and ``edge_floor`` (``EDGE_LIMIT``,
+      ``EDGE_FLOOR``);
+    - ``eps``: the eps asked for; ``eps_values``: the uniform eps analysed (``eps`` added), the
+      first entries of ``analyses``; ``stops``: per entry of ``analyses`` its ``label`` (the eps,
+      or ``LAYER_STOP``), ``eps`` and ``layer_eps``; given ``layer_eps`` (layer name -> eps,
+      ``eps`` for the others: what ``compress --layer-eps`` or a target search used) it is the
+      last stop, with ``source`` saying where it came from and ``widths`` (layer name -> its
+      width in that compressed model, as ``Recorded.widths``: the page marks a layer whose
+      width there differs, one a search or calibration regrouped), and ``start`` (the stop the
+      page opens at) points at it, else at ``eps``;
     - ``layout``: the op graph (``engine`` "dot" or "layered", ``note``, ``width``/``height``,
       ``nodes`` with ``id``, ``op``, ``name``, ``layer`` (its layer's name or null), ``kind``
       ("op", "layer", "input", "output"), box centre ``x``/``y`` and size ``w``/``h`` in points,
@@ -93,31 +183,123 @@ def view_data(
       channel), ``edges`` (|weight| as rows out x columns in, summed over kernel positions and
       scaled to a maximum of 1, when both widths are at most ``EDGE_LIMIT`` and every output
       reads every input: null for wider, grouped or depthwise layers);
-    - ``analyses``: per eps, ``layers`` (``LayerReport.to_dict()``, what ``inspect --json``
-      prints) and ``tensors``: per layer input and output tensor the channel labels of its
-      ``fibers``, ``opfibers``, ``covers`` and ``base`` (the collapse) partitions, and its
-      ``frozen`` reason."""
+    - ``analyses``: per stop, ``eps``, ``layers`` (``LayerReport.to_dict()``,
+      what ``inspect --json`` prints), ``tensors``: per layer input and output tensor the
+      channel labels of its ``fibers``, ``opfibers``, ``covers`` and ``base`` (the collapse)
+      partitions, and its ``frozen`` reason; and ``base``: the index in ``bases`` of the
+      collapsed model at this stop, null where nothing merges (the base is the model itself);
+    - ``bases`` (left out when ``base`` is False): the distinct collapsed models, each read
+      as a model of its own: ``layers`` (per layer of the collapsed graph ``name``, ``op_type``,
+      ``input``, ``output``, ``width`` and ``in_width`` and ``edges`` as above, from the base's
+      own weights: base channel k is class k of the original's ``base`` labels) and ``layout``
+      (its own op graph, as ``layout``; null when ``layout`` is False)."""
+    if symmetry not in SYMMETRIES:
+        raise UsageError(f"symmetry must be one of {list(SYMMETRIES)}, got {symmetry!r}")
     values = _eps_values(eps, eps_values)
-    source = io.open_model(model_or_path)
+    chosen = check_layer_eps(layer_eps) if layer_eps is not None else None
+    stops: list[dict[str, Any]] = [{"label": f"{v:g}", "eps": v, "layer_eps": None} for v in values]
+    if chosen is not None:
+        stops.append(
+            {
+                "label": LAYER_STOP,
+                "eps": check_eps(eps),
+                "layer_eps": chosen,
+                "source": source,
+                "widths": dict(widths) if widths is not None else None,
+            }
+        )
+    source_model = io.open_model(model_or_path)
     with G_LOGGER.suppress(G_LOGGER.CRITICAL + 1):
-        prepared = GraphView(source.model).graph
-        runs = [analyze(source.model, eps=value, prepared=prepared) for value in values]
-    first = runs[0]
-    layer_sites = [site for site in first.sites if site.layer]
-    tensors = sorted({p.name for site in layer_sites for p in (site.inputs[0], site.outputs[0])})
-    data: dict[str, Any] = {
-        "format": FORMAT,
-        "model": source.path.name if source.path else "model",
-        "eps": check_eps(eps),
-        "eps_values": values,
-        "edge_limit": EDGE_LIMIT,
-        "edge_floor": EDGE_FLOOR,
-        "layers": [_layer(first, site, layer_sites) for site in layer_sites],
-        "analyses": [_analysis(run, tensors) for run in runs],
-    }
-    if layout:
-        data["layout"] = graph_layout(first)
+        prepared = GraphView(source_model.model).graph
+        runs = [
+            analyze(
+                source_model.model,
+                eps=stop["eps"],
+                layer_eps=stop["layer_eps"],
+                symmetry=symmetry,
+                prepared=prepared,
+            )
+            for stop in stops
+        ]
+        first = runs[0]
+        layer_sites = [site for site in first.sites if site.layer]
+        tensors = sorted(
+            {p.name for site in layer_sites for p in (site.inputs[0], site.outputs[0])}
+        )
+        data: dict[str, Any] = {
+            "format": FORMAT,
+            "model": source_model.path.name if source_model.path else "model",
+            "symmetry": symmetry,
+            "eps": check_eps(eps),
+            "eps_values": values,
+            "stops": stops,
+            "start": len(stops) - 1 if chosen is not None else values.index(check_eps(eps)),
+            "edge_limit": EDGE_LIMIT,
+            "edge_floor": EDGE_FLOOR,
+            "layers": [_layer(first, site, layer_sites) for site in layer_sites],
+            "analyses": [_analysis(run, tensors) for run in runs],
+        }
+        if layout:  # before any collapse: collapsing rewrites an analysis's graph
+            data["layout"] = graph_layout(first.graph.graph, first.sites, first.layers)
+        if base:
+            data["bases"] = _bases(runs, data["analyses"], tensors, layout)
     return data
+
+
+def _bases(
+    runs: list[Analysis], analyses: list[dict[str, Any]], tensors: list[str], layout: bool
+) -> list[dict[str, Any]]:
+    """The distinct collapsed models of ``runs`` (see ``view_data``); sets each analysis's
+    ``base`` index (null where nothing merges)."""
+    bases: list[dict[str, Any]] = []
+    seen: dict[bytes, int] = {}
+    for run, entry in zip(runs, analyses):
+        members = [run.figures[name].collapse for name in tensors if name in run.figures]
+        if all(p.is_discrete for p in members):
+            entry["base"] = None
+            continue
+        key = b"|".join(p.labels.astype(np.int64).tobytes() for p in members)
+        if key not in seen:
+            seen[key] = len(bases)
+            bases.append(_base(run.collapse(), run.layers if layout else None))
+        entry["base"] = seen[key]
+    return bases
+
+
+def _base(collapsed: onnx.ModelProto, reports: Sequence[LayerReport] | None) -> dict[str, Any]:
+    """One collapsed model read as a model of its own (its graph prepared and bound to sites,
+    not analysed): its layers' widths and weights, and with ``reports`` (the original's, which
+    the page's boxes show) its op graph laid out."""
+    graph = GraphView(collapsed)
+    bound, _ = bind(graph, default_registry())
+    sites: list[Any] = [site for site in bound if site.layer]
+    layers = [
+        {
+            "name": site.name,
+            "op_type": site.op_type,
+            "input": site.inputs[0].name,
+            "output": site.outputs[0].name,
+            "width": site.outputs[0].width,
+            "in_width": site.inputs[0].width,
+            "edges": _edges(site),
+        }
+        for site in sites
+    ]
+    laid = graph_layout(graph.graph, bound, reports) if reports is not None else None
+    return {"layers": layers, "layout": laid}
+
+
+def _edges(site: Any) -> list[list[float]] | None:
+    """|weight| of a linear layer at most ``EDGE_LIMIT`` wide whose every output reads every
+    input, as rows out x columns in summed over kernel positions, scaled to a maximum of 1."""
+    inp, out = site.inputs[0], site.outputs[0]
+    if not isinstance(site, LinearSite) or max(inp.width, out.width) > EDGE_LIMIT:
+        return None
+    weights = np.abs(site.matrix()).sum(axis=2)
+    top = weights.max(initial=0.0)
+    if weights.shape != (out.width, inp.width):  # a grouped or depthwise weight
+        return None
+    return np.round(weights / top if top > 0 else weights, 3).tolist()
 
 
 def _layer(analysis: Analysis, site: Any, layer_sites: list[Any]) -> dict[str, Any]:
@@ -139,12 +321,6 @@ def _layer(analysis: Analysis, site: Any, layer_sites: list[Any]) -> dict[str, A
     reading = [
         other for other in layer_sites if other is not site and tied(out.name, other.inputs[0].name)
     ]
-    edges = None
-    if isinstance(site, LinearSite) and max(inp.width, out.width) <= EDGE_LIMIT:
-        weights = np.abs(site.matrix()).sum(axis=2)
-        top = weights.max(initial=0.0)
-        if weights.shape == (out.width, inp.width):  # not a grouped or depthwise weight
-            edges = np.round(weights / top if top > 0 else weights, 3).tolist()
     return {
         "name": site.name,
         "op_type": site.op_type,
@@ -155,7 +331,7 @@ def _layer(analysis: Analysis, site: Any, layer_sites: list[Any]) -> dict[str, A
             for m in reading
             if not any(k is not m and tied(k.outputs[0].name, m.inputs[0].name) for k in reading)
         ],
-        "edges": edges,
+        "edges": _edges(site),
     }
 
 
@@ -182,10 +358,11 @@ def _analysis(run: Analysis, tensors: list[str]) -> dict[str, Any]:
 # -- layout ---------------------------------------------------------------------------------
 
 
-def _graph_nodes(analysis: Analysis) -> tuple[list[dict[str, Any]], list[tuple[int, int, str]]]:
+def _graph_nodes(
+    graph: gs.Graph, sites: Sequence[Any]
+) -> tuple[list[dict[str, Any]], list[tuple[int, int, str]]]:
     """Boxes of the op graph (a layer's nodes are one box, graph inputs and outputs are boxes)
     and the edges between them (from, to, tensor), before layout."""
-    graph: gs.Graph = analysis.graph.graph
     box_of: dict[int, int] = {}
     boxes: list[dict[str, Any]] = []
 
@@ -196,7 +373,7 @@ def _graph_nodes(analysis: Analysis) -> tuple[list[dict[str, Any]], list[tuple[i
     producer: dict[str, int] = {}
     for tensor in graph.inputs:
         producer[tensor.name] = add(op="input", name=tensor.name, layer=None, kind="input")
-    layer_of = {id(node): site.name for site in analysis.sites if site.layer for node in site.nodes}
+    layer_of = {id(node): site.name for site in sites if site.layer for node in site.nodes}
     for node in graph.nodes:
         layer = layer_of.get(id(node))
         if layer is not None and any(boxes[b]["layer"] == layer for b in set(box_of.values())):
@@ -236,11 +413,13 @@ def _label(box: dict[str, Any], report: LayerReport | None) -> str:
     return "\n".join(lines + ([f"frozen: {report.note}"] if report.note else []))
 
 
-def graph_layout(analysis: Analysis) -> dict[str, Any]:
+def graph_layout(
+    graph: gs.Graph, sites: Sequence[Any], reports: Sequence[LayerReport]
+) -> dict[str, Any]:
     """The op graph laid out by Graphviz ``dot`` (``-Tjson``) when it is installed and finishes
     within ``DOT_TIMEOUT``, else by ``layered_layout``; see ``view_data`` for the structure."""
-    boxes, edges = _graph_nodes(analysis)
-    reports = {report.name: report for report in analysis.layers}
+    boxes, edges = _graph_nodes(graph, sites)
+    by_name = {report.name: report for report in reports}
     dot = shutil.which("dot")
     note = (
         "Graphviz dot is not installed: a simple layered layout "
@@ -255,22 +434,29 @@ def graph_layout(analysis: Analysis) -> dict[str, Any]:
         for box in boxes:
             shape = ", shape=ellipse" if box["kind"] in ("input", "output") else ""
             lines.append(
-                f"n{box['id']} [label={json.dumps(_label(box, reports.get(box['layer'])))}{shape}];"
+                f"n{box['id']} [label={json.dumps(_label(box, by_name.get(box['layer'])))}{shape}];"
             )
         lines += [f"n{a} -> n{b};" for a, b, _ in edges] + ["}"]
         try:
-            done = subprocess.run(
-                [dot, "-Tjson"],
-                input="\n".join(lines),
-                capture_output=True,
-                text=True,
-                timeout=DOT_TIMEOUT,
-                check=True,
-            )
-            return _from_dot(json.loads(done.stdout), boxes, edges)
+            return _from_dot(json.loads(_dot_json(dot, "\n".join(lines))), boxes, edges)
         except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
             note = f"Graphviz dot failed ({io.first_line(exc)}): a simple layered layout"
     return layered_layout(boxes, edges, note)
+
+
+@functools.lru_cache(maxsize=8)
+def _dot_json(dot: str, source: str) -> str:
+    """``dot -Tjson`` of ``source``; kept for the same source (the bases of several eps stops
+    often have one graph)."""
+    done = subprocess.run(
+        [dot, "-Tjson"],
+        input=source,
+        capture_output=True,
+        text=True,
+        timeout=DOT_TIMEOUT,
+        check=True,
+    )
+    return done.stdout
 
 
 def _from_dot(
@@ -286,10 +472,10 @@ def _from_dot(
         nodes.append(
             {
                 **box,
-                "x": x,
-                "y": height - y,
-                "w": float(obj["width"]) * _POINTS,
-                "h": float(obj["height"]) * _POINTS,
+                "x": round(x, 1),
+                "y": round(height - y, 1),
+                "w": round(float(obj["width"]) * _POINTS, 1),
+                "h": round(float(obj["height"]) * _POINTS, 1),
             }
         )
     gvid = {obj["_gvid"]: int(obj["name"][1:]) for obj in laid.get("objects", [])}
@@ -308,7 +494,7 @@ def _from_dot(
                 "to": b,
                 "tensor": tensor[(a, b)],
                 "curve": True,
-                "points": [[x, height - y] for x, y in points],
+                "points": [[round(x, 1), round(height - y, 1)] for x, y in points],
             }
         )
     return {
@@ -377,12 +563,58 @@ def layered_layout(
 
 
 def page(data: dict[str, Any]) -> str:
-    """The self-contained HTML page (the template with ``data`` embedded as JSON)."""
+    """The self-contained HTML page: the template with ``data`` embedded as JSON, each channel
+    label list packed (``packed``)."""
     template = resources.files("onnxfib").joinpath(_TEMPLATE).read_text(encoding="utf-8")
-    payload = json.dumps(data, separators=(",", ":")).replace(
+    payload = json.dumps(packed(data), separators=(",", ":")).replace(
         "<", "\\u003c"
     )  # no '</script>' inside
     return template.replace("/*ONNXFIB_DATA*/null", payload, 1)
+
+
+def packed(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as the page holds it: each label list of ``analyses[].tensors`` replaced by its
+    index in ``partitions``, where each distinct list is stored once (``pack_labels``), and each
+    base's layout equal to the model's or to an earlier base's replaced by ``{"same_as":
+    "model"}`` or ``{"same_as": k}``."""
+    pool: dict[str, int] = {}
+
+    def ref(labels: list[int]) -> int:
+        return pool.setdefault(pack_labels(labels), len(pool))
+
+    analyses = [
+        {
+            **entry,
+            "tensors": {
+                name: {**figures, **{kind: ref(figures[kind]) for kind in KINDS}}
+                for name, figures in entry["tensors"].items()
+            },
+        }
+        for entry in data["analyses"]
+    ]
+    originals = data.get("bases", [])
+    bases = []  # a base drawn as the model, or as an earlier base, points at that layout
+    for index, base in enumerate(originals):
+        laid = base["layout"]
+        same = next((k for k in range(index) if originals[k]["layout"] == laid), None)
+        if laid is not None and laid == data.get("layout"):
+            laid = {"same_as": "model"}
+        elif laid is not None and same is not None:
+            laid = {"same_as": same}
+        bases.append({**base, "layout": laid})
+    return {**data, "analyses": analyses, "partitions": list(pool), "bases": bases}
+
+
+def pack_labels(labels: Sequence[int]) -> str:
+    """Channel labels as text: ``i<n>`` for 0, 1, ..., n - 1 (every channel alone, canonical),
+    else ``b``, ``h`` or ``w`` and the base64 of the labels as little-endian unsigned 8, 16 or
+    32-bit integers (the page's ``unpack``)."""
+    array = np.asarray(labels, dtype=np.int64)
+    if np.array_equal(array, np.arange(array.size)):
+        return f"i{array.size}"
+    top = int(array.max(initial=0))
+    code, dtype = ("b", "<u1") if top < 1 << 8 else ("h", "<u2") if top < 1 << 16 else ("w", "<u4")
+    return code + base64.b64encode(array.astype(dtype).tobytes()).decode("ascii")
 
 
 def write_page(
@@ -449,13 +681,19 @@ def figure(
     channels (the first chosen layer's input first), one dot per neuron colored by fiber
     (``fiber_colors``), channels of a fiber side by side, edges shaded by |weight| between
     consecutive columns no wider than ``EDGE_LIMIT``. Each column's dots are one scatter whose
-    gid is the column's tensor or layer; ``eps`` picks the analysis (default: the given eps)."""
+    gid is the column's tensor or layer; ``eps`` picks a uniform stop's analysis (default: the
+    stop the page opens at, the per-layer one when there is one)."""
     from onnxfib.plotting import pyplot
 
-    eps = data["eps"] if eps is None else check_eps(eps)
-    if eps not in data["eps_values"]:
-        raise UsageError(f"eps {eps:g} was not analysed; the page holds {data['eps_values']}")
-    columns = _columns(data, layers, data["eps_values"].index(eps))
+    if eps is None:
+        index = data["start"]
+    else:
+        eps = check_eps(eps)
+        if eps not in data["eps_values"]:
+            raise UsageError(f"eps {eps:g} was not analysed; the page holds {data['eps_values']}")
+        index = data["eps_values"].index(eps)
+    stop = data["stops"][index]
+    columns = _columns(data, layers, index)
     widest = max(len(c["labels"]) for c in columns)
     plt = pyplot()
     from matplotlib.collections import LineCollection  # after pyplot(): it names the missing extra
@@ -492,7 +730,7 @@ def figure(
     axes.set_ylim(1.03, -0.12)
     axes.axis("off")
     axes.set_title(
-        f"{data['model']}: neurons colored by fiber (eps {eps:g}); grey: alone in its fiber",
+        f"{data['model']}: neurons colored by fiber (eps {stop['label']}); grey: alone",
         fontsize=9,
         pad=4,
     )

@@ -26,7 +26,18 @@ from lifting import lift_layers, onnx_mlp
 from onnxfib import api
 from onnxfib.errors import UsageError
 from onnxfib.partition import Partition
-from onnxfib.view import SINGLETON_COLOR, fiber_colors, figure, view_data, write_page
+from onnxfib.view import (
+    KINDS,
+    LAYER_STOP,
+    SINGLETON_COLOR,
+    fiber_colors,
+    figure,
+    pack_labels,
+    packed,
+    recorded,
+    view_data,
+    write_page,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits_mlp_lifted.onnx"
@@ -361,6 +372,136 @@ def test_page_is_self_contained(tmp_path):
     assert dom.having(data_layer="/2/Gemm")
 
 
+def _gemm_weights(path: Path) -> dict[str, np.ndarray]:
+    """Per Gemm node of the file at ``path``, its weight as rows out x columns in."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = {}
+    for node in model.graph.node:
+        if node.op_type == "Gemm":
+            trans = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            weights[node.name] = inits[node.input[1]] if trans else inits[node.input[1]].T
+    return weights
+
+
+def _nodes(dom: _Elements) -> dict[str, dict[str, str]]:
+    """The graph's layer boxes by layer name: their data attributes."""
+    return {attrs["data-layer"]: attrs for tag, attrs, _ in dom.elements
+            if tag == "g" and "layer" in attrs.get("class", "").split()}
+
+
+@needs_chromium
+def test_settings_of_a_compressed_model_is_the_stop_the_page_opens_at(planted, tmp_path, run_cli):
+    path, _ = planted
+    result = run_cli("compress", path, "small.onnx", "--target-params", "0.5", "--report", "run.json", "-q")
+    assert result.returncode == 0, result.stderr
+    report = {layer["name"]: layer for layer in json.loads((tmp_path / "run.json").read_text())["layers"]}
+    assert len({layer["eps"] for layer in report.values()}) > 1  # the search chose eps per layer
+    shapes = {name: w.shape for name, w in _gemm_weights(tmp_path / "small.onnx").items()}
+    for settings in ("small.onnx", "run.json"):  # the model's metadata, or the run's report
+        result = run_cli("view", path, "--settings-of", settings, "-o", "page.html")
+        assert result.returncode == 0, result.stderr
+        dom = _dom(tmp_path / "page.html")  # opens at the per-layer stop
+        body = next(attrs for tag, attrs, _ in dom.elements if tag == "body")
+        assert body["data-eps"] == LAYER_STOP
+        nodes = _nodes(dom)
+        assert set(nodes) == set(report)
+        for name, layer in report.items():
+            assert float(nodes[name]["data-eps"]) == layer["eps"]
+            assert int(nodes[name]["data-width-after"]) == layer["width_after"]
+            assert int(nodes[name]["data-compressed-width"]) == shapes[name][0]  # no layer regrouped
+        base = _nodes(_dom(tmp_path / "page.html", "base=1"))  # the collapsed model's own widths
+        assert {name: int(attrs["data-base-width"]) for name, attrs in base.items()} == \
+            {name: shape[0] for name, shape in shapes.items()}
+        assert [shapes[name][0] for name in report] == [layer["width_after"] for layer in report.values()]
+    settings = recorded(tmp_path / "small.onnx")  # the static figure draws the same stop
+    fig = figure(view_data(path, eps=settings.eps, layer_eps=settings.layer_eps, eps_values=(), layout=False))
+    from matplotlib.colors import to_hex
+
+    for collection in fig.axes[0].collections:
+        if collection.get_gid() in report:
+            fills = [to_hex(c) for c in collection.get_facecolors()]
+            classes = len(set(fills) - {to_hex(SINGLETON_COLOR)}) + fills.count(to_hex(SINGLETON_COLOR))
+            assert classes == report[collection.get_gid()]["fibers"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+@needs_chromium
+def test_a_layer_compressed_otherwise_than_its_recorded_eps_is_marked(planted, tmp_path, run_cli):
+    path, _ = planted
+    result = run_cli("compress", path, "small.onnx", "--layer-eps", "fc0=0.5", "--no-check", "-q")
+    assert result.returncode == 0, result.stderr
+    small = onnx.load(str(tmp_path / "small.onnx"))  # its metadata now claims eps 0 for fc0
+    onnx.helper.set_model_props(small, {**{p.key: p.value for p in small.metadata_props},
+                                        "onnxfib.layer_eps": json.dumps({"fc0": 0.0, "fc1": 0.0, "fc2": 0.0})})
+    onnx.save(small, tmp_path / "claims.onnx")
+    width = _gemm_weights(tmp_path / "claims.onnx")["fc0"].shape[0]
+    exact = _inspect(path, 0.0)["fc0"]["width_after"]
+    assert width < exact  # eps 0.5 merged more than eps 0 does
+    result = run_cli("view", path, "--settings-of", "claims.onnx", "-o", "page.html")
+    assert result.returncode == 0, result.stderr
+    dom = _dom(tmp_path / "page.html")
+    nodes = _nodes(dom)
+    assert int(nodes["fc0"]["data-compressed-width"]) == width and int(nodes["fc0"]["data-width-after"]) == exact
+    marks = [" ".join(t) for _, a, t in dom.elements if a.get("class", "").startswith("line") and "regrouped" in "".join(t)]
+    assert marks == [f"compressed to {width}: regrouped, not by eps"]  # fc0 only
+
+
+@needs_chromium
+def test_base_draws_the_collapsed_models_own_graph_and_weights(planted, tmp_path, run_cli):
+    path, sources = planted
+    result = run_cli("compress", path, "small.onnx", "--eps", "0", "-q")
+    assert result.returncode == 0, result.stderr
+    small = _gemm_weights(tmp_path / "small.onnx")
+    data = view_data(path, eps=0.0, eps_values=())
+    page = write_page(data, tmp_path / "planted.html")
+    second = data["layers"][1]
+    dom = _dom(page, f"eps=0&layer={second['name']}&base=1")
+    assert next(a for t, a, _ in dom.elements if a.get("id") == "graph")["data-graph"] == "base"
+    dots = dom.having(**{"class": "channel", "data_tensor": second["input"]})  # one per base channel
+    assert sorted(int(a["data-size"]) for _, a, _ in dots) == sorted(np.bincount(sources[0]).tolist())
+    weights = np.abs(small[second["name"]])
+    drawn = {(int(a["data-to"]), int(a["data-from"])): float(a["data-weight"])
+             for tag, a, _ in dom.elements if tag == "line" and "data-weight" in a
+             and a.get("data-to") is not None and _in_group(dom, a, second["output"])}
+    scaled = weights / weights.max()
+    assert set(drawn) == {tuple(ij) for ij in np.argwhere(scaled > data["edge_floor"]).tolist()}
+    assert all(abs(w - scaled[i, j]) <= 1e-3 for (i, j), w in drawn.items())  # the base's own weights
+
+
+def _in_group(dom: _Elements, line: dict[str, str], tensor: str) -> bool:
+    """Whether ``line`` is drawn in the weights group of ``tensor`` (groups precede their lines)."""
+    group = None
+    for tag, attrs, _ in dom.elements:
+        if tag == "g" and attrs.get("class") == "weights":
+            group = attrs.get("data-tensor")
+        if attrs is line:
+            return group == tensor
+    return False
+
+
+@needs_chromium
+def test_packed_page_unpacks_to_the_data(tmp_path):
+    model, _ = _planted([6, 300, 100, 3], [20, 200], seed=4)  # 300 and 100 classes: 16- and 8-bit labels
+    data = view_data(model, eps=0.0, eps_values=(), layout=True)
+    assert {text[0] for text in packed(data)["partitions"]} >= {"i", "b", "h"}
+    browser = _Browser(write_page(data, tmp_path / "wide.html"), tmp_path / "profile")
+    try:
+        seen = browser.js("DATA.analyses.map((a) => Object.fromEntries(Object.entries(a.tensors).map(([name, f]) =>"
+                          f" [name, {json.dumps(list(KINDS))}.map((k) => labelsOf(f, k))])))")
+        wide = Partition(np.r_[np.random.default_rng(0).permutation(70_000), 5]).labels.tolist()  # 32-bit labels
+        assert pack_labels(wide)[0] == "w"
+        assert browser.js(f"unpack({json.dumps(pack_labels(wide))})") == wide
+        assert browser.errors() == []
+    finally:
+        browser.close()
+    assert seen == [{name: [f[k] for k in KINDS] for name, f in a["tensors"].items()} for a in data["analyses"]]
+
+
 def test_layered_layout_without_dot(planted, tmp_path, monkeypatch):
     path, _ = planted
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no dot on the PATH
@@ -420,6 +561,9 @@ slow = pytest.mark.slow  # a CLI process each: one stays in the fast suite
     pytest.param(["{model}", "-o", "{model}"], "output path is an input file", marks=slow),
     pytest.param(["{model}", "-o", "nodir/p.html"], "does not exist", marks=slow),
     pytest.param(["{model}", "-o", "same.html", "--json", "same.html"], "the output paths must differ", marks=slow),
+    pytest.param(["{model}", "--settings-of", "{model}"], "records no onnxfib compress run", marks=slow),
+    pytest.param(["{model}", "--layer-eps", "nope=0.1"], "unknown layer(s) ['nope']", marks=slow),
+    pytest.param(["{model}", "--layer-eps", "fc0=0.1", "--settings-of", "{model}"], "give one", marks=slow),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(planted, tmp_path, run_cli, args, message):
     path, _ = planted
