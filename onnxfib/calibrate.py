@@ -50,6 +50,8 @@ from .validation import Batch, chunked, run_tensors
 
 #: Default ridge strength, relative to the mean diagonal of X^T X.
 DEFAULT_RIDGE = 1e-3
+#: Bytes of a layer's input rows built at a time (a Conv's patches: kernel size times its input).
+ROW_BYTES = 64 << 20
 
 
 class NormalEquations:
@@ -231,14 +233,21 @@ class _Problem:
         self.equations = NormalEquations(w0.shape[2], sum(widths), intercept=free, blocks=w0.shape[0])
 
     def add(self, x: np.ndarray, targets: list[np.ndarray]) -> None:
-        """Add one batch: the shared input activation and each site's target rows."""
-        rows = self.sites[0].input_rows(x)
-        blocks = rows.shape[1]
-        parts = []
-        for (_, b0, _), target in zip(self.start, targets):
-            target = target.reshape(len(target), blocks, -1)
-            parts.append(target if self.free else target - b0)
-        self.equations.add(rows, np.concatenate(parts, axis=2))
+        """Add one batch: the shared input activation and each site's target rows, the input's
+        rows built a few samples (leading axis) at a time, about :data:`ROW_BYTES` each."""
+        site = self.sites[0]
+        samples = len(x) if x.ndim > 1 and x.ndim + site.inputs[0].axis != 0 else 1
+        step = samples if samples == 1 else max(1, ROW_BYTES // max(site.input_rows(x[:1]).nbytes, 1))
+        per_sample = len(targets[0]) // samples
+        for start in range(0, samples, step):
+            rows = site.input_rows(x[start:start + step] if samples > 1 else x)
+            part = slice(start * per_sample, start * per_sample + len(rows))
+            blocks = rows.shape[1]
+            parts = []
+            for (_, b0, _), target in zip(self.start, targets):
+                target = target[part].reshape(len(rows), blocks, -1)
+                parts.append(target if self.free else target - b0)
+            self.equations.add(rows, np.concatenate(parts, axis=2))
 
 
 def _refit_front(analysis: Analysis, front: list[LinearSite], model: onnx.ModelProto,

@@ -154,3 +154,17 @@ def test_planted_exact_merge_is_reproduced_exactly_by_the_refit():
     (out,), = run_tensors(model, ["y"], [{"x": x}], "refit")
     (ref,), = run_tensors(original, ["y"], [{"x": x}], "original")
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_built_a_few_samples_at_a_time_give_the_same_refit(monkeypatch):
+    """A Conv's patches built one image at a time (``ROW_BYTES`` tiny) give the same weights as
+    all at once."""
+    import onnxfib.calibrate as calibrate
+
+    original = _conv_model()
+    x = np.random.default_rng(3).standard_normal((12, 3, 10, 10)).astype(np.float32)
+    whole, _ = refit(analyze(original, eps=1.0), original, [{"x": x}])
+    monkeypatch.setattr(calibrate, "ROW_BYTES", 1)
+    parts, _ = refit(analyze(original, eps=1.0), original, [{"x": x}])
+    for a, b in zip(whole.graph.initializer, parts.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-5, atol=1e-6)
