@@ -1,86 +1,138 @@
 """Calibrated merging: refit merged layers by ridge least squares on calibration inputs, and
 choose from the same data which channels a merged layer keeps.
 
-After a collapse, every dense layer (Gemm/MatMul) and plain Conv whose input the merge changed (its own input
-merged, or a layer before it merged) is refit, in topological order, so that its pre-activations
-on the calibration inputs match the original model's: with ``X`` the layer's input in the
-compressed model (already refit layers upstream included: the refit proceeds along the graph)
-and ``T`` the original pre-activations (for merged output channels, the base they are fitted to
-under the scale rule, ``Plan.fit_base``), the new weights ``W`` (bias as an extra row) minimise
+After a collapse, every layer (``LinearSite``: Gemm/MatMul on inputs of any rank, Conv plain,
+grouped and depthwise) whose input the merge changed (its own input merged, or a layer before it
+merged) is refit so that its pre-activations on the calibration inputs match the original
+model's: with ``X`` the layer's input in the compressed model (already refit layers upstream
+included) and ``T`` the original pre-activations (for merged output channels, the base they are
+fitted to under the scale rule, ``Plan.fit_base``), the new weights ``W`` (bias as an extra row)
+minimise, per independent block (a group of a grouped or depthwise Conv; the whole layer
+otherwise),
 
     ||X W - T||^2 + lam ||W - W0||^2,    lam = ridge * trace(X^T X) / columns,
 
 where ``W0`` is the merge's own result. ``W0`` costs no penalty, so the refit's calibration error
 never exceeds the merge's. ``X^T X`` and ``X^T T`` are summed in float64 over batches (memory
-independent of the calibration size) and the system is solved by Cholesky.
+independent of the calibration size) and solved by Cholesky, all blocks of a layer at once.
+
+The layer sites say how (``LinearSite.input_rows``, ``refit_blocks``, ``block_weights``,
+``refit_declined``); this module knows no op. Speed: the layers to refit are cut into *fronts*,
+layers none of which reads another's output (in a transformer block: Q, K and V; then the output
+projection; then each FFN layer). Per front and calibration batch, one ONNX Runtime run of the
+compressed model cut to the front's inputs gives every input of the front (all upstream layers
+already final) and one run of the original cut to the front's outputs gives the targets (kept
+across refits while they fit in a budget, see :class:`OriginalActivations`); layers of a front
+reading one tensor the same way share ``X^T X``. Memory: one front's activations of one batch.
+Not refit: ConvTranspose (see its site), and ops outside ``LinearSite`` (LSTM/GRU, embeddings,
+attention's own products, LayerNorm), whose merged constants stay as the collapse made them.
 
 :class:`Selector` picks, where a layer feeds one dense reader, the channels to keep from the
-data rather than from weight similarity (see there). A Conv is refit on its input's patches (im2col); grouped, depthwise
-and transposed convolutions are not refit.
+data rather than from weight similarity (see there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
-from scipy.linalg import cho_factor, cho_solve
+from scipy.linalg import solve_triangular
 
 from .analysis import Analysis
-from .graph import GraphView
 from .coloring import Coloring
 from .folding import sole_reader
 from .partition import Partition
 from .report import RefitReport
-from .rules import Plan
+from .rules.base import activation_rows
 from .rules.linear import LinearSite
 from .validation import Batch, chunked, run_tensors
 
 #: Default ridge strength, relative to the mean diagonal of X^T X.
 DEFAULT_RIDGE = 1e-3
-
-
-def _rows(values: np.ndarray, axis: int) -> np.ndarray:
-    """An activation as float64 (samples, channels): the channel axis last, every other axis a
-    sample."""
-    moved = np.asarray(np.moveaxis(values, axis, -1), dtype=np.float64)
-    return moved.reshape(-1, moved.shape[-1])
+#: Bytes of a layer's input rows built at a time (a Conv's patches: kernel size times its input).
+ROW_BYTES = 64 << 20
 
 
 class NormalEquations:
     """``X^T X`` and ``X^T T`` summed in float64 over batches of rows, ``X`` with a column of ones
     appended when ``intercept`` (added blockwise, never materialised), and the targets' sum of
-    squares and size, from which any ``W``'s residual ``||X W - T||^2`` follows."""
+    squares per output and the rows' count, from which any ``W``'s residual ``||X W - T||^2``
+    follows. With ``blocks``, every array gains a leading axis: independent problems whose rows
+    come together (``add`` takes rows (samples, blocks, columns))."""
 
-    def __init__(self, columns: int, outputs: int, *, intercept: bool) -> None:
+    def __init__(self, columns: int, outputs: int, *, intercept: bool, blocks: int | None = None) -> None:
         size = columns + int(intercept)
+        lead = () if blocks is None else (blocks,)
         self.intercept = intercept
-        self.gram = np.zeros((size, size))
-        self.cross = np.zeros((size, outputs))
-        self.target_energy = 0.0
-        self.samples = 0
+        self.gram = np.zeros(lead + (size, size))
+        self.cross = np.zeros(lead + (size, outputs))
+        self.column_energy = np.zeros(lead + (outputs,))
+        self.rows = 0
+
+    @property
+    def target_energy(self) -> float:
+        """The targets' sum of squares."""
+        return float(self.column_energy.sum())
+
+    @property
+    def samples(self) -> int:
+        """Target entries added."""
+        return self.rows * int(self.cross[..., 0, :].size)
 
     def add(self, x: np.ndarray, target: np.ndarray) -> None:
-        """Add the rows ``x`` (samples, columns) with their targets (samples, outputs)."""
+        """Add the rows ``x`` (samples, [blocks,] columns) with their targets (samples, [blocks,]
+        outputs)."""
         x, target = np.asarray(x, dtype=np.float64), np.asarray(target, dtype=np.float64)
-        n = x.shape[1]
-        self.gram[:n, :n] += x.T @ x
-        self.cross[:n] += x.T @ target
+        n = x.shape[-1]
+        xt = np.moveaxis(x, 0, -1)  # ([blocks,] columns, samples): batched BLAS products
+        self.gram[..., :n, :n] += xt @ np.moveaxis(x, 0, -2)
+        self.cross[..., :n, :] += xt @ np.moveaxis(target, 0, -2)
         if self.intercept:
             total = x.sum(axis=0)
-            self.gram[:n, n] += total
-            self.gram[n, :n] += total
-            self.gram[n, n] += len(x)
-            self.cross[n] += target.sum(axis=0)
-        self.target_energy += float(np.vdot(target, target))
-        self.samples += target.size
+            self.gram[..., :n, n] += total
+            self.gram[..., n, :n] += total
+            self.gram[..., n, n] += len(x)
+            self.cross[..., n, :] += target.sum(axis=0)
+        self.column_energy += np.einsum("s...o,s...o->...o", target, target)
+        self.rows += len(x)
+
+
+def prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``model`` cut to the nodes its tensors ``names`` need, which become its only outputs (a
+    new model; initializers no kept node reads are left out)."""
+    needed = set(names)
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(model.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(_reads(node))
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    graph = cut.graph
+    del graph.node[:], graph.output[:]
+    graph.node.extend(reversed(kept))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names))
+    return cut
+
+
+def _reads(node: onnx.NodeProto) -> Iterator[str]:
+    """The tensors ``node`` reads, those its subgraphs read from the outer scope included."""
+    yield from node.input
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+            for inner in graph.node:
+                yield from _reads(inner)
 
 
 class OriginalActivations:
-    """The original model's tensors on fixed batches, computed on demand, and kept for the next
-    refit while they fit in ``budget`` bytes (a target search refits against the same ones
-    again and again); a tensor that would not fit is streamed batch by batch each time."""
+    """The original model's tensors on fixed batches, computed on demand (several in one run of
+    the model cut to them), and kept for the next refit while they fit in ``budget`` bytes (a
+    target search refits against the same ones again and again); tensors that would not fit
+    are computed batch by batch each time."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, budget: int = 256 << 20) -> None:
         self.original = original
@@ -88,29 +140,31 @@ class OriginalActivations:
         self.budget = budget
         self._kept: dict[str, list[np.ndarray]] = {}
 
-    def __call__(self, name: str) -> Iterator[np.ndarray]:
-        """The tensor ``name`` of the original model, one array per batch piece."""
-        if name in self._kept:
-            yield from self._kept[name]
-            return
-        runs = (run[0] for run in run_tensors(self.original, [name], self.pieces, "original"))
-        first = next(runs, None)
-        if first is None:
-            return
-        if first.nbytes * len(self.pieces) > self.budget:
-            yield first
-            yield from runs
-            return
-        kept = [first, *runs]
-        self.budget -= sum(array.nbytes for array in kept)
-        self._kept[name] = kept
-        yield from kept
+    def __call__(self, names: Sequence[str]) -> Iterator[list[np.ndarray]]:
+        """The tensors ``names`` of the original model, a list per batch piece."""
+        missing = [n for n in dict.fromkeys(names) if n not in self._kept]
+        runs: Iterable[list[np.ndarray]] = (
+            run_tensors(prefix(self.original, missing), missing, self.pieces, "original") if missing
+            else ([] for _ in self.pieces))
+        keep: dict[str, list[np.ndarray]] = {}
+        for index, computed in enumerate(runs):
+            fresh = dict(zip(missing, computed))
+            if index == 0:
+                for name, value in fresh.items():
+                    size = value.nbytes * len(self.pieces)
+                    if size <= self.budget:
+                        self.budget -= size
+                        keep[name] = []
+            for name in keep:
+                keep[name].append(fresh[name])
+            yield [self._kept[n][index] if n in self._kept else fresh[n] for n in names]
+        self._kept.update(keep)
 
 
 def refit(analysis: Analysis, original: onnx.ModelProto, batches: Sequence[Batch], *,
           ridge: float = DEFAULT_RIDGE, activations: OriginalActivations | None = None
           ) -> tuple[onnx.ModelProto, list[RefitReport]]:
-    """The analysis's collapsed model with its dense and Conv layers refit on ``batches`` (see the module
+    """The analysis's collapsed model with its layers refit on ``batches`` (see the module
     docstring), and a report per refit layer. ``ridge`` must be positive. ``activations``, the
     original's tensors on the same ``batches``, may carry them over from an earlier refit."""
     if not ridge > 0:
@@ -119,86 +173,145 @@ def refit(analysis: Analysis, original: onnx.ModelProto, batches: Sequence[Batch
     pieces = list(chunked(batches))
     activations = activations or OriginalActivations(original, pieces, budget=0)
     reports: list[RefitReport] = []
-    upstream_changed = False  # a layer reading unchanged inputs is already optimal: skip it
+    for front in _fronts(model, _to_refit(analysis)):
+        done = [report for _, report in _refit_front(analysis, front, model, activations, pieces, ridge)]
+        reports.extend(done)
+        if done:
+            model = analysis.graph.export()
+    return model, reports
+
+
+def _to_refit(analysis: Analysis) -> list[LinearSite]:
+    """The layers whose input the collapse changed (their own input merged, or a layer before
+    them changed), in the analysis's order, where their site can refit them; a layer reading
+    unchanged inputs is already optimal."""
+    chosen: list[LinearSite] = []
+    upstream_changed = False
     for site in analysis.sites:
         if not (isinstance(site, LinearSite) and site.layer):
             continue
         in_plan, out_plan = analysis.plan(site.inputs[0]), analysis.plan(site.outputs[0])
         changed_input = upstream_changed or in_plan is not None
         upstream_changed = changed_input or out_plan is not None
-        inputs_as_rows = _input_rows(site)
-        if not changed_input or inputs_as_rows is None:
+        if changed_input and site.refit_declined() is None:
+            chosen.append(site)
+    return chosen
+
+
+def _fronts(model: onnx.ModelProto, sites: list[LinearSite]) -> list[list[LinearSite]]:
+    """``sites`` cut into fronts: front k holds the layers with k refit layers on their longest
+    path from the inputs in ``model`` (so no layer of a front reads another's output)."""
+    by_output = {site.outputs[0].name: site for site in sites}
+    level: dict[str, int] = {}
+    front_of: dict[int, int] = {}
+    for node in model.graph.node:
+        depth = max((level.get(name, 0) for name in _reads(node)), default=0)
+        for name in node.output:
+            level[name] = depth
+            site = by_output.get(name)
+            if site is not None:
+                front_of[id(site)] = level.get(site.inputs[0].name, 0)
+                level[name] = max(depth, front_of[id(site)] + 1)
+    fronts: dict[int, list[LinearSite]] = {}
+    for site in sites:
+        if id(site) in front_of:
+            fronts.setdefault(front_of[id(site)], []).append(site)
+    return [fronts[k] for k in sorted(fronts)]
+
+
+class _Problem:
+    """The layers of a front that read one tensor the same way (``rows_key``) with the same
+    blocks and bias freedom: one set of normal equations, their targets side by side."""
+
+    def __init__(self, sites: list[LinearSite]) -> None:
+        self.sites = sites
+        self.start = [site.block_weights() for site in sites]
+        w0, _, free = self.start[0]
+        self.free = free
+        widths = [w.shape[1] for w, _, _ in self.start]
+        self.splits = np.cumsum(widths)[:-1]
+        self.equations = NormalEquations(w0.shape[2], sum(widths), intercept=free, blocks=w0.shape[0])
+
+    def add(self, x: np.ndarray, targets: list[np.ndarray]) -> None:
+        """Add one batch: the shared input activation and each site's target rows, the input's
+        rows built a few samples (leading axis) at a time, about :data:`ROW_BYTES` each."""
+        site = self.sites[0]
+        samples = len(x) if x.ndim > 1 and x.ndim + site.inputs[0].axis != 0 else 1
+        step = samples if samples == 1 else max(1, ROW_BYTES // max(site.input_rows(x[:1]).nbytes, 1))
+        per_sample = len(targets[0]) // samples
+        for start in range(0, samples, step):
+            rows = site.input_rows(x[start:start + step] if samples > 1 else x)
+            part = slice(start * per_sample, start * per_sample + len(rows))
+            blocks = rows.shape[1]
+            parts = []
+            for (_, b0, _), target in zip(self.start, targets):
+                target = target[part].reshape(len(rows), blocks, -1)
+                parts.append(target if self.free else target - b0)
+            self.equations.add(rows, np.concatenate(parts, axis=2))
+
+
+def _refit_front(analysis: Analysis, front: list[LinearSite], model: onnx.ModelProto,
+                 activations: OriginalActivations, pieces: list[Batch], ridge: float
+                 ) -> Iterator[tuple[LinearSite, RefitReport]]:
+    """Refit the layers of one front in place (through their sites), each with its report."""
+    shared: dict[Hashable, list[LinearSite]] = {}
+    for site in front:
+        key = (site.inputs[0].name, site.rows_key(), site.refit_blocks(), site.flat()[2])
+        shared.setdefault(key, []).append(site)
+    problems = [_Problem(sites) for sites in shared.values()]
+    inputs = list(dict.fromkeys(site.inputs[0].name for site in front))
+    outputs = [site.outputs[0].name for site in front]
+    compressed = run_tensors(prefix(model, inputs), inputs, pieces, "compressed")
+    for xs, ys in zip(compressed, activations(outputs)):
+        x_of, y_of = dict(zip(inputs, xs)), dict(zip(outputs, ys))
+        for problem in problems:
+            targets = []
+            for site in problem.sites:
+                out, plan = site.outputs[0], analysis.plan(site.outputs[0])
+                y = activation_rows(y_of[out.name], out.axis)
+                targets.append(y if plan is None else plan.fit_base(y, 1))
+            problem.add(x_of[problem.sites[0].inputs[0].name], targets)
+    done = {id(site): report for problem in problems for site, report in _solve(analysis, problem, ridge)}
+    for site in front:
+        if id(site) in done:
+            yield site, done[id(site)]
+
+
+def _solve(analysis: Analysis, problem: _Problem, ridge: float) -> Iterator[tuple[LinearSite, RefitReport]]:
+    """Solve a problem's ridge normal equations (all blocks at once, by Cholesky) and store each
+    layer's refit weights unless they would raise its calibration error (float rounding)."""
+    equations = problem.equations
+    if equations.rows == 0:
+        return
+    gram, cross = equations.gram, equations.cross
+    columns = gram.shape[-1]
+    start = np.concatenate([np.concatenate([np.swapaxes(w, 1, 2), b[:, None, :]], axis=1) if problem.free
+                            else np.swapaxes(w, 1, 2) for w, b, _ in problem.start], axis=2)
+    lam = ridge * np.maximum(np.trace(gram, axis1=1, axis2=2) / columns, 1e-12)[:, None, None]
+    factor = np.linalg.cholesky(gram + lam * np.eye(columns))
+    solved = _cho_solve(factor, cross + lam * start)
+    residual = (np.sum(solved * (gram @ solved), axis=(0, 1)) - 2 * np.sum(solved * cross, axis=(0, 1)),
+                np.sum(start * (gram @ start), axis=(0, 1)) - 2 * np.sum(start * cross, axis=(0, 1)))
+    energy = equations.column_energy.sum(axis=0)
+    bounds = [0, *problem.splits, solved.shape[2]]
+    for i, site in enumerate(problem.sites):
+        part = slice(bounds[i], bounds[i + 1])
+        count = equations.rows * gram.shape[0] * (bounds[i + 1] - bounds[i])
+        after, before = (float(np.sqrt(max(float(sse[part].sum() + energy[part].sum()), 0.0) / count))
+                         for sse in residual)
+        if after > before:  # only float rounding can do this: keep the merge
+            yield site, RefitReport(site.name, before, before)
             continue
-        report = _refit_layer(analysis, site, inputs_as_rows, out_plan, model, activations, pieces, ridge)
-        if report is not None:
-            reports.append(report)
-            model = analysis.graph.export()
-    return model, reports
+        weights = solved[:, :, part]
+        w = np.swapaxes(weights[:, :-1] if problem.free else weights, 1, 2)
+        site.set_block_weights(analysis.graph, w, weights[:, -1] if problem.free else None)
+        yield site, RefitReport(site.name, before, after)
 
 
-def _input_rows(site: LinearSite) -> Callable[[np.ndarray], np.ndarray] | None:
-    """How a layer's input activation becomes rows that its flat weights (``LinearSite.flat``)
-    multiply: the channels of a dense layer, the patches of a plain Conv (``_patches``); None
-    for the layers not refit (grouped, depthwise and transposed convolutions)."""
-    if type(site) is not LinearSite:
-        return None
-    node = site.nodes[0]
-    if node.op in ("Gemm", "MatMul"):
-        return lambda x: _rows(x, site.inputs[0].axis)
-    if node.op != "Conv" or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-        return None
-    kernel = tuple(GraphView.constant(node.inputs[1]).shape[2:])
-    spatial = len(kernel)
-    strides = tuple(node.attrs.get("strides", [1] * spatial))
-    dilations = tuple(node.attrs.get("dilations", [1] * spatial))
-    pads = tuple(node.attrs.get("pads", [0] * (2 * spatial)))
-    return lambda x: _patches(x, kernel, strides, pads, dilations)
-
-
-def _patches(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
-             dilations: tuple[int, ...]) -> np.ndarray:
-    """The Conv input [N, C, *spatial] as float64 rows of patches [N * out positions, C * kernel
-    size] (im2col), each row's entries channel-major like a flattened [C, *kernel] kernel."""
-    spatial = len(kernel)
-    widths = [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)]
-    padded = np.pad(np.asarray(x, dtype=np.float64), widths)
-    window = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
-    view = np.lib.stride_tricks.sliding_window_view(padded, window, axis=tuple(range(2, 2 + spatial)))
-    view = view[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
-                + tuple(slice(None, None, d) for d in dilations)]
-    view = np.moveaxis(view, 1, 1 + spatial)  # [N, *out positions, C, *kernel]
-    return view.reshape(-1, int(np.prod(view.shape[1 + spatial:])))
-
-
-def _refit_layer(analysis: Analysis, site: LinearSite, input_rows: Callable[[np.ndarray], np.ndarray],
-                 out_plan: Plan | None, model: onnx.ModelProto, activations: OriginalActivations,
-                 pieces: list[Batch], ridge: float) -> RefitReport | None:
-    """Refit one layer in place (through its site); None when it has no activations to fit."""
-    w0, b0, free = site.flat()
-    inp, out = site.inputs[0], site.outputs[0]
-    equations = NormalEquations(w0.shape[1], w0.shape[0], intercept=free)
-    compressed_runs = run_tensors(model, [inp.name], pieces, "compressed")
-    for (x,), y in zip(compressed_runs, activations(out.name)):
-        y = _rows(y, out.axis)
-        target = np.asarray(y if out_plan is None else out_plan.fit_base(y, 1), dtype=np.float64)
-        equations.add(input_rows(x), target if free else target - b0)
-    if equations.samples == 0:
-        return None
-    gram, cross, columns = equations.gram, equations.cross, len(equations.gram)
-    start = np.vstack([w0.T, b0[None, :]]) if free else w0.T
-    lam = ridge * max(float(np.trace(gram)) / columns, 1e-12)
-    factor = cho_factor(gram + lam * np.eye(columns))
-    solved = cho_solve(factor, cross + lam * start)
-
-    def rms(weights: np.ndarray) -> float:  # ||X W - T||^2 from the normal equations
-        sse = float(np.sum(weights * (gram @ weights)) - 2 * np.sum(weights * cross) + equations.target_energy)
-        return float(np.sqrt(max(sse, 0.0) / equations.samples))
-
-    before, after = rms(start), rms(solved)
-    if after > before:  # only float rounding can do this: keep the merge
-        return RefitReport(site.name, before, before)
-    site.set_flat(analysis.graph, solved[:w0.shape[1]].T, solved[-1] if free else None)
-    return RefitReport(site.name, before, after)
+def _cho_solve(factor: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``(L L^T)^-1 rhs`` for stacks of lower Cholesky factors ``L``."""
+    return np.stack([solve_triangular(f, solve_triangular(f, r, lower=True), lower=True, trans="T")
+                     for f, r in zip(factor, rhs)])
 
 
 class Selector:
@@ -229,8 +342,8 @@ class Selector:
         key = (reader.inputs[0].name, reader.outputs[0].name)
         if key not in self._stats:
             equations = NormalEquations(reader.inputs[0].width, reader.outputs[0].width, intercept=True)
-            for x, y in run_tensors(self.original, list(key), self.batches, "original"):
-                equations.add(_rows(x, reader.inputs[0].axis), _rows(y, reader.outputs[0].axis))
+            for x, y in run_tensors(prefix(self.original, list(key)), list(key), self.batches, "original"):
+                equations.add(reader.input_rows(x)[:, 0], activation_rows(y, reader.outputs[0].axis))
             self._stats[key] = (equations.gram, equations.cross)
         return self._stats[key]
 
@@ -242,7 +355,7 @@ class Selector:
                 continue
             plan = analysis.plan(site.outputs[0])
             reader = sole_reader(analysis, site) if plan is not None else None
-            if reader is None or reader.nodes[0].op not in ("Gemm", "MatMul"):
+            if reader is None or not reader.dense:
                 continue
             gram, cross = self._statistics(reader)
             if gram.shape[0] != site.outputs[0].width + 1:

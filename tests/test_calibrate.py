@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxfib
 from onnxfib.analysis import analyze
-from onnxfib.calibrate import NormalEquations, Selector, _input_rows, refit
+from onnxfib.calibrate import NormalEquations, Selector, refit
 from onnxfib.errors import UsageError
 from onnxfib.validation import run_tensors
 
@@ -119,7 +119,7 @@ def test_conv_patches_reproduce_onnx_runtime():
     (r, y), = run_tensors(model, ["r", "y"], [{"x": x}], "model")
     site = next(s for s in analyze(model, eps=0.0).sites if s.name == "conv1")
     w, b, free = site.flat()
-    rows = _input_rows(site)(r)
+    rows = site.input_rows(r)[:, 0]
     assert free and rows.shape == (5 * 4 * 5, 10 * 9)  # H: (9 - 3) // 2 + 1, W: (9 + 2 - 3) // 2 + 1
     expected = np.moveaxis(y, 1, -1).reshape(-1, 4)
     np.testing.assert_allclose(rows @ w.T + b, expected, rtol=1e-4, atol=1e-5)

@@ -175,6 +175,13 @@ class Rule(Protocol):
     ) -> Site | Declined | None: ...
 
 
+def activation_rows(values: np.ndarray, axis: int) -> np.ndarray:
+    """An activation as float64 rows (samples, channels): the channel ``axis`` last, every other
+    axis a sample (the rows a layer's refit fits, in the order of the tensor's other axes)."""
+    moved = np.asarray(np.moveaxis(values, axis, -1), dtype=np.float64)
+    return moved.reshape(-1, moved.shape[-1])
+
+
 def channel_position(graph: GraphView, port: Port, tensor: gs.Tensor) -> tuple[int, int] | None:
     """(rank, channel axis counted from the front) of ``tensor`` read at ``port``'s channel
     axis, when its rank is known."""

@@ -5,7 +5,9 @@ signature."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -17,8 +19,68 @@ from .elementwise import only_first_output_used
 from .linear import LinearSite
 
 
+def patches(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
+            dilations: tuple[int, ...]) -> np.ndarray:
+    """The Conv input [N, C, *spatial] as float64 rows of patches [N * out positions, C * kernel
+    size] (im2col), each row's entries channel-major like a flattened [C, *kernel] kernel."""
+    spatial = len(kernel)
+    widths = [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)]
+    padded = np.pad(np.asarray(x, dtype=np.float64), widths)
+    window = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
+    axes = tuple(range(2, 2 + spatial))
+    view = np.lib.stride_tricks.sliding_window_view(padded, window, axis=axes)
+    view = view[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+                + tuple(slice(None, None, d) for d in dilations)]
+    view = np.moveaxis(view, 1, 1 + spatial)  # [N, *out positions, C, *kernel]
+    return view.reshape(-1, int(np.prod(view.shape[1 + spatial:])))
+
+
+def _auto_pads(mode: str, sizes: tuple[int, ...], kernel: tuple[int, ...], strides: tuple[int, ...],
+               dilations: tuple[int, ...]) -> tuple[int, ...]:
+    """The explicit pads (begins, then ends) of ``auto_pad`` ``mode`` (SAME_UPPER, SAME_LOWER,
+    VALID) on an input of spatial ``sizes`` (ONNX's Conv definition)."""
+    if mode == "VALID":
+        return (0,) * (2 * len(sizes))
+    totals = [max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+              for n, k, s, d in zip(sizes, kernel, strides, dilations)]
+    small = [t // 2 for t in totals]
+    large = [t - t // 2 for t in totals]
+    return tuple(small + large) if mode == "SAME_UPPER" else tuple(large + small)
+
+
 @dataclass
-class DepthwiseSite(LinearSite):
+class ConvSite(LinearSite):
+    """Conv, plain (group 1): a layer whose refit reads its input's patches (:func:`patches`)."""
+
+    dense: ClassVar[bool] = False
+
+    def _geometry(self, x: np.ndarray) -> tuple[tuple[int, ...], ...]:
+        """(kernel, strides, pads, dilations) of the Conv as it stands, for input ``x``."""
+        node = self.nodes[0]
+        kernel = tuple(int(k) for k in self._stored(self.weight).shape[2:])
+        spatial = len(kernel)
+        strides = tuple(int(v) for v in node.attrs.get("strides", [1] * spatial))
+        dilations = tuple(int(v) for v in node.attrs.get("dilations", [1] * spatial))
+        mode = node.attrs.get("auto_pad", "NOTSET")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if mode == "NOTSET":
+            pads = tuple(int(v) for v in node.attrs.get("pads", [0] * (2 * spatial)))
+        else:
+            pads = _auto_pads(mode, tuple(x.shape[2:]), kernel, strides, dilations)
+        return kernel, strides, pads, dilations
+
+    def rows_key(self) -> Hashable:
+        node = self.nodes[0]
+        return ("patches", self._stored(self.weight).shape[2:], self.refit_blocks(),
+                *(str(node.attrs.get(a)) for a in ("strides", "dilations", "pads", "auto_pad")))
+
+    def input_rows(self, x: np.ndarray) -> np.ndarray:
+        rows = patches(x, *self._geometry(x))
+        return rows.reshape(len(rows), self.refit_blocks(), -1)
+
+
+@dataclass
+class DepthwiseSite(ConvSite):
     """Conv with one input channel per group: output channel o reads input channel o // mult.
 
     Its input and output axes are tied (the group count must equal the channel count), so it is
@@ -70,6 +132,18 @@ class DepthwiseSite(LinearSite):
             ctx.graph.set_constant(*self.bias, out.partition.reduce(b / out.scales, 0, mean=True))
         node.attrs["group"] = inp.partition.n_colors
 
+    def refit_blocks(self) -> int:
+        return int(self.nodes[0].attrs.get("group", 1))
+
+    def block_weights(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Per input channel, the kernels of the output channels reading it."""
+        w, b, free = self.flat()
+        blocks = self.refit_blocks()
+        return w.reshape(blocks, -1, w.shape[1]), b.reshape(blocks, -1), free
+
+    def set_block_weights(self, graph: GraphView, w: np.ndarray, b: np.ndarray | None) -> None:
+        self.set_flat(graph, w.reshape(-1, w.shape[-1]), None if b is None else b.reshape(-1))
+
     def parameters(self, in_width: int, out_width: int) -> int:
         w = self._stored(self.weight)
         total = w.size // w.shape[0] * out_width
@@ -79,7 +153,7 @@ class DepthwiseSite(LinearSite):
 
 
 @dataclass
-class GroupedConvSite(LinearSite):
+class GroupedConvSite(ConvSite):
     """Conv with ``groups`` > 1 and several input channels per group: a block-diagonal layer.
 
     Channels merge only inside their group, and every group keeps the same width on each side
@@ -134,6 +208,22 @@ class GroupedConvSite(LinearSite):
                 *self.bias, out.partition.reduce(bias / out.scales, 0, mean=True)
             )
 
+    def refit_blocks(self) -> int:
+        return self.groups
+
+    def block_weights(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Per group, its [out per group, in per group * kernel] block of the flat map."""
+        stored = self._stored(self.weight).astype(np.float64)
+        w = stored.reshape(self.groups, stored.shape[0] // self.groups, -1) * self.alpha
+        _, b, free = self.flat()
+        return w, b.reshape(self.groups, -1), free
+
+    def set_block_weights(self, graph: GraphView, w: np.ndarray, b: np.ndarray | None) -> None:
+        stored = self._stored(self.weight)
+        graph.set_constant(*self.weight, (w / self.alpha).reshape(stored.shape))
+        if b is not None:
+            graph.set_constant(*self.bias, (b / self.beta).reshape(self._stored(self.bias).shape))
+
     def parameters(self, in_width: int, out_width: int) -> int:
         w = self._stored(self.weight)
         per_kernel = w.size // (w.shape[0] * w.shape[1])
@@ -183,7 +273,7 @@ def bind_conv(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site |
     x, y = node.inputs[0], node.outputs[0]
     common = dict(nodes=[node], weight=(node, 1), out_axis=0, in_axis=1, bias=bias, bias_axis=0)
     if groups == 1:
-        return LinearSite(
+        return ConvSite(
             inputs=[Port(x, axis, per_group)], outputs=[Port(y, axis, out_width)], **common
         )
     if per_group == 1 and out_width % groups == 0:
@@ -203,6 +293,17 @@ def bind_conv(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site |
     return Declined(f"Conv whose {out_width} outputs do not divide into {groups} groups")
 
 
+@dataclass
+class ConvTransposeSite(LinearSite):
+    """ConvTranspose (group 1): each input position scatters into a window of the output."""
+
+    dense: ClassVar[bool] = False
+
+    def refit_declined(self) -> str | None:
+        return ("ConvTranspose: each output row sums overlapping scattered windows (col2im), "
+                "not one input row's map")
+
+
 def bind_conv_transpose(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """ConvTranspose with a constant kernel [I, O/group, k...] and group 1."""
     w = graph.constant(node.inputs[1])
@@ -212,7 +313,7 @@ def bind_conv_transpose(node: gs.Node, graph: GraphView, known: dict[str, Port])
     if int(node.attrs.get("group", 1)) != 1:
         return Declined("ConvTranspose with groups")
     axis = 1 - w.ndim
-    return LinearSite(
+    return ConvTransposeSite(
         nodes=[node],
         inputs=[Port(node.inputs[0], axis, int(w.shape[0]))],
         outputs=[Port(node.outputs[0], axis, int(w.shape[1]))],

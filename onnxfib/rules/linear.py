@@ -3,13 +3,25 @@ either side, optionally followed by the Add of a constant bias (paper Eq. 3 and 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import GraphView
-from .base import Context, Declined, Plan, Port, Site, channel_rows, is_per_channel, merge_channels
+from .base import (
+    Context,
+    Declined,
+    Plan,
+    Port,
+    Site,
+    activation_rows,
+    channel_rows,
+    is_per_channel,
+    merge_channels,
+)
 
 
 @dataclass
@@ -19,6 +31,10 @@ class LinearSite(Site):
     The weight is stored in the model with its output channels on ``out_axis`` and its input
     channels on ``in_axis``; any further axes (none for dense layers) travel with each entry.
     """
+
+    #: Whether the refit's input columns are the input's channels, one each (a dense layer; a
+    #: Conv's are patches of them).
+    dense: ClassVar[bool] = True
 
     weight: tuple[gs.Node, int] = None  # type: ignore[assignment]
     out_axis: int = 0
@@ -117,6 +133,38 @@ class LinearSite(Site):
             return flat, np.zeros(width), False
         free = rows.shape[1] == 1 and self._stored(self.bias).size == width
         return flat, rows[:, 0] if rows.shape[1] == 1 else np.zeros(width), free
+
+    # What ``calibrate.refit`` needs of a layer: it fits, per block, the rows ``input_rows(x)``
+    # of the layer's input activation ``x`` to the rows of its output (``activation_rows`` of
+    # the output port, output channels cut into ``refit_blocks()`` equal consecutive blocks).
+
+    def refit_declined(self) -> str | None:
+        """Why this layer cannot be refit on data (None: it can)."""
+        return None
+
+    def refit_blocks(self) -> int:
+        """Independent least-squares problems of the refit (groups), in the current model."""
+        return 1
+
+    def rows_key(self) -> Hashable:
+        """Layers reading one tensor with equal keys have equal :meth:`input_rows` (their normal
+        equations share ``X^T X``)."""
+        return ("channels", self.inputs[0].axis)
+
+    def input_rows(self, x: np.ndarray) -> np.ndarray:
+        """The input activation ``x`` as float64 rows (samples, blocks, columns) that
+        :meth:`block_weights` multiply, samples in the order of the output's rows."""
+        return activation_rows(x, self.inputs[0].axis)[:, None, :]
+
+    def block_weights(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """``(W [blocks, out per block, columns], b [blocks, out per block], free)`` of the
+        current model: :meth:`flat` cut into the refit's blocks."""
+        w, b, free = self.flat()
+        return w[None], b[None], free
+
+    def set_block_weights(self, graph: GraphView, w: np.ndarray, b: np.ndarray | None) -> None:
+        """Store refit weights in the form :meth:`block_weights` returns."""
+        self.set_flat(graph, w[0], None if b is None else b.reshape(-1))
 
     def nonfinite_channels(self) -> int:
         """Output channels whose weights or bias hold NaN or infinities."""
