@@ -6,7 +6,7 @@
 
 Runs, in order: ``fashion_cnn.py`` (the CNN across eps), ``lenet_fashion.py`` (LeNet-300-100
 and 784-500-500-500-10 against the baselines of ``baselines.py``), ``continual.py`` (continual
-learning: SGD, continual backprop, symmetry breaking), ``collapse_retrain.py`` (Algorithm 1) and
+learning in four regimes where SGD loses plasticity: five methods), ``collapse_retrain.py`` (Algorithm 1) and
 ``speed.py`` (CPU time and memory against onnxslim on BERT and wide MLPs).
 """
 

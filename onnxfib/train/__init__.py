@@ -15,6 +15,7 @@ from .adapter import Layer, TorchAnalysis, Unit, export_onnx, parameter_count
 from .breaking import Broken, SymmetryBreaker, break_covers
 from .collapse import CollapseRetrainResult, Round, collapse_retrain, collapse_to_base
 from .continual_backprop import ContinualBackprop
+from .plasticity import L2Init, ShrinkPerturb, effective_rank, unit_activity
 from .probes import activity_partition, layer_outputs, synchronized, synchronized_blocks
 from .tracker import CoverTracker, LayerRecord
 
@@ -23,9 +24,11 @@ __all__ = [
     "CollapseRetrainResult",
     "ContinualBackprop",
     "CoverTracker",
+    "L2Init",
     "Layer",
     "LayerRecord",
     "Round",
+    "ShrinkPerturb",
     "SymmetryBreaker",
     "TorchAnalysis",
     "Unit",
@@ -33,9 +36,11 @@ __all__ = [
     "break_covers",
     "collapse_retrain",
     "collapse_to_base",
+    "effective_rank",
     "export_onnx",
     "layer_outputs",
     "parameter_count",
     "synchronized",
     "synchronized_blocks",
+    "unit_activity",
 ]
