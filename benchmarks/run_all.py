@@ -1,6 +1,6 @@
 """Regenerate every benchmark section of RESULTS.md, its JSON files and plots, in one command.
 
-    python benchmarks/run_all.py                # 30 min on 2 idle CPU cores, plus speed.py's hour
+    python benchmarks/run_all.py                # 1.5 h on 2 idle CPU cores (continual.py's hour), plus speed.py's hour
     python benchmarks/run_all.py --only lenet_fashion
     python benchmarks/run_all.py --no-write     # print the tables only
 
