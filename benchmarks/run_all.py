@@ -1,12 +1,12 @@
 """Regenerate every benchmark section of RESULTS.md, its JSON files and plots, in one command.
 
-    python benchmarks/run_all.py                # 30 min on 2 idle CPU cores, plus speed.py's hour
+    python benchmarks/run_all.py                # 1.5 h on 2 idle CPU cores (continual.py's hour), plus speed.py's hour
     python benchmarks/run_all.py --only lenet_fashion
     python benchmarks/run_all.py --no-write     # print the tables only
 
 Runs, in order: ``fashion_cnn.py`` (the CNN across eps), ``lenet_fashion.py`` (LeNet-300-100
 and 784-500-500-500-10 against the baselines of ``baselines.py``), ``continual.py`` (continual
-learning: SGD, continual backprop, symmetry breaking), ``collapse_retrain.py`` (Algorithm 1) and
+learning in four regimes where SGD loses plasticity: five methods), ``collapse_retrain.py`` (Algorithm 1) and
 ``speed.py`` (CPU time and memory against onnxslim on BERT and wide MLPs).
 """
 

@@ -25,6 +25,7 @@ from .collapse import (
     greedy_thresholds,
 )
 from .continual_backprop import ContinualBackprop
+from .plasticity import L2Init, ShrinkPerturb, effective_rank, unit_activity
 from .probes import activity_partition, layer_outputs, synchronized, synchronized_blocks
 from .tracker import CoverTracker, LayerRecord
 
@@ -35,11 +36,13 @@ __all__ = [
     "CoverTracker",
     "EarlyStopping",
     "FeedForwardLayers",
+    "L2Init",
     "Layer",
     "LayerRecord",
     "Layers",
     "OnnxLayers",
     "Round",
+    "ShrinkPerturb",
     "SymmetryBreaker",
     "TorchAnalysis",
     "Unit",
@@ -47,10 +50,12 @@ __all__ = [
     "break_covers",
     "collapse_retrain",
     "collapse_to_base",
+    "effective_rank",
     "export_onnx",
     "greedy_thresholds",
     "layer_outputs",
     "parameter_count",
     "synchronized",
     "synchronized_blocks",
+    "unit_activity",
 ]
