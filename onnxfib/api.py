@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import tempfile
@@ -12,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 import onnx
@@ -25,7 +24,8 @@ from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
 from onnxfib.graph import SPILL_FILE, GraphView
-from onnxfib.report import Barrier, CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
+from onnxfib.report import (Barrier, CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport,
+                            ValidationReport, to_json)
 from onnxfib.rules import default_registry
 from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, Outcome, can_deal, search
 from onnxfib.targets import sweep as sweep_eps
@@ -420,9 +420,9 @@ def _record_settings(model: onnx.ModelProto, layers: Sequence[LayerReport], *, e
     if calibrate:
         settings["onnxfib.calibrated"] = "true"
     if goal is not None or any(layer.eps != eps for layer in layers):
-        settings["onnxfib.layer_eps"] = json.dumps({layer.name: layer.eps for layer in layers})
-    if goal is not None:
-        settings["onnxfib.target"] = json.dumps({"kind": goal[0], "limit": goal[1]})
+        settings["onnxfib.layer_eps"] = to_json({layer.name: layer.eps for layer in layers}, indent=None)
+    if goal is not None:  # strict JSON: a max_error of inf is the string "Infinity"
+        settings["onnxfib.target"] = to_json({"kind": goal[0], "limit": goal[1]}, indent=None)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, settings)
     model = io.finalize_model(model, eps=eps, symmetry=symmetry, storage=storage)
@@ -488,15 +488,29 @@ def sweep(
     return sweep_eps(evaluator, values, on_point=announce)
 
 
+class Inspection(NamedTuple):
+    """What ``inspection`` finds: the per-layer figures and the barriers."""
+
+    layers: list[LayerReport]
+    barriers: list[Barrier]
+
+
 @_silent
-def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerReport]:
-    """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps`` (external data
-    read memory-mapped)."""
+def inspection(model_or_path: io.ModelSource, *, eps: float = 0.0) -> Inspection:
+    """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps`` and its barriers
+    (see ``barriers``), from one load and one analysis (external data read memory-mapped)."""
     eps = check_eps(eps)
     loaded = io.open_model(model_or_path, lazy=True)
     with tempfile.TemporaryDirectory(prefix="onnxfib-") as scratch:
         storage = None if loaded.directory is None else io.Storage(loaded.directory, Path(scratch))
-        return list(analyze(loaded.model, eps=eps, storage=storage).layers)
+        analysis = analyze(loaded.model, eps=eps, storage=storage)
+        return Inspection(list(analysis.layers), list(analysis.barriers))
+
+
+def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerReport]:
+    """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps`` (external data
+    read memory-mapped)."""
+    return inspection(model_or_path, eps=eps).layers
 
 
 @_silent

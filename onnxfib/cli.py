@@ -424,8 +424,7 @@ def inspect(
     barrier is one.
 
     Example: onnxfib inspect model.onnx --eps 0.1"""
-    model = io.open_model(input).model
-    layers, barriers = api.inspect(model, eps=eps), api.barriers(model)
+    layers, barriers = api.inspection(input, eps=eps)
     if as_json:
         print(to_json({"layers": [layer.to_dict() for layer in layers],
                        "barriers": [barrier.to_dict() for barrier in barriers]}))

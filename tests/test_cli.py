@@ -82,6 +82,43 @@ def test_inspect_table_and_json(mlp_path, capsys):
     assert layers[0]["width"] == 16 and layers[0]["fibers"] <= 14
 
 
+def test_inspect_preprocesses_the_model_once_and_finds_what_separate_calls_find(tmp_path, write_model, monkeypatch):
+    """One GraphView (one preprocessing) for the layers and the barriers together; the same
+    figures and barriers as ``inspect`` and ``barriers`` called one by one."""
+    from onnxfib import analysis, api
+
+    model = build_mlp([6, 8, 4])
+    model.graph.node[1].op_type = "Hardmax"  # no rule: a barrier between the layers
+    path = write_model(model)
+    separate = [layer.to_dict() for layer in api.inspect(path)], [b.to_dict() for b in api.barriers(path)]
+    made = []
+    real = analysis.GraphView
+
+    def counted(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "GraphView", counted)
+    together = api.inspection(path)
+    assert len(made) == 1
+    assert ([layer.to_dict() for layer in together.layers], [b.to_dict() for b in together.barriers]) == separate
+    assert [b["op_type"] for b in separate[1]] == ["Hardmax"]
+
+
+def test_search_metadata_is_strict_json_for_an_infinite_error_target(mlp_model):
+    """``max_error=inf`` is met by any collapse; its limit is recorded as the string "Infinity"
+    (strict JSON), not as a bare Infinity."""
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    result = onnxfib.compress(mlp_model, max_error=float("inf"))
+    props = {p.key: p.value for p in result.model.metadata_props}
+    target = json.loads(props["onnxfib.target"], parse_constant=refuse)
+    assert target == {"kind": "error", "limit": "Infinity"} and float(target["limit"]) == np.inf
+    json.loads(props["onnxfib.layer_eps"], parse_constant=refuse)
+
+
 def _bfloat16_tail_model() -> onnx.ModelProto:
     """``build_mlp`` whose output passes through bfloat16 and back: onnx-graphsurgeon warns (on
     stdout) that it has no NumPy type for BFLOAT16."""
