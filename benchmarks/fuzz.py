@@ -309,12 +309,12 @@ STRUCTURE: dict[str, Mutation] = {f.__name__: f for f in (
 
 
 def truncate(data: bytes, rng: Rng) -> bytes:
-    return data[: int(rng.integers(len(data)))]
+    return data[: int(rng.integers(len(data)))] if data else data
 
 
 def flip_bytes(data: bytes, rng: Rng) -> bytes:
     array = bytearray(data)
-    for where in rng.integers(len(array), size=int(rng.integers(1, 9))):
+    for where in rng.integers(len(array), size=int(rng.integers(1, 9))) if array else ():
         array[where] = int(rng.integers(256))
     return bytes(array)
 
@@ -371,23 +371,30 @@ def seeds_names() -> list[str]:
 
 def materialize(case: Case, model: onnx.ModelProto, directory: Path) -> Path:
     """Write ``case``'s mutant of ``model`` under ``directory``; returns the model's path. Structure
-    mutations apply in order, then a byte mutation or an external-data mutation (the last wins)."""
+    mutations apply in order (one that finds nothing to change, such as dropping an input of a
+    model without inputs, leaves the model as it was), then byte mutations or an external-data
+    mutation (the last wins)."""
     rng = np.random.default_rng(case.rng_seed)
     mutant = onnx.ModelProto()
     mutant.CopyFrom(model)
     for kind in case.kinds:
         if kind in STRUCTURE:
-            mutant = STRUCTURE[kind](mutant, rng)
+            copy = onnx.ModelProto()
+            copy.CopyFrom(mutant)
+            try:
+                mutant = STRUCTURE[kind](copy, rng)
+            except (IndexError, ValueError):  # nothing to mutate (no inputs left, say): unchanged
+                pass
     path = directory / "in.onnx"
     external = [k for k in case.kinds if k in EXTERNAL]
     if external:
         onnx.save_model(mutant, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="in.onnx.data", size_threshold=0)
         data = directory / "in.onnx.data"
-        if external[-1] == "data_truncated":
+        if external[-1] == "data_truncated" and data.exists():
             data.write_bytes(data.read_bytes()[: int(rng.integers(max(data.stat().st_size, 1)))])
         elif external[-1] == "data_missing":
-            data.unlink()
+            data.unlink(missing_ok=True)
         else:  # a location outside the model's directory
             loaded = onnx.load(str(path), load_external_data=False)
             for tensor in loaded.graph.initializer:

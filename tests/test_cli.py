@@ -29,7 +29,7 @@ def test_compress_writes_checked_smaller_model_and_report(tmp_path, mlp_path, ca
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     assert main(["compress", str(mlp_path), str(out), "--report", str(report)]) == 0
     stdout = capsys.readouterr().out
-    for text in ("parameters", "nodes", "size", "time", "fc0", "16 -> 14", "max abs error", "yes", "2 inputs"):
+    for text in ("parameters", "nodes", "size", "time", "fc0", "16 -> 14", "max abs error", "yes", "64 inputs"):
         assert text in stdout
     assert sha256(mlp_path) == before
     cells = [line.replace("│", " ").split() for line in stdout.splitlines() if line.startswith("│   ")]
@@ -148,7 +148,7 @@ def test_validate_json_is_the_report_on_stdout_with_unchanged_exit_codes(tmp_pat
     result = run_cli("validate", mlp_path, mlp_path, "--json")
     assert result.returncode == 0 and result.stderr == "", result.stderr
     report = json.loads(result.stdout)
-    assert report["ok"] is True and report["samples"] == 2
+    assert report["ok"] is True and report["samples"] == 2 * onnxfib.validation.VALIDATION_ROWS
     assert report["outputs"] == [{"name": "y", "max_abs": 0.0, "max_rel": 0.0, "ok": True, "rtol": 1e-5, "atol": 1e-5}]
     write_model(build_mlp([8, 16, 12, 3], seed=5), "other.onnx")
     result = run_cli("validate", mlp_path, "other.onnx", "--json", "--rtol", "0.01")
@@ -345,7 +345,7 @@ def test_library_rejects_eps(mlp_model, eps):
 def test_library_compresses_a_model_with_a_static_batch():
     """The ORT run before analysis feeds whole batches: a static batch axis takes no fewer rows."""
     result = onnxfib.compress(build_mlp([8, 16, 3], batch=4))
-    assert result.report.validation.ok and result.report.validation.samples == 8
+    assert result.report.validation.ok and result.report.validation.samples == 2 * onnxfib.validation.VALIDATION_ROWS
 
 
 @pytest.mark.parametrize("source", [None, 42, {}, b"\x08\x08", onnx.GraphProto()], ids=repr)
