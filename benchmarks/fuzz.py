@@ -607,7 +607,12 @@ def fuzz(selected: list[Case], jobs: int = 2, keep: Path | None = None, timeout:
 
     def one(case: Case) -> dict:
         with tempfile.TemporaryDirectory(prefix="onnxfib-fuzz-") as tmp:
-            record = run_case(case, models[case.seed_model], Path(tmp), timeout, spawn)
+            try:
+                record = run_case(case, models[case.seed_model], Path(tmp), timeout, spawn)
+            except Exception as exc:  # the harness's own failure: reported as a broken case, not lost
+                record = {"case": case.label(), "kinds": list(case.kinds), "command": case.command,
+                          "exit": None, "seconds": 0.0, "cpu_s": float("nan"), "error": None, "argv": [],
+                          "problems": [f"the fuzzer itself failed: {type(exc).__name__}: {exc}"]}
             if record["problems"] and keep is not None:
                 shutil.copytree(tmp, keep / f"case{case.index}", dirs_exist_ok=True)
         if on_record is not None:
