@@ -48,8 +48,9 @@ MAX_GENERATED_ELEMENTS = 2**26
 #: Generated validation inputs hold this many rows per distribution on an unknown (or a declared
 #: fixed) first axis: a verdict on 64 inputs, not 2 ...
 VALIDATION_ROWS = 32
-#: ... or fewer, as many as keep a generated batch within this many elements (16 MB as float32).
-VALIDATION_ELEMENTS = 2**22
+#: ... or fewer, as many as keep a generated batch within this many elements (4 MB as float32: a
+#: fixed-batch 224x224 image model runs 6 samples per distribution, each a session run).
+VALIDATION_ELEMENTS = 2**20
 #: ``run_by_layers`` cuts a model after the node at which its sub-model's weights reach this many bytes.
 LAYER_BYTES = 64 << 20
 

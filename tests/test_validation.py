@@ -93,9 +93,9 @@ def test_default_validation_compares_many_generated_inputs_within_its_element_bu
     shape = v.generate_inputs(wide, input_shapes={"x": (1, 3, 512, 512)}, rows=v.VALIDATION_ROWS,
                               widen_given=False, max_elements=v.VALIDATION_ELEMENTS)[0]["x"].shape
     assert shape == (1, 3, 512, 512)
-    deep = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 512, 512])])
+    deep = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 256, 256])])
     shape = v.generate_inputs(deep, rows=v.VALIDATION_ROWS, max_elements=v.VALIDATION_ELEMENTS)[0]["x"].shape
-    assert shape == (v.VALIDATION_ELEMENTS // (3 * 512 * 512), 3, 512, 512) == (5, 3, 512, 512)
+    assert shape == (v.VALIDATION_ELEMENTS // (3 * 256 * 256), 3, 256, 256) == (5, 3, 256, 256)
     monkeypatch.setattr(v, "MAX_GENERATED_ELEMENTS", 3 * 8 * 8 * 10)  # a search's rows shrink to the cap too
     deep = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])])
     assert v.generate_inputs(deep, rows=128)[0]["x"].shape == (10, 3, 8, 8)
