@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import tempfile
@@ -12,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 import onnx
@@ -25,12 +24,13 @@ from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
 from onnxfib.graph import SPILL_FILE, GraphView
-from onnxfib.report import Barrier, CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport, ValidationReport
+from onnxfib.report import (Barrier, CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport,
+                            ValidationReport, to_json)
 from onnxfib.rules import default_registry
 from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, Outcome, can_deal, search
 from onnxfib.targets import sweep as sweep_eps
-from onnxfib.validation import (ModelFile, check_data, check_runs, generate_inputs, load_data,
-                                validate_models)
+from onnxfib.validation import (VALIDATION_ELEMENTS, VALIDATION_ROWS, ModelFile, check_data, check_runs,
+                                generate_inputs, load_data, validate_models)
 
 #: ``data`` may be a .npz/.npy path or directory, a list of them (``validation.load_data``: one
 #: batch per file), one batch (input name -> array), or a list of batches.
@@ -87,11 +87,13 @@ class CompressionResult:
             external_data_helper.load_external_data_for_model(self.stored, str(self.directory))
         return self.stored
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the model atomically (external data if the input had it or it exceeds 2 GB);
-        refuses to overwrite the input's model or data files."""
-        return io.save_model(self.stored, path, external_data=self.external_data, protect=self.inputs,
-                             source=self.directory)
+    def save(self, path: str | os.PathLike, *, external_data: bool = False,
+             size_threshold: int = io.EXTERNAL_THRESHOLD) -> Path:
+        """Write the model atomically, its tensors of at least ``size_threshold`` bytes in
+        ``<path>.data`` when ``external_data`` is set, the input had external data, or the model
+        exceeds 2 GB; refuses to overwrite the input's model or data files."""
+        return io.save_model(self.stored, path, external_data=external_data or self.external_data,
+                             protect=self.inputs, source=self.directory, size_threshold=size_threshold)
 
 
 def memory_bytes() -> int:
@@ -232,12 +234,17 @@ def _check_tolerances(rtol: float | None, atol: float | None) -> None:
 
 def _inputs(
     model: onnx.ModelProto, data: Data | None, input_shapes: Mapping[str, tuple[int, ...]] | None, seed: int,
-    rows: int = 1,
+    measuring: bool = False,
 ) -> list[dict[str, np.ndarray]]:
-    """User data checked against ``model``, or seeded generated batches when ``data`` is None (an
-    unknown first axis ``rows`` long)."""
+    """User data checked against ``model``, or seeded generated batches when ``data`` is None: for
+    a search or sweep (``measuring``) MEASURING_ROWS rows, within the generator's cap, also where
+    ``input_shapes`` gives a shorter dynamic first axis; for validation VALIDATION_ROWS rows within
+    VALIDATION_ELEMENTS, and a first axis ``input_shapes`` gives as given."""
     if data is None:
-        return generate_inputs(model, input_shapes=input_shapes, seed=seed, rows=rows)
+        if measuring:
+            return generate_inputs(model, input_shapes=input_shapes, seed=seed, rows=MEASURING_ROWS)
+        return generate_inputs(model, input_shapes=input_shapes, seed=seed, rows=VALIDATION_ROWS,
+                               widen_given=False, max_elements=VALIDATION_ELEMENTS)
     if isinstance(data, (str, os.PathLike)):
         return load_data(data, model)
     batches = [data] if isinstance(data, Mapping) else list(data)
@@ -246,11 +253,18 @@ def _inputs(
     return check_data(model, batches, "data")
 
 
+def _one_row(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None,
+             seed: int) -> list[dict[str, np.ndarray]]:
+    """Generated batches whose unknown first axes are one row long: what validation falls back
+    to where ORT cannot run a model on VALIDATION_ROWS rows (a batch declared dynamic that is not)."""
+    return generate_inputs(model, input_shapes=input_shapes, seed=seed)
+
+
 def _probe(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None,
            seed: int) -> dict[str, np.ndarray] | None:
     """A generated batch to try the model on, or None where inputs cannot be generated."""
     try:
-        return generate_inputs(model, input_shapes=input_shapes, seed=seed)[0]
+        return _one_row(model, input_shapes, seed)[0]
     except UsageError:
         return None
 
@@ -280,7 +294,8 @@ def compress(
 ) -> CompressionResult:
     """Merge the model's symmetric neurons (``symmetry`` base, tolerance ``eps``, or ``layer_eps``
     per layer name), check the result and compare it with the original in ONNX Runtime on
-    ``data`` (or generated inputs): ``check`` "full" runs both models whole, "layers" one layer at a
+    ``data`` (or generated inputs: ``validation.VALIDATION_ROWS`` rows from each of two
+    distributions, fewer for large inputs, one where ORT cannot run more): ``check`` "full" runs both models whole, "layers" one layer at a
     time (``validation.run_by_layers``: for models larger than memory), "none" (or False) not at
     all; True is "full", or "layers" for a model larger than half the machine's memory.
 
@@ -327,15 +342,15 @@ def compress(
     mode = check_mode(check, size)
     checking = mode != "none"
     reference: ModelFile = loaded.path if loaded.path is not None else original
-    rows = MEASURING_ROWS if goal is not None else 1
-    batches = _inputs(original, data, input_shapes, seed, rows) if checking or calibrate or goal else None
+    batches = _inputs(original, data, input_shapes, seed, goal is not None) if checking or calibrate or goal else None
+    fallback = _one_row(original, input_shapes, seed) if checking and data is None and goal is None else None
     label_array = _labels(labels, batches) if batches is not None else None
     if not (checking or calibrate or goal or io.too_large(original) or size > memory_bytes() // 2):
         check_runs(reference, _probe(original, input_shapes, seed))  # else the original runs anyway, first
     scratch = tempfile.TemporaryDirectory(prefix="onnxfib-") if loaded.directory is not None else None
     storage = None if scratch is None else io.Storage(loaded.directory, Path(scratch.name))
     try:
-        result = _compress(original, reference, batches, label_array, storage, eps=eps, layer_eps=layer_eps,
+        result = _compress(original, reference, batches, fallback, label_array, storage, eps=eps, layer_eps=layer_eps,
                            symmetry=symmetry, calibrate=calibrate, ridge=ridge, goal=goal, progress=progress,
                            mode=mode, rtol=rtol, atol=atol, start=start)
     except BaseException:
@@ -348,11 +363,12 @@ def compress(
 
 
 def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dict[str, np.ndarray]] | None,
-              label_array: np.ndarray | None, storage: io.Storage | None, *, eps: float,
+              fallback: list[dict[str, np.ndarray]] | None, label_array: np.ndarray | None, storage: io.Storage | None, *, eps: float,
               layer_eps: dict[str, float], symmetry: str, calibrate: bool, ridge: float,
               goal: tuple[str, float] | None, progress: Callable[[str], None] | None, mode: str,
               rtol: float | None, atol: float | None, start: float) -> CompressionResult:
-    """``compress`` once its arguments are checked and the input loaded (``storage``: streamed)."""
+    """``compress`` once its arguments are checked and the input loaded (``storage``: streamed;
+    ``fallback``: see ``validate_models``)."""
     refits: list[RefitReport] = []
     target: TargetReport | None = None
     if goal is not None:
@@ -380,7 +396,7 @@ def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dic
     candidate = compressed if storage is None else storage.scratch / io.SCRATCH_MODEL
     if storage is not None:
         (storage.scratch / SPILL_FILE).unlink(missing_ok=True)  # the written model holds its tensors now
-    validation = (validate_models(reference, candidate, batches, rtol=rtol, atol=atol, mode=mode)
+    validation = (validate_models(reference, candidate, batches, rtol=rtol, atol=atol, mode=mode, fallback=fallback)
                   if mode != "none" else None)
     report = CompressionReport(
         eps=eps,
@@ -421,9 +437,9 @@ def _record_settings(model: onnx.ModelProto, layers: Sequence[LayerReport], *, e
     if calibrate:
         settings["onnxfib.calibrated"] = "true"
     if goal is not None or any(layer.eps != eps for layer in layers):
-        settings["onnxfib.layer_eps"] = json.dumps({layer.name: layer.eps for layer in layers})
-    if goal is not None:
-        settings["onnxfib.target"] = json.dumps({"kind": goal[0], "limit": goal[1]})
+        settings["onnxfib.layer_eps"] = to_json({layer.name: layer.eps for layer in layers}, indent=None)
+    if goal is not None:  # strict JSON: a max_error of inf is the string "Infinity"
+        settings["onnxfib.target"] = to_json({"kind": goal[0], "limit": goal[1]}, indent=None)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, settings)
     model = io.finalize_model(model, eps=eps, symmetry=symmetry, storage=storage)
@@ -480,7 +496,7 @@ def sweep(
     _check_measuring(symmetry, data, calibrate, labels, ridge)
     seed = check_seed(seed)
     original = io.open_model(model_or_path).model
-    batches = _inputs(original, data, input_shapes, seed, MEASURING_ROWS)
+    batches = _inputs(original, data, input_shapes, seed, measuring=True)
     evaluator = Evaluator(original, batches, symmetry=symmetry, labels=_labels(labels, batches),
                           calibrate=calibrate, ridge=ridge)
     measured = itertools.count(1)
@@ -489,15 +505,29 @@ def sweep(
     return sweep_eps(evaluator, values, on_point=announce)
 
 
+class Inspection(NamedTuple):
+    """What ``inspection`` finds: the per-layer figures and the barriers."""
+
+    layers: list[LayerReport]
+    barriers: list[Barrier]
+
+
 @_silent
-def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerReport]:
-    """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps`` (external data
-    read memory-mapped)."""
+def inspection(model_or_path: io.ModelSource, *, eps: float = 0.0) -> Inspection:
+    """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps`` and its barriers
+    (see ``barriers``), from one load and one analysis (external data read memory-mapped)."""
     eps = check_eps(eps)
     loaded = io.open_model(model_or_path, lazy=True)
     with tempfile.TemporaryDirectory(prefix="onnxfib-") as scratch:
         storage = None if loaded.directory is None else io.Storage(loaded.directory, Path(scratch))
-        return list(analyze(loaded.model, eps=eps, storage=storage).layers)
+        analysis = analyze(loaded.model, eps=eps, storage=storage)
+        return Inspection(list(analysis.layers), list(analysis.barriers))
+
+
+def inspect(model_or_path: io.ModelSource, *, eps: float = 0.0) -> list[LayerReport]:
+    """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps`` (external data
+    read memory-mapped)."""
+    return inspection(model_or_path, eps=eps).layers
 
 
 @_silent
@@ -524,5 +554,6 @@ def validate(
     seed = check_seed(seed)
     ref, cand = io.open_model(reference, lazy=True), io.open_model(candidate, lazy=True)
     batches = _inputs(ref.model, data, input_shapes, seed)
+    fallback = _one_row(ref.model, input_shapes, seed) if data is None else None
     return validate_models(ref.model if ref.path is None else ref.path, cand.model if cand.path is None else cand.path,
-                           batches, rtol=rtol, atol=atol)
+                           batches, rtol=rtol, atol=atol, fallback=fallback)

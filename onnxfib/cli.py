@@ -274,6 +274,12 @@ def compress(
     report: Path | None = typer.Option(
         None, "--report", metavar="PATH", help="Write the run's report as JSON here (also when validation fails)."
     ),
+    save_as_external_data: bool = typer.Option(
+        False, "--save-as-external-data", metavar="",
+        help="Keep OUT's tensors in OUT.data beside it (as an input with external data does anyway)."),
+    size_threshold: int = typer.Option(
+        io.EXTERNAL_THRESHOLD, "--size-threshold", metavar="BYTES",
+        help="With external data: the tensors of at least this many bytes go to OUT.data."),
     quiet: bool = _quiet_option(),
     verbose: bool = _verbose_option("List every layer, not only those that shrank."),
 ) -> None:
@@ -288,10 +294,11 @@ against the original is reported, not checked against --rtol/--atol.
     if no_check and check not in (None, "none"):
         raise UsageError(f"--no-check contradicts --check {check}")
     io.check_output_path(output, protect=[input])
+    io.check_size_threshold(size_threshold)
     if report is not None:
         io.check_output_path(report, protect=[input])
-        if report.resolve() == output.resolve():
-            raise UsageError(f"{report}: --report path is the output model path")
+        if report.resolve() in (output.resolve(), output.resolve().with_name(output.name + ".data")):
+            raise UsageError(f"{report}: --report path is the output model's path or its data file's")
     check_value: bool | str = False if no_check else True if check is None else check
     try:
         searching = any(limit is not None for limit in (target_params, max_error, max_drop, min_agreement, min_cosine))
@@ -315,7 +322,7 @@ against the original is reported, not checked against --rtol/--atol.
         raise ValidationMismatchError(
             f"validation mismatch: {exc}; nothing written to {output}{gain}; to accept the error pass --no-check "
             "or a looser --rtol/--atol, or give a target such as --max-error", exc.report) from exc
-    result.save(output)
+    result.save(output, external_data=save_as_external_data, size_threshold=size_threshold)
     if report is not None:
         io.write_text_atomic(report, to_json(result.report.to_dict()), protect=result.inputs)
     if not quiet:
@@ -424,8 +431,7 @@ def inspect(
     barrier is one.
 
     Example: onnxfib inspect model.onnx --eps 0.1"""
-    model = io.open_model(input).model
-    layers, barriers = api.inspect(model, eps=eps), api.barriers(model)
+    layers, barriers = api.inspection(input, eps=eps)
     if as_json:
         print(to_json({"layers": [layer.to_dict() for layer in layers],
                        "barriers": [barrier.to_dict() for barrier in barriers]}))

@@ -328,10 +328,11 @@ def _copy_region(source: Path, offset: int, length: int, handle) -> int:
 
 
 def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool,
-                location: str | None = None, source: Path | None = None) -> onnx.ModelProto:
+                location: str | None = None, source: Path | None = None,
+                size_threshold: int = EXTERNAL_THRESHOLD) -> onnx.ModelProto:
     """Serialize to ``target`` (not atomic); external data goes to ``location`` beside it (default
     ``<target name>.data``), one tensor at a time: main-graph initializers of at least
-    EXTERNAL_THRESHOLD bytes held in memory, and every tensor already stored externally (read from
+    ``size_threshold`` bytes held in memory, and every tensor already stored externally (read from
     its location relative to ``source``, or absolute). Returns the proto as written (tensors moved
     out of it); ``model`` is not changed."""
     if not external_data:
@@ -348,7 +349,7 @@ def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool,
                 path = Path(info.location) if os.path.isabs(info.location) else (source or target.parent) / info.location
                 length = info.length or (path.stat().st_size - (info.offset or 0))
                 _locate(tensor, location, _copy_region(path, info.offset or 0, length, handle), length)
-            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= size_threshold:
                 _locate(tensor, location, append_aligned(handle, tensor.raw_data), len(tensor.raw_data))
 
         for tensor in model.graph.initializer:  # one tensor's bytes in memory at a time
@@ -435,7 +436,8 @@ def _relocated(written: onnx.ModelProto, location: str) -> bytes:
     return copy.SerializeToString()
 
 
-def _install_external(model: onnx.ModelProto, out: Path, tmp: Path, protect: tuple, source: Path | None) -> None:
+def _install_external(model: onnx.ModelProto, out: Path, tmp: Path, protect: tuple, source: Path | None,
+                      size_threshold: int) -> None:
     """Write ``model`` with external data over ``out`` so that at every instant the pair on disk
     is wholly old or wholly new. Where the existing ``out`` reads ``<out>.data``, that file cannot
     be replaced first, so the new data goes under a unique name ``<out>.<12 hex>.data`` and the
@@ -448,10 +450,11 @@ def _install_external(model: onnx.ModelProto, out: Path, tmp: Path, protect: tup
     read_before = _referenced_data(out) if out.exists() else set()
     busy = data_name in read_before
     name = f"{out.name}.{secrets.token_hex(6)}.data" if busy else data_name
-    written = write_model(model, tmp / out.name, external_data=True, location=name, source=source)
+    written = write_model(model, tmp / out.name, external_data=True, location=name, source=source,
+                          size_threshold=size_threshold)
     for path in tmp.iterdir():
         _seal(path)
-    has_data = (tmp / name).exists()  # absent when every tensor is under onnx's 1 KB threshold
+    has_data = (tmp / name).exists()  # absent when every tensor is under the size threshold
     if has_data:
         os.replace(tmp / name, parent / name)  # read by no model yet (the old one reads others)
     try:
@@ -490,15 +493,19 @@ def save_model(
     external_data: bool,
     protect: Iterable[str | os.PathLike] = (),
     source: Path | None = None,
+    size_threshold: int = EXTERNAL_THRESHOLD,
 ) -> Path:
     """Write ``model`` to ``path`` atomically: files are written in a temporary directory next to
     the target and renamed into place, so the output appears whole or not at all, and a model
-    with external data replaces an existing pair wholly (see ``_install_external``). Tensors go
-    to ``<name>.data`` when ``external_data`` is set, the model keeps tensors in external data
-    (read relative to ``source``, see ``write_model``) or it is too large for one protobuf.
-    Temporary files of killed runs in the directory are removed first. Refuses (UsageError) to
-    overwrite ``protect`` or to write into a missing/unwritable directory."""
+    with external data replaces an existing pair wholly (see ``_install_external``). Tensors
+    (initializers of at least ``size_threshold`` bytes) go to ``<name>.data`` when
+    ``external_data`` is set, the model keeps tensors in external data (read relative to
+    ``source``, see ``write_model``) or it is too large for one protobuf. Temporary files of
+    killed runs in the directory are removed first. Refuses (UsageError) to overwrite ``protect``,
+    to write into a missing/unwritable directory, or a ``size_threshold`` that is not a
+    non-negative integer."""
     protect = tuple(protect)
+    size_threshold = check_size_threshold(size_threshold)
     out = check_output_path(path, protect=protect)
     use_external = external_data or has_external(model) or too_large(model)
     if use_external:
@@ -512,7 +519,7 @@ def save_model(
         raise UsageError(f"{out}: cannot write in its directory ({first_line(exc)})") from exc
     try:
         if use_external:
-            _install_external(model, target, tmp, protect, source)
+            _install_external(model, target, tmp, protect, source, size_threshold)
         else:
             read_before = _referenced_data(target) if target.exists() else set()
             write_model(model, tmp / out.name, external_data=False)
@@ -524,6 +531,13 @@ def save_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_size_threshold(size_threshold: object) -> int:
+    """``size_threshold`` (bytes) if it is a non-negative integer; UsageError otherwise."""
+    if isinstance(size_threshold, bool) or not isinstance(size_threshold, (int, np.integer)) or size_threshold < 0:
+        raise UsageError(f"the external data size threshold must be a non-negative number of bytes, got {size_threshold!r}")
+    return int(size_threshold)
 
 
 def _new_file_mode() -> int:

@@ -45,6 +45,12 @@ DTYPE_TOLERANCES = {onnx.TensorProto.FLOAT16: (1e-2, 1e-2), onnx.TensorProto.BFL
 #: The most elements one generated batch holds over all inputs (2**26: 512 MB as float64 while
 #: drawn); larger declared or requested shapes are refused rather than exhausting memory.
 MAX_GENERATED_ELEMENTS = 2**26
+#: Generated validation inputs hold this many rows per distribution on an unknown (or a declared
+#: fixed) first axis: a verdict on 64 inputs, not 2 ...
+VALIDATION_ROWS = 32
+#: ... or fewer, as many as keep a generated batch within this many elements (4 MB as float32: a
+#: fixed-batch 224x224 image model runs 6 samples per distribution, each a session run).
+VALIDATION_ELEMENTS = 2**20
 #: ``run_by_layers`` cuts a model after the node at which its sub-model's weights reach this many bytes.
 LAYER_BYTES = 64 << 20
 
@@ -117,46 +123,50 @@ def _resolve_shape(name: str, shape: Shape | None, given: tuple[int, ...] | None
 
 
 def _measuring_rows(inputs: Mapping[str, tuple[int, Shape | None]], given: Mapping[str, tuple[int, ...]],
-                    resolved: dict[str, tuple[int, ...]], rows: int, batch_size: int | None
-                    ) -> dict[str, tuple[int, ...]]:
+                    resolved: dict[str, tuple[int, ...]], rows: int, batch_size: int | None, *,
+                    widen_given: bool, max_elements: int) -> dict[str, tuple[int, ...]]:
     """``resolved`` with the first axis widened to ``rows``, or to as many rows as fit in
-    ``MAX_GENERATED_ELEMENTS`` (never fewer than it has): every input's where the model declares
-    a fixed ``batch_size`` smaller than ``rows`` (its samples run that many at a time), else
-    each input's that the model leaves dynamic and ``--input-shape`` made shorter
-    (``--input-shape x:1,3,48,192`` names the image size; a search still measures on many
-    samples)."""
+    ``max_elements`` (never fewer than it has): every input's where the model declares a fixed
+    ``batch_size`` smaller than ``rows`` (its samples run that many at a time, so the rows are a
+    multiple of it), else each input's that the model leaves dynamic and ``input_shapes`` does not
+    give, or, with ``widen_given``, gives shorter (``--input-shape x:1,3,48,192`` names the image
+    size; a search still measures on many samples)."""
     if batch_size is not None and batch_size < rows:
         widened = list(resolved)
     else:
         widened = [name for name, (_, shape) in inputs.items()
-                   if name in given and given[name] and given[name][0] < rows and shape
-                   and not (isinstance(shape[0], int) and shape[0] > 0)]
+                   if shape and not (isinstance(shape[0], int) and shape[0] > 0)
+                   and (name not in given or (widen_given and given[name] and given[name][0] < rows))]
     if not widened:
         return resolved
     fixed = sum(math.prod(dims) for name, dims in resolved.items() if name not in widened)
     per_row = sum(math.prod(resolved[name][1:]) for name in widened)
-    fit = max(1, (MAX_GENERATED_ELEMENTS - fixed) // max(per_row, 1))
-    return {name: (max(dims[0], min(rows, fit)), *dims[1:]) if name in widened else dims
+    length = min(rows, max(1, (max_elements - fixed) // max(per_row, 1)))
+    if batch_size is not None and batch_size < rows:
+        length = max(batch_size, length - length % batch_size)
+    return {name: (max(dims[0], length), *dims[1:]) if name in widened else dims
             for name, dims in resolved.items()}
 
 
 def generate_inputs(
     model: onnx.ModelProto, *, input_shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0,
-    rows: int = 1,
+    rows: int = 1, widen_given: bool = True, max_elements: int | None = None,
 ) -> list[Batch]:
     """Two seeded batches for ``model``'s inputs: floats from N(0, 1), then from U(-1, 1); ints and
     bools in {0, 1} (valid as token ids, type ids and masks alike). Dynamic dims come from
     ``input_shapes``; an unknown first axis is ``rows`` long, and so is one ``input_shapes`` gives
-    fewer, or a ``declared_batch`` smaller than ``rows`` (such a model runs its samples that
-    many at a time), within the element cap (:func:`_measuring_rows`); any other unknown
-    dim, or a batch over ``MAX_GENERATED_ELEMENTS`` elements, is a UsageError."""
+    fewer (with ``widen_given``), or a ``declared_batch`` smaller than ``rows`` (such a model runs
+    its samples that many at a time), as far as ``max_elements`` (default
+    ``MAX_GENERATED_ELEMENTS``) allows (:func:`_measuring_rows`); any other unknown dim, or a
+    batch over ``MAX_GENERATED_ELEMENTS`` elements, is a UsageError."""
     inputs = graph_inputs(model)
     given = dict(input_shapes or {})
     unknown = sorted(set(given) - set(inputs))
     if unknown:
         raise UsageError(f"--input-shape names unknown input(s) {unknown}; the model's inputs are {sorted(inputs)}")
-    resolved = {name: _resolve_shape(name, shape, given.get(name), rows) for name, (_, shape) in inputs.items()}
-    resolved = _measuring_rows(inputs, given, resolved, rows, declared_batch(model))
+    resolved = {name: _resolve_shape(name, shape, given.get(name), 1) for name, (_, shape) in inputs.items()}
+    resolved = _measuring_rows(inputs, given, resolved, rows, declared_batch(model), widen_given=widen_given,
+                               max_elements=MAX_GENERATED_ELEMENTS if max_elements is None else max_elements)
     total = sum(math.prod(dims) for dims in resolved.values())
     if total > MAX_GENERATED_ELEMENTS:
         name, dims = max(resolved.items(), key=lambda item: math.prod(item[1]))
@@ -443,13 +453,16 @@ def validate_models(
     atol: float | None = None,
     mode: str = "full",
     layer_bytes: int = LAYER_BYTES,
+    fallback: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> ValidationReport:
     """Run both models in ONNX Runtime (CPU) on every batch, one after the other, and compare
     outputs by name, within ``rtol``/``atol`` or, where None, the defaults of each reference
     output's dtype (``default_tolerances``). ``mode`` "layers" runs each model as a chain of
     sub-models of about ``layer_bytes`` of weights each (``run_by_layers``: at most one layer's
-    weights in memory), "full" as whole sessions. InvalidModelError if ORT cannot load or run a model;
-    UsageError if their outputs differ in name."""
+    weights in memory), "full" as whole sessions. ``fallback``: batches to compare on instead
+    where ORT cannot run the reference on ``inputs`` (generated inputs of one row, for a model
+    that declares a dynamic batch but runs only one sample). InvalidModelError if ORT cannot load
+    or run a model; UsageError if their outputs differ in name."""
     ref_graph, cand_graph = _skeleton(reference), _skeleton(candidate)
     ref_names = [o.name for o in ref_graph.graph.output]
     cand_names = [o.name for o in cand_graph.graph.output]
@@ -460,7 +473,13 @@ def validate_models(
             return run_by_layers(model, ref_names, inputs, role, layer_bytes, graph=graph)
         return _outputs(model, _Feed(graph), ref_names, inputs, role)
 
-    ref_runs = run(reference, ref_graph, "reference")
+    try:
+        ref_runs = run(reference, ref_graph, "reference")
+    except InvalidModelError:
+        if fallback is None:
+            raise
+        inputs = fallback
+        ref_runs = run(reference, ref_graph, "reference")
     cand_runs = run(candidate, cand_graph, "candidate")
     types = {o.name: o.type.tensor_type.elem_type for o in ref_graph.graph.output}
     outputs = []

@@ -29,7 +29,7 @@ def test_compress_writes_checked_smaller_model_and_report(tmp_path, mlp_path, ca
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     assert main(["compress", str(mlp_path), str(out), "--report", str(report)]) == 0
     stdout = capsys.readouterr().out
-    for text in ("parameters", "nodes", "size", "time", "fc0", "16 -> 14", "max abs error", "yes", "2 inputs"):
+    for text in ("parameters", "nodes", "size", "time", "fc0", "16 -> 14", "max abs error", "yes", "64 inputs"):
         assert text in stdout
     assert sha256(mlp_path) == before
     cells = [line.replace("│", " ").split() for line in stdout.splitlines() if line.startswith("│   ")]
@@ -82,6 +82,43 @@ def test_inspect_table_and_json(mlp_path, capsys):
     assert layers[0]["width"] == 16 and layers[0]["fibers"] <= 14
 
 
+def test_inspect_preprocesses_the_model_once_and_finds_what_separate_calls_find(tmp_path, write_model, monkeypatch):
+    """One GraphView (one preprocessing) for the layers and the barriers together; the same
+    figures and barriers as ``inspect`` and ``barriers`` called one by one."""
+    from onnxfib import analysis, api
+
+    model = build_mlp([6, 8, 4])
+    model.graph.node[1].op_type = "Hardmax"  # no rule: a barrier between the layers
+    path = write_model(model)
+    separate = [layer.to_dict() for layer in api.inspect(path)], [b.to_dict() for b in api.barriers(path)]
+    made = []
+    real = analysis.GraphView
+
+    def counted(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "GraphView", counted)
+    together = api.inspection(path)
+    assert len(made) == 1
+    assert ([layer.to_dict() for layer in together.layers], [b.to_dict() for b in together.barriers]) == separate
+    assert [b["op_type"] for b in separate[1]] == ["Hardmax"]
+
+
+def test_search_metadata_is_strict_json_for_an_infinite_error_target(mlp_model):
+    """``max_error=inf`` is met by any collapse; its limit is recorded as the string "Infinity"
+    (strict JSON), not as a bare Infinity."""
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    result = onnxfib.compress(mlp_model, max_error=float("inf"))
+    props = {p.key: p.value for p in result.model.metadata_props}
+    target = json.loads(props["onnxfib.target"], parse_constant=refuse)
+    assert target == {"kind": "error", "limit": "Infinity"} and float(target["limit"]) == np.inf
+    json.loads(props["onnxfib.layer_eps"], parse_constant=refuse)
+
+
 def _bfloat16_tail_model() -> onnx.ModelProto:
     """``build_mlp`` whose output passes through bfloat16 and back: onnx-graphsurgeon warns (on
     stdout) that it has no NumPy type for BFLOAT16."""
@@ -111,7 +148,7 @@ def test_validate_json_is_the_report_on_stdout_with_unchanged_exit_codes(tmp_pat
     result = run_cli("validate", mlp_path, mlp_path, "--json")
     assert result.returncode == 0 and result.stderr == "", result.stderr
     report = json.loads(result.stdout)
-    assert report["ok"] is True and report["samples"] == 2
+    assert report["ok"] is True and report["samples"] == 2 * onnxfib.validation.VALIDATION_ROWS
     assert report["outputs"] == [{"name": "y", "max_abs": 0.0, "max_rel": 0.0, "ok": True, "rtol": 1e-5, "atol": 1e-5}]
     write_model(build_mlp([8, 16, 12, 3], seed=5), "other.onnx")
     result = run_cli("validate", mlp_path, "other.onnx", "--json", "--rtol", "0.01")
@@ -308,7 +345,7 @@ def test_library_rejects_eps(mlp_model, eps):
 def test_library_compresses_a_model_with_a_static_batch():
     """The ORT run before analysis feeds whole batches: a static batch axis takes no fewer rows."""
     result = onnxfib.compress(build_mlp([8, 16, 3], batch=4))
-    assert result.report.validation.ok and result.report.validation.samples == 8
+    assert result.report.validation.ok and result.report.validation.samples == 2 * onnxfib.validation.VALIDATION_ROWS
 
 
 @pytest.mark.parametrize("source", [None, 42, {}, b"\x08\x08", onnx.GraphProto()], ids=repr)

@@ -307,3 +307,53 @@ def test_all_tensors_walks_initializers_constants_subgraphs_and_functions():
     model = helper.make_model(graph, functions=[function])
     names = sorted(t.name for t in io.all_tensors(model))
     assert names == sorted(["init", "top", "then_init", "in_then", "in_else", "listed", "in_else", "in_function"])
+
+
+def _external_sizes(path) -> dict[str, bool]:
+    """Initializer name -> whether the model at ``path`` keeps it in external data."""
+    model = onnx.load_model(str(path), load_external_data=False)
+    return {t.name: onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("threshold", [0, 1024, 10**9])
+def test_compress_save_as_external_data_with_a_size_threshold(tmp_path, threshold):
+    """``--save-as-external-data`` writes OUT with OUT.data beside it, holding exactly the
+    initializers of at least ``--size-threshold`` bytes (none: no data file); the checker passes,
+    ONNX Runtime loads the pair from its path, and its outputs equal those of the model
+    written inline; the input is untouched."""
+    import onnxruntime as ort
+
+    source, inline, out = tmp_path / "in.onnx", tmp_path / "inline.onnx", tmp_path / "out.onnx"
+    onnx.save(build_mlp([8, 64, 3]), str(source))  # W0 2 KB, W1 768 B, biases smaller
+    before = sha256(source)
+    assert cli.main(["compress", str(source), str(inline), "-q"]) == 0
+    argv = ["compress", str(source), str(out), "-q", "--save-as-external-data", "--size-threshold", str(threshold)]
+    assert cli.main(argv) == 0
+    assert sha256(source) == before
+    model = onnx.load_model(str(inline))
+    expected = {t.name: t.ByteSize() > 0 and len(t.raw_data) >= threshold for t in model.graph.initializer}
+    assert _external_sizes(out) == expected
+    assert (tmp_path / "out.onnx.data").exists() == any(expected.values())
+    onnx.checker.check_model(str(out), full_check=True)
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    pair = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    whole = ort.InferenceSession(str(inline), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(pair, whole)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".onnxfib-")]
+    assert leftovers == []
+
+
+def test_save_as_external_data_leaves_nothing_on_failure_and_refuses_bad_thresholds(tmp_path, capsys):
+    """A run that fails validation (exit 1) or is given a bad threshold (exit 2) writes neither
+    OUT nor OUT.data; nor does a save into a directory that cannot take the files."""
+    source, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(build_mlp([8, 64, 3], planted=False), str(source))
+    argv = ["compress", str(source), str(out), "-q", "--save-as-external-data", "--size-threshold", "0"]
+    assert cli.main([*argv, "--eps", "1.5", "--rtol", "0", "--atol", "0"]) == 1
+    assert cli.main([*argv[:-1], "-1"]) == 2
+    assert "non-negative number of bytes" in capsys.readouterr().err
+    assert cli.main([*argv, "--report", str(tmp_path / "out.onnx.data")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+    with pytest.raises(UsageError, match="size threshold"):
+        io.save_model(build_mlp([8, 4, 3]), out, external_data=True, size_threshold=1.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]

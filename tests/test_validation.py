@@ -77,6 +77,47 @@ def test_given_first_axis_widens_to_measuring_rows_within_the_element_cap(monkey
     assert v.generate_inputs(fixed, input_shapes={"x": (2, 3, 8, 8)}, rows=128)[0]["x"].shape == (10, 3, 8, 8)
 
 
+def test_default_validation_compares_many_generated_inputs_within_its_element_budget(monkeypatch, mlp_model):
+    """Validation without data compares VALIDATION_ROWS rows per distribution on an unknown first
+    axis, fewer where a batch would pass VALIDATION_ELEMENTS; a first axis --input-shape gives is
+    kept; a fixed-batch model gets a multiple of its batch (fed that many at a time)."""
+    import onnxfib
+
+    report = onnxfib.validate(mlp_model, mlp_model)
+    assert report.ok and report.batches == 2 and report.samples == 2 * v.VALIDATION_ROWS == 64
+    assert onnxfib.compress(mlp_model).report.validation.samples == 64
+    assert onnxfib.validate(mlp_model, mlp_model, input_shapes={"x": (4, 8)}).samples == 8
+    fixed = build_mlp([8, 16, 3], batch=3)
+    assert onnxfib.validate(fixed, fixed).samples == 2 * 30
+    wide = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])])
+    shape = v.generate_inputs(wide, input_shapes={"x": (1, 3, 512, 512)}, rows=v.VALIDATION_ROWS,
+                              widen_given=False, max_elements=v.VALIDATION_ELEMENTS)[0]["x"].shape
+    assert shape == (1, 3, 512, 512)
+    deep = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 256, 256])])
+    shape = v.generate_inputs(deep, rows=v.VALIDATION_ROWS, max_elements=v.VALIDATION_ELEMENTS)[0]["x"].shape
+    assert shape == (v.VALIDATION_ELEMENTS // (3 * 256 * 256), 3, 256, 256) == (5, 3, 256, 256)
+    monkeypatch.setattr(v, "MAX_GENERATED_ELEMENTS", 3 * 8 * 8 * 10)  # a search's rows shrink to the cap too
+    deep = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])])
+    assert v.generate_inputs(deep, rows=128)[0]["x"].shape == (10, 3, 8, 8)
+
+
+def test_validation_falls_back_to_one_row_where_a_declared_dynamic_batch_is_not():
+    """A model that declares x[N, 8] but reshapes it to [1, 8] runs only one sample: ORT cannot
+    run it on VALIDATION_ROWS rows, so the verdict comes from one row per distribution (as before
+    the wider default), for compress and validate alike; the merge is still checked."""
+    import onnxfib
+
+    model = build_mlp([8, 16, 3])
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 8], np.int64), "one_row"))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "one_row"], ["x1"], name="pin"))
+    model.graph.node[1].input[0] = "x1"
+    report = onnxfib.validate(model, model)
+    assert report.ok and report.samples == 2
+    result = onnxfib.compress(model)
+    assert result.report.validation.ok and result.report.validation.samples == 2
+    assert result.report.params_after < result.report.params_before
+
+
 @pytest.mark.parametrize(
     ("shapes", "match"),
     [
