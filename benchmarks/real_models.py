@@ -79,6 +79,10 @@ FORTUNES = Path("/usr/share/games/fortunes")
 WORDNET = Path("/usr/share/wordnet")
 #: a dropped channel joins a kept one at this scale: its readers' columns are multiplied by it
 DROPPED_SCALE = 1e-4
+#: the eps of a layer whose coloring a baseline imposes: the largest cosine distance, so the sites
+#: after it (activations, pools: they take their producer's tolerance) pass its colors on instead
+#: of splitting them again where its merged channels differ
+IMPOSED_EPS = 2.0
 
 Batch = dict[str, np.ndarray]
 
@@ -572,7 +576,8 @@ def compress_cell(task: Task, allocation: dict, method: str) -> onnx.ModelProto:
     original = onnx.load(str(task.path))
     kind = method.split("+")[0].lower()
     colorings = baseline_colorings(analyze(original, eps=0.0), allocation["widths"], kind)
-    analysis = analyze(original, eps=0.0, layer_colorings=colorings)
+    analysis = analyze(original, eps=0.0, layer_colorings=colorings,
+                       layer_eps={name: IMPOSED_EPS for name in allocation["widths"]})
     if method in CALIBRATED:
         return calibrate.refit(analysis, original, task.calib)[0]
     return analysis.collapse()
