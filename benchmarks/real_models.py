@@ -764,9 +764,12 @@ def section(results: dict) -> str:
         cells, primary = cells_of(results, model_name), info["primary"]
         original = ", ".join(f"{k} {v:.3f}" for k, v in info["original"].items())
         facts = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
-                          if k not in ("file", "primary", "original"))
+                          if k not in ("file", "primary", "original") and not k.startswith("original "))
         lines += [f"### {model_name} (`{info['file']}`)", "", f"Original on the evaluation set: {original}; {facts}.", ""]
         levels = [lv for lv in LEVELS if f"{model_name}@{lv}" in results["allocations"]]
+        if not levels:
+            lines += ["No level allocated: the widths were still being chosen when the run stopped.", ""]
+            continue
         header = " | ".join(f"keep {lv}: {primary} (kept)" for lv in levels)
         lines += [f"| method | {header} |", "|---" * (len(levels) + 1) + "|"]
         for method in METHODS:
@@ -774,7 +777,7 @@ def section(results: dict) -> str:
             for lv in levels:
                 cell, before = cells.get((lv, method)), results["allocations"][f"{model_name}@{lv}"]["params_before"]
                 if cell is None:
-                    row.append("not run")
+                    row.append("not run yet")
                 elif cell["error"]:
                     row.append(f"not finished ({cell['cpu_s']} CPU s)")
                 else:
