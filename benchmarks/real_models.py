@@ -757,7 +757,16 @@ def goals(results: dict) -> list[str]:
 def section(results: dict) -> str:
     """The RESULTS.md section: per model, a table of methods x levels with the primary figure and
     the parameters kept, a table of the other figures and CPU seconds, then the goals."""
-    lines = [BEGIN, f"## Real trained models ({NAME}.py)", ""]
+    lines = [BEGIN, f"## Real trained models ({NAME}.py)", "",
+             "Trained models nobody on the team trained, from PyPI wheels; offline data (see the script's "
+             "docstring). Widths: one merge fraction r for every layer (its eps the merge height at which r of "
+             "its channels merge), bisected to the level's share of the parameters; every baseline is imposed at "
+             "onnxfib's data-free per-layer widths on the same analysis; '+refit'/'+cal' refit with onnxfib's "
+             "calibrated refit on the calibration set. Each cell shows the model's lead figure on the evaluation "
+             "set and, in brackets, the share of the parameters it kept. CPU s: user + system of the cell's "
+             f"process (data, compression, evaluation) and of the compression alone. Machine: {os.cpu_count()} "
+             f"CPU cores shared with other jobs (load average {os.getloadavg()[1]:.0f} over the 5 minutes before "
+             "this section was written); cells not finished ran out of time, not of budget.", ""]
     for model_name, info in results["models"].items():
         if model_name == "quick":
             continue
