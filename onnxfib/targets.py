@@ -486,7 +486,8 @@ def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None
             if on_step is not None:
                 on_step(chosen)
         limited = {name: curve.reach for name, curve in curves.items()
-                   if curve.reach < len(curve.heights) and _merged(curve.heights, allocated.layer_eps[name]) >= curve.reach}
+                   if curve.reach < len(curve.heights) and name in allocated.heights
+                   and _merged(allocated.heights[name], allocated.layer_eps.get(name, 0.0)) >= curve.reach}
         if not limited:
             break
         curves = _probe(evaluate, current, limited, curves)
@@ -565,12 +566,10 @@ class Curve:
         added = scale * np.diff(total ** power, prepend=0.0)
         return np.maximum.accumulate(added / self.per_merge)
 
-    def eps(self, price: float) -> float:
-        """The layer's eps at ``price``: it makes every further merge within reach whose
-        marginal error per parameter is at most ``price``."""
-        merges = self.done + int(np.searchsorted(self.marginal, price, side="right"))
-        eps = _eps_for(self.heights, merges)
-        return float(self.heights[-1]) if eps is None else eps
+    def merges(self, price: float) -> int:
+        """The layer's merges at ``price``: every further merge within reach whose marginal error
+        per parameter is at most ``price``."""
+        return self.done + int(np.searchsorted(self.marginal, price, side="right"))
 
 
 def _probe_depths(current: Outcome, keep: float) -> dict[str, int]:
@@ -591,16 +590,18 @@ def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], cur
            ) -> dict[str, Curve]:
     """``curves`` with a probe of each layer in ``depths`` at that many merges (of its rows in
     ``current``) added: its merge alone measured (``Evaluator.probe``). A layer whose first
-    probe removes no parameter (a later layer's merges undone) is left out. A probe that added
+    probe removes no parameter (its merges blocked by a site its channels are tied to, such as a
+    depthwise Conv clustering its own kernels at the same eps) is probed merged whole instead,
+    and left out when that removes nothing either. A probe that added
     no error gives a slope of a thousandth of the smallest measured one: cheap, not free."""
     updated = dict(curves)
     for name, merges in depths.items():
         heights = current.heights[name]
-        eps = _eps_for(heights, merges)
-        if eps is None:
-            continue
-        outcome = evaluate.probe({**current.layer_eps, name: eps})
         done = _merged(heights, current.layer_eps.get(name, 0.0))
+        outcome = evaluate.probe({**current.layer_eps, name: _cut(heights, merges)})
+        if name not in updated and outcome.params >= current.params and merges < len(heights):
+            merges = len(heights)  # merges blocked by the sites its channels are tied to: merge it whole
+            outcome = evaluate.probe({**current.layer_eps, name: _cut(heights, merges)})
         removed = current.params - outcome.params
         point = (merges - done, max(outcome.mse - current.mse, 0.0))
         if name in updated:
@@ -613,9 +614,39 @@ def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], cur
     return {name: replace(curve, floor=floor) for name, curve in updated.items()}
 
 
-def _allocation(curves: Mapping[str, Curve], current: Outcome, price: float) -> dict[str, float]:
-    """Every layer's eps at ``price`` (error per parameter), from ``current``'s."""
-    return {**current.layer_eps, **{name: curve.eps(price) for name, curve in curves.items()}}
+#: How many times an allocation's eps are re-cut to the merge distances they meet (see
+#: :func:`_allocation`).
+RECUT_ROUNDS = 3
+
+
+def _allocation(evaluate: Evaluator, curves: Mapping[str, Curve], current: Outcome, price: float
+                ) -> dict[str, float]:
+    """Every layer's eps making its merges at ``price`` (error per parameter). A layer's merge
+    distances move when the layers before it merge (its input's colors change), so the eps cut
+    from ``current``'s distances are re-cut to the distances the allocation itself gives, a few
+    times (``RECUT_ROUNDS``, one analysis each), until every layer makes the merges chosen."""
+    merges = {name: curve.merges(price) for name, curve in curves.items()}
+    heights = current.heights
+    layer_eps = dict(current.layer_eps)
+    for _ in range(RECUT_ROUNDS):
+        recut = {name: _cut(heights[name], count) for name, count in merges.items()
+                 if name in heights and _merged(heights[name], layer_eps.get(name, 0.0)) != count}
+        if not recut:
+            break
+        layer_eps.update(recut)
+        heights = evaluate.heights(layer_eps)
+    return layer_eps
+
+
+#: The eps of a layer allocated all its merges: the largest there is, so that the sites its
+#: channels are tied to (a depthwise Conv, a BatchNorm, reading the same eps) merge them too.
+ALL_MERGES_EPS = 1.999
+
+
+def _cut(heights: np.ndarray, merges: int) -> float:
+    """The eps at which a layer's rows make ``merges`` merges (``ALL_MERGES_EPS`` for all)."""
+    eps = _eps_for(heights, merges) if merges < len(heights) else None
+    return ALL_MERGES_EPS if eps is None else eps
 
 
 def _allocate(evaluate: Evaluator, curves: Mapping[str, Curve], current: Outcome, goal: float) -> Outcome:
@@ -623,8 +654,8 @@ def _allocate(evaluate: Evaluator, curves: Mapping[str, Curve], current: Outcome
     parameters (counted, not run; the largest price's when none does), measured."""
     low = min(float(curve.marginal[0]) for curve in curves.values()) / 2
     high = max(float(curve.marginal[-1]) for curve in curves.values()) * 2
-    price = _bisect(low, high, lambda p: evaluate.params(_allocation(curves, current, p)) <= goal)
-    return evaluate(_allocation(curves, current, high if price is None else price))
+    price = _bisect(low, high, lambda p: evaluate.params(_allocation(evaluate, curves, current, p)) <= goal)
+    return evaluate(_allocation(evaluate, curves, current, high if price is None else price))
 
 
 def _better(a: Outcome, b: Outcome, goal: float) -> bool:
