@@ -475,7 +475,8 @@ def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None
     goal = keep * evaluate.params_before
     if current.params <= goal:
         return evaluate.finish(current)
-    curves = _probe(evaluate, current, _probe_depths(current, goal / current.params), {})
+    units = _units(current)
+    curves = _probe(evaluate, current, _probe_depths(current, goal / current.params, units), {}, units)
     chosen: Outcome | None = None
     for _ in range(ALLOCATION_ROUNDS):
         if not curves:
@@ -490,7 +491,7 @@ def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None
                    and _merged(allocated.heights[name], allocated.layer_eps.get(name, 0.0)) >= curve.reach}
         if not limited:
             break
-        curves = _probe(evaluate, current, limited, curves)
+        curves = _probe(evaluate, current, limited, curves, units)
     if chosen is None:
         return evaluate.finish(current)
     if chosen.params <= goal:
@@ -529,6 +530,7 @@ class Curve:
     probes: tuple[tuple[int, float], ...]
     per_merge: float
     floor: float  # the slope given a layer whose probes added no error
+    partners: tuple[str, ...] = ()  # the layers tied to this one (:func:`_units`), at its eps
 
     @property
     def reach(self) -> int:
@@ -572,22 +574,35 @@ class Curve:
         return self.done + int(np.searchsorted(self.marginal, price, side="right"))
 
 
-def _probe_depths(current: Outcome, keep: float) -> dict[str, int]:
-    """The merges each searchable layer is first probed at: as many as a uniform reach of
+def _units(current: Outcome) -> dict[str, tuple[str, ...]]:
+    """The searchable layers whose output channels narrow together (one shrink group: a residual
+    Add, a gating Mul, a Concat tie them), by the first of them: they share one eps, since one
+    of them merged alone merges nothing its partners do not."""
+    searchable = [layer for layer in current.analysis.layers if layer.name in current.heights
+                  and (layer.frozen is None or layer.frozen.startswith("partly"))]
+    group_of = {name: index for index, group in enumerate(current.analysis.groups) for name in group.members}
+    units: dict[object, list[str]] = {}
+    for layer in searchable:
+        units.setdefault(group_of.get(layer.tensor, layer.name), []).append(layer.name)
+    return {names[0]: tuple(names[1:]) for names in units.values()}
+
+
+def _probe_depths(current: Outcome, keep: float, units: Mapping[str, tuple[str, ...]]) -> dict[str, int]:
+    """The merges each unit's first layer is first probed at: as many as a uniform reach of
     ``keep`` (a fraction of ``current``'s parameters: rows kept about its square root) makes."""
     ratio = 1.0 - math.sqrt(min(max(keep, 0.0), 1.0))
     depths = {}
     for layer in current.analysis.layers:
         heights = current.heights.get(layer.name)
-        if heights is None or not (layer.frozen is None or layer.frozen.startswith("partly")):
+        if heights is None or layer.name not in units:
             continue
         done = _merged(heights, current.layer_eps.get(layer.name, 0.0))
         depths[layer.name] = done + min(len(heights) - done, max(1, round(layer.width * ratio)))
     return {name: merges for name, merges in depths.items() if merges > _merged(current.heights[name], 0.0)}
 
 
-def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], curves: Mapping[str, Curve]
-           ) -> dict[str, Curve]:
+def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], curves: Mapping[str, Curve],
+           units: Mapping[str, tuple[str, ...]]) -> dict[str, Curve]:
     """``curves`` with a probe of each layer in ``depths`` at that many merges (of its rows in
     ``current``) added: its merge alone measured (``Evaluator.probe``). A layer whose first
     probe removes no parameter (its merges blocked by a site its channels are tied to, such as a
@@ -598,16 +613,16 @@ def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], cur
     for name, merges in depths.items():
         heights = current.heights[name]
         done = _merged(heights, current.layer_eps.get(name, 0.0))
-        outcome = evaluate.probe({**current.layer_eps, name: _cut(heights, merges)})
+        outcome = evaluate.probe(_unit_eps(current.layer_eps, name, units[name], _cut(heights, merges)))
         if name not in updated and outcome.params >= current.params and merges < len(heights):
             merges = len(heights)  # merges blocked by the sites its channels are tied to: merge it whole
-            outcome = evaluate.probe({**current.layer_eps, name: _cut(heights, merges)})
+            outcome = evaluate.probe(_unit_eps(current.layer_eps, name, units[name], _cut(heights, merges)))
         removed = current.params - outcome.params
         point = (merges - done, max(outcome.mse - current.mse, 0.0))
         if name in updated:
             updated[name] = replace(updated[name], probes=(*updated[name].probes, point))
         elif removed > 0:
-            updated[name] = Curve(heights, done, (point,), removed / point[0], 0.0)
+            updated[name] = Curve(heights, done, (point,), removed / point[0], 0.0, units[name])
     slopes = [added / curve.distance(m) ** DEFAULT_POWER for curve in updated.values()
               for m, added in curve.probes if added > 0 and curve.distance(m) > 0]
     floor = 1e-3 * min(slopes, default=1.0)
@@ -633,9 +648,15 @@ def _allocation(evaluate: Evaluator, curves: Mapping[str, Curve], current: Outco
                  if name in heights and _merged(heights[name], layer_eps.get(name, 0.0)) != count}
         if not recut:
             break
-        layer_eps.update(recut)
+        for name, eps in recut.items():
+            layer_eps = _unit_eps(layer_eps, name, curves[name].partners, eps)
         heights = evaluate.heights(layer_eps)
     return layer_eps
+
+
+def _unit_eps(layer_eps: Mapping[str, float], name: str, partners: Sequence[str], eps: float) -> dict[str, float]:
+    """``layer_eps`` with layer ``name`` and its tied partners at ``eps``."""
+    return {**layer_eps, name: eps, **dict.fromkeys(partners, eps)}
 
 
 #: The eps of a layer allocated all its merges: the largest there is, so that the sites its
