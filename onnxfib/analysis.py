@@ -220,7 +220,8 @@ class Analysis:
         return self._opfibers[port.name]
 
     def _decide(self, group: ShrinkGroup) -> None:
-        """Figures of every member, and a plan for each when the group's collapse merges anything."""
+        """The collapse of every member (and its figures, unless the analysis skips them), and a
+        plan for each when the group's collapse merges anything."""
         fibers = {n: self.fiber(m.port).partition.labels for n, m in group.members.items()}
         opfibers = ({n: self.opfiber(m.port).labels for n, m in group.members.items()}
                     if self.with_figures or self.symmetry == "cover" else {})

@@ -500,7 +500,7 @@ def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None
     return evaluate.finish(chosen)
 
 
-#: How many times the allocation is repeated with deeper probes (see :func:`search`).
+#: How many times the allocation is repeated with deeper probes (see :func:`allocate`).
 ALLOCATION_ROUNDS = 4
 
 #: The bisection of the price stops when its bounds are within this ratio of each other, or
@@ -607,8 +607,8 @@ def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], cur
     ``current``) added: its merge alone measured (``Evaluator.probe``). A layer whose first
     probe removes no parameter (its merges blocked by a site its channels are tied to, such as a
     depthwise Conv clustering its own kernels at the same eps) is probed merged whole instead,
-    and left out when that removes nothing either. A probe that added
-    no error gives a slope of a thousandth of the smallest measured one: cheap, not free."""
+    and left out when that removes nothing either. A probe that added no error gives a slope of
+    a thousandth of the smallest measured one: cheap, not free."""
     updated = dict(curves)
     for name, merges in depths.items():
         heights = current.heights[name]
@@ -675,8 +675,15 @@ def _allocate(evaluate: Evaluator, curves: Mapping[str, Curve], current: Outcome
     parameters (counted, not run; the largest price's when none does), measured."""
     low = min(float(curve.marginal[0]) for curve in curves.values()) / 2
     high = max(float(curve.marginal[-1]) for curve in curves.values()) * 2
-    price = _bisect(low, high, lambda p: evaluate.params(_allocation(evaluate, curves, current, p)) <= goal)
-    return evaluate(_allocation(evaluate, curves, current, high if price is None else price))
+    allocations: dict[float, dict[str, float]] = {}  # by price: the bisection's last one is measured
+
+    def allocation(price: float) -> dict[str, float]:
+        if price not in allocations:
+            allocations[price] = _allocation(evaluate, curves, current, price)
+        return allocations[price]
+
+    price = _bisect(low, high, lambda p: evaluate.params(allocation(p)) <= goal)
+    return evaluate(allocation(high if price is None else price))
 
 
 def _better(a: Outcome, b: Outcome, goal: float) -> bool:
