@@ -48,6 +48,10 @@ SWEEP_EPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: Without data, a target search or sweep measures on generated inputs whose unknown first axis
 #: (the batch) is this long (per distribution), so the error it compares is not that of one sample.
 MEASURING_ROWS = 128
+#: ... or fewer, as many as one run of the model spends at most this many multiply-accumulates
+#: on (2**31: the PP-OCR direction classifier at 48 x 192 still runs 128 rows, its recogniser at
+#: 48 x 320 eight): a search runs the model on them a hundred times or more.
+MEASURING_MACS = 2**31
 
 
 _P = ParamSpec("_P")
@@ -237,12 +241,14 @@ def _inputs(
     measuring: bool = False,
 ) -> list[dict[str, np.ndarray]]:
     """User data checked against ``model``, or seeded generated batches when ``data`` is None: for
-    a search or sweep (``measuring``) MEASURING_ROWS rows, within the generator's cap, also where
+    a search or sweep (``measuring``) MEASURING_ROWS rows, within the generator's cap and
+    MEASURING_MACS, also where
     ``input_shapes`` gives a shorter dynamic first axis; for validation VALIDATION_ROWS rows within
     VALIDATION_ELEMENTS, and a first axis ``input_shapes`` gives as given."""
     if data is None:
         if measuring:
-            return generate_inputs(model, input_shapes=input_shapes, seed=seed, rows=MEASURING_ROWS)
+            return generate_inputs(model, input_shapes=input_shapes, seed=seed, rows=MEASURING_ROWS,
+                                   max_macs=MEASURING_MACS)
         return generate_inputs(model, input_shapes=input_shapes, seed=seed, rows=VALIDATION_ROWS,
                                widen_given=False, max_elements=VALIDATION_ELEMENTS)
     if isinstance(data, (str, os.PathLike)):
@@ -379,7 +385,9 @@ def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dic
         else:
             evaluator = Evaluator(original, batches, **options)
         announce = None if progress is None else lambda step: progress(_step_line(evaluator, step, goal))
-        outcome = search(evaluator, *goal, on_step=announce)
+        measured = None if progress is None else (
+            lambda name, index, total, probe: progress(_probe_line(evaluator, name, index, total, probe, goal)))
+        outcome = search(evaluator, *goal, on_step=announce, on_probe=measured)
         analysis, compressed, refits = outcome.analysis, outcome.model, outcome.refit
         target = evaluator.report(outcome, *goal)
     elif calibrate:
@@ -470,6 +478,14 @@ def _step_line(evaluator: Evaluator, outcome: Outcome, goal: tuple[str, float]) 
     where = (f"max abs output error {outcome.max_abs:.3g}" if kind == "params"
              else _describe(evaluator.report(outcome, *goal)))
     return f"keeps {outcome.params / evaluator.params_before:.2%} of the parameters; {where}"
+
+
+def _probe_line(evaluator: Evaluator, name: str, index: int, total: int, probe: Outcome | None,
+                goal: tuple[str, float]) -> str:
+    """A layer measured merged alone in a line: which of how many, and its step (or that none
+    of its steps meets the target)."""
+    where = "no step within the target" if probe is None else _step_line(evaluator, probe, goal)
+    return f"measuring layer {index}/{total} ({name}) merged alone: {where}"
 
 
 @_silent

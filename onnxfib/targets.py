@@ -361,22 +361,29 @@ def _merged(heights: np.ndarray, eps: float) -> int:
     return int(np.searchsorted(heights, eps, side="right"))
 
 
-def search(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outcome], None] | None = None
-           ) -> Outcome:
+#: Called with each layer measured merged alone (an allocation's probe, a greedy step's
+#: candidate): the layer, its place among the layers measured in that pass, their count, and
+#: the outcome (None: no step of that layer meets the target). A search's first pass measures
+#: every layer; this is how it shows it is moving.
+OnProbe = Callable[[str, int, int, Outcome | None], None]
+
+
+def search(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outcome], None] | None = None,
+           on_probe: OnProbe | None = None) -> Outcome:
     """The per-layer eps meeting target ``kind`` at ``limit``: by allocation for ``params``
     (:func:`allocate`), by the greedy for the other kinds (:func:`greedy`). ``on_step`` is called
-    with the outcome of every step taken."""
+    with the outcome of every step taken, ``on_probe`` with every layer measured alone."""
     if kind == "params":
-        return allocate(evaluate, limit, on_step)
-    return greedy(evaluate, kind, limit, on_step)
+        return allocate(evaluate, limit, on_step, on_probe)
+    return greedy(evaluate, kind, limit, on_step, on_probe)
 
 
-def greedy(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outcome], None] | None = None
-           ) -> Outcome:
+def greedy(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outcome], None] | None = None,
+           on_probe: OnProbe | None = None) -> Outcome:
     """The per-layer eps that merge the most while the outcome meets the fidelity target
     ``kind`` at ``limit`` (an error, accuracy drop, agreement or cosine), found by the greedy of
     the module docstring; the outcome of eps 0 everywhere when no step qualifies. ``on_step`` is
-    called with the outcome of every step taken.
+    called with the outcome of every step taken, ``on_probe`` with every layer's step measured.
 
     The greedy is lazy (as in CELF): a layer's step is measured again only while its score from
     an earlier measurement could still beat the best score measured against the current model,
@@ -421,11 +428,14 @@ def greedy(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outc
     scores: dict[str, float] = {}  # each layer's score when last measured (lower is better)
     while True:
         best: tuple[float, Outcome] | None = None
-        for name in sorted(layers, key=lambda n: scores.get(n, -math.inf)):
+        candidates = sorted(layers, key=lambda n: scores.get(n, -math.inf))
+        for index, name in enumerate(candidates):
             if best is not None and scores.get(name, -math.inf) >= best[0]:
                 break  # no layer left whose last score could beat the best one measured now
             measured = measure(name)
             scores[name] = math.inf if measured is None else measured[0]
+            if on_probe is not None:
+                on_probe(name, index + 1, len(candidates), None if measured is None else measured[1])
             if measured is not None and (best is None or measured[0] < best[0]):
                 best = measured
         if best is None:
@@ -457,10 +467,11 @@ def _keep_merges(evaluate: Evaluator, layer_eps: dict[str, float], heights: dict
     return layer_eps
 
 
-def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None] | None = None) -> Outcome:
+def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None] | None = None,
+             on_probe: OnProbe | None = None) -> Outcome:
     """The per-layer eps keeping at most ``keep`` of the parameters with the least output
     error, found by allocation; ``on_step`` is called with each allocation measured and each
-    trade of the exchange phase that follows.
+    trade of the exchange phase that follows, ``on_probe`` with each probe.
 
     Each layer's added output error is modelled from probes, merges of that layer alone measured
     on the data (:class:`Curve`); the merges all layers should make at a price ``lam`` (output
@@ -476,7 +487,7 @@ def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None
     if current.params <= goal:
         return evaluate.finish(current)
     units = _units(current)
-    curves = _probe(evaluate, current, _probe_depths(current, goal / current.params, units), {}, units)
+    curves = _probe(evaluate, current, _probe_depths(current, goal / current.params, units), {}, units, on_probe)
     chosen: Outcome | None = None
     for _ in range(ALLOCATION_ROUNDS):
         if not curves:
@@ -491,7 +502,7 @@ def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None
                    and _merged(allocated.heights[name], allocated.layer_eps.get(name, 0.0)) >= curve.reach}
         if not limited:
             break
-        curves = _probe(evaluate, current, limited, curves, units)
+        curves = _probe(evaluate, current, limited, curves, units, on_probe)
     if chosen is None:
         return evaluate.finish(current)
     if chosen.params <= goal:
@@ -602,21 +613,23 @@ def _probe_depths(current: Outcome, keep: float, units: Mapping[str, tuple[str, 
 
 
 def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], curves: Mapping[str, Curve],
-           units: Mapping[str, tuple[str, ...]]) -> dict[str, Curve]:
+           units: Mapping[str, tuple[str, ...]], on_probe: OnProbe | None = None) -> dict[str, Curve]:
     """``curves`` with a probe of each layer in ``depths`` at that many merges (of its rows in
     ``current``) added: its merge alone measured (``Evaluator.probe``). A layer whose first
     probe removes no parameter (its merges blocked by a site its channels are tied to, such as a
     depthwise Conv clustering its own kernels at the same eps) is probed merged whole instead,
     and left out when that removes nothing either. A probe that added no error gives a slope of
-    a thousandth of the smallest measured one: cheap, not free."""
+    a thousandth of the smallest measured one: cheap, not free. ``on_probe`` sees each probe."""
     updated = dict(curves)
-    for name, merges in depths.items():
+    for index, (name, merges) in enumerate(depths.items()):
         heights = current.heights[name]
         done = _merged(heights, current.layer_eps.get(name, 0.0))
         outcome = evaluate.probe(_unit_eps(current.layer_eps, name, units[name], _cut(heights, merges)))
         if name not in updated and outcome.params >= current.params and merges < len(heights):
             merges = len(heights)  # merges blocked by the sites its channels are tied to: merge it whole
             outcome = evaluate.probe(_unit_eps(current.layer_eps, name, units[name], _cut(heights, merges)))
+        if on_probe is not None:
+            on_probe(name, index + 1, len(depths), outcome)
         removed = current.params - outcome.params
         point = (merges - done, max(outcome.mse - current.mse, 0.0))
         if name in updated:

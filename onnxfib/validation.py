@@ -36,6 +36,7 @@ from onnxfib.errors import InvalidModelError, UsageError
 from onnxfib.graph import outer_names
 from onnxfib.io import first_line, too_large, write_model
 from onnxfib.report import OutputError, ValidationReport
+from onnxfib.stats import count_macs
 
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
@@ -122,21 +123,25 @@ def _resolve_shape(name: str, shape: Shape | None, given: tuple[int, ...] | None
     return tuple(dims)
 
 
-def _measuring_rows(inputs: Mapping[str, tuple[int, Shape | None]], given: Mapping[str, tuple[int, ...]],
-                    resolved: dict[str, tuple[int, ...]], rows: int, batch_size: int | None, *,
-                    widen_given: bool, max_elements: int) -> dict[str, tuple[int, ...]]:
-    """``resolved`` with the first axis widened to ``rows``, or to as many rows as fit in
-    ``max_elements`` (never fewer than it has): every input's where the model declares a fixed
-    ``batch_size`` smaller than ``rows`` (its samples run that many at a time, so the rows are a
-    multiple of it), else each input's that the model leaves dynamic and ``input_shapes`` does not
-    give, or, with ``widen_given``, gives shorter (``--input-shape x:1,3,48,192`` names the image
-    size; a search still measures on many samples)."""
+def _widened(inputs: Mapping[str, tuple[int, Shape | None]], given: Mapping[str, tuple[int, ...]], rows: int,
+             batch_size: int | None, *, widen_given: bool) -> list[str]:
+    """The inputs whose first axis is widened to ``rows``: every input where the model declares a
+    fixed ``batch_size`` smaller than ``rows`` (its samples run that many at a time), else each
+    input the model leaves dynamic that ``input_shapes`` does not give, or, with
+    ``widen_given``, gives shorter (``--input-shape x:1,3,48,192`` names the image size; a search
+    still measures on many samples)."""
     if batch_size is not None and batch_size < rows:
-        widened = list(resolved)
-    else:
-        widened = [name for name, (_, shape) in inputs.items()
-                   if shape and not (isinstance(shape[0], int) and shape[0] > 0)
-                   and (name not in given or (widen_given and given[name] and given[name][0] < rows))]
+        return list(inputs)
+    return [name for name, (_, shape) in inputs.items()
+            if shape and not (isinstance(shape[0], int) and shape[0] > 0)
+            and (name not in given or (widen_given and given[name] and given[name][0] < rows))]
+
+
+def _measuring_rows(resolved: dict[str, tuple[int, ...]], widened: Sequence[str], rows: int,
+                    batch_size: int | None, *, max_elements: int) -> dict[str, tuple[int, ...]]:
+    """``resolved`` with the first axis of the ``widened`` inputs made ``rows`` long, or as many
+    rows as fit in ``max_elements`` (never fewer than it has; a multiple of a declared
+    ``batch_size`` smaller than ``rows``)."""
     if not widened:
         return resolved
     fixed = sum(math.prod(dims) for name, dims in resolved.items() if name not in widened)
@@ -148,24 +153,45 @@ def _measuring_rows(inputs: Mapping[str, tuple[int, Shape | None]], given: Mappi
             for name, dims in resolved.items()}
 
 
+#: A budget of multiply-accumulates (``generate_inputs(max_macs=)``) never cuts the rows below this.
+FEWEST_BUDGETED_ROWS = 8
+
+
+def _rows_within(model: onnx.ModelProto, resolved: Mapping[str, tuple[int, ...]], widened: Sequence[str],
+                 rows: int, max_macs: int) -> int:
+    """``rows``, or as many as one run of ``model`` spends at most ``max_macs`` on
+    (``stats.count_macs`` of one row), at least ``FEWEST_BUDGETED_ROWS``."""
+    per_row = count_macs(model, {name: (1, *dims[1:]) if name in widened else dims for name, dims in resolved.items()})
+    if not per_row:
+        return rows
+    return min(rows, max(FEWEST_BUDGETED_ROWS, max_macs // per_row))
+
+
 def generate_inputs(
     model: onnx.ModelProto, *, input_shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0,
-    rows: int = 1, widen_given: bool = True, max_elements: int | None = None,
+    rows: int = 1, widen_given: bool = True, max_elements: int | None = None, max_macs: int | None = None,
 ) -> list[Batch]:
     """Two seeded batches for ``model``'s inputs: floats from N(0, 1), then from U(-1, 1); ints and
     bools in {0, 1} (valid as token ids, type ids and masks alike). Dynamic dims come from
     ``input_shapes``; an unknown first axis is ``rows`` long, and so is one ``input_shapes`` gives
     fewer (with ``widen_given``), or a ``declared_batch`` smaller than ``rows`` (such a model runs
     its samples that many at a time), as far as ``max_elements`` (default
-    ``MAX_GENERATED_ELEMENTS``) allows (:func:`_measuring_rows`); any other unknown dim, or a
-    batch over ``MAX_GENERATED_ELEMENTS`` elements, is a UsageError."""
+    ``MAX_GENERATED_ELEMENTS``) allows (:func:`_measuring_rows`), and ``max_macs`` (the
+    multiply-accumulates of one run, estimated: a search runs its model on the batches again and
+    again) at least ``FEWEST_BUDGETED_ROWS``; any other unknown dim, or a batch over
+    ``MAX_GENERATED_ELEMENTS`` elements, is a UsageError."""
     inputs = graph_inputs(model)
     given = dict(input_shapes or {})
     unknown = sorted(set(given) - set(inputs))
     if unknown:
         raise UsageError(f"--input-shape names unknown input(s) {unknown}; the model's inputs are {sorted(inputs)}")
     resolved = {name: _resolve_shape(name, shape, given.get(name), 1) for name, (_, shape) in inputs.items()}
-    resolved = _measuring_rows(inputs, given, resolved, rows, declared_batch(model), widen_given=widen_given,
+    batch_size = declared_batch(model)
+    widened = _widened(inputs, given, rows, batch_size, widen_given=widen_given)
+    if max_macs is not None and widened:
+        rows = _rows_within(model, resolved, widened, rows, max_macs)
+        widened = _widened(inputs, given, rows, batch_size, widen_given=widen_given)
+    resolved = _measuring_rows(resolved, widened, rows, batch_size,
                                max_elements=MAX_GENERATED_ELEMENTS if max_elements is None else max_elements)
     total = sum(math.prod(dims) for dims in resolved.values())
     if total > MAX_GENERATED_ELEMENTS:

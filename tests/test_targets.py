@@ -10,6 +10,7 @@ from conftest import build_mlp
 
 import onnxfib
 from onnxfib import stats
+from onnxfib.analysis import analyze
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
 from onnxfib.targets import Evaluator, HeldOut, can_deal, deal_rows, search
@@ -113,17 +114,37 @@ def test_max_drop_is_met_on_the_labels(model, data):
 
 
 def test_progress_reports_each_search_step_ending_at_the_result(model, data):
-    """Every step of the search is announced; the last announced step is the model returned, whose
-    parameters and output error ONNX Runtime measures independently here."""
-    lines: list[str] = []
-    result = onnxfib.compress(model, data=data, max_error=0.3, progress=lines.append)
+    """Every step of the search is announced, and every layer measured on the way to it; the last
+    announced step is the model returned, whose parameters and output error ONNX Runtime
+    measures independently here."""
+    announced: list[str] = []
+    result = onnxfib.compress(model, data=data, max_error=0.3, progress=announced.append)
     kept = stats.count_parameters(result.model) / stats.count_parameters(model)
     measured = _relative_error(result.model, model, data)
-    assert len(lines) > 1
+    probes = [line for line in announced if line.startswith("measuring layer ")]
+    lines = [line for line in announced if not line.startswith("measuring layer ")]
+    searchable = [layer.name for layer in analyze(model, eps=0.0).layers if layer.frozen is None]
+    first = [line.split(" (")[0] for line in announced[:len(searchable)]]
+    assert first == [f"measuring layer {i}/{len(searchable)}" for i in range(1, len(searchable) + 1)]
+    assert len(probes) >= len(searchable) and len(lines) > 1
     assert lines[-1] == (f"keeps {kept:.2%} of the parameters; max output error {measured:.3g} of the output's "
                          "scale, asked at most 0.3")
     fractions = [float(line.split("keeps ")[1].split("%")[0]) for line in lines]
     assert fractions == sorted(fractions, reverse=True)  # greedy steps only remove parameters
+
+
+def test_allocation_announces_each_probe_before_its_first_allocation(model, data):
+    """A parameter target probes each layer before its first allocation: one line per probe,
+    numbered, naming the layer, before the first step."""
+    announced: list[str] = []
+    onnxfib.compress(model, data=data, target_params=0.6, check=False, progress=announced.append)
+    searchable = {layer.name for layer in analyze(model, eps=0.0).layers if layer.frozen is None}
+    probes = [line for line in announced if line.startswith("measuring layer ")]
+    total = int(probes[0].split("/")[1].split(" ")[0])
+    assert [line.split(" (")[0] for line in announced[:total]] == [f"measuring layer {i}/{total}"
+                                                                   for i in range(1, total + 1)]
+    assert {line.split("(")[1].split(")")[0] for line in probes[:total]} <= searchable
+    assert not announced[total].startswith("measuring layer ")  # then the allocation's step
 
 
 def test_sweep_progress_announces_every_point(model, data):

@@ -77,6 +77,47 @@ def test_given_first_axis_widens_to_measuring_rows_within_the_element_cap(monkey
     assert v.generate_inputs(fixed, input_shapes={"x": (2, 3, 8, 8)}, rows=128)[0]["x"].shape == (10, 3, 8, 8)
 
 
+def _conv_gemm_matmul(batch: object = "N") -> onnx.ModelProto:
+    """Conv 3->8 (3x3, pad 1) on 3x16x16, Flatten, Gemm 2048->10 (transB), then a MatMul of the
+    (N, 10) result by a 10x4 weight: multiply-accumulates per row by hand
+    8*16*16*3*3*3 + 2048*10 + 10*4 = 75,816."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w", (8, 3, 3, 3)), ("g", (10, 2048)), ("m", (10, 4)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["c"], ["f"]),
+             helper.make_node("Gemm", ["f", "g"], ["h"], transB=1),
+             helper.make_node("MatMul", ["h", "m"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_count_macs_sums_conv_gemm_and_matmul_by_their_shapes():
+    """The hand count of ``_conv_gemm_matmul``, linear in the rows."""
+    from onnxfib.stats import count_macs
+
+    model = _conv_gemm_matmul()
+    per_row = 8 * 16 * 16 * 3 * 3 * 3 + 2048 * 10 + 10 * 4
+    assert count_macs(model, {"x": (1, 3, 16, 16)}) == per_row
+    assert count_macs(model, {"x": (5, 3, 16, 16)}) == 5 * per_row
+
+
+def test_a_budget_of_multiply_accumulates_cuts_the_measuring_rows():
+    """``max_macs`` keeps a generated batch within that many multiply-accumulates of one run (the
+    rows of a search on a costly model), never fewer than FEWEST_BUDGETED_ROWS rows, and leaves a
+    cheap model its ``rows``."""
+    model = _conv_gemm_matmul()
+    per_row = 75_816
+    shape = {"x": (1, 3, 16, 16)}
+    assert v.generate_inputs(model, input_shapes=shape, rows=128, max_macs=20 * per_row)[0]["x"].shape[0] == 20
+    assert v.generate_inputs(model, input_shapes=shape, rows=128, max_macs=per_row)[0]["x"].shape[0] == \
+        v.FEWEST_BUDGETED_ROWS
+    assert v.generate_inputs(model, input_shapes=shape, rows=128, max_macs=1000 * per_row)[0]["x"].shape[0] == 128
+    assert v.generate_inputs(model, input_shapes={"x": (30, 3, 16, 16)}, rows=128,
+                             max_macs=20 * per_row)[0]["x"].shape[0] == 30  # never fewer than given
+
+
 def test_default_validation_compares_many_generated_inputs_within_its_element_budget(monkeypatch, mlp_model):
     """Validation without data compares VALIDATION_ROWS rows per distribution on an unknown first
     axis, fewer where a batch would pass VALIDATION_ELEMENTS; a first axis --input-shape gives is
