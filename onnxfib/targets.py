@@ -506,8 +506,7 @@ def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None
     if chosen is None:
         return evaluate.finish(current)
     if chosen.params <= goal:
-        scores = {name: curve.score for name, curve in curves.items()}
-        chosen = _exchange(evaluate, chosen, list(curves), scores, goal, on_step)
+        chosen = _exchange(evaluate, chosen, curves, goal, on_step)
     return evaluate.finish(chosen)
 
 
@@ -685,18 +684,48 @@ def _cut(heights: np.ndarray, merges: int) -> float:
 
 def _allocate(evaluate: Evaluator, curves: Mapping[str, Curve], current: Outcome, goal: float) -> Outcome:
     """The allocation of ``curves`` at the smallest price whose collapse keeps at most ``goal``
-    parameters (counted, not run; the largest price's when none does), measured."""
+    parameters, measured. The price is first bisected on the parameters the curves predict
+    (each merge removes its layer's ``per_merge``; no analysis), and the prediction's miss,
+    counted on the allocation's collapse, corrects the goal it is bisected to, up to
+    ``COUNT_CORRECTIONS`` times; unless a count lands within ``COUNT_SLACK`` below the goal,
+    the price is then bisected on counted parameters (one analysis or a few per step) between
+    the prices counted so far. The largest price's allocation when none is within the goal."""
     low = min(float(curve.marginal[0]) for curve in curves.values()) / 2
     high = max(float(curve.marginal[-1]) for curve in curves.values()) * 2
     allocations: dict[float, dict[str, float]] = {}  # by price: the bisection's last one is measured
+    counts: dict[float, int] = {}
 
     def allocation(price: float) -> dict[str, float]:
         if price not in allocations:
             allocations[price] = _allocation(evaluate, curves, current, price)
         return allocations[price]
 
-    price = _bisect(low, high, lambda p: evaluate.params(allocation(p)) <= goal)
-    return evaluate(allocation(high if price is None else price))
+    def counted(price: float) -> int:
+        if price not in counts:
+            counts[price] = evaluate.params(allocation(price))
+        return counts[price]
+
+    def predicted(price: float) -> float:
+        return current.params - sum(curve.per_merge * (curve.merges(price) - curve.done) for curve in curves.values())
+
+    aim = goal
+    for _ in range(COUNT_CORRECTIONS):
+        price = _bisect(low, high, lambda p, aim=aim: predicted(p) <= aim)
+        price = high if price is None else price
+        if goal - COUNT_SLACK * evaluate.params_before <= counted(price) <= goal:
+            return evaluate(allocation(price))
+        aim -= counted(price) - predicted(price)
+    within = [price for price, count in counts.items() if count <= goal]
+    over = [price for price, count in counts.items() if count > goal and price < min(within, default=high)]
+    found = _bisect(max(over, default=low), min(within, default=high), lambda p: counted(p) <= goal)
+    return evaluate(allocation(high if found is None else found))
+
+
+#: How many times :func:`_allocate` corrects the parameter count it bisects the price to ...
+COUNT_CORRECTIONS = 3
+#: ... stopping once the counted parameters are within the goal by at most this fraction of the
+#: model's.
+COUNT_SLACK = 0.005
 
 
 def _better(a: Outcome, b: Outcome, goal: float) -> bool:
@@ -724,35 +753,33 @@ def _bisect(low: float, high: float, accepts: Callable[[float], bool]) -> float 
     return good
 
 
-def _exchange(evaluate: Evaluator, current: Outcome, layers: list[str], scores: Mapping[str, float], goal: float,
+def _exchange(evaluate: Evaluator, current: Outcome, curves: Mapping[str, Curve], goal: float,
               on_step: Callable[[Outcome], None] | None, rounds: int = 8) -> Outcome:
-    """Trade merges between layers at the parameter budget ``goal``: merge a step more in one
-    layer (``STEP_FRACTION`` of its rows), undo as many merges of another as the budget allows
-    (parameters counted without measuring), and keep the trade when the output error falls;
-    repeat while any trade helps.
-    Trades go from the ``EXCHANGE_LAYERS`` layers whose last measured step was most costly
-    (``scores``, error per parameter) to those whose step was cheapest, so a round measures at
-    most their product, however many layers the model has. ``on_step`` is called with every
-    trade kept."""
+    """Trade merges between layers (with their tied partners) at the parameter budget ``goal``:
+    merge a step more in one (``STEP_FRACTION`` of its rows), undo as many merges of another as
+    the budget allows (:func:`_trade`), and keep the trade when the output error falls; repeat
+    while any trade helps. Trades go from the ``EXCHANGE_LAYERS`` layers whose deepest probe was
+    most costly (``Curve.score``, error per parameter) to those whose probe was cheapest, so a
+    round measures at most their product, however many layers the model has. ``on_step`` is
+    called with every trade kept."""
     widths = {layer.name: layer.width for layer in current.analysis.layers}
-    ranked = sorted((name for name in layers if math.isfinite(scores.get(name, math.inf))), key=lambda n: scores[n])
+    scores = {name: curve.score for name, curve in curves.items()}
+    ranked = sorted((name for name in curves if math.isfinite(scores[name])), key=lambda n: scores[n])
     cheapest = ranked[:EXCHANGE_LAYERS]
     for _ in range(rounds):
         improved = False
-        merged = [name for name in current.heights
-                  if _merged(current.heights[name], current.layer_eps.get(name, 0.0)) > 0]
-        costly = sorted(merged, key=lambda n: scores.get(n, math.inf), reverse=True)[:EXCHANGE_LAYERS]
+        merged = [name for name in curves if name in current.heights
+                  and _merged(current.heights[name], current.layer_eps.get(name, 0.0)) > 0]
+        costly = sorted(merged, key=lambda n: scores[n], reverse=True)[:EXCHANGE_LAYERS]
         for more_in in cheapest:
             for fewer_in in costly:
-                heights_a, heights_b = current.heights.get(more_in), current.heights.get(fewer_in)
-                if more_in == fewer_in or heights_a is None or heights_b is None:
+                if more_in == fewer_in or more_in not in current.heights:
                     continue
-                undo = _merged(heights_b, current.layer_eps.get(fewer_in, 0.0))
                 step = max(1, math.ceil(widths[more_in] * STEP_FRACTION))
-                eps_a = _next_eps(heights_a, current.layer_eps.get(more_in, 0.0), step)
-                if eps_a is None or undo == 0:
+                eps = _next_eps(current.heights[more_in], current.layer_eps.get(more_in, 0.0), step)
+                if eps is None:
                     continue
-                candidate = _trade(evaluate, current, (more_in, eps_a), fewer_in, heights_b, undo, goal)
+                candidate = _trade(evaluate, current, curves, (more_in, eps, step), fewer_in, goal)
                 if candidate is not None and candidate.params <= goal and candidate.mse < current.mse:
                     current, improved = candidate, True
                     if on_step is not None:
@@ -762,22 +789,31 @@ def _exchange(evaluate: Evaluator, current: Outcome, layers: list[str], scores: 
     return current
 
 
-def _trade(evaluate: Evaluator, current: Outcome, more: tuple[str, float], fewer_in: str, heights: np.ndarray,
-           undo: int, goal: float) -> Outcome | None:
-    """The outcome of ``more`` (a layer and its larger eps) with as many merges of ``fewer_in``
-    undone (at most ``undo``) as keep the parameters within ``goal``; None when none can be."""
-    def eps_of(count: int) -> dict[str, float]:
-        eps_b = _next_eps(heights, current.layer_eps.get(fewer_in, 0.0), -count)
-        return {**current.layer_eps, more[0]: more[1], fewer_in: eps_b}
+#: How many parameter counts :func:`_trade` makes at most before it gives a trade up.
+TRADE_COUNTS = 3
 
-    low, high, best = 1, undo, 0
-    while low <= high:  # parameters only: no collapse is measured here
-        middle = (low + high) // 2
-        if evaluate.params(eps_of(middle)) <= goal:
-            best, low = middle, middle + 1
-        else:
-            high = middle - 1
-    return evaluate(eps_of(best)) if best else None
+
+def _trade(evaluate: Evaluator, current: Outcome, curves: Mapping[str, Curve], more: tuple[str, float, int],
+           fewer_in: str, goal: float) -> Outcome | None:
+    """The outcome of ``more`` (a layer, its larger eps and the merges that adds) with as many
+    merges of ``fewer_in`` undone as keep the parameters within ``goal``, measured; None when
+    none can be. The number undone is predicted from the layers' ``per_merge`` and counted
+    (one analysis each, fewer undone while over the goal, at most ``TRADE_COUNTS`` counts)."""
+    more_in, eps, step = more
+    heights = current.heights[fewer_in]
+    undo = _merged(heights, current.layer_eps.get(fewer_in, 0.0))
+    merged = _unit_eps(current.layer_eps, more_in, curves[more_in].partners, eps)
+    room = goal - current.params + step * curves[more_in].per_merge
+    count = min(undo, math.floor(room / curves[fewer_in].per_merge))
+    for _ in range(TRADE_COUNTS):
+        if count < 1:
+            return None
+        layer_eps = _unit_eps(merged, fewer_in, curves[fewer_in].partners,
+                              _next_eps(heights, current.layer_eps.get(fewer_in, 0.0), -count) or 0.0)
+        if evaluate.params(layer_eps) <= goal:  # counted, not measured
+            return evaluate(layer_eps)
+        count -= max(1, count // 4)
+    return None
 
 
 def sweep(evaluate: Evaluator, eps_values: Sequence[float], on_point: Callable[[SweepPoint], None] | None = None

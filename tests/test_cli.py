@@ -223,12 +223,13 @@ def test_search_progress_shows_in_a_terminal_and_not_in_a_pipe(tmp_path, mlp_pat
 
 
 def test_search_progress_in_a_pipe_is_plain_lines_and_quiet_silences_it(tmp_path, mlp_path, run_cli):
-    """Piped stderr gets plain progress lines (the first step at once, the last at the end);
-    stdout is the same summary as without them; -q prints nothing at all."""
+    """Piped stderr gets plain progress lines (the first probe at once, the last step at the
+    end); stdout is the same summary as without them; -q prints nothing at all."""
     piped = run_cli("compress", mlp_path, "piped.onnx", "--target-params", "0.6")
     assert piped.returncode == 0, piped.stderr
     lines = piped.stderr.splitlines()
-    assert lines and all(line.startswith("searching: keeps ") for line in lines), piped.stderr
+    assert lines and all(line.startswith("searching: ") for line in lines), piped.stderr
+    assert lines[0].startswith("searching: measuring layer 1/") and lines[-1].startswith("searching: keeps ")
     assert "searching" not in piped.stdout and "Target: keep at most 60.00%" in piped.stdout
     quiet = run_cli("compress", mlp_path, "quiet.onnx", "--target-params", "0.6", "-q")
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
