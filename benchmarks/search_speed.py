@@ -6,9 +6,11 @@
 The models are the trained PP-OCR networks shipped inside the ``rapidocr-onnxruntime`` wheel
 (fetched from PyPI with ``pip download --no-deps`` into a cache folder; nothing comes from a model
 hub): the mobile direction classifier (``ch_ppocr_mobile_v2.0_cls_infer.onnx``, 134k parameters,
-52 searchable layers, input 3 x 48 x 192). Each search runs in a child process,
-``onnxfib.compress(model, target_params=keep, input_shapes=..., check=False)`` on generated inputs
-(64 rows), and records its CPU seconds (all threads), peak RSS, the search steps announced, the
+52 searchable layers, input 3 x 48 x 192) and the PP-OCRv4 recogniser
+(``ch_PP-OCRv4_rec_infer.onnx``, 2.7M parameters, input 3 x 48 x 320). Each search runs in a child
+process, ``onnxfib.compress(model, target_params=keep, input_shapes=..., check=False)`` on generated
+inputs (``api.MEASURING_ROWS`` rows per distribution within ``api.MEASURING_MACS``: 128 of the
+classifier, 8 of the recogniser), and records its CPU seconds (all threads), peak RSS, the search steps announced, the
 collapses the search measured, and the parameters kept. The collapses are set beside the count an
 eager greedy measures at least (one per searchable layer per step), which is what every step
 cost before the search became lazy. Since parameter targets are met by allocation (one probe per
@@ -38,7 +40,8 @@ NAME = "search_speed"
 RESULTS_JSON = HERE / "results" / f"{NAME}.json"
 BEGIN, END = markers(NAME)
 WHEEL = "rapidocr-onnxruntime==1.4.4"
-MODELS = {"ppocr_cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (64, 3, 48, 192))}
+MODELS = {"ppocr_cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (64, 3, 48, 192)),
+          "ppocr_rec": ("ch_PP-OCRv4_rec_infer.onnx", (8, 3, 48, 320))}
 
 CHILD = r"""
 import json, sys
@@ -96,6 +99,7 @@ def run_search(path: Path, shape: tuple[int, ...], keep: float, timeout: float) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["ppocr_cls"])
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "onnxfib-bench-wheels")
     parser.add_argument("--no-write", action="store_true")
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     models = fetch_models(args.cache)
     cases = []
-    for name, (file, shape) in MODELS.items():
+    for name in args.models:
+        file, shape = MODELS[name]
         for keep in args.keep:
             before, load = os.times(), round(os.getloadavg()[0], 1)
             figures = run_search(models / file, shape, keep, args.timeout)
@@ -127,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(cases: list[dict]) -> str:
     lines = [BEGIN, "## Target-search speed on a trained CNN (`benchmarks/search_speed.py`)", "",
-             f"Data-free `target_params` searches on the PP-OCR models of the `{WHEEL}` wheel, 64 generated "
-             f"rows, on a machine with {os.cpu_count()} cores (shared). *Eager at least* (greedy cases) is one "
+             f"Data-free `target_params` searches on the PP-OCR models of the `{WHEEL}` wheel, on generated "
+             f"rows (128 per distribution for the classifier, 8 for the recogniser), on a machine with {os.cpu_count()} cores (shared). *Eager at least* (greedy cases) is one "
              "collapse per searchable layer per step, what the greedy measured before it became lazy. Error "
              "and agreement are the compressed model's against the original on the measuring rows.", "",
              "| model | keep | search | status | CPU s | steps | collapses | eager at least | parameters kept | "
