@@ -2,7 +2,9 @@
 
 It resolves constant weights (initializers and Constant nodes alike), answers shape questions
 from ONNX shape inference, and writes rewritten weights back without disturbing tensors that
-other nodes share. Nothing here knows about colorings.
+other nodes share. Nothing here knows about colorings. The module is over 350 lines because
+GraphView's rewrites and its export share one record of what was shared, changed, narrowed and
+spilled; its preprocessing and the export's restoring live in ``passes`` and ``restore``.
 """
 
 from __future__ import annotations
