@@ -334,9 +334,10 @@ def bind_unstack(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Sit
     squeeze = transpose and _single_reader(transpose.outputs[0], "Squeeze", graph)
     swapped = list(range(rank + 1))
     swapped[0], swapped[rank - 1] = rank - 1, 0
-    if squeeze is None or graph.ints(unsqueeze, 1, "axes") != [0] or _perm(transpose) != swapped:
+    if (squeeze is None or graph.given(unsqueeze, 1, "axes").ints != [0]
+            or _perm(transpose) != swapped):
         return None
-    if [a % (rank + 1) for a in (graph.ints(squeeze, 1, "axes") or [])] != [rank - 1]:
+    if [a % (rank + 1) for a in (graph.given(squeeze, 1, "axes").ints or [])] != [rank - 1]:
         return None
     gathers = squeeze.outputs[0].outputs
     indices = [

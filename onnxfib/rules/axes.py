@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import GraphView
+from ..graph import Given, GraphView
 from .base import UNTRACKED, Context, Declined, Port, Site, channel_input
 from .elementwise import Kind, UnarySite, only_first_output_used
 
@@ -42,7 +42,7 @@ def bind_squeeze(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Sit
     if isinstance(read, Declined):
         return read
     port, rank, channel = read
-    axes = graph.ints(node, 1, "axes")
+    axes = graph.given(node, 1, "axes").ints
     if not axes or not only_first_output_used(node, graph):
         return Declined(f"{node.op} without constant axes")
     if node.op == "Squeeze":
@@ -84,10 +84,11 @@ def bind_resize(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site
     if "axes" in node.attrs:
         return Declined(f"{node.op} with the axes attribute")
     scales_index, sizes_index = (1, None) if node.op == "Upsample" or graph.opset < 11 else (2, 3)
-    scales = graph.given(node, scales_index, "scales")
-    sizes = graph.ints(node, sizes_index, "sizes") if sizes_index else None
-    if scales is False or sizes is False:
+    given_scales = graph.given(node, scales_index, "scales")
+    given_sizes = graph.given(node, sizes_index, "sizes") if sizes_index else Given(False)
+    if given_scales.computed or given_sizes.computed:
         return Declined(f"{node.op} scales or sizes are not constant")
+    scales, sizes = given_scales.value, given_sizes.ints
     if scales is not None and scales.size and float(scales[channel]) != 1.0:
         return Declined(f"{node.op} scales the channel axis")
     if sizes and sizes[channel] != port.width:
@@ -110,7 +111,7 @@ def bind_pad(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | 
     if isinstance(read, Declined):
         return read
     port, rank, channel = read
-    pads = graph.ints(node, 1, "pads")
+    pads = graph.given(node, 1, "pads").ints
     if len(node.inputs) > 3 and node.inputs[3].name:
         return Declined("Pad with the opset-18 axes input")
     if not pads:

@@ -232,13 +232,6 @@ class GroupedConvSite(ConvSite):
         )
 
 
-def _conv_bias(node: gs.Node, graph: GraphView) -> tuple[gs.Node, int] | None | bool:
-    """(node, 2) for a constant bias, None without bias, False for a bias that is not constant."""
-    if len(node.inputs) < 3 or not node.inputs[2].name:
-        return None
-    return (node, 2) if graph.constant(node.inputs[2]) is not None else False
-
-
 def _input_width_agrees(x: gs.Tensor, axis: int, width: int, known: dict[str, Port]) -> bool:
     """Whether ``x``'s channel width, where its producer or declared shape says it, is ``width``
     (the checker accepts a kernel that disagrees with ``group``; ONNX Runtime cannot run it)."""
@@ -257,11 +250,12 @@ def _input_width_agrees(x: gs.Tensor, axis: int, width: int, known: dict[str, Po
 def bind_conv(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """Conv with a constant kernel [O, I/group, k...]: plain (group 1) or depthwise."""
     w = graph.constant(node.inputs[1])
-    bias = _conv_bias(node, graph)
+    given_bias = graph.given(node, 2)
     if w is None or w.ndim < 3 or not np.issubdtype(w.dtype, np.floating):
         return Declined("Conv whose kernel is not a constant float tensor")
-    if bias is False:
+    if given_bias.computed:
         return Declined("Conv whose bias is not constant")
+    bias = (node, 2) if given_bias.present else None
     axis = 1 - w.ndim
     groups = int(node.attrs.get("group", 1))
     out_width, per_group = int(w.shape[0]), int(w.shape[1])
@@ -307,8 +301,8 @@ class ConvTransposeSite(LinearSite):
 def bind_conv_transpose(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site | Declined:
     """ConvTranspose with a constant kernel [I, O/group, k...] and group 1."""
     w = graph.constant(node.inputs[1])
-    bias = _conv_bias(node, graph)
-    if w is None or w.ndim < 3 or bias is False:
+    given_bias = graph.given(node, 2)
+    if w is None or w.ndim < 3 or given_bias.computed:
         return Declined("ConvTranspose whose kernel or bias is not constant")
     if int(node.attrs.get("group", 1)) != 1:
         return Declined("ConvTranspose with groups")
@@ -320,7 +314,7 @@ def bind_conv_transpose(node: gs.Node, graph: GraphView, known: dict[str, Port])
         weight=(node, 1),
         out_axis=1,
         in_axis=0,
-        bias=bias,
+        bias=(node, 2) if given_bias.present else None,
         bias_axis=0,
     )
 

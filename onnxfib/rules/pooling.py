@@ -45,7 +45,7 @@ def bind_reduce(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site
     if isinstance(read, Declined):
         return read
     port, rank, channel = read
-    axes = graph.ints(node, 1, "axes")
+    axes = graph.given(node, 1, "axes").ints
     if not axes:
         return Declined(f"{node.op} over every axis (no constant axes), the channel axis too")
     axes = sorted(a + rank if a < 0 else a for a in axes)

@@ -132,7 +132,7 @@ class SplitSite(Site):
             return
         sizes = part_sizes(ctx, self.outputs)
         node = self.nodes[0]
-        if ctx.graph.ints(node, 1, "split") is not None:
+        if ctx.graph.given(node, 1, "split").present:
             write_ints(node, ctx.graph, 1, "split", sizes)
         elif len(set(sizes)) > 1:  # an equal split that the merge made unequal: spell sizes out
             node.attrs.pop("num_outputs", None)
@@ -148,9 +148,10 @@ def bind_split(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site 
     if isinstance(read, Declined):
         return read
     port, rank, channel = read
-    sizes = graph.ints(node, 1, "split")
-    if sizes is False:
+    split = graph.given(node, 1, "split")
+    if split.computed:
         return Declined("Split sizes are not constant")
+    sizes = split.ints
     axis = int(node.attrs.get("axis", 0))
     along = (axis + rank if axis < 0 else axis) == channel
     count = len(node.outputs)
@@ -204,7 +205,7 @@ class SliceSite(Site):
         stop = start + (target.partition.n_colors if target else self.outputs[0].width)
         node = self.nodes[0]
         for index, attr, value in ((1, "starts", start), (2, "ends", stop)):
-            values = ctx.graph.ints(node, index, attr)
+            values = ctx.graph.given(node, index, attr).ints
             assert values, "bound only with constant starts and ends"
             values[self.entry] = value
             write_ints(node, ctx.graph, index, attr, values)
@@ -215,10 +216,11 @@ def bind_slice(node: gs.Node, graph: GraphView, known: dict[str, Port]) -> Site 
     if isinstance(read, Declined):
         return read
     port, rank, channel = read
-    starts, ends = graph.ints(node, 1, "starts"), graph.ints(node, 2, "ends")
-    axes, steps = graph.ints(node, 3, "axes"), graph.ints(node, 4, "steps")
-    if not starts or not ends or axes is False or steps is False:
+    starts, ends = graph.given(node, 1, "starts").ints, graph.given(node, 2, "ends").ints
+    given_axes, given_steps = graph.given(node, 3, "axes"), graph.given(node, 4, "steps")
+    if not starts or not ends or given_axes.computed or given_steps.computed:
         return Declined("Slice bounds, axes or steps are not constant")
+    axes, steps = given_axes.ints, given_steps.ints
     axes = list(range(len(starts))) if axes is None else [a + rank if a < 0 else a for a in axes]
     out = Port(node.outputs[0], port.axis, port.width)
     if channel not in axes:
