@@ -100,7 +100,7 @@ def test_meet_refuses_mismatched_lengths():
         Partition.discrete(3).meet(Partition.discrete(4))
 
 
-@given(st.integers(1, 30), st.integers(1, 4), st.integers(0, 10_000))
+@given(st.integers(1, 30), st.integers(1, 8), st.integers(0, 10_000))
 @settings(max_examples=60, deadline=None)
 def test_from_rows_of_integers_colors_equal_rows_alike(n, columns, seed):
     keys = np.random.default_rng(seed).integers(-2, 3, size=(n, columns))
