@@ -808,8 +808,7 @@ def _trade(evaluate: Evaluator, current: Outcome, curves: Mapping[str, Curve], m
     for _ in range(TRADE_COUNTS):
         if count < 1:
             return None
-        layer_eps = _unit_eps(merged, fewer_in, curves[fewer_in].partners,
-                              _next_eps(heights, current.layer_eps.get(fewer_in, 0.0), -count) or 0.0)
+        layer_eps = _unit_eps(merged, fewer_in, curves[fewer_in].partners, _cut(heights, undo - count))
         if evaluate.params(layer_eps) <= goal:  # counted, not measured
             return evaluate(layer_eps)
         count -= max(1, count // 4)
