@@ -11,13 +11,14 @@ The passes, in order (docs/architecture.md explains each):
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Mapping
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import xxhash
 
 from .coloring import Coloring, Tolerance, TreeCache
 from .errors import UsageError
@@ -43,6 +44,67 @@ class MemberFigures:
     frozen: str | None
 
 
+@dataclass(frozen=True)
+class SiteForward:
+    """What one site's forward pass wrote: the fibers of its outputs (tensor name -> coloring),
+    and the merge distances its clustering recorded (None where it recorded none)."""
+
+    fibers: tuple[tuple[str, Coloring], ...]
+    heights: np.ndarray | None
+
+
+class ForwardMemo:
+    """Each site's forward pass (:class:`SiteForward`) by what it reads: the site's place and
+    name, its tolerance and chosen colors, and its inputs' fibers. For the many analyses of one
+    model (a search): the model's weights are not part of the key, so one memo serves one model,
+    and a search step that changes one layer's eps re-clusters only what that change reaches.
+    Holds at most ``budget`` bytes, dropping the least recently used."""
+
+    def __init__(self, budget: int = 256 << 20) -> None:
+        self.budget = budget
+        self._done: OrderedDict[bytes, SiteForward] = OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def key(index: int, site: Site, tol: Tolerance, recording: bool, fibers: Sequence[Coloring]) -> bytes:
+        digest = xxhash.xxh3_128()
+        chosen = tol.chosen
+        for coloring in fibers:
+            digest.update(b"f%d|" % len(coloring))
+            digest.update(np.ascontiguousarray(coloring.partition.labels).data)
+            digest.update(np.ascontiguousarray(coloring.scales, dtype=np.float64).data)
+        if chosen is not None:
+            partition = chosen.partition if isinstance(chosen, Coloring) else chosen
+            digest.update(b"c%d|" % len(partition))
+            digest.update(np.ascontiguousarray(partition.labels).data)
+            if isinstance(chosen, Coloring):
+                digest.update(np.ascontiguousarray(chosen.scales, dtype=np.float64).data)
+        return b"%d|%s|%s|%d|" % (index, site.name.encode(), repr(tol.eps).encode(), recording) + digest.digest()
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def get(self, key: bytes) -> SiteForward | None:
+        done = self._done.get(key)
+        if done is not None:
+            self._done.move_to_end(key)
+        return done
+
+    def put(self, key: bytes, done: SiteForward) -> None:
+        for _, coloring in done.fibers:  # shared by every analysis that reads it again
+            coloring.partition.labels.setflags(write=False)
+            coloring.scales.setflags(write=False)
+        self._done[key] = done
+        self._bytes += _nbytes(done)
+        while self._bytes > self.budget and len(self._done) > 1:
+            self._bytes -= _nbytes(self._done.popitem(last=False)[1])
+
+
+def _nbytes(done: SiteForward) -> int:
+    return sum(c.partition.labels.nbytes + c.scales.nbytes for _, c in done.fibers) + (
+        0 if done.heights is None else done.heights.nbytes)
+
+
 class Analysis:
     """The state of one run over one model (no globals): sites, colorings, groups, plans.
 
@@ -59,6 +121,8 @@ class Analysis:
     rule binds, each with its rule's reason. ``storage`` reads a model whose external data was
     not loaded from disk (``GraphView``). With ``figures`` False (a search's many analyses, which
     need only the collapse) the fibers, opfibers and covers of each tensor are not worked out,
+    ``forwards`` gives the forward pass of a site that read the same before (``ForwardMemo``:
+    one per model), and
     and with the fiber symmetry, whose collapse does not read opfibers, the backward pass is
     skipped: ``figures`` is then empty, and ``layers`` carry None for them."""
 
@@ -66,7 +130,7 @@ class Analysis:
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
                  record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
                  trees: TreeCache | None = None, prepared: gs.Graph | None = None,
-                 storage: Storage | None = None, figures: bool = True) -> None:
+                 storage: Storage | None = None, figures: bool = True, forwards: ForwardMemo | None = None) -> None:
         if symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
         self.graph = GraphView(model, prepared=prepared, storage=storage)
@@ -85,13 +149,14 @@ class Analysis:
         self._freeze = self._freeze_reasons()
         self.layer_eps = self._site_eps(float(eps), dict(layer_eps or {}))
         tolerances = {id(site): Tolerance(self.layer_eps.get(id(site), float(eps)), trees=trees) for site in self.sites}
-        for site in self.sites:
+        self._written: list[tuple[str, Coloring]] | None = None  # the fibers set by the site running
+        for index, site in enumerate(self.sites):
             recorded: list[np.ndarray] | None = [] if record_heights and site.layer else None
             self.tol = Tolerance(tolerances[id(site)].eps, recorded, (layer_colorings or {}).get(site.name), trees)
-            site.forward(self)
-            self.graph.release()
-            if recorded:
-                self.heights[site.name] = recorded[-1]
+            done = self._forward(index, site, forwards)
+            self._fibers.update(done.fibers)
+            if done.heights is not None and recorded is not None:
+                self.heights[site.name] = done.heights
         for site in reversed(self.sites) if figures or symmetry == "cover" else ():
             for port in site.outputs:
                 self._settle_opfiber(port)
@@ -123,6 +188,8 @@ class Analysis:
 
     def set_fiber(self, port: Port, coloring: Coloring) -> None:
         self._fibers[port.name] = coloring
+        if self._written is not None:
+            self._written.append((port.name, coloring))
 
     def opfiber(self, port: Port) -> Partition:
         return self._settle_opfiber(port)
@@ -145,6 +212,27 @@ class Analysis:
         return next((site for site, p in self._ports.get(port.name, ()) if p in site.outputs), None)
 
     # -- passes -----------------------------------------------------------------------------
+    def _forward(self, index: int, site: Site, forwards: ForwardMemo | None) -> SiteForward:
+        """The forward pass of ``site`` (the ``index``-th) at ``self.tol``, from ``forwards`` when
+        it read the same there before."""
+        if forwards is None:
+            return self._run_forward(site)
+        key = ForwardMemo.key(index, site, self.tol, self.tol.heights is not None,
+                              [self.fiber(port) for port in site.inputs])
+        done = forwards.get(key)
+        if done is None:
+            done = self._run_forward(site)
+            forwards.put(key, done)
+        return done
+
+    def _run_forward(self, site: Site) -> SiteForward:
+        self._written = []
+        site.forward(self)
+        self.graph.release()
+        done = SiteForward(tuple(self._written), self.tol.heights[-1] if self.tol.heights else None)
+        self._written = None
+        return done
+
     def _site_eps(self, eps: float, layer_eps: dict[str, float]) -> dict[int, float]:
         """The eps of every site: a layer's own (``layer_eps`` or ``eps``), any other site's that of
         the site producing its first input (``eps`` when none does)."""
@@ -333,12 +421,12 @@ def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
             registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
             record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
             trees: TreeCache | None = None, prepared: gs.Graph | None = None,
-            storage: Storage | None = None, figures: bool = True) -> Analysis:
+            storage: Storage | None = None, figures: bool = True, forwards: ForwardMemo | None = None) -> Analysis:
     """Analyse ``model`` (external data loaded, or on disk at ``storage``) at tolerance ``eps``
     (``layer_eps`` per layer); see :class:`Analysis`."""
     return Analysis(model, eps=eps, symmetry=symmetry, registry=registry, layer_eps=layer_eps,
                     record_heights=record_heights, layer_colorings=layer_colorings, trees=trees, prepared=prepared,
-                    storage=storage, figures=figures)
+                    storage=storage, figures=figures, forwards=forwards)
 
 
-__all__ = ["Analysis", "MemberFigures", "SYMMETRIES", "analyze", "bind"]
+__all__ = ["Analysis", "ForwardMemo", "MemberFigures", "SiteForward", "SYMMETRIES", "analyze", "bind"]

@@ -35,6 +35,7 @@ analysis has them (:meth:`Evaluator.finish`).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -42,7 +43,7 @@ import numpy as np
 import onnx
 
 from . import stats
-from .analysis import Analysis, analyze
+from .analysis import Analysis, ForwardMemo, analyze
 from .coloring import Coloring, TreeCache
 from .graph import GraphView
 from .calibrate import OriginalActivations, Selector, refit
@@ -52,6 +53,10 @@ from .partition import Partition
 from .validation import Batch, chunked, common_rows, concatenated, run_tensors
 
 TARGET_KINDS = ("params", "error", "drop", "agreement", "cosine")
+
+#: Analyses an :class:`Evaluator` keeps for the search to ask again (each holds a graph and
+#: its collapse).
+RECENT_ANALYSES = 2
 
 #: A trade of the exchange phase merges about this fraction of a layer's rows (at least one).
 STEP_FRACTION = 1 / 32
@@ -134,16 +139,24 @@ class Evaluator:
     ``calibrate`` kept channels chosen from the data (``calibrate.Selector``), and every collapse
     is refit, on ``fit_batches`` (default: the measuring ``batches`` themselves). ``trees`` keeps
     the layers' clustering trees across its analyses (signatures that did not change are not
-    clustered again); evaluators of one model may share one. The model is preprocessed once
+    clustered again), ``forwards`` each site's forward pass by what it read (a site whose
+    inputs and eps did not change is not run again: ``analysis.ForwardMemo``); evaluators of one
+    model may share them. The model is preprocessed once
     (``GraphView``), and each analysis copies the result. ``scales`` (default: each output's
-    largest magnitude on ``batches``) are what relative errors divide by."""
+    largest magnitude on ``batches``) are what relative errors divide by. The last
+    ``RECENT_ANALYSES`` analyses a search asked for by their eps alone are kept and given again
+    (a search counts, reads the merge distances of and measures the same eps in turn); a collapse
+    that is refit works on an analysis of its own, since the refit rewrites the analysis's graph."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, symmetry: str = "fiber",
                  labels: np.ndarray | None = None, calibrate: bool = False, ridge: float = 1e-3,
                  folder: Folder | None = None, fit_batches: Sequence[Batch] | None = None,
-                 trees: TreeCache | None = None, scales: Sequence[float] | None = None) -> None:
+                 trees: TreeCache | None = None, scales: Sequence[float] | None = None,
+                 forwards: ForwardMemo | None = None) -> None:
         self.original = original
         self.trees = TreeCache() if trees is None else trees
+        self.forwards = ForwardMemo() if forwards is None else forwards
+        self._recent: OrderedDict[tuple[tuple[tuple[str, float], ...], float], Analysis] = OrderedDict()
         self.prepared = GraphView(original).graph  # preprocessed once; every analysis copies it
         self.batches = list(chunked(batches))
         self.fit_batches = self.batches if fit_batches is None else list(chunked(fit_batches))
@@ -187,12 +200,12 @@ class Evaluator:
     def probe(self, layer_eps: Mapping[str, float]) -> Outcome:
         """The collapse at ``layer_eps`` as merged (no regrouping), measured: what a search
         probes a layer's sensitivity with."""
-        analysis = self._analyze(layer_eps, record_heights=True)
+        analysis = self._merged(layer_eps, refit=self.calibrate)
         return self._collapse(layer_eps, analysis, analysis.heights, "merge")
 
     def groupings(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> list[Outcome]:
         """The collapse at ``layer_eps`` as merged, then regrouped by each chooser that applies."""
-        analysis = self._analyze(layer_eps, eps, record_heights=True)
+        analysis = self._merged(layer_eps, eps, refit=self.calibrate)
         outcomes = [self._collapse(layer_eps, analysis, analysis.heights, "merge", eps)]
         for name, chooser in self.choosers.items():
             chosen = chooser.colorings(analysis)
@@ -206,7 +219,21 @@ class Evaluator:
         """The model analysed at ``layer_eps`` through the shared trees and preprocessed graph;
         without figures (``Analysis(figures=False)``) unless asked: a search needs the collapse."""
         return analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, trees=self.trees,
-                       prepared=self.prepared, figures=figures, **options)
+                       prepared=self.prepared, figures=figures, forwards=self.forwards, **options)
+
+    def _merged(self, layer_eps: Mapping[str, float], eps: float = 0.0, *, refit: bool = False) -> Analysis:
+        """The analysis at ``layer_eps`` with its merge distances, one of the recent ones unless
+        it is to be ``refit`` (then a new one, not kept)."""
+        if refit:
+            return self._analyze(layer_eps, eps, record_heights=True)
+        key = (tuple(sorted(layer_eps.items())), eps)
+        if key in self._recent:
+            self._recent.move_to_end(key)
+        else:
+            self._recent[key] = self._analyze(layer_eps, eps, record_heights=True)
+            while len(self._recent) > RECENT_ANALYSES:
+                self._recent.popitem(last=False)
+        return self._recent[key]
 
     def _collapse(self, layer_eps: Mapping[str, float], analysis: Analysis, heights: dict[str, np.ndarray],
                   grouping: str, eps: float = 0.0, colorings: Mapping[str, Coloring | Partition] | None = None
@@ -234,11 +261,11 @@ class Evaluator:
 
     def params(self, layer_eps: Mapping[str, float]) -> int:
         """The parameters of the collapse at ``layer_eps``, without measuring it."""
-        return stats.count_parameters(self._analyze(layer_eps).collapse())
+        return stats.count_parameters(self._merged(layer_eps).collapse())
 
     def heights(self, layer_eps: Mapping[str, float]) -> dict[str, np.ndarray]:
         """Each layer's merge distances at ``layer_eps`` (they depend on the layers before it)."""
-        return self._analyze(layer_eps, record_heights=True).heights
+        return self._merged(layer_eps).heights
 
     def finish(self, outcome: Outcome) -> Outcome:
         """The outcome a search returns: as measured, with the analysis worked out in full (the
@@ -278,6 +305,7 @@ class HeldOut(Evaluator):
         parts, part_labels, self.rows = deal_rows(self.whole.batches, labels, folds)
         self.parts = [
             Evaluator(original, [part], labels=part_labels[k], trees=self.whole.trees, scales=self.whole.scales,
+                      forwards=self.whole.forwards,
                       fit_batches=[other for j, other in enumerate(parts) if j != k], **options)
             for k, part in enumerate(parts)
         ]

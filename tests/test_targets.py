@@ -5,12 +5,14 @@ reports reproduce it."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 from conftest import build_mlp
 
 import onnxfib
 from onnxfib import stats
-from onnxfib.analysis import analyze
+from onnxfib.analysis import ForwardMemo, analyze
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
 from onnxfib.targets import Evaluator, HeldOut, can_deal, deal_rows, search
@@ -262,3 +264,32 @@ def test_lazy_greedy_measures_far_fewer_collapses_than_layers_times_steps():
     assert _relative_error(outcome.model, deep, rows) <= 0.3
     assert len(steps) >= 4 and layers == 8
     assert evaluate.calls < layers * len(steps) / 2
+
+
+def test_forward_memo_reruns_only_the_sites_a_changed_layer_reaches():
+    """A search's analyses share a ForwardMemo: when one layer's eps changes, the sites before it
+    read what they read before and are not run again, and the analysis equals one made without
+    the memo (the same fibers, merge distances and collapsed weights)."""
+    deep, _ = _deep_mlp()
+    memo = ForwardMemo()
+    first = analyze(deep, eps=0.3, forwards=memo, record_heights=True, figures=False)
+    assert len(memo) == len(first.sites)
+    names = [site.name for site in first.sites]
+    changed = [layer.name for layer in first.layers if layer.frozen is None][-2]
+    layer_eps = {changed: 0.9}
+    again = analyze(deep, eps=0.3, layer_eps=layer_eps, forwards=memo, record_heights=True, figures=False)
+    fresh = analyze(deep, eps=0.3, layer_eps=layer_eps, record_heights=True, figures=False)
+    rerun = len(memo) - len(first.sites)
+    assert 1 <= rerun <= len(names) - names.index(changed)
+    for site in fresh.sites:
+        for port in site.outputs:
+            assert again.fiber(port).partition == fresh.fiber(port).partition
+            np.testing.assert_array_equal(again.fiber(port).scales, fresh.fiber(port).scales)
+    assert again.heights.keys() == fresh.heights.keys()
+    for name, heights in fresh.heights.items():
+        np.testing.assert_array_equal(again.heights[name], heights)
+    widths = [{layer.name: layer.width_after for layer in analysis.layers}[changed] for analysis in (first, again)]
+    assert widths[1] < widths[0]  # the changed layer was clustered again, at its new eps
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in fresh.collapse().graph.initializer}
+    assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in again.collapse().graph.initializer} == {
+        name: array.tobytes() for name, array in weights.items()}
