@@ -121,10 +121,9 @@ class Analysis:
     rule binds, each with its rule's reason. ``storage`` reads a model whose external data was
     not loaded from disk (``GraphView``). With ``figures`` False (a search's many analyses, which
     need only the collapse) the fibers, opfibers and covers of each tensor are not worked out,
-    ``forwards`` gives the forward pass of a site that read the same before (``ForwardMemo``:
-    one per model), and
     and with the fiber symmetry, whose collapse does not read opfibers, the backward pass is
-    skipped: ``figures`` is then empty, and ``layers`` carry None for them."""
+    skipped: ``figures`` is then empty, and ``layers`` carry None for them. ``forwards`` gives
+    the forward pass of a site that read the same before (``ForwardMemo``: one per model)."""
 
     def __init__(self, model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
