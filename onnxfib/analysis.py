@@ -11,7 +11,7 @@ The passes, in order (docs/architecture.md explains each):
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import xxhash
 
-from .coloring import Coloring, Tolerance, TreeCache
+from .coloring import Budgeted, Coloring, Tolerance, TreeCache
 from .errors import UsageError
 from .graph import GraphView
 from .partition import Partition
@@ -61,9 +61,7 @@ class ForwardMemo:
     Holds at most ``budget`` bytes, dropping the least recently used."""
 
     def __init__(self, budget: int = 256 << 20) -> None:
-        self.budget = budget
-        self._done: OrderedDict[bytes, SiteForward] = OrderedDict()
-        self._bytes = 0
+        self._done: Budgeted[SiteForward] = Budgeted(budget)
 
     @staticmethod
     def key(index: int, site: Site, tol: Tolerance, recording: bool, fibers: Sequence[Coloring]) -> bytes:
@@ -85,24 +83,14 @@ class ForwardMemo:
         return len(self._done)
 
     def get(self, key: bytes) -> SiteForward | None:
-        done = self._done.get(key)
-        if done is not None:
-            self._done.move_to_end(key)
-        return done
+        return self._done.get(key)
 
     def put(self, key: bytes, done: SiteForward) -> None:
         for _, coloring in done.fibers:  # shared by every analysis that reads it again
             coloring.partition.labels.setflags(write=False)
             coloring.scales.setflags(write=False)
-        self._done[key] = done
-        self._bytes += _nbytes(done)
-        while self._bytes > self.budget and len(self._done) > 1:
-            self._bytes -= _nbytes(self._done.popitem(last=False)[1])
-
-
-def _nbytes(done: SiteForward) -> int:
-    return sum(c.partition.labels.nbytes + c.scales.nbytes for _, c in done.fibers) + (
-        0 if done.heights is None else done.heights.nbytes)
+        nbytes = sum(c.partition.labels.nbytes + c.scales.nbytes for _, c in done.fibers)
+        self._done.put(key, done, nbytes + (0 if done.heights is None else done.heights.nbytes))
 
 
 class Analysis:

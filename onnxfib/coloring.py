@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 import xxhash
@@ -20,6 +21,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
 
 from .partition import Partition
+
+V = TypeVar("V")
 
 #: Largest difference (max-norm, after normalising) still called "equal" in exact mode.
 EXACT_TOL = 1e-6
@@ -226,6 +229,32 @@ def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
     return labels
 
 
+class Budgeted(Generic[V]):
+    """Values by key within a budget of bytes (each value's size given when it is put), dropping
+    the least recently used; the last value put is always kept."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._values: OrderedDict[bytes, tuple[V, int]] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, key: bytes) -> V | None:
+        held = self._values.get(key)
+        if held is None:
+            return None
+        self._values.move_to_end(key)
+        return held[0]
+
+    def put(self, key: bytes, value: V, nbytes: int) -> None:
+        self._values[key] = (value, nbytes)
+        self._bytes += nbytes
+        while self._bytes > self.budget and len(self._values) > 1:
+            self._bytes -= self._values.popitem(last=False)[1][1]
+
+
 class TreeCache:
     """Clusterings by the rows they were computed from: average-linkage trees and exact-equality
     labels (:func:`equal_row_labels`). One per search over a model, so a layer whose input
@@ -233,9 +262,7 @@ class TreeCache:
     dropping the least recently used."""
 
     def __init__(self, budget: int = 256 << 20) -> None:
-        self.budget = budget
-        self._results: OrderedDict[bytes, np.ndarray] = OrderedDict()
-        self._bytes = 0
+        self._results: Budgeted[np.ndarray] = Budgeted(budget)
 
     def tree(self, unit: np.ndarray) -> np.ndarray:
         """The tree of :func:`average_linkage` for ``unit``, built once per distinct matrix."""
@@ -249,14 +276,11 @@ class TreeCache:
         rows = np.ascontiguousarray(rows)
         key = b"%s|%s|%s|" % (kind, str(rows.shape).encode(), rows.dtype.str.encode())
         key += xxhash.xxh3_128_digest(rows.data)  # 128 bits, about 10 GB/s: signatures are large
-        if key in self._results:
-            self._results.move_to_end(key)
-            return self._results[key]
-        result = self._results[key] = compute(rows)
-        result.setflags(write=False)  # shared by every analysis that asks again
-        self._bytes += result.nbytes
-        while self._bytes > self.budget and len(self._results) > 1:
-            self._bytes -= self._results.popitem(last=False)[1].nbytes
+        result = self._results.get(key)
+        if result is None:
+            result = compute(rows)
+            result.setflags(write=False)  # shared by every analysis that asks again
+            self._results.put(key, result, result.nbytes)
         return result
 
 
