@@ -12,6 +12,7 @@ The passes, in order (docs/architecture.md explains each):
 from __future__ import annotations
 
 from collections import defaultdict
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,12 +46,25 @@ class MemberFigures:
 
 
 @dataclass(frozen=True)
+class Cut:
+    """A layer's eps given by a count of merges: the eps at which its rows make ``merges``
+    merges, cut from its own merge distances when the forward pass reaches it (they move when
+    the layers before it merge). The layers in ``partners`` (tied to it, later in the graph)
+    take the eps it settles on."""
+
+    merges: int
+    partners: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SiteForward:
     """What one site's forward pass wrote: the fibers of its outputs (tensor name -> coloring),
-    and the merge distances its clustering recorded (None where it recorded none)."""
+    the merge distances its clustering recorded (None where it recorded none), and the eps it
+    ran at (settled by its clustering where its layer was given a :class:`Cut`)."""
 
     fibers: tuple[tuple[str, Coloring], ...]
     heights: np.ndarray | None
+    eps: float
 
 
 class ForwardMemo:
@@ -77,7 +91,7 @@ class ForwardMemo:
             digest.update(np.ascontiguousarray(partition.labels).data)
             if isinstance(chosen, Coloring):
                 digest.update(np.ascontiguousarray(chosen.scales, dtype=np.float64).data)
-        return b"%d|%s|%s|%d|" % (index, site.name.encode(), repr(tol.eps).encode(), recording) + digest.digest()
+        return b"%d|%s|%s|%d|" % (index, site.name.encode(), tol.key.encode(), recording) + digest.digest()
 
     def __len__(self) -> int:
         return len(self._done)
@@ -97,8 +111,9 @@ class Analysis:
     """The state of one run over one model (no globals): sites, colorings, groups, plans.
 
     ``eps`` is the tolerance of every layer that ``layer_eps`` (layer name -> eps, the names of
-    ``layers``) does not name; a site that is not a layer uses the tolerance of the site
-    producing its first input. With ``record_heights`` each layer's merge distances are kept in
+    ``layers``) and ``layer_cuts`` (layer name -> :class:`Cut`: its eps settled by a count of
+    merges) do not name; a site that is not a layer uses the tolerance of the site producing
+    its first input. ``layers`` report the eps each layer ran at. With ``record_heights`` each layer's merge distances are kept in
     ``heights`` (layer name -> sorted cosine distances at which its rows would merge).
     ``layer_colorings`` imposes a layer's output coloring (layer name -> coloring of its output
     channels, or a partition whose scales are fitted to the rows: ``coloring.fitted_scales``)
@@ -117,7 +132,8 @@ class Analysis:
                  registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
                  record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
                  trees: TreeCache | None = None, prepared: gs.Graph | None = None,
-                 storage: Storage | None = None, figures: bool = True, forwards: ForwardMemo | None = None) -> None:
+                 storage: Storage | None = None, figures: bool = True, forwards: ForwardMemo | None = None,
+                 layer_cuts: Mapping[str, Cut] | None = None) -> None:
         if symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
         self.graph = GraphView(model, prepared=prepared, storage=storage)
@@ -134,16 +150,25 @@ class Analysis:
         self._ports = self._ports_by_tensor()
         self._expanding: dict[str, Port] = {}  # graph outputs that narrow and are re-expanded
         self._freeze = self._freeze_reasons()
-        self.layer_eps = self._site_eps(float(eps), dict(layer_eps or {}))
-        tolerances = {id(site): Tolerance(self.layer_eps.get(id(site), float(eps)), trees=trees) for site in self.sites}
+        self._check_layer_names([*(layer_eps or {}), *(layer_cuts or {}),
+                                 *(p for cut in (layer_cuts or {}).values() for p in cut.partners)])
+        self.layer_eps: dict[int, float] = {}  # the eps each site ran at, by id(site)
         self._written: list[tuple[str, Coloring]] | None = None  # the fibers set by the site running
+        of_tensor: dict[str, float] = {}  # the eps of the site producing each tensor
+        of_layer: dict[str, float] = {}  # the eps of each layer run
         for index, site in enumerate(self.sites):
             recorded: list[np.ndarray] | None = [] if record_heights and site.layer else None
-            self.tol = Tolerance(tolerances[id(site)].eps, recorded, (layer_colorings or {}).get(site.name), trees)
+            site_eps, merges = self._site_eps(site, float(eps), layer_eps or {}, layer_cuts or {}, of_tensor, of_layer)
+            self.tol = Tolerance(site_eps, recorded, (layer_colorings or {}).get(site.name), trees, merges)
             done = self._forward(index, site, forwards)
             self._fibers.update(done.fibers)
             if done.heights is not None and recorded is not None:
                 self.heights[site.name] = done.heights
+            self.layer_eps[id(site)] = done.eps
+            of_tensor.update((p.name, done.eps) for p in site.outputs)
+            if site.layer:
+                of_layer[site.name] = done.eps
+        tolerances = {id(site): Tolerance(self.layer_eps[id(site)], trees=trees) for site in self.sites}
         for site in reversed(self.sites) if figures or symmetry == "cover" else ():
             for port in site.outputs:
                 self._settle_opfiber(port)
@@ -216,27 +241,34 @@ class Analysis:
         self._written = []
         site.forward(self)
         self.graph.release()
-        done = SiteForward(tuple(self._written), self.tol.heights[-1] if self.tol.heights else None)
+        self.tol.settle(np.empty(0))  # a layer cut by merges that clustered no two rows makes none
+        done = SiteForward(tuple(self._written), self.tol.heights[-1] if self.tol.heights else None, self.tol.eps)
         self._written = None
         return done
 
-    def _site_eps(self, eps: float, layer_eps: dict[str, float]) -> dict[int, float]:
-        """The eps of every site: a layer's own (``layer_eps`` or ``eps``), any other site's that of
-        the site producing its first input (``eps`` when none does)."""
+    def _check_layer_names(self, names: Sequence[str]) -> None:
         layers = {site.name for site in self.sites if site.layer}
-        unknown = sorted(set(layer_eps) - layers)
+        unknown = sorted(set(names) - layers)
         if unknown:
             raise UsageError(f"per-layer eps names unknown layer(s) {unknown}; the layers are {sorted(layers)}")
-        chosen: dict[int, float] = {}
-        of_tensor: dict[str, float] = {}
-        for site in self.sites:
-            if site.layer:
-                value = layer_eps.get(site.name, eps)
-            else:
-                value = next((of_tensor[p.name] for p in site.inputs[:1] if p.name in of_tensor), eps)
-            chosen[id(site)] = value
-            of_tensor.update((p.name, value) for p in site.outputs)
-        return chosen
+
+    @staticmethod
+    def _site_eps(site: Site, eps: float, layer_eps: Mapping[str, float], layer_cuts: Mapping[str, Cut],
+                  of_tensor: Mapping[str, float], of_layer: Mapping[str, float]) -> tuple[float, int | None]:
+        """The eps ``site`` runs at, and the merges to settle it by (NaN and a count for a layer
+        given a :class:`Cut`). A layer's eps is the one its head settled on when it is a cut's
+        partner, else its ``layer_eps`` or ``eps``; any other site's that of the site producing
+        its first input (``eps`` when none does)."""
+        if not site.layer:
+            return next((of_tensor[p.name] for p in site.inputs[:1] if p.name in of_tensor), eps), None
+        if site.name in layer_cuts:
+            return math.nan, layer_cuts[site.name].merges
+        head = next((name for name, cut in layer_cuts.items() if site.name in cut.partners), None)
+        if head is None:
+            return layer_eps.get(site.name, eps), None
+        if head not in of_layer:
+            raise ValueError(f"layer {site.name!r} is cut as a partner of {head!r}, which comes after it")
+        return of_layer[head], None
 
     def _ports_by_tensor(self) -> dict[str, list[tuple[Site, Port]]]:
         ports: dict[str, list[tuple[Site, Port]]] = defaultdict(list)
@@ -408,12 +440,13 @@ def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",
             registry: Registry | None = None, layer_eps: Mapping[str, float] | None = None,
             record_heights: bool = False, layer_colorings: Mapping[str, Coloring | Partition] | None = None,
             trees: TreeCache | None = None, prepared: gs.Graph | None = None,
-            storage: Storage | None = None, figures: bool = True, forwards: ForwardMemo | None = None) -> Analysis:
+            storage: Storage | None = None, figures: bool = True, forwards: ForwardMemo | None = None,
+            layer_cuts: Mapping[str, Cut] | None = None) -> Analysis:
     """Analyse ``model`` (external data loaded, or on disk at ``storage``) at tolerance ``eps``
-    (``layer_eps`` per layer); see :class:`Analysis`."""
+    (``layer_eps`` and ``layer_cuts`` per layer); see :class:`Analysis`."""
     return Analysis(model, eps=eps, symmetry=symmetry, registry=registry, layer_eps=layer_eps,
                     record_heights=record_heights, layer_colorings=layer_colorings, trees=trees, prepared=prepared,
-                    storage=storage, figures=figures, forwards=forwards)
+                    storage=storage, figures=figures, forwards=forwards, layer_cuts=layer_cuts)
 
 
-__all__ = ["Analysis", "ForwardMemo", "MemberFigures", "SiteForward", "SYMMETRIES", "analyze", "bind"]
+__all__ = ["Analysis", "Cut", "ForwardMemo", "MemberFigures", "SiteForward", "SYMMETRIES", "analyze", "bind"]

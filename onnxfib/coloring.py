@@ -284,7 +284,24 @@ class TreeCache:
         return result
 
 
-@dataclass(frozen=True)
+#: The eps of rows cut to all their merges: the largest there is, so that the sites their
+#: channels are tied to (a depthwise Conv, a BatchNorm, reading the same eps) merge them too.
+ALL_MERGES_EPS = 1.999
+
+
+def cut_eps(heights: np.ndarray, merges: int) -> float:
+    """The eps at which rows with the merge distances ``heights`` (sorted) make ``merges``
+    merges: 0 for none, the middle of the gap after the last of them, ``ALL_MERGES_EPS`` for all
+    of them (and where that middle would reach 2, the largest cosine distance)."""
+    if merges <= 0:
+        return 0.0
+    if merges >= len(heights):
+        return ALL_MERGES_EPS
+    middle = 0.5 * (heights[merges - 1] + heights[merges])
+    return float(middle) if middle < 2.0 else ALL_MERGES_EPS
+
+
+@dataclass
 class Tolerance:
     """How close two channels must be to share a color: eps = 0 exact, else cosine clustering.
 
@@ -294,12 +311,26 @@ class Tolerance:
     colors :meth:`cluster` returns whatever the signatures (a layer whose merge was chosen
     otherwise: from calibration data, or by folding): a Coloring as it is, a Partition with
     the least-squares scales of :func:`fitted_scales`. ``trees``, when given, keeps the linkage
-    trees of signatures seen before (a search re-analyses mostly unchanged layers)."""
+    trees of signatures seen before (a search re-analyses mostly unchanged layers). With
+    ``merges``, eps is not known in advance (pass NaN): the first clustering settles it at the
+    eps where its rows make that many merges (:func:`cut_eps` of its own tree), and ``eps``
+    holds it from then on (:meth:`settle` settles it for a site that clustered no two rows)."""
 
     eps: float
     heights: list[np.ndarray] | None = field(default=None, compare=False)
     chosen: Coloring | Partition | None = field(default=None, compare=False)
     trees: TreeCache | None = field(default=None, compare=False)
+    merges: int | None = None
+
+    @property
+    def key(self) -> str:
+        """What decides the colors besides the signatures: the eps, or the merges to settle it by."""
+        return repr(self.eps) if self.merges is None else f"merges {self.merges}"
+
+    def settle(self, heights: np.ndarray) -> None:
+        """Fix eps at :func:`cut_eps` of ``heights`` when it was to be settled by merges."""
+        if self.merges is not None:
+            self.eps, self.merges = cut_eps(heights, self.merges), None
 
     @property
     def exact(self) -> bool:
@@ -334,10 +365,13 @@ class Tolerance:
         live = np.flatnonzero(np.isfinite(norms) & (norms > 1e-30))
         if live.size:
             unit = (sig if live.size == len(sig) else sig[live]) / norms[live, None]
-            if live.size > 1 and (self.heights is not None or (self.trees is not None and not self.exact)):
+            wants_tree = self.heights is not None or self.merges is not None
+            if live.size > 1 and (wants_tree or (self.trees is not None and not self.exact)):
                 tree = self.trees.tree(unit) if self.trees is not None else average_linkage(unit)
+                distances = np.maximum.accumulate(tree[:, 2])
                 if self.heights is not None:
-                    self.heights.append(np.maximum.accumulate(tree[:, 2]))
+                    self.heights.append(distances)
+                self.settle(distances)
                 labels[live] = self._equal(unit, EXACT_TOL) if self.exact else fcluster(
                     tree, t=self.eps, criterion="distance")
             elif self.exact or live.size == 1:

@@ -43,8 +43,8 @@ import numpy as np
 import onnx
 
 from . import stats
-from .analysis import Analysis, ForwardMemo, analyze
-from .coloring import Coloring, TreeCache
+from .analysis import Analysis, Cut, ForwardMemo, analyze
+from .coloring import Coloring, TreeCache, cut_eps
 from .graph import GraphView
 from .calibrate import OriginalActivations, Selector, refit
 from .folding import Folder
@@ -229,11 +229,24 @@ class Evaluator:
         key = (tuple(sorted(layer_eps.items())), eps)
         if key in self._recent:
             self._recent.move_to_end(key)
-        else:
-            self._recent[key] = self._analyze(layer_eps, eps, record_heights=True)
-            while len(self._recent) > RECENT_ANALYSES:
-                self._recent.popitem(last=False)
-        return self._recent[key]
+            return self._recent[key]
+        return self._keep(key, self._analyze(layer_eps, eps, record_heights=True))
+
+    def _keep(self, key: tuple[tuple[tuple[str, float], ...], float], analysis: Analysis) -> Analysis:
+        self._recent[key] = analysis
+        while len(self._recent) > RECENT_ANALYSES:
+            self._recent.popitem(last=False)
+        return analysis
+
+    def cut(self, layer_eps: Mapping[str, float], cuts: Mapping[str, Cut]) -> dict[str, float]:
+        """``layer_eps`` with each layer of ``cuts`` (and its partners) at the eps making its
+        merges, as one analysis settles them (``Analysis(layer_cuts=)``); that analysis is kept
+        among the recent ones, by the eps it settled."""
+        analysis = self._analyze(layer_eps, layer_cuts=cuts, record_heights=True)
+        named = {*cuts, *(partner for cut in cuts.values() for partner in cut.partners)}
+        settled = {**layer_eps, **{layer.name: layer.eps for layer in analysis.layers if layer.name in named}}
+        self._keep((tuple(sorted(settled.items())), 0.0), analysis)
+        return settled
 
     def _collapse(self, layer_eps: Mapping[str, float], analysis: Analysis, heights: dict[str, np.ndarray],
                   grouping: str, eps: float = 0.0, colorings: Mapping[str, Coloring | Partition] | None = None
@@ -297,7 +310,7 @@ class HeldOut(Evaluator):
     pooled error is kept; :meth:`finish` refits it on all the data and reports the pooled figures.
     For targets on the error or the accuracy of a calibrated collapse, whose in-sample figures
     flatter it; the rows must allow it (:func:`can_deal`). Serves the search (call, ``params``,
-    ``heights``, ``finish``, ``figure``, ``report``); its parts are plain Evaluators."""
+    ``heights``, ``cut``, ``finish``, ``figure``, ``report``); its parts are plain Evaluators."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, folds: int,
                  labels: np.ndarray | None = None, **options) -> None:
@@ -332,6 +345,9 @@ class HeldOut(Evaluator):
 
     def heights(self, layer_eps: Mapping[str, float]) -> dict[str, np.ndarray]:
         return self.whole.heights(layer_eps)
+
+    def cut(self, layer_eps: Mapping[str, float], cuts: Mapping[str, Cut]) -> dict[str, float]:
+        return self.whole.cut(layer_eps, cuts)
 
     def finish(self, outcome: Outcome) -> Outcome:
         """The outcome's grouping refit on all the data, with the pooled held-out figures."""
@@ -651,10 +667,10 @@ def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], cur
     for index, (name, merges) in enumerate(depths.items()):
         heights = current.heights[name]
         done = _merged(heights, current.layer_eps.get(name, 0.0))
-        outcome = evaluate.probe(_unit_eps(current.layer_eps, name, units[name], _cut(heights, merges)))
+        outcome = evaluate.probe(_unit_eps(current.layer_eps, name, units[name], cut_eps(heights, merges)))
         if name not in updated and outcome.params >= current.params and merges < len(heights):
             merges = len(heights)  # merges blocked by the sites its channels are tied to: merge it whole
-            outcome = evaluate.probe(_unit_eps(current.layer_eps, name, units[name], _cut(heights, merges)))
+            outcome = evaluate.probe(_unit_eps(current.layer_eps, name, units[name], cut_eps(heights, merges)))
         if on_probe is not None:
             on_probe(name, index + 1, len(depths), outcome)
         removed = current.params - outcome.params
@@ -669,45 +685,18 @@ def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], cur
     return {name: replace(curve, floor=floor) for name, curve in updated.items()}
 
 
-#: How many times an allocation's eps are re-cut to the merge distances they meet (see
-#: :func:`_allocation`).
-RECUT_ROUNDS = 3
-
-
 def _allocation(evaluate: Evaluator, curves: Mapping[str, Curve], current: Outcome, price: float
                 ) -> dict[str, float]:
-    """Every layer's eps making its merges at ``price`` (error per parameter). A layer's merge
-    distances move when the layers before it merge (its input's colors change), so the eps cut
-    from ``current``'s distances are re-cut to the distances the allocation itself gives, a few
-    times (``RECUT_ROUNDS``, one analysis each), until every layer makes the merges chosen."""
-    merges = {name: curve.merges(price) for name, curve in curves.items()}
-    heights = current.heights
-    layer_eps = dict(current.layer_eps)
-    for _ in range(RECUT_ROUNDS):
-        recut = {name: _cut(heights[name], count) for name, count in merges.items()
-                 if name in heights and _merged(heights[name], layer_eps.get(name, 0.0)) != count}
-        if not recut:
-            break
-        for name, eps in recut.items():
-            layer_eps = _unit_eps(layer_eps, name, curves[name].partners, eps)
-        heights = evaluate.heights(layer_eps)
-    return layer_eps
+    """Every layer's eps making its merges at ``price`` (error per parameter), each cut from
+    its own merge distances as one analysis reaches it (they move when the layers before it
+    merge: :meth:`Evaluator.cut`)."""
+    return evaluate.cut(current.layer_eps, {name: Cut(curve.merges(price), curve.partners)
+                                            for name, curve in curves.items()})
 
 
 def _unit_eps(layer_eps: Mapping[str, float], name: str, partners: Sequence[str], eps: float) -> dict[str, float]:
     """``layer_eps`` with layer ``name`` and its tied partners at ``eps``."""
     return {**layer_eps, name: eps, **dict.fromkeys(partners, eps)}
-
-
-#: The eps of a layer allocated all its merges: the largest there is, so that the sites its
-#: channels are tied to (a depthwise Conv, a BatchNorm, reading the same eps) merge them too.
-ALL_MERGES_EPS = 1.999
-
-
-def _cut(heights: np.ndarray, merges: int) -> float:
-    """The eps at which a layer's rows make ``merges`` merges (``ALL_MERGES_EPS`` for all)."""
-    eps = _eps_for(heights, merges) if merges < len(heights) else None
-    return ALL_MERGES_EPS if eps is None else eps
 
 
 def _allocate(evaluate: Evaluator, curves: Mapping[str, Curve], current: Outcome, goal: float) -> Outcome:
@@ -796,18 +785,16 @@ def _exchange(evaluate: Evaluator, current: Outcome, curves: Mapping[str, Curve]
     cheapest = ranked[:EXCHANGE_LAYERS]
     for _ in range(rounds):
         improved = False
-        merged = [name for name in curves if name in current.heights
-                  and _merged(current.heights[name], current.layer_eps.get(name, 0.0)) > 0]
-        costly = sorted(merged, key=lambda n: scores[n], reverse=True)[:EXCHANGE_LAYERS]
+        counts = _merge_counts(current, curves)
+        costly = sorted((name for name, count in counts.items() if count > 0),
+                        key=lambda n: scores[n], reverse=True)[:EXCHANGE_LAYERS]
         for more_in in cheapest:
             for fewer_in in costly:
-                if more_in == fewer_in or more_in not in current.heights:
+                if more_in == fewer_in or more_in not in counts or counts[more_in] >= len(current.heights[more_in]):
                     continue
-                step = max(1, math.ceil(widths[more_in] * STEP_FRACTION))
-                eps = _next_eps(current.heights[more_in], current.layer_eps.get(more_in, 0.0), step)
-                if eps is None:
-                    continue
-                candidate = _trade(evaluate, current, curves, (more_in, eps, step), fewer_in, goal)
+                step = min(max(1, math.ceil(widths[more_in] * STEP_FRACTION)),
+                           len(current.heights[more_in]) - counts[more_in])
+                candidate = _trade(evaluate, current, curves, (more_in, step), fewer_in, goal)
                 if candidate is not None and candidate.params <= goal and candidate.mse < current.mse:
                     current, improved = candidate, True
                     if on_step is not None:
@@ -817,26 +804,33 @@ def _exchange(evaluate: Evaluator, current: Outcome, curves: Mapping[str, Curve]
     return current
 
 
+def _merge_counts(current: Outcome, curves: Mapping[str, Curve]) -> dict[str, int]:
+    """The merges each layer of ``curves`` makes in ``current``."""
+    return {name: _merged(current.heights[name], current.layer_eps.get(name, 0.0))
+            for name in curves if name in current.heights}
+
+
 #: How many parameter counts :func:`_trade` makes at most before it gives a trade up.
 TRADE_COUNTS = 3
 
 
-def _trade(evaluate: Evaluator, current: Outcome, curves: Mapping[str, Curve], more: tuple[str, float, int],
+def _trade(evaluate: Evaluator, current: Outcome, curves: Mapping[str, Curve], more: tuple[str, int],
            fewer_in: str, goal: float) -> Outcome | None:
-    """The outcome of ``more`` (a layer, its larger eps and the merges that adds) with as many
-    merges of ``fewer_in`` undone as keep the parameters within ``goal``, measured; None when
-    none can be. The number undone is predicted from the layers' ``per_merge`` and counted
-    (one analysis each, fewer undone while over the goal, at most ``TRADE_COUNTS`` counts)."""
-    more_in, eps, step = more
-    heights = current.heights[fewer_in]
-    undo = _merged(heights, current.layer_eps.get(fewer_in, 0.0))
-    merged = _unit_eps(current.layer_eps, more_in, curves[more_in].partners, eps)
+    """The outcome of ``more`` (a layer and the merges it makes beyond ``current``'s) with as
+    many merges of ``fewer_in`` undone as keep the parameters within ``goal``, every other layer
+    of ``curves`` making its merges of ``current`` (:meth:`Evaluator.cut`), measured; None when
+    none can be. The number undone is predicted from the layers' ``per_merge`` and counted (one
+    analysis each, fewer undone while over the goal, at most ``TRADE_COUNTS`` counts)."""
+    more_in, step = more
+    counts = _merge_counts(current, curves)
+    undo = counts[fewer_in]
     room = goal - current.params + step * curves[more_in].per_merge
     count = min(undo, math.floor(room / curves[fewer_in].per_merge))
     for _ in range(TRADE_COUNTS):
         if count < 1:
             return None
-        layer_eps = _unit_eps(merged, fewer_in, curves[fewer_in].partners, _cut(heights, undo - count))
+        merges = {**counts, more_in: counts[more_in] + step, fewer_in: undo - count}
+        layer_eps = evaluate.cut(current.layer_eps, {name: Cut(merges[name], curves[name].partners) for name in merges})
         if evaluate.params(layer_eps) <= goal:  # counted, not measured
             return evaluate(layer_eps)
         count -= max(1, count // 4)

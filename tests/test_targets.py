@@ -12,7 +12,7 @@ from conftest import build_mlp
 
 import onnxfib
 from onnxfib import stats
-from onnxfib.analysis import ForwardMemo, analyze
+from onnxfib.analysis import Cut, ForwardMemo, analyze
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
 from onnxfib.targets import Evaluator, HeldOut, can_deal, deal_rows, search
@@ -293,3 +293,33 @@ def test_forward_memo_reruns_only_the_sites_a_changed_layer_reaches():
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in fresh.collapse().graph.initializer}
     assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in again.collapse().graph.initializer} == {
         name: array.tobytes() for name, array in weights.items()}
+
+
+def test_a_cut_settles_each_layer_at_the_eps_of_its_merges_as_the_analysis_reaches_it():
+    """``Analysis(layer_cuts=)`` gives layers counts of merges instead of eps: each cut layer's
+    output fibers have exactly that many fewer colors than channels, although merging the first
+    moves the second's merge distances, and a partner runs at its head's eps. The analysis at
+    the eps it settled (``layer_eps``) is the same analysis: equal fibers and collapsed weights."""
+    deep, _ = _deep_mlp()
+    start = analyze(deep, eps=0.0, record_heights=True, figures=False)
+    first, second, partner = [layer.name for layer in start.layers if layer.frozen is None][1:4]
+    cuts = {first: Cut(9), second: Cut(6, partners=(partner,))}
+    memo = ForwardMemo()
+    cut = analyze(deep, eps=0.0, layer_cuts=cuts, record_heights=True, figures=False, forwards=memo)
+    reports = {layer.name: layer for layer in cut.layers}
+    outputs = {site.name: site.outputs[0] for site in cut.sites if site.layer}
+    for name, wanted in cuts.items():
+        colors = cut.fiber(outputs[name]).partition.n_colors
+        assert colors == reports[name].width - wanted.merges
+        assert int(np.searchsorted(cut.heights[name], reports[name].eps, side="right")) == wanted.merges
+    assert reports[partner].eps == reports[second].eps > 0
+    assert not np.array_equal(cut.heights[second], start.heights[second])  # its distances moved
+    settled = {name: reports[name].eps for name in (first, second, partner)}
+    again = analyze(deep, eps=0.0, layer_eps=settled, record_heights=True, figures=False, forwards=memo)
+    for site in cut.sites:
+        for port in site.outputs:
+            assert again.fiber(port).partition == cut.fiber(port).partition
+    assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in again.collapse().graph.initializer} == {
+        t.name: onnx.numpy_helper.to_array(t).tobytes() for t in cut.collapse().graph.initializer}
+    with pytest.raises(ValueError, match="comes after it"):
+        analyze(deep, eps=0.0, layer_cuts={partner: Cut(3, partners=(first,))}, figures=False)
