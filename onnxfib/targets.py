@@ -276,10 +276,6 @@ class Evaluator:
         """The parameters of the collapse at ``layer_eps``, without measuring it."""
         return stats.count_parameters(self._merged(layer_eps).collapse())
 
-    def heights(self, layer_eps: Mapping[str, float]) -> dict[str, np.ndarray]:
-        """Each layer's merge distances at ``layer_eps`` (they depend on the layers before it)."""
-        return self._merged(layer_eps).heights
-
     def finish(self, outcome: Outcome) -> Outcome:
         """The outcome a search returns: as measured, with the analysis worked out in full (the
         figures a report shows; the collapse is the same)."""
@@ -310,7 +306,7 @@ class HeldOut(Evaluator):
     pooled error is kept; :meth:`finish` refits it on all the data and reports the pooled figures.
     For targets on the error or the accuracy of a calibrated collapse, whose in-sample figures
     flatter it; the rows must allow it (:func:`can_deal`). Serves the search (call, ``params``,
-    ``heights``, ``cut``, ``finish``, ``figure``, ``report``); its parts are plain Evaluators."""
+    ``cut``, ``finish``, ``figure``, ``report``); its parts are plain Evaluators."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, folds: int,
                  labels: np.ndarray | None = None, **options) -> None:
@@ -342,9 +338,6 @@ class HeldOut(Evaluator):
 
     def params(self, layer_eps: Mapping[str, float]) -> int:
         return self.whole.params(layer_eps)
-
-    def heights(self, layer_eps: Mapping[str, float]) -> dict[str, np.ndarray]:
-        return self.whole.heights(layer_eps)
 
     def cut(self, layer_eps: Mapping[str, float], cuts: Mapping[str, Cut]) -> dict[str, float]:
         return self.whole.cut(layer_eps, cuts)
@@ -379,25 +372,6 @@ def deal_rows(batches: Sequence[Batch], labels: np.ndarray | None, folds: int
     rows = [len(range(k, offset, folds)) for k in range(folds)]
     part_labels = [None if labels is None else np.asarray(labels).reshape(-1)[k::folds] for k in range(folds)]
     return [concatenated(pieces) for pieces in dealt], part_labels, rows
-
-
-def _eps_for(heights: np.ndarray, merges: int) -> float | None:
-    """The eps at which a layer's rows make ``merges`` merges (the middle of the gap after the
-    last of them; 0 for none), None when that eps would reach 2 (the largest cosine distance)."""
-    if merges <= 0:
-        return 0.0
-    upper = heights[merges] if merges < len(heights) else min(heights[-1] + 1e-3, 2.0)
-    value = 0.5 * (heights[merges - 1] + upper)
-    return float(value) if value < 2.0 else None
-
-
-def _next_eps(heights: np.ndarray, eps: float, more: int) -> float | None:
-    """The eps at which ``more`` further merges of a layer's rows have happened (``more`` < 0
-    undoes merges, down to eps 0), None when there is no such merge."""
-    done = _merged(heights, eps)
-    if (more > 0 and done >= len(heights)) or (more < 0 and done == 0):
-        return None
-    return _eps_for(heights, min(done + more, len(heights)))
 
 
 def _merged(heights: np.ndarray, eps: float) -> int:
@@ -440,17 +414,14 @@ def greedy(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outc
     widths = {layer.name: layer.width for layer in current.analysis.layers}
 
     def attempt(name: str, more: int) -> Outcome | None:
-        heights = current.heights.get(name)
-        if heights is None:
-            return None
-        eps = _next_eps(heights, current.layer_eps.get(name, 0.0), more)
-        if eps is None:
-            return None
-        layer_eps = {**current.layer_eps, name: eps}
-        outcome = evaluate(layer_eps)
-        if outcome.params >= current.params:  # a later layer lost merges: re-cut it and try again
-            kept = _keep_merges(evaluate, layer_eps, outcome.heights, current)
-            outcome = evaluate(kept) if kept != layer_eps else outcome
+        """Layer ``name`` with ``more`` merges than in ``current``, the layers stepped before at
+        the merges they make there (their merge distances move when an earlier layer merges),
+        measured; None when that removes no parameter."""
+        counts = {layer: _merged(current.heights[layer], layer_eps) for layer, layer_eps in current.layer_eps.items()
+                  if layer in current.heights}
+        done = _merged(current.heights[name], current.layer_eps.get(name, 0.0))
+        cuts = {layer: Cut(count) for layer, count in {**counts, name: done + more}.items()}
+        outcome = evaluate(evaluate.cut(current.layer_eps, cuts))
         return outcome if outcome.params < current.params else None
 
     def measure(name: str) -> tuple[float, Outcome] | None:
@@ -458,12 +429,13 @@ def greedy(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outc
         fits; a layer with no merge left leaves the search."""
         for more in dict.fromkeys((max(1, math.ceil(widths[name] * STEP_FRACTION)), 1)):
             heights = current.heights.get(name)
-            if heights is None or _next_eps(heights, current.layer_eps.get(name, 0.0), more) is None:
+            left = 0 if heights is None else len(heights) - _merged(heights, current.layer_eps.get(name, 0.0))
+            if left == 0:
                 if more == 1:
                     layers.remove(name)  # no merge left in this layer
                 continue
-            outcome = attempt(name, more)
-            if outcome is None:  # merging here now unmerges a later layer (its input colors changed)
+            outcome = attempt(name, min(more, left))
+            if outcome is None:  # merging here removes nothing (a site its channels are tied to)
                 continue
             if evaluate.report(outcome, kind, limit).met:
                 return (outcome.mse - current.mse) / (current.params - outcome.params), outcome
@@ -488,27 +460,6 @@ def greedy(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outc
         if on_step is not None:
             on_step(current)
     return evaluate.finish(current)
-
-
-def _keep_merges(evaluate: Evaluator, layer_eps: dict[str, float], heights: dict[str, np.ndarray],
-                 current: Outcome) -> dict[str, float]:
-    """``layer_eps`` with each layer that makes fewer merges than in ``current`` re-cut to make as
-    many again. A layer's merge distances move when its input's colors change, so raising one
-    layer's eps can leave a later layer's eps below merges it made before; the first such layer
-    is re-cut, the distances recomputed, and so on."""
-    for _ in range(len(heights)):
-        lost = [(name, _merged(current.heights[name], current.layer_eps.get(name, 0.0)))
-                for name in heights if name in current.heights]
-        lost = [(name, before) for name, before in lost if _merged(heights[name], layer_eps.get(name, 0.0)) < before]
-        if not lost:
-            break
-        name, before = lost[0]
-        eps = _eps_for(heights[name], min(before, len(heights[name])))
-        if eps is None:
-            break
-        layer_eps = {**layer_eps, name: eps}
-        heights = evaluate.heights(layer_eps)
-    return layer_eps
 
 
 def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None] | None = None,
