@@ -172,6 +172,14 @@ def average_linkage(unit: np.ndarray) -> np.ndarray:
     return linkage(squareform(distances, checks=False), method="average")
 
 
+def apart_distance(dims: int) -> float:
+    """A cosine distance beyond which two unit rows of ``dims`` values differ by more than
+    ``EXACT_TOL`` in max-norm: rows within ``EXACT_TOL`` are within ``dims * EXACT_TOL**2 / 2``
+    (half their squared Euclidean distance); the bound is doubled, plus the rounding of a matrix
+    product. A tree whose closest pair (its first merge) lies beyond it has no equal rows."""
+    return dims * EXACT_TOL**2 + 1e-9
+
+
 #: Rows up to which :func:`threshold_clusters` builds the whole tree (its memory is quadratic).
 FULL_TREE_ROWS = 4096
 #: Rows per block of the neighbour search in :func:`threshold_clusters` (bounds its memory).
@@ -372,8 +380,12 @@ class Tolerance:
                 if self.heights is not None:
                     self.heights.append(distances)
                 self.settle(distances)
-                labels[live] = self._equal(unit, EXACT_TOL) if self.exact else fcluster(
-                    tree, t=self.eps, criterion="distance")
+                if not self.exact:
+                    labels[live] = fcluster(tree, t=self.eps, criterion="distance")
+                elif distances[0] > apart_distance(unit.shape[1]):  # no two rows equal: each its own
+                    labels[live] = np.arange(live.size)
+                else:
+                    labels[live] = self._equal(unit, EXACT_TOL)
             elif self.exact or live.size == 1:
                 labels[live] = self._equal(unit, EXACT_TOL)
             else:

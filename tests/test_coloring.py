@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -132,3 +133,23 @@ def test_a_chosen_partition_takes_fitted_scales_from_the_signatures():
     coloring = Tolerance(0.3, chosen=chosen).cluster(rows)
     assert coloring.partition == chosen
     np.testing.assert_allclose(coloring.scales, fitted_scales(rows, chosen, np.linalg.norm(rows, axis=1)))
+
+
+@pytest.mark.parametrize("dims", [4, 300])
+def test_exact_colors_read_from_a_tree_equal_the_max_norm_grouping(dims):
+    """An exact clustering that builds the merge tree (a search records its distances) skips the
+    max-norm grouping when the tree's closest pair proves no two rows equal; either way its
+    colors are those of ``equal_row_labels`` on the unit rows: rows 0.4e-6 apart (after
+    normalising) merge, rows 3e-6 apart do not."""
+    rng = np.random.default_rng(dims)
+    rows = rng.standard_normal((30, dims))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    for other, gap in ((4, 0.4e-6), (9, 3e-6)):
+        rows[other] = rows[2]
+        rows[other, 0] += gap
+        rows[other] /= np.linalg.norm(rows[other])
+    for chosen in (rows, np.delete(rows, [4, 9], axis=0)):
+        heights: list[np.ndarray] = []
+        colors = Tolerance(0.0, heights).cluster(chosen * 3.0).partition
+        assert heights and colors == Partition(equal_row_labels(chosen, 1e-6))
+    assert Tolerance(0.0, []).cluster(rows).partition.n_colors == 29
