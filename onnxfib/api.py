@@ -24,7 +24,7 @@ from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
 from onnxfib.graph import SPILL_FILE, GraphView
-from onnxfib.report import (Barrier, CompressionReport, LayerReport, RefitReport, SweepPoint, TargetReport,
+from onnxfib.report import (Barrier, CompressionReport, LayerReport, RefitReport, SweepPoint, TargetKind, TargetReport,
                             ValidationReport, to_json)
 from onnxfib.rules import default_registry
 from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, Outcome, can_deal, search
@@ -159,25 +159,26 @@ def _check_fraction(name: str, value: float, *, upper_open: bool = False) -> flo
 
 
 def _target(target_params: float | None, max_error: float | None, max_drop: float | None,
-            min_agreement: float | None, min_cosine: float | None, has_labels: bool) -> tuple[str, float] | None:
+            min_agreement: float | None, min_cosine: float | None, has_labels: bool) -> tuple[TargetKind, float] | None:
     """The one target asked for, as (kind, limit); UsageError for several, a bad value, or a
     max_drop without labels."""
-    given = [(k, v) for k, v in (("params", target_params), ("error", max_error), ("drop", max_drop),
-                                 ("agreement", min_agreement), ("cosine", min_cosine)) if v is not None]
+    given = [(k, v) for k, v in ((TargetKind.PARAMS, target_params), (TargetKind.ERROR, max_error),
+                                 (TargetKind.DROP, max_drop), (TargetKind.AGREEMENT, min_agreement),
+                                 (TargetKind.COSINE, min_cosine)) if v is not None]
     if len(given) > 1:
         raise UsageError("give at most one target: target_params, max_error, max_drop, min_agreement or min_cosine")
     if not given:
         return None
     kind, value = given[0]
-    if kind == "params":
+    if kind is TargetKind.PARAMS:
         return kind, _check_fraction("target_params (the fraction of parameters kept)", value, upper_open=True)
-    if kind == "drop":
+    if kind is TargetKind.DROP:
         if not has_labels:
             raise UsageError("max_drop needs labels (one integer class per sample of the data)")
         return kind, _check_fraction("max_drop (accuracy lost, a fraction: 0.01 is one point)", value)
-    if kind == "agreement":
+    if kind is TargetKind.AGREEMENT:
         return kind, _check_fraction("min_agreement (the share of answers equal to the original's)", value)
-    if kind == "cosine":
+    if kind is TargetKind.COSINE:
         number = _number("min_cosine", value)
         if math.isnan(number) or not -1.0 <= number <= 1.0:
             raise UsageError(f"min_cosine must be in [-1, 1], got {value}")
@@ -371,7 +372,7 @@ def compress(
 def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dict[str, np.ndarray]] | None,
               fallback: list[dict[str, np.ndarray]] | None, label_array: np.ndarray | None, storage: io.Storage | None, *, eps: float,
               layer_eps: dict[str, float], symmetry: str, calibrate: bool, ridge: float,
-              goal: tuple[str, float] | None, progress: Callable[[str], None] | None, mode: str,
+              goal: tuple[TargetKind, float] | None, progress: Callable[[str], None] | None, mode: str,
               rtol: float | None, atol: float | None, start: float) -> CompressionResult:
     """``compress`` once its arguments are checked and the input loaded (``storage``: streamed;
     ``fallback``: see ``validate_models``)."""
@@ -380,7 +381,7 @@ def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dic
     if goal is not None:
         options = {"symmetry": symmetry, "labels": label_array, "calibrate": calibrate, "ridge": ridge,
                    "folder": Folder(original)}
-        if calibrate and goal[0] != "params" and can_deal(batches, HELD_OUT_FOLDS):
+        if calibrate and goal[0] is not TargetKind.PARAMS and can_deal(batches, HELD_OUT_FOLDS):
             evaluator: Evaluator = HeldOut(original, batches, folds=HELD_OUT_FOLDS, **options)
         else:
             evaluator = Evaluator(original, batches, **options)
@@ -427,7 +428,7 @@ def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dic
     if target is not None:
         if not target.met:
             raise ValidationMismatchError(
-                f"target not met: {_describe(target)} (the closest the search reached)", report)
+                f"target not met: {target.describe()} (the closest the search reached)", report)
     elif validation is not None and not validation.ok:
         bad = ", ".join(f"{o.name} (max abs {o.max_abs:.3g}, rtol={o.rtol:g}, atol={o.atol:g})"
                         for o in validation.outputs if not o.ok)
@@ -436,7 +437,7 @@ def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dic
 
 
 def _record_settings(model: onnx.ModelProto, layers: Sequence[LayerReport], *, eps: float, symmetry: str,
-                     calibrate: bool, goal: tuple[str, float] | None, storage: io.Storage | None = None
+                     calibrate: bool, goal: tuple[TargetKind, float] | None, storage: io.Storage | None = None
                      ) -> onnx.ModelProto:
     """Record this run in the ``onnxfib.*`` metadata (an earlier run's keys dropped) and finalize
     ``model``: a search records its target (``onnxfib.target``, JSON kind and limit) and the eps
@@ -447,7 +448,7 @@ def _record_settings(model: onnx.ModelProto, layers: Sequence[LayerReport], *, e
     if goal is not None or any(layer.eps != eps for layer in layers):
         settings["onnxfib.layer_eps"] = to_json({layer.name: layer.eps for layer in layers}, indent=None)
     if goal is not None:  # strict JSON: a max_error of inf is the string "Infinity"
-        settings["onnxfib.target"] = to_json({"kind": goal[0], "limit": goal[1]}, indent=None)
+        settings["onnxfib.target"] = to_json({"kind": goal[0].value, "limit": goal[1]}, indent=None)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, settings)
     model = io.finalize_model(model, eps=eps, symmetry=symmetry, storage=storage)
@@ -458,30 +459,17 @@ def _record_settings(model: onnx.ModelProto, layers: Sequence[LayerReport], *, e
     return model
 
 
-def _describe(target: TargetReport) -> str:
-    """'<achieved> against <limit>' in the target's own terms."""
-    if target.kind == "params":
-        return f"keeps {target.achieved:.2%} of the parameters, asked at most {target.limit:.2%}"
-    if target.kind == "error":
-        return f"max output error {target.achieved:.3g} of the output's scale, asked at most {target.limit:.3g}"
-    if target.kind == "agreement":
-        return f"agrees with the original on {target.achieved:.2%} of the answers, asked at least {target.limit:.2%}"
-    if target.kind == "cosine":
-        return f"mean output cosine {target.achieved:.4f}, asked at least {target.limit:.4f}"
-    return f"accuracy drop {target.achieved:.2%}, asked at most {target.limit:.2%}"
-
-
-def _step_line(evaluator: Evaluator, outcome: Outcome, goal: tuple[str, float]) -> str:
+def _step_line(evaluator: Evaluator, outcome: Outcome, goal: tuple[TargetKind, float]) -> str:
     """A search step in a line: the parameters kept, and the output error (for a parameter
     target) or where the step stands against the error or accuracy target."""
     kind, _ = goal
-    where = (f"max abs output error {outcome.max_abs:.3g}" if kind == "params"
-             else _describe(evaluator.report(outcome, *goal)))
+    where = (f"max abs output error {outcome.max_abs:.3g}" if kind is TargetKind.PARAMS
+             else evaluator.report(outcome, *goal).describe())
     return f"keeps {outcome.params / evaluator.params_before:.2%} of the parameters; {where}"
 
 
 def _probe_line(evaluator: Evaluator, name: str, index: int, total: int, probe: Outcome | None,
-                goal: tuple[str, float]) -> str:
+                goal: tuple[TargetKind, float]) -> str:
     """A layer measured merged alone in a line: which of how many, and its step (or that none
     of its steps meets the target)."""
     where = "no step within the target" if probe is None else _step_line(evaluator, probe, goal)

@@ -163,17 +163,7 @@ def _validation_table(validation: ValidationReport, informative: bool = False, t
 
 def _target_line(target: TargetReport) -> str:
     """The target, what the result achieved, and the accuracies when labels were given."""
-    if target.kind == "params":
-        text = f"Target: keep at most {target.limit:.2%} of the parameters; kept {target.achieved:.2%}"
-    elif target.kind == "error":
-        text = (f"Target: max output error at most {target.limit:.3g} of the output's scale; reached "
-                f"{target.achieved:.3g}")
-    elif target.kind == "agreement":
-        text = f"Target: agree with the original on at least {target.limit:.2%} of the answers; agreed on {target.achieved:.2%}"
-    elif target.kind == "cosine":
-        text = f"Target: mean output cosine at least {target.limit:.4f}; reached {target.achieved:.4f}"
-    else:
-        text = f"Target: accuracy drop at most {target.limit:.2%}; dropped {target.achieved:.2%}"
+    text = f"Target: {target.describe()}"
     if target.accuracy_before is not None and target.accuracy_after is not None:
         text += f" (accuracy {target.accuracy_before:.2%} -> {target.accuracy_after:.2%})"
     return text + (" [green]met[/green]" if target.met else " [red]NOT met[/red]")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 
@@ -123,21 +124,47 @@ class RefitReport:
         return asdict(self)
 
 
+class TargetKind(str, Enum):
+    """What a target bounds; the value names it in reports and metadata. ``params``: the
+    fraction of parameters kept; ``error``: the largest output error relative to the output's
+    largest magnitude; ``drop``: the accuracy lost (a fraction: 0.01 is one point);
+    ``agreement``: the share of predictions equal to the original's (its integer label output,
+    or the argmax over the last axis of its first output, per position); ``cosine``: the mean
+    cosine of output rows with the original's (the smallest over float outputs)."""
+
+    PARAMS = "params"
+    ERROR = "error"
+    DROP = "drop"
+    AGREEMENT = "agreement"
+    COSINE = "cosine"
+
+    @property
+    def lower_bound(self) -> bool:
+        """Whether the limit is the least figure allowed (else the most)."""
+        return self in (TargetKind.AGREEMENT, TargetKind.COSINE)
+
+    def describe(self, achieved: float, limit: float) -> str:
+        """'<achieved>, asked at most <limit>' (at least, for a lower bound) in the kind's terms."""
+        figure, number = {
+            TargetKind.PARAMS: ("keeps {} of the parameters", "{:.2%}"),
+            TargetKind.ERROR: ("max output error {} of the output's scale", "{:.3g}"),
+            TargetKind.DROP: ("accuracy drop {}", "{:.2%}"),
+            TargetKind.AGREEMENT: ("agrees with the original on {} of the answers", "{:.2%}"),
+            TargetKind.COSINE: ("mean output cosine {}", "{:.4f}"),
+        }[self]
+        bound = "at least" if self.lower_bound else "at most"
+        return f"{figure.format(number.format(achieved))}, asked {bound} {number.format(limit)}"
+
+
 @dataclass(frozen=True)
 class TargetReport:
-    """A compression target and what the result measured on the data it was searched on.
+    """A compression target and what the result measured on the data it was searched on:
+    ``limit`` bounds the figure of ``kind`` (:class:`TargetKind`), ``achieved`` is that figure
+    for the result, and ``met`` whether it is within the limit. ``max_abs``, ``max_rel``,
+    ``agreement`` and ``cosine`` are the result's figures whatever the kind; the accuracies are
+    set when labels were given."""
 
-    ``kind`` is ``params`` (``limit``: fraction of parameters kept), ``error`` (largest output
-    error relative to the output's largest magnitude), ``drop`` (accuracy lost, a fraction: 0.01
-    is one point), ``agreement`` (share of predictions equal to the original's: its integer label
-    output, or the argmax over the last axis of its first output, per position) or ``cosine``
-    (mean cosine of output rows with the original's, the smallest over float outputs);
-    ``achieved`` is the same figure for the result; ``met`` is ``achieved >= limit`` for the
-    lower bounds (``agreement``, ``cosine``), else ``achieved <= limit``. ``max_abs``,
-    ``max_rel``, ``agreement`` and ``cosine`` are the result's figures whatever the kind; the
-    accuracies are set when labels were given."""
-
-    kind: str
+    kind: TargetKind
     limit: float
     achieved: float
     max_abs: float
@@ -147,17 +174,16 @@ class TargetReport:
     agreement: float | None = None
     cosine: float | None = None
 
-    #: Target kinds whose limit is a lower bound.
-    LOWER_BOUNDS = ("agreement", "cosine")
-
     @property
     def met(self) -> bool:
-        if self.kind in self.LOWER_BOUNDS:
-            return self.achieved >= self.limit
-        return self.achieved <= self.limit
+        return self.achieved >= self.limit if self.kind.lower_bound else self.achieved <= self.limit
+
+    def describe(self) -> str:
+        """What the result achieved against the limit, in a phrase (:meth:`TargetKind.describe`)."""
+        return self.kind.describe(self.achieved, self.limit)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "met": self.met}
+        return {**asdict(self), "kind": self.kind.value, "met": self.met}
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,9 @@ from .coloring import Coloring, TreeCache, cut_eps
 from .graph import GraphView
 from .calibrate import OriginalActivations, Selector, refit
 from .folding import Folder
-from .report import RefitReport, SweepPoint, TargetReport
+from .report import RefitReport, SweepPoint, TargetKind, TargetReport
 from .partition import Partition
 from .validation import Batch, chunked, common_rows, concatenated, run_tensors
-
-TARGET_KINDS = ("params", "error", "drop", "agreement", "cosine")
 
 #: Analyses an :class:`Evaluator` keeps for the search to ask again (each holds a graph and
 #: its collapse).
@@ -282,17 +280,21 @@ class Evaluator:
         return replace(outcome, analysis=self._analyze(outcome.layer_eps, outcome.eps, figures=True,
                                                        layer_colorings=outcome.colorings))
 
-    def figure(self, outcome: Outcome, kind: str) -> float:
-        """The outcome's figure for a target ``kind`` (see :class:`TargetReport`)."""
-        if kind == "params":
+    def figure(self, outcome: Outcome, kind: TargetKind) -> float:
+        """The outcome's figure for a target ``kind``."""
+        if kind is TargetKind.PARAMS:
             return outcome.params / self.params_before
-        if kind == "error":
+        if kind is TargetKind.ERROR:
             return outcome.max_rel
-        if kind in ("agreement", "cosine"):
-            return getattr(outcome, kind)
+        if kind is TargetKind.AGREEMENT:
+            return outcome.agreement
+        if kind is TargetKind.COSINE:
+            return outcome.cosine
         return self.accuracy_before - outcome.accuracy
 
-    def report(self, outcome: Outcome, kind: str, limit: float) -> TargetReport:
+    def report(self, outcome: Outcome, kind: TargetKind | str, limit: float) -> TargetReport:
+        """The outcome against the target ``kind`` (a TargetKind or its name) at ``limit``."""
+        kind = TargetKind(kind)
         return TargetReport(kind, limit, self.figure(outcome, kind), outcome.max_abs,
                             self.accuracy_before, outcome.accuracy, outcome.max_rel, outcome.agreement,
                             outcome.cosine)
@@ -386,17 +388,17 @@ def _merged(heights: np.ndarray, eps: float) -> int:
 OnProbe = Callable[[str, int, int, Outcome | None], None]
 
 
-def search(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outcome], None] | None = None,
+def search(evaluate: Evaluator, kind: TargetKind | str, limit: float, on_step: Callable[[Outcome], None] | None = None,
            on_probe: OnProbe | None = None) -> Outcome:
     """The per-layer eps meeting target ``kind`` at ``limit``: by allocation for ``params``
     (:func:`allocate`), by the greedy for the other kinds (:func:`greedy`). ``on_step`` is called
     with the outcome of every step taken, ``on_probe`` with every layer measured alone."""
-    if kind == "params":
+    if TargetKind(kind) is TargetKind.PARAMS:
         return allocate(evaluate, limit, on_step, on_probe)
     return greedy(evaluate, kind, limit, on_step, on_probe)
 
 
-def greedy(evaluate: Evaluator, kind: str, limit: float, on_step: Callable[[Outcome], None] | None = None,
+def greedy(evaluate: Evaluator, kind: TargetKind | str, limit: float, on_step: Callable[[Outcome], None] | None = None,
            on_probe: OnProbe | None = None) -> Outcome:
     """The per-layer eps that merge the most while the outcome meets the fidelity target
     ``kind`` at ``limit`` (an error, accuracy drop, agreement or cosine), found by the greedy of

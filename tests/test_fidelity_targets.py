@@ -99,7 +99,7 @@ def test_cli_reports_the_achieved_agreement(tmp_path, run_cli, model, data):
     recomputed = _agreement(_outputs(onnx.load(tmp_path / "out.onnx"), data), _outputs(model, data))
     report = json.loads((tmp_path / "r.json").read_text())["target"]
     assert report["kind"] == "agreement" and report["met"] and report["achieved"] == pytest.approx(recomputed)
-    assert (f"Target: agree with the original on at least 90.00% of the answers; agreed on {recomputed:.2%}"
+    assert (f"Target: agrees with the original on {recomputed:.2%} of the answers, asked at least 90.00%"
             in result.stdout)
 
 
