@@ -27,7 +27,7 @@ from onnxfib.graph import SPILL_FILE, GraphView
 from onnxfib.report import (Barrier, CompressionReport, LayerReport, RefitReport, SweepPoint, TargetKind, TargetReport,
                             ValidationReport, to_json)
 from onnxfib.rules import default_registry
-from onnxfib.targets import HELD_OUT_FOLDS, Evaluator, HeldOut, Outcome, can_deal, search
+from onnxfib.targets import HELD_OUT_FOLDS, Evaluates, Evaluator, HeldOut, Outcome, can_deal, search
 from onnxfib.targets import sweep as sweep_eps
 from onnxfib.validation import (VALIDATION_ELEMENTS, VALIDATION_ROWS, ModelFile, check_data, check_runs,
                                 generate_inputs, load_data, validate_models)
@@ -382,7 +382,7 @@ def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dic
         options = {"symmetry": symmetry, "labels": label_array, "calibrate": calibrate, "ridge": ridge,
                    "folder": Folder(original)}
         if calibrate and goal[0] is not TargetKind.PARAMS and can_deal(batches, HELD_OUT_FOLDS):
-            evaluator: Evaluator = HeldOut(original, batches, folds=HELD_OUT_FOLDS, **options)
+            evaluator: Evaluates = HeldOut(original, batches, folds=HELD_OUT_FOLDS, **options)
         else:
             evaluator = Evaluator(original, batches, **options)
         announce = None if progress is None else lambda step: progress(_step_line(evaluator, step, goal))
@@ -459,7 +459,7 @@ def _record_settings(model: onnx.ModelProto, layers: Sequence[LayerReport], *, e
     return model
 
 
-def _step_line(evaluator: Evaluator, outcome: Outcome, goal: tuple[TargetKind, float]) -> str:
+def _step_line(evaluator: Evaluates, outcome: Outcome, goal: tuple[TargetKind, float]) -> str:
     """A search step in a line: the parameters kept, and the output error (for a parameter
     target) or where the step stands against the error or accuracy target."""
     kind, _ = goal
@@ -468,7 +468,7 @@ def _step_line(evaluator: Evaluator, outcome: Outcome, goal: tuple[TargetKind, f
     return f"keeps {outcome.params / evaluator.params_before:.2%} of the parameters; {where}"
 
 
-def _probe_line(evaluator: Evaluator, name: str, index: int, total: int, probe: Outcome | None,
+def _probe_line(evaluator: Evaluates, name: str, index: int, total: int, probe: Outcome | None,
                 goal: tuple[TargetKind, float]) -> str:
     """A layer measured merged alone in a line: which of how many, and its step (or that none
     of its steps meets the target)."""

@@ -38,6 +38,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -300,15 +301,34 @@ class Evaluator:
                             outcome.cosine)
 
 
-class HeldOut(Evaluator):
-    """An Evaluator whose figures are measured on data the refit did not see (cross-fitting): the
+class Evaluates(Protocol):
+    """What a search asks of the evaluator it is given (:class:`Evaluator`, :class:`HeldOut`)."""
+
+    params_before: int
+
+    def __call__(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> Outcome: ...
+
+    def probe(self, layer_eps: Mapping[str, float]) -> Outcome: ...
+
+    def params(self, layer_eps: Mapping[str, float]) -> int: ...
+
+    def cut(self, layer_eps: Mapping[str, float], cuts: Mapping[str, Cut]) -> dict[str, float]: ...
+
+    def finish(self, outcome: Outcome) -> Outcome: ...
+
+    def report(self, outcome: Outcome, kind: TargetKind | str, limit: float) -> TargetReport: ...
+
+
+class HeldOut:
+    """An evaluator whose figures are measured on data the refit did not see (cross-fitting): the
     rows are dealt into ``folds`` parts; each part is measured on a collapse refit on the others
     (channels selected from the others too), and the figures pool every part (mse and accuracy
     weighted by the parts' rows, the largest error over all). The grouping with the smallest
     pooled error is kept; :meth:`finish` refits it on all the data and reports the pooled figures.
     For targets on the error or the accuracy of a calibrated collapse, whose in-sample figures
-    flatter it; the rows must allow it (:func:`can_deal`). Serves the search (call, ``params``,
-    ``cut``, ``finish``, ``figure``, ``report``); its parts are plain Evaluators."""
+    flatter it; the rows must allow it (:func:`can_deal`). Serves the search (:class:`Evaluates`)
+    with an :class:`Evaluator` of the whole data (``whole``: probes, counts, cuts) and one per
+    part (``parts``), all sharing the whole's trees and forward passes."""
 
     def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, folds: int,
                  labels: np.ndarray | None = None, **options) -> None:
@@ -320,7 +340,7 @@ class HeldOut(Evaluator):
                       fit_batches=[other for j, other in enumerate(parts) if j != k], **options)
             for k, part in enumerate(parts)
         ]
-        self.params_before, self.accuracy_before = self.whole.params_before, self.whole.accuracy_before
+        self.params_before = self.whole.params_before
 
     def __call__(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> Outcome:
         runs = [part.groupings(layer_eps, eps) for part in self.parts]
@@ -349,6 +369,9 @@ class HeldOut(Evaluator):
         full = next(o for o in self.whole.groupings(outcome.layer_eps) if o.grouping == outcome.grouping)
         return replace(self.whole.finish(full), max_abs=outcome.max_abs, mse=outcome.mse, accuracy=outcome.accuracy,
                        max_rel=outcome.max_rel, agreement=outcome.agreement, cosine=outcome.cosine)
+
+    def report(self, outcome: Outcome, kind: TargetKind | str, limit: float) -> TargetReport:
+        return self.whole.report(outcome, kind, limit)
 
 
 def can_deal(batches: Sequence[Batch], folds: int) -> bool:
@@ -388,7 +411,7 @@ def _merged(heights: np.ndarray, eps: float) -> int:
 OnProbe = Callable[[str, int, int, Outcome | None], None]
 
 
-def search(evaluate: Evaluator, kind: TargetKind | str, limit: float, on_step: Callable[[Outcome], None] | None = None,
+def search(evaluate: Evaluates, kind: TargetKind | str, limit: float, on_step: Callable[[Outcome], None] | None = None,
            on_probe: OnProbe | None = None) -> Outcome:
     """The per-layer eps meeting target ``kind`` at ``limit``: by allocation for ``params``
     (:func:`allocate`), by the greedy for the other kinds (:func:`greedy`). ``on_step`` is called
@@ -398,7 +421,7 @@ def search(evaluate: Evaluator, kind: TargetKind | str, limit: float, on_step: C
     return greedy(evaluate, kind, limit, on_step, on_probe)
 
 
-def greedy(evaluate: Evaluator, kind: TargetKind | str, limit: float, on_step: Callable[[Outcome], None] | None = None,
+def greedy(evaluate: Evaluates, kind: TargetKind | str, limit: float, on_step: Callable[[Outcome], None] | None = None,
            on_probe: OnProbe | None = None) -> Outcome:
     """The per-layer eps that merge the most while the outcome meets the fidelity target
     ``kind`` at ``limit`` (an error, accuracy drop, agreement or cosine), found by the greedy of
@@ -464,7 +487,7 @@ def greedy(evaluate: Evaluator, kind: TargetKind | str, limit: float, on_step: C
     return evaluate.finish(current)
 
 
-def allocate(evaluate: Evaluator, keep: float, on_step: Callable[[Outcome], None] | None = None,
+def allocate(evaluate: Evaluates, keep: float, on_step: Callable[[Outcome], None] | None = None,
              on_probe: OnProbe | None = None) -> Outcome:
     """The per-layer eps keeping at most ``keep`` of the parameters with the least output
     error, found by allocation; ``on_step`` is called with each allocation measured and each
@@ -608,7 +631,7 @@ def _probe_depths(current: Outcome, keep: float, units: Mapping[str, tuple[str, 
     return {name: merges for name, merges in depths.items() if merges > _merged(current.heights[name], 0.0)}
 
 
-def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], curves: Mapping[str, Curve],
+def _probe(evaluate: Evaluates, current: Outcome, depths: Mapping[str, int], curves: Mapping[str, Curve],
            units: Mapping[str, tuple[str, ...]], on_probe: OnProbe | None = None) -> dict[str, Curve]:
     """``curves`` with a probe of each layer in ``depths`` at that many merges (of its rows in
     ``current``) added: its merge alone measured (``Evaluator.probe``). A layer whose first
@@ -638,7 +661,7 @@ def _probe(evaluate: Evaluator, current: Outcome, depths: Mapping[str, int], cur
     return {name: replace(curve, floor=floor) for name, curve in updated.items()}
 
 
-def _allocation(evaluate: Evaluator, curves: Mapping[str, Curve], current: Outcome, price: float
+def _allocation(evaluate: Evaluates, curves: Mapping[str, Curve], current: Outcome, price: float
                 ) -> dict[str, float]:
     """Every layer's eps making its merges at ``price`` (error per parameter), each cut from
     its own merge distances as one analysis reaches it (they move when the layers before it
@@ -652,7 +675,7 @@ def _unit_eps(layer_eps: Mapping[str, float], name: str, partners: Sequence[str]
     return {**layer_eps, name: eps, **dict.fromkeys(partners, eps)}
 
 
-def _allocate(evaluate: Evaluator, curves: Mapping[str, Curve], current: Outcome, goal: float) -> Outcome:
+def _allocate(evaluate: Evaluates, curves: Mapping[str, Curve], current: Outcome, goal: float) -> Outcome:
     """The allocation of ``curves`` at the smallest price whose collapse keeps at most ``goal``
     parameters, measured. The price is first bisected on the parameters the curves predict
     (each merge removes its layer's ``per_merge``; no analysis), and the prediction's miss,
@@ -723,7 +746,7 @@ def _bisect(low: float, high: float, accepts: Callable[[float], bool]) -> float 
     return good
 
 
-def _exchange(evaluate: Evaluator, current: Outcome, curves: Mapping[str, Curve], goal: float,
+def _exchange(evaluate: Evaluates, current: Outcome, curves: Mapping[str, Curve], goal: float,
               on_step: Callable[[Outcome], None] | None, rounds: int = 8) -> Outcome:
     """Trade merges between layers (with their tied partners) at the parameter budget ``goal``:
     merge a step more in one (``STEP_FRACTION`` of its rows), undo as many merges of another as
@@ -767,7 +790,7 @@ def _merge_counts(current: Outcome, curves: Mapping[str, Curve]) -> dict[str, in
 TRADE_COUNTS = 3
 
 
-def _trade(evaluate: Evaluator, current: Outcome, curves: Mapping[str, Curve], more: tuple[str, int],
+def _trade(evaluate: Evaluates, current: Outcome, curves: Mapping[str, Curve], more: tuple[str, int],
            fewer_in: str, goal: float) -> Outcome | None:
     """The outcome of ``more`` (a layer and the merges it makes beyond ``current``'s) with as
     many merges of ``fewer_in`` undone as keep the parameters within ``goal``, every other layer
@@ -790,7 +813,7 @@ def _trade(evaluate: Evaluator, current: Outcome, curves: Mapping[str, Curve], m
     return None
 
 
-def sweep(evaluate: Evaluator, eps_values: Sequence[float], on_point: Callable[[SweepPoint], None] | None = None
+def sweep(evaluate: Evaluates, eps_values: Sequence[float], on_point: Callable[[SweepPoint], None] | None = None
           ) -> list[SweepPoint]:
     """Parameters kept and output error (and accuracy) at each uniform eps; ``rms`` is the root
     of the mean squared output error relative to the outputs' variance. ``on_point`` is called
