@@ -37,11 +37,6 @@ from onnxfib.report import (
 from onnxfib.rules import default_registry
 from onnxfib.validation import DEFAULT_RTOL, DTYPE_TOLERANCES, parse_input_shape
 
-try:  # typer >= 0.22 vendors click
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError
-except ImportError:  # pragma: no cover - older typer on click >= 8.2
-    from click.exceptions import ClickException, NoArgsIsHelpError
-
 
 INTERNAL_ERROR = 3
 
@@ -647,12 +642,13 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="onnxfib", standalone_mode=False)
-    except NoArgsIsHelpError as exc:  # typer's rich help is already printed; plain help is the message
-        if exc.format_message():
-            print(exc.format_message(), file=sys.stderr)
-        return exc.exit_code
-    except ClickException as exc:
-        hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
+    except typer.TyperException as exc:  # the command line's own errors (typer's vendored click's)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # as typer tells it, which keeps the class private
+            if exc.format_message():  # typer's rich help is already printed; plain help is the message
+                print(exc.format_message(), file=sys.stderr)
+            return exc.exit_code
+        context = getattr(exc, "ctx", None)
+        hint = f" (see '{context.command_path} --help')" if context is not None else ""
         _error(exc.format_message() + hint)
         return exc.exit_code
     except typer.Abort:
