@@ -49,10 +49,13 @@ class MemberFigures:
 class Cut:
     """A layer's eps given by a count of merges: the eps at which its rows make ``merges``
     merges, cut from its own merge distances when the forward pass reaches it (they move when
-    the layers before it merge). The layers in ``partners`` (tied to it, later in the graph)
-    take the eps it settles on."""
+    the layers before it merge). A layer that clusters more than once (``Site.clusters_once``
+    False: a recurrence clusters until its hidden colors are stable, per direction) has no one
+    tree to cut and runs at ``eps``, which the caller cuts from the distances it has. The
+    layers in ``partners`` (tied to it, later in the graph) take the eps it settles on."""
 
     merges: int
+    eps: float
     partners: tuple[str, ...] = ()
 
 
@@ -157,12 +160,13 @@ class Analysis:
         of_tensor: dict[str, float] = {}  # the eps of the site producing each tensor
         of_layer: dict[str, float] = {}  # the eps of each layer run
         for index, site in enumerate(self.sites):
-            recorded: list[np.ndarray] | None = [] if record_heights and site.layer else None
             site_eps, merges = self._site_eps(site, float(eps), layer_eps or {}, layer_cuts or {}, of_tensor, of_layer)
-            self.tol = Tolerance(site_eps, recorded, (layer_colorings or {}).get(site.name), trees, merges)
+            recording = site.layer and (record_heights or merges is not None)
+            self.tol = Tolerance(site_eps, [] if recording else None, (layer_colorings or {}).get(site.name), trees,
+                                 merges)
             done = self._forward(index, site, forwards)
             self._fibers.update(done.fibers)
-            if done.heights is not None and recorded is not None:
+            if done.heights is not None and record_heights:
                 self.heights[site.name] = done.heights
             self.layer_eps[id(site)] = done.eps
             of_tensor.update((p.name, done.eps) for p in site.outputs)
@@ -256,13 +260,14 @@ class Analysis:
     def _site_eps(site: Site, eps: float, layer_eps: Mapping[str, float], layer_cuts: Mapping[str, Cut],
                   of_tensor: Mapping[str, float], of_layer: Mapping[str, float]) -> tuple[float, int | None]:
         """The eps ``site`` runs at, and the merges to settle it by (NaN and a count for a layer
-        given a :class:`Cut`). A layer's eps is the one its head settled on when it is a cut's
+        given a :class:`Cut` that clusters once, else the cut's eps). A layer's eps is the one its head settled on when it is a cut's
         partner, else its ``layer_eps`` or ``eps``; any other site's that of the site producing
         its first input (``eps`` when none does)."""
         if not site.layer:
             return next((of_tensor[p.name] for p in site.inputs[:1] if p.name in of_tensor), eps), None
         if site.name in layer_cuts:
-            return math.nan, layer_cuts[site.name].merges
+            cut = layer_cuts[site.name]
+            return (math.nan, cut.merges) if site.clusters_once else (cut.eps, None)
         head = next((name for name, cut in layer_cuts.items() if site.name in cut.partners), None)
         if head is None:
             return layer_eps.get(site.name, eps), None

@@ -297,6 +297,11 @@ class TreeCache:
 ALL_MERGES_EPS = 1.999
 
 
+def merges_at(heights: np.ndarray, eps: float) -> int:
+    """How many merges rows with the merge distances ``heights`` (sorted) make at ``eps``."""
+    return int(np.searchsorted(heights, eps, side="right"))
+
+
 def cut_eps(heights: np.ndarray, merges: int) -> float:
     """The eps at which rows with the merge distances ``heights`` (sorted) make ``merges``
     merges: 0 for none, the middle of the gap after the last of them, ``ALL_MERGES_EPS`` for all

@@ -45,7 +45,7 @@ import onnx
 
 from . import stats
 from .analysis import Analysis, Cut, ForwardMemo, analyze
-from .coloring import Coloring, TreeCache, cut_eps
+from .coloring import Coloring, TreeCache, cut_eps, merges_at
 from .graph import GraphView
 from .calibrate import OriginalActivations, Selector, refit
 from .folding import Folder
@@ -400,8 +400,8 @@ def deal_rows(batches: Sequence[Batch], labels: np.ndarray | None, folds: int
 
 
 def _merged(heights: np.ndarray, eps: float) -> int:
-    """How many merges of a layer's rows eps makes."""
-    return int(np.searchsorted(heights, eps, side="right"))
+    """How many merges of a layer's rows eps makes (``coloring.merges_at``)."""
+    return merges_at(heights, eps)
 
 
 #: Called with each layer measured merged alone (an allocation's probe, a greedy step's
@@ -445,7 +445,7 @@ def greedy(evaluate: Evaluates, kind: TargetKind | str, limit: float, on_step: C
         counts = {layer: _merged(current.heights[layer], layer_eps) for layer, layer_eps in current.layer_eps.items()
                   if layer in current.heights}
         done = _merged(current.heights[name], current.layer_eps.get(name, 0.0))
-        cuts = {layer: Cut(count) for layer, count in {**counts, name: done + more}.items()}
+        cuts = {layer: _cut(current.heights[layer], count) for layer, count in {**counts, name: done + more}.items()}
         outcome = evaluate(evaluate.cut(current.layer_eps, cuts))
         return outcome if outcome.params < current.params else None
 
@@ -666,8 +666,14 @@ def _allocation(evaluate: Evaluates, curves: Mapping[str, Curve], current: Outco
     """Every layer's eps making its merges at ``price`` (error per parameter), each cut from
     its own merge distances as one analysis reaches it (they move when the layers before it
     merge: :meth:`Evaluator.cut`)."""
-    return evaluate.cut(current.layer_eps, {name: Cut(curve.merges(price), curve.partners)
+    return evaluate.cut(current.layer_eps, {name: _cut(curve.heights, curve.merges(price), curve.partners)
                                             for name, curve in curves.items()})
+
+
+def _cut(heights: np.ndarray, merges: int, partners: tuple[str, ...] = ()) -> Cut:
+    """A layer cut to ``merges`` merges, at the eps ``heights`` (its merge distances in the
+    outcome the search stands on) give for a layer that cannot settle it (``Cut.eps``)."""
+    return Cut(merges, cut_eps(heights, merges), partners)
 
 
 def _unit_eps(layer_eps: Mapping[str, float], name: str, partners: Sequence[str], eps: float) -> dict[str, float]:
@@ -806,7 +812,8 @@ def _trade(evaluate: Evaluates, current: Outcome, curves: Mapping[str, Curve], m
         if count < 1:
             return None
         merges = {**counts, more_in: counts[more_in] + step, fewer_in: undo - count}
-        layer_eps = evaluate.cut(current.layer_eps, {name: Cut(merges[name], curves[name].partners) for name in merges})
+        cuts = {name: _cut(current.heights[name], merges[name], curves[name].partners) for name in merges}
+        layer_eps = evaluate.cut(current.layer_eps, cuts)
         if evaluate.params(layer_eps) <= goal:  # counted, not measured
             return evaluate(layer_eps)
         count -= max(1, count // 4)

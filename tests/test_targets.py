@@ -303,7 +303,7 @@ def test_a_cut_settles_each_layer_at_the_eps_of_its_merges_as_the_analysis_reach
     deep, _ = _deep_mlp()
     start = analyze(deep, eps=0.0, record_heights=True, figures=False)
     first, second, partner = [layer.name for layer in start.layers if layer.frozen is None][1:4]
-    cuts = {first: Cut(9), second: Cut(6, partners=(partner,))}
+    cuts = {first: Cut(9, 1.9), second: Cut(6, 1.9, partners=(partner,))}  # 1.9: read by no dense layer
     memo = ForwardMemo()
     cut = analyze(deep, eps=0.0, layer_cuts=cuts, record_heights=True, figures=False, forwards=memo)
     reports = {layer.name: layer for layer in cut.layers}
@@ -322,4 +322,21 @@ def test_a_cut_settles_each_layer_at_the_eps_of_its_merges_as_the_analysis_reach
     assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in again.collapse().graph.initializer} == {
         t.name: onnx.numpy_helper.to_array(t).tobytes() for t in cut.collapse().graph.initializer}
     with pytest.raises(ValueError, match="comes after it"):
-        analyze(deep, eps=0.0, layer_cuts={partner: Cut(3, partners=(first,))}, figures=False)
+        analyze(deep, eps=0.0, layer_cuts={partner: Cut(3, 0.5, partners=(first,))}, figures=False)
+
+
+def test_a_cut_recurrent_layer_runs_at_the_eps_its_cut_gives(tmp_path):
+    """A bidirectional LSTM clusters its hidden units per direction, again and again until their
+    colors are stable, so no one tree can settle its eps from a count of merges: cut, it runs at
+    the cut's own eps (what the search cuts from the distances it has), like ``layer_eps``."""
+    from planted_utils import export_torch
+    from transformer_lifting import rnn_model
+
+    path = export_torch(rnn_model("LSTM", seed=2, hidden_size=16, bidirectional=True), tmp_path / "lstm.onnx", 6,
+                        seq=4)
+    model = onnx.load(path)
+    lstm = next(layer.name for layer in analyze(model, eps=0.0, figures=False).layers if layer.op_type == "LSTM")
+    cut = analyze(model, eps=0.0, layer_cuts={lstm: Cut(12, 1.5)}, figures=False)
+    given = analyze(model, eps=0.0, layer_eps={lstm: 1.5}, figures=False)
+    (report,), (expected,) = [[layer for layer in a.layers if layer.name == lstm] for a in (cut, given)]
+    assert report.eps == 1.5 and report.width_after == expected.width_after < report.width

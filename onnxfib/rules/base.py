@@ -103,6 +103,12 @@ class Site:
         return {}
 
     @property
+    def clusters_once(self) -> bool:
+        """Whether the forward pass clusters one set of rows, once (a layer whose eps a count of
+        merges settles from that clustering's tree: ``analysis.Cut``); False by default."""
+        return False
+
+    @property
     def expands_output(self) -> bool:
         """Whether an output of this site that is a graph output may narrow, re-expanded to its
         width by a Gather of the merged channels (the residual stream's last LayerNorm); other

@@ -53,6 +53,10 @@ class LinearSite(Site):
     def op_type(self) -> str:
         return "+".join(n.op for n in self.nodes)
 
+    @property
+    def clusters_once(self) -> bool:
+        return True  # its rows' signatures, once (every forward pass of this file and conv.py)
+
     def _stored(self, ref: tuple[gs.Node, int]) -> np.ndarray:
         node, index = ref
         return GraphView.constant(node.inputs[index])
