@@ -500,3 +500,31 @@ def test_attention_merges_only_values_when_queries_cannot_carry_the_multiplicity
     model, feeds, _ = attention_model(np.random.default_rng(26), q_activation="Tanh")
     analysis, _, _ = compress_and_compare(model, feeds)
     assert [layer.width_after for layer in analysis.layers] == [10, 10, 6, 5]
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.4])
+def test_a_depthwise_signature_in_block_rows_clusters_as_the_dense_signature(eps):
+    """A depthwise Conv's signature (Eq. 3: each output channel's kernel in the block of its
+    input channel's color) is clustered from ``block_rows``, which keeps its inner products in
+    far fewer columns: the colors, merge distances and scales are those of the dense signature.
+    The input has merged colors and a multiplier of 3 (and one channel alone in its color), and
+    two output channels have proportional kernels."""
+    from onnxfib.coloring import Tolerance
+    from onnxfib.rules.conv import block_rows
+
+    rng = np.random.default_rng(4)
+    colors = np.append(np.repeat([0, 1, 1, 2, 3, 3, 3, 4], 3), 5)  # input color of each output channel
+    kernels = rng.standard_normal((len(colors), 9))
+    kernels[4] = 2.5 * kernels[3]  # channels 3 and 4 read color 1 through proportional kernels
+    bias = rng.standard_normal((len(colors), 1))
+    bias[4] = 2.5 * bias[3]
+    dense = np.zeros((len(colors), colors.max() + 1, 9))
+    dense[np.arange(len(colors)), colors] = kernels
+    dense = np.hstack([dense.reshape(len(colors), -1), bias])
+    compact = np.hstack([block_rows(kernels, colors), bias])
+    assert compact.shape[1] <= len(colors) + 1 < dense.shape[1]  # at most a column per channel
+    (expected, distances), (got, heights) = [(Tolerance(eps, recorded).cluster(rows), recorded)
+                                             for rows, recorded in ((dense, []), (compact, []))]
+    assert got.partition == expected.partition and got.partition.labels[3] == got.partition.labels[4]
+    np.testing.assert_allclose(heights[0], distances[0], atol=1e-12)
+    np.testing.assert_allclose(got.scales, expected.scales, rtol=1e-9)

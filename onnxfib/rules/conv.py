@@ -95,14 +95,13 @@ class DepthwiseSite(ConvSite):
         return np.arange(self.outputs[0].width) // self.multiplier
 
     def forward(self, ctx: Context) -> None:
+        """Output channel o's signature places its kernel (times its input channel's scale) in
+        the block of its input channel's color (Eq. 3); the clustering reads it as
+        :func:`block_rows` gives it, with the same inner products in far fewer columns."""
         x = ctx.fiber(self.inputs[0])
         kernels = self.matrix()[:, 0, :]  # (out channels, kernel size)
         source = self._source()
-        signature = np.zeros((len(source), x.partition.n_colors, kernels.shape[1]))
-        signature[np.arange(len(source)), x.partition.labels[source]] = (
-            kernels * x.scales[source, None]
-        )
-        signature = signature.reshape(len(source), -1)
+        signature = block_rows(kernels * x.scales[source, None], x.partition.labels[source])
         bias = self.bias_rows()
         ctx.set_fiber(
             self.outputs[0],
@@ -150,6 +149,28 @@ class DepthwiseSite(ConvSite):
         if self.bias is not None:
             total += out_width
         return int(total)
+
+
+def block_rows(rows: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """Rows with the inner products (so norms and cosines) of the block-sparse matrix that puts
+    ``rows[i]`` in the columns of block ``blocks[i]`` and zeros elsewhere, in at most
+    ``min(members, width)`` columns per block instead of ``width``: a block of one row is its
+    norm in a column of its own, a larger one its rows in an orthonormal basis of their span
+    (the R of a QR decomposition). Equal rows of a block stay equal; what an exact clustering
+    compares in max-norm is a rotation of the block's rows, within float rounding the same."""
+    _, inverse, counts = np.unique(blocks, return_inverse=True, return_counts=True)
+    inverse = inverse.ravel()
+    widths = np.minimum(counts, rows.shape[1])
+    starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    compact = np.zeros((len(rows), int(widths.sum())))
+    alone = np.flatnonzero(counts[inverse] == 1)
+    norms = np.sqrt(np.einsum("ij,ij->i", rows[alone], rows[alone]))
+    compact[alone, starts[inverse[alone]]] = norms
+    for block in np.flatnonzero(counts > 1):
+        members = np.flatnonzero(inverse == block)
+        _, triangle = np.linalg.qr(rows[members].T)  # R: R.T R = rows rows.T
+        compact[members, starts[block]:starts[block] + widths[block]] = triangle[:widths[block]].T
+    return compact
 
 
 @dataclass
