@@ -132,14 +132,17 @@ def markdown(cases: list[dict]) -> str:
              f"and recogniser of `{RAPIDOCR}`, the recogniser of `{DDDDOCR}`), on generated "
              f"rows (128 per distribution for the classifier, 8 for the PP-OCRv4 recogniser), on a machine with {os.cpu_count()} cores (shared). *Eager at least* (greedy cases) is one "
              "collapse per searchable layer per step, what the greedy measured before it became lazy. Error "
-             "and agreement are the compressed model's against the original on the measuring rows.", "",
-             "| model | keep | search | status | CPU s | steps | collapses | eager at least | parameters kept | "
+             "and agreement are the compressed model's against the original on the measuring rows (ddddocr answers "
+             "blank almost everywhere on generated rows, so its agreement of 1 says nothing of its quality). "
+             "*Search* names the commit a case ran at.", "",
+             "| model | keep | search | status | CPU s | wall s | steps | collapses | eager at least | parameters kept | "
              "max rel. error | agreement | load at start |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cases:
         kept = f"{c['params_after'] / c['params_before']:.1%}" if "params_after" in c else "-"
         figure = {key: f"{c[key]:.3g}" if isinstance(c.get(key), float) else "-" for key in ("max_rel", "agreement")}
         lines.append(f"| {c['model']} | {c['keep']} | {c.get('search', 'greedy')} | {c['status']} | {c.get('cpu_s', '-')} | "
+                     f"{c.get('wall_s', '-')} | "
                      f"{c.get('steps', '-')} | {c.get('collapses', '-')} | {c.get('eager_at_least', '-')} | {kept} | "
                      f"{figure['max_rel']} | {figure['agreement']} | {c.get('load_at_start', '-')} |")
     return "\n".join(lines + ["", END])
