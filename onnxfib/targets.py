@@ -38,6 +38,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -199,12 +200,12 @@ class Evaluator:
     def probe(self, layer_eps: Mapping[str, float]) -> Outcome:
         """The collapse at ``layer_eps`` as merged (no regrouping), measured: what a search
         probes a layer's sensitivity with."""
-        analysis = self._merged(layer_eps, refit=self.calibrate)
+        analysis = self._merged(layer_eps, to_refit=self.calibrate)
         return self._collapse(layer_eps, analysis, analysis.heights, "merge")
 
     def groupings(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> list[Outcome]:
         """The collapse at ``layer_eps`` as merged, then regrouped by each chooser that applies."""
-        analysis = self._merged(layer_eps, eps, refit=self.calibrate)
+        analysis = self._merged(layer_eps, eps, to_refit=self.calibrate)
         outcomes = [self._collapse(layer_eps, analysis, analysis.heights, "merge", eps)]
         for name, chooser in self.choosers.items():
             chosen = chooser.colorings(analysis)
@@ -220,10 +221,10 @@ class Evaluator:
         return analyze(self.original, eps=eps, symmetry=self.symmetry, layer_eps=layer_eps, trees=self.trees,
                        prepared=self.prepared, figures=figures, forwards=self.forwards, **options)
 
-    def _merged(self, layer_eps: Mapping[str, float], eps: float = 0.0, *, refit: bool = False) -> Analysis:
+    def _merged(self, layer_eps: Mapping[str, float], eps: float = 0.0, *, to_refit: bool = False) -> Analysis:
         """The analysis at ``layer_eps`` with its merge distances, one of the recent ones unless
-        it is to be ``refit`` (then a new one, not kept)."""
-        if refit:
+        it is ``to_refit`` (then a new one, not kept: the refit rewrites its graph)."""
+        if to_refit:
             return self._analyze(layer_eps, eps, record_heights=True)
         key = (tuple(sorted(layer_eps.items())), eps)
         if key in self._recent:
@@ -569,7 +570,7 @@ class Curve:
     def distance(self, merges: int) -> float:
         return float(np.sum(self.heights[self.done:self.done + merges]))
 
-    @property
+    @cached_property
     def fit(self) -> tuple[float, float]:
         """(scale, power) through the probes: least squares on a log scale, the power held in
         ``POWER_RANGE``; ``DEFAULT_POWER`` and the deepest probe with fewer than two points."""
@@ -590,9 +591,10 @@ class Curve:
         merges, added = max(self.probes)
         return added / (merges * self.per_merge)
 
-    @property
+    @cached_property
     def marginal(self) -> np.ndarray:
-        """The modelled error per parameter of each further merge within reach (non-decreasing)."""
+        """The modelled error per parameter of each further merge within reach (non-decreasing;
+        worked out once per curve: a price bisection asks every curve at every step)."""
         scale, power = self.fit
         total = np.cumsum(self.heights[self.done:self.reach])
         added = scale * np.diff(total ** power, prepend=0.0)
