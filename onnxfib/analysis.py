@@ -11,8 +11,8 @@ The passes, in order (docs/architecture.md explains each):
 
 from __future__ import annotations
 
-from collections import defaultdict
 import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -116,8 +116,9 @@ class Analysis:
     ``eps`` is the tolerance of every layer that ``layer_eps`` (layer name -> eps, the names of
     ``layers``) and ``layer_cuts`` (layer name -> :class:`Cut`: its eps settled by a count of
     merges) do not name; a site that is not a layer uses the tolerance of the site producing
-    its first input. ``layers`` report the eps each layer ran at. With ``record_heights`` each layer's merge distances are kept in
-    ``heights`` (layer name -> sorted cosine distances at which its rows would merge).
+    its first input. ``layers`` report the eps each layer ran at. With ``record_heights`` each
+    layer's merge distances are kept in ``heights`` (layer name -> sorted cosine distances at
+    which its rows would merge).
     ``layer_colorings`` imposes a layer's output coloring (layer name -> coloring of its output
     channels, or a partition whose scales are fitted to the rows: ``coloring.fitted_scales``)
     instead of clustering its rows: merges chosen from calibration data or by folding. ``trees``
@@ -260,9 +261,9 @@ class Analysis:
     def _site_eps(site: Site, eps: float, layer_eps: Mapping[str, float], layer_cuts: Mapping[str, Cut],
                   of_tensor: Mapping[str, float], of_layer: Mapping[str, float]) -> tuple[float, int | None]:
         """The eps ``site`` runs at, and the merges to settle it by (NaN and a count for a layer
-        given a :class:`Cut` that clusters once, else the cut's eps). A layer's eps is the one its head settled on when it is a cut's
-        partner, else its ``layer_eps`` or ``eps``; any other site's that of the site producing
-        its first input (``eps`` when none does)."""
+        given a :class:`Cut` that clusters once, else the cut's eps). A layer's eps is the one
+        its head settled on when it is a cut's partner, else its ``layer_eps`` or ``eps``; any
+        other site's that of the site producing its first input (``eps`` when none does)."""
         if not site.layer:
             return next((of_tensor[p.name] for p in site.inputs[:1] if p.name in of_tensor), eps), None
         if site.name in layer_cuts:

@@ -412,8 +412,8 @@ def _merged(heights: np.ndarray, eps: float) -> int:
 OnProbe = Callable[[str, int, int, Outcome | None], None]
 
 
-def search(evaluate: Evaluates, kind: TargetKind | str, limit: float, on_step: Callable[[Outcome], None] | None = None,
-           on_probe: OnProbe | None = None) -> Outcome:
+def search(evaluate: Evaluates, kind: TargetKind | str, limit: float,
+           on_step: Callable[[Outcome], None] | None = None, on_probe: OnProbe | None = None) -> Outcome:
     """The per-layer eps meeting target ``kind`` at ``limit``: by allocation for ``params``
     (:func:`allocate`), by the greedy for the other kinds (:func:`greedy`). ``on_step`` is called
     with the outcome of every step taken, ``on_probe`` with every layer measured alone."""
@@ -422,8 +422,8 @@ def search(evaluate: Evaluates, kind: TargetKind | str, limit: float, on_step: C
     return greedy(evaluate, kind, limit, on_step, on_probe)
 
 
-def greedy(evaluate: Evaluates, kind: TargetKind | str, limit: float, on_step: Callable[[Outcome], None] | None = None,
-           on_probe: OnProbe | None = None) -> Outcome:
+def greedy(evaluate: Evaluates, kind: TargetKind | str, limit: float,
+           on_step: Callable[[Outcome], None] | None = None, on_probe: OnProbe | None = None) -> Outcome:
     """The per-layer eps that merge the most while the outcome meets the fidelity target
     ``kind`` at ``limit`` (an error, accuracy drop, agreement or cosine), found by the greedy of
     the module docstring; the outcome of eps 0 everywhere when no step qualifies. ``on_step`` is
