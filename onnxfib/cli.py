@@ -412,8 +412,10 @@ def inspect(
     quiet: bool = _quiet_option(stdout_json=True),
     verbose: bool = _verbose_option(NOTHING_MORE.format("the table lists every layer")),
 ) -> None:
-    """Show each layer's fibers, opfibers and covers, what a collapse would remove, and why each
-    barrier is one.
+    """Show each layer's fibers, opfibers and covers, what a collapse removes, and the barriers.
+
+    A collapse at --eps: each layer's width before and after and the parameters it would keep; \
+each barrier (an op reading a channel axis that no rule binds) with its rule's reason.
 
     Example: onnxfib inspect model.onnx --eps 0.1"""
     layers, barriers = api.inspection(input, eps=eps)
@@ -450,9 +452,10 @@ def view(
     quiet: bool = _quiet_option(),
     verbose: bool = _verbose_option(NOTHING_MORE.format("the page holds everything")),
 ) -> None:
-    """Draw the colored network: a self-contained HTML page (op graph, layer channels by fiber,
-    an eps control, the base: the collapsed model's own graph and weights) and, with --png/--svg,
-    a static figure.
+    """Draw the colored network: a self-contained HTML page and, with --png/--svg, a static figure.
+
+    The page holds the op graph, each layer's channels colored by fiber, an eps control, and the \
+base: the collapsed model's own graph and weights.
 
     Example: onnxfib view model.onnx --settings-of small.onnx -o model.html"""
     from onnxfib import view as views
