@@ -400,11 +400,6 @@ def deal_rows(batches: Sequence[Batch], labels: np.ndarray | None, folds: int
     return [concatenated(pieces) for pieces in dealt], part_labels, rows
 
 
-def _merged(heights: np.ndarray, eps: float) -> int:
-    """How many merges of a layer's rows eps makes (``coloring.merges_at``)."""
-    return merges_at(heights, eps)
-
-
 #: Called with each layer measured merged alone (an allocation's probe, a greedy step's
 #: candidate): the layer, its place among the layers measured in that pass, their count, and
 #: the outcome (None: no step of that layer meets the target). A search's first pass measures
@@ -443,9 +438,9 @@ def greedy(evaluate: Evaluates, kind: TargetKind | str, limit: float,
         """Layer ``name`` with ``more`` merges than in ``current``, the layers stepped before at
         the merges they make there (their merge distances move when an earlier layer merges),
         measured; None when that removes no parameter."""
-        counts = {layer: _merged(current.heights[layer], layer_eps) for layer, layer_eps in current.layer_eps.items()
+        counts = {layer: merges_at(current.heights[layer], layer_eps) for layer, layer_eps in current.layer_eps.items()
                   if layer in current.heights}
-        done = _merged(current.heights[name], current.layer_eps.get(name, 0.0))
+        done = merges_at(current.heights[name], current.layer_eps.get(name, 0.0))
         cuts = {layer: _cut(current.heights[layer], count) for layer, count in {**counts, name: done + more}.items()}
         outcome = evaluate(evaluate.cut(current.layer_eps, cuts))
         return outcome if outcome.params < current.params else None
@@ -455,7 +450,7 @@ def greedy(evaluate: Evaluates, kind: TargetKind | str, limit: float,
         fits; a layer with no merge left leaves the search."""
         for more in dict.fromkeys((max(1, math.ceil(widths[name] * STEP_FRACTION)), 1)):
             heights = current.heights.get(name)
-            left = 0 if heights is None else len(heights) - _merged(heights, current.layer_eps.get(name, 0.0))
+            left = 0 if heights is None else len(heights) - merges_at(heights, current.layer_eps.get(name, 0.0))
             if left == 0:
                 if more == 1:
                     layers.remove(name)  # no merge left in this layer
@@ -520,7 +515,7 @@ def allocate(evaluate: Evaluates, keep: float, on_step: Callable[[Outcome], None
                 on_step(chosen)
         limited = {name: curve.reach for name, curve in curves.items()
                    if curve.reach < len(curve.heights) and name in allocated.heights
-                   and _merged(allocated.heights[name], allocated.layer_eps.get(name, 0.0)) >= curve.reach}
+                   and merges_at(allocated.heights[name], allocated.layer_eps.get(name, 0.0)) >= curve.reach}
         if not limited:
             break
         curves = _probe(evaluate, current, limited, curves, units, on_probe)
@@ -628,9 +623,9 @@ def _probe_depths(current: Outcome, keep: float, units: Mapping[str, tuple[str, 
         heights = current.heights.get(layer.name)
         if heights is None or layer.name not in units:
             continue
-        done = _merged(heights, current.layer_eps.get(layer.name, 0.0))
+        done = merges_at(heights, current.layer_eps.get(layer.name, 0.0))
         depths[layer.name] = done + min(len(heights) - done, max(1, round(layer.width * ratio)))
-    return {name: merges for name, merges in depths.items() if merges > _merged(current.heights[name], 0.0)}
+    return {name: merges for name, merges in depths.items() if merges > merges_at(current.heights[name], 0.0)}
 
 
 def _probe(evaluate: Evaluates, current: Outcome, depths: Mapping[str, int], curves: Mapping[str, Curve],
@@ -644,7 +639,7 @@ def _probe(evaluate: Evaluates, current: Outcome, depths: Mapping[str, int], cur
     updated = dict(curves)
     for index, (name, merges) in enumerate(depths.items()):
         heights = current.heights[name]
-        done = _merged(heights, current.layer_eps.get(name, 0.0))
+        done = merges_at(heights, current.layer_eps.get(name, 0.0))
         outcome = evaluate.probe(_unit_eps(current.layer_eps, name, units[name], cut_eps(heights, merges)))
         if name not in updated and outcome.params >= current.params and merges < len(heights):
             merges = len(heights)  # merges blocked by the sites its channels are tied to: merge it whole
@@ -790,7 +785,7 @@ def _exchange(evaluate: Evaluates, current: Outcome, curves: Mapping[str, Curve]
 
 def _merge_counts(current: Outcome, curves: Mapping[str, Curve]) -> dict[str, int]:
     """The merges each layer of ``curves`` makes in ``current``."""
-    return {name: _merged(current.heights[name], current.layer_eps.get(name, 0.0))
+    return {name: merges_at(current.heights[name], current.layer_eps.get(name, 0.0))
             for name in curves if name in current.heights}
 
 
