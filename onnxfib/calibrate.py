@@ -19,11 +19,14 @@ independent of the calibration size) and solved by Cholesky, all blocks of a lay
 The layer sites say how (``LinearSite.input_rows``, ``refit_blocks``, ``block_weights``,
 ``refit_declined``); this module knows no op. Speed: the layers to refit are cut into *fronts*,
 layers none of which reads another's output (in a transformer block: Q, K and V; then the output
-projection; then each FFN layer). Per front and calibration batch, one ONNX Runtime run of the
-compressed model cut to the front's inputs gives every input of the front (all upstream layers
-already final) and one run of the original cut to the front's outputs gives the targets (kept
-across refits while they fit in a budget, see :class:`OriginalActivations`); layers of a front
-reading one tensor the same way share ``X^T X``. Memory: one front's activations of one batch.
+projection; then each FFN layer). Both models run forward front by front
+(:class:`~onnxfib.validation.ForwardRun`): for a front, ONNX Runtime runs only the nodes between
+the last front's cut and this front's inputs (the compressed model, all upstream layers already
+refit) or outputs (the original, whose targets are kept across refits while they fit in a budget,
+see :class:`OriginalActivations`), so each refit runs each model about once. Layers of a front
+reading one tensor the same way share ``X^T X``. Memory: one cut of each model over the
+calibration set (what crosses from one front to the next, e.g. a transformer's residual stream),
+or, past ``CUT_BYTES``, one front's activations of one batch, each front then run from the inputs.
 Not refit: ConvTranspose (see its site), and ops outside ``LinearSite`` (LSTM/GRU, embeddings,
 attention's own products, LayerNorm), whose merged constants stay as the collapse made them.
 
@@ -46,7 +49,7 @@ from .partition import Partition
 from .report import RefitReport
 from .rules.base import activation_rows
 from .rules.linear import LinearSite
-from .validation import Batch, chunked, run_tensors
+from .validation import Batch, ForwardRun, chunked, node_reads, prefix, run_tensors
 
 #: Default ridge strength, relative to the mean diagonal of X^T X.
 DEFAULT_RIDGE = 1e-3
@@ -98,36 +101,6 @@ class NormalEquations:
         self.rows += len(x)
 
 
-def prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """``model`` cut to the nodes its tensors ``names`` need, which become its only outputs (a
-    new model; initializers no kept node reads are left out)."""
-    needed = set(names)
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(model.graph.node):
-        if needed.intersection(node.output):
-            kept.append(node)
-            needed.update(_reads(node))
-    cut = onnx.ModelProto()
-    cut.CopyFrom(model)
-    graph = cut.graph
-    del graph.node[:], graph.output[:]
-    graph.node.extend(reversed(kept))
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names))
-    return cut
-
-
-def _reads(node: onnx.NodeProto) -> Iterator[str]:
-    """The tensors ``node`` reads, those its subgraphs read from the outer scope included."""
-    yield from node.input
-    for attribute in node.attribute:
-        for graph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
-            for inner in graph.node:
-                yield from _reads(inner)
-
-
 class OriginalActivations:
     """The original model's tensors on fixed batches, computed on demand (several in one run of
     the model cut to them), and kept for the next refit while they fit in ``budget`` bytes (a
@@ -139,12 +112,13 @@ class OriginalActivations:
         self.pieces = list(chunked(batches))
         self.budget = budget
         self._kept: dict[str, list[np.ndarray]] = {}
+        self._forward = ForwardRun(self.pieces, "original")
 
     def __call__(self, names: Sequence[str]) -> Iterator[list[np.ndarray]]:
         """The tensors ``names`` of the original model, a list per batch piece."""
         missing = [n for n in dict.fromkeys(names) if n not in self._kept]
         runs: Iterable[list[np.ndarray]] = (
-            run_tensors(prefix(self.original, missing), missing, self.pieces, "original") if missing
+            self._forward.tensors(self.original, missing) if missing
             else ([] for _ in self.pieces))
         keep: dict[str, list[np.ndarray]] = {}
         for index, computed in enumerate(runs):
@@ -172,9 +146,10 @@ def refit(analysis: Analysis, original: onnx.ModelProto, batches: Sequence[Batch
     model = analysis.collapse()
     pieces = list(chunked(batches))
     activations = activations or OriginalActivations(original, pieces, budget=0)
+    forward = ForwardRun(pieces, "compressed")
     reports: list[RefitReport] = []
     for front in _fronts(model, _to_refit(analysis)):
-        done = [report for _, report in _refit_front(analysis, front, model, activations, pieces, ridge)]
+        done = [report for _, report in _refit_front(analysis, front, model, activations, forward, ridge)]
         reports.extend(done)
         if done:
             model = analysis.graph.export()
@@ -205,7 +180,7 @@ def _fronts(model: onnx.ModelProto, sites: list[LinearSite]) -> list[list[Linear
     level: dict[str, int] = {}
     front_of: dict[int, int] = {}
     for node in model.graph.node:
-        depth = max((level.get(name, 0) for name in _reads(node)), default=0)
+        depth = max((level.get(name, 0) for name in node_reads(node)), default=0)
         for name in node.output:
             level[name] = depth
             site = by_output.get(name)
@@ -251,9 +226,10 @@ class _Problem:
 
 
 def _refit_front(analysis: Analysis, front: list[LinearSite], model: onnx.ModelProto,
-                 activations: OriginalActivations, pieces: list[Batch], ridge: float
+                 activations: OriginalActivations, forward: ForwardRun, ridge: float
                  ) -> Iterator[tuple[LinearSite, RefitReport]]:
-    """Refit the layers of one front in place (through their sites), each with its report."""
+    """Refit the layers of one front in place (through their sites), each with its report;
+    ``forward`` runs ``model`` (all earlier fronts refit) on the calibration pieces."""
     shared: dict[Hashable, list[LinearSite]] = {}
     for site in front:
         key = (site.inputs[0].name, site.rows_key(), site.refit_blocks(), site.flat()[2])
@@ -261,7 +237,7 @@ def _refit_front(analysis: Analysis, front: list[LinearSite], model: onnx.ModelP
     problems = [_Problem(sites) for sites in shared.values()]
     inputs = list(dict.fromkeys(site.inputs[0].name for site in front))
     outputs = [site.outputs[0].name for site in front]
-    compressed = run_tensors(prefix(model, inputs), inputs, pieces, "compressed")
+    compressed = forward.tensors(model, inputs)
     for xs, ys in zip(compressed, activations(outputs)):
         x_of, y_of = dict(zip(inputs, xs)), dict(zip(outputs, ys))
         for problem in problems:

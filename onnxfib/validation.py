@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,8 @@ VALIDATION_ROWS = 32
 VALIDATION_ELEMENTS = 2**20
 #: ``run_by_layers`` cuts a model after the node at which its sub-model's weights reach this many bytes.
 LAYER_BYTES = 64 << 20
+#: ``ForwardRun`` keeps a cut of the model over all its pieces up to this many bytes.
+CUT_BYTES = 1 << 30
 
 Batch = dict[str, np.ndarray]
 Shape = tuple[int | str | None, ...]
@@ -564,6 +566,130 @@ def run_tensors(model: onnx.ModelProto, names: Sequence[str], batches: Iterable[
             holder.cleanup()
 
 
+def prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``model`` cut to the nodes its tensors ``names`` need, which become its only outputs (a
+    new model; initializers no kept node reads are left out)."""
+    needed = set(names)
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(model.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node_reads(node))
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    graph = cut.graph
+    del graph.node[:], graph.output[:]
+    graph.node.extend(reversed(kept))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names))
+    return cut
+
+
+class ForwardRun:
+    """A model's tensors on fixed batch ``pieces``, computed forward a segment at a time.
+
+    Each :meth:`tensors` call runs only the nodes its tensors need that no earlier call ran, fed
+    with what the earlier calls left: per piece, every tensor that a node not yet run still reads
+    (one cut of the model over all pieces, kept while it fits in ``budget`` bytes). The model may
+    change between calls in nodes not yet run (a refit's new weights); a call asking for what
+    lies behind the cut starts again from the inputs. Where a cut cannot be fed on its own (a
+    model that declares a fixed batch, whose reshapes may name it; a kept activation that is not a
+    tensor) or would not fit, every call runs the model cut to its tensors from the inputs
+    (:func:`prefix`): the same values, at the cost of the whole prefix each time."""
+
+    def __init__(self, pieces: Sequence[Batch], role: str, *, budget: int = CUT_BYTES) -> None:
+        self.pieces = list(pieces)
+        self.role = role
+        self.budget = budget
+        self._whole = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._ran: set[str] = set()
+        self._kept: list[Batch] | None = None
+
+    def tensors(self, model: onnx.ModelProto, names: Sequence[str]) -> Iterator[list[np.ndarray]]:
+        """The tensors ``names`` of ``model`` as float64 arrays, a list per piece."""
+        names = list(dict.fromkeys(names))
+        if self._whole or declared_batch(model) is not None:
+            yield from run_tensors(prefix(model, names), names, self.pieces, self.role)
+            return
+        segment = self._segment(model, names)
+        if segment is None:  # it needs nodes that ran, whose tensors are gone
+            self._reset()
+            segment = self._segment(model, names)
+            assert segment is not None, "from the inputs every node is still to run"
+        kept = self._kept if self._kept is not None else [_Feed(model).cast(piece) for piece in self.pieces]
+        ran = self._ran | {o for node in segment for o in node.output if o}
+        self._reset()  # until every piece has its new cut
+        later = {n for node in model.graph.node if not ran.intersection(node.output) for n in node_reads(node)}
+        keep = [n for n in dict.fromkeys([*kept[0], *(o for node in segment for o in node.output if o)])
+                if n in later]
+        made = [n for n in dict.fromkeys([*names, *keep]) if n not in kept[0]]
+        runs = self._run(model, segment, made, kept) if segment else ([] for _ in kept)
+        cut: list[Batch] | None = []
+        for index, (old, computed) in enumerate(zip(kept, runs)):
+            values = {**old, **dict(zip(made, computed))}
+            if index == 0:
+                if any(not isinstance(values[n], np.ndarray) for n in keep):
+                    runs.close()
+                    self._whole = True
+                    yield from self.tensors(model, names)
+                    return
+                if sum(values[n].nbytes for n in keep) * len(kept) > self.budget:
+                    cut = None
+            if cut is not None:
+                cut.append({n: values[n] for n in keep})
+            yield [np.asarray(values[n], dtype=np.float64) for n in names]
+        if cut is not None:
+            self._ran, self._kept = ran, cut
+
+    def _segment(self, model: onnx.ModelProto, names: list[str]) -> list[onnx.NodeProto] | None:
+        """The nodes, in graph order, that ``names`` need beyond the kept tensors; None when one of
+        them ran already (its output dropped)."""
+        have = set(self._kept[0]) if self._kept is not None else set(graph_inputs(model))
+        have.update(t.name for t in model.graph.initializer)
+        producer = {o: node for node in model.graph.node for o in node.output if o}
+        needed: dict[int, onnx.NodeProto] = {}
+        stack = [n for n in names if n not in have]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or id(node) in needed:
+                continue
+            if self._ran.intersection(node.output):
+                return None
+            needed[id(node)] = node
+            stack.extend(n for n in node_reads(node) if n not in have)
+        return [node for node in model.graph.node if id(node) in needed]
+
+    def _run(self, model: onnx.ModelProto, segment: list[onnx.NodeProto], names: list[str],
+             kept: list[Batch]) -> Generator[list[object], None, None]:
+        """The tensors ``names`` of the sub-model of ``segment`` fed from ``kept``, per piece."""
+        made = {o for node in segment for o in node.output}
+        initializers = {t.name: t for t in model.graph.initializer}
+        reads = list(dict.fromkeys(n for node in segment for n in node_reads(node) if n not in made))
+        feeds = [n for n in reads if n not in initializers]
+        sub = onnx.helper.make_model(
+            onnx.helper.make_graph(segment, f"{model.graph.name}_segment",
+                                   [_value_info(n, np.asarray(kept[0][n])) for n in feeds],
+                                   [onnx.ValueInfoProto(name=n) for n in names],
+                                   [initializers[n] for n in reads if n in initializers]),
+            opset_imports=model.opset_import, ir_version=max(model.ir_version, 4), functions=model.functions)
+        session, holder = _session(sub, self.role)
+        try:
+            for piece in kept:
+                try:
+                    yield session.run(names, {n: piece[n] for n in feeds})
+                except Exception as exc:
+                    raise InvalidModelError(f"ONNX Runtime cannot run the {self.role} model: {first_line(exc)}") from exc
+        finally:
+            del session
+            if holder is not None:
+                holder.cleanup()
+
+
 class _Feed:
     """How batches go into a model's session: each input cast to its declared dtype and, for a
     model with a ``declared_batch``, ``size`` samples at a time."""
@@ -628,7 +754,7 @@ def layers(model: onnx.ModelProto, layer_bytes: int = LAYER_BYTES) -> list[list[
     seen: set[str] = set()
     for node in model.graph.node:
         layers[-1].append(node)
-        for name in _reads(node):
+        for name in node_reads(node):
             if name in sizes and name not in seen:
                 seen.add(name)
                 weights += sizes[name]
@@ -638,7 +764,7 @@ def layers(model: onnx.ModelProto, layer_bytes: int = LAYER_BYTES) -> list[list[
     return [layer for layer in layers if layer]
 
 
-def _reads(node: onnx.NodeProto) -> list[str]:
+def node_reads(node: onnx.NodeProto) -> list[str]:
     """The names a node reads: its inputs and what its subgraphs read from the outer scope."""
     subgraphs = [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
     return [n for n in node.input if n] + sorted(set().union(*(outer_names(g) for g in subgraphs)))
@@ -670,12 +796,12 @@ def run_by_layers(model: ModelFile, names: Sequence[str], inputs: Sequence[Mappi
     parts = layers(graph, layer_bytes)
     later: list[set[str]] = [set(names)]  # later[i]: read by parts after i, or asked for
     for layer in reversed(parts[1:]):
-        later.insert(0, later[0] | {n for node in layer for n in _reads(node)})
+        later.insert(0, later[0] | {n for node in layer for n in node_reads(node)})
     values: list[dict[str, np.ndarray]] = [feed.cast(batch) for batch in inputs]
     with tempfile.TemporaryDirectory() as tmp:
         for layer, needed in zip(parts, later):
             made = {name for node in layer for name in node.output if name}
-            reads = list(dict.fromkeys(n for node in layer for n in _reads(node) if n not in made))
+            reads = list(dict.fromkeys(n for node in layer for n in node_reads(node) if n not in made))
             feeds = [n for n in reads if n not in initializers]
             outs = [n for n in dict.fromkeys(o for node in layer for o in node.output) if n in needed]
             if not outs:

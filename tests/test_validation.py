@@ -367,3 +367,92 @@ def test_fp16_exact_merge_passes_the_default_tolerances_and_matches_ort(tmp_path
 
     assert main(["compress", str(tmp_path / "fp16.onnx"), str(tmp_path / "out.onnx"), "--input-shape", "x:256,64"]) == 0
     assert "rtol 0.01, atol 0.01 for the output dtype" in " ".join(capsys.readouterr().out.split())  # table says so
+
+
+def _whole(model: onnx.ModelProto, names: list[str], pieces: list[dict]) -> list[list[np.ndarray]]:
+    """The tensors ``names`` of ``model`` from one ORT session of the whole model, per piece."""
+    return [list(values) for values in v.run_tensors(model, names, pieces, "test")]
+
+
+def _assert_same(got, expected) -> None:
+    assert len(got) == len(expected)
+    for got_piece, expected_piece in zip(got, expected):
+        for a, b in zip(got_piece, expected_piece):
+            np.testing.assert_array_equal(a, b)
+
+
+def _reweighted(model: onnx.ModelProto, name: str, scale: float) -> onnx.ModelProto:
+    """``model`` with the initializer ``name`` multiplied by ``scale`` (a refit's new weights)."""
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    for index, tensor in enumerate(changed.graph.initializer):
+        if tensor.name == name:
+            changed.graph.initializer[index].CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(scale), name))
+    return changed
+
+
+@pytest.mark.parametrize("budget", [v.CUT_BYTES, 0])
+def test_forward_run_gives_each_call_the_tensors_of_the_model_it_is_given(budget):
+    """Called front by front while later weights change (as a refit does), every call's tensors
+    equal one ORT session of the model as it is at that call, with the cut kept or (budget 0)
+    every prefix run from the inputs; asking for a tensor behind the cut starts again."""
+    model = build_mlp([6, 8, 8, 8, 3], planted=False)
+    rng = np.random.default_rng(0)
+    pieces = [{"x": rng.standard_normal((rows, 6)).astype(np.float32)} for rows in (5, 3)]
+    forward = v.ForwardRun(pieces, "test", budget=budget)
+    for names, changed in ((["r0"], "W1"), (["r1", "h1"], "W2"), (["r2"], "W3"), (["y", "r2"], None)):
+        _assert_same(list(forward.tensors(model, names)), _whole(model, names, pieces))
+        if changed:
+            model = _reweighted(model, changed, 0.5)
+    _assert_same(list(forward.tensors(model, ["h0", "y"])), _whole(model, ["h0", "y"], pieces))
+
+
+def test_forward_run_does_not_run_a_node_twice():
+    """The contract that makes it cheap: the nodes an earlier call ran are not run again, so a
+    change to their weights reaches no later call, while a model run whole sees it."""
+    model = build_mlp([6, 8, 8, 3], planted=False)
+    pieces = [{"x": np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)}]
+    forward = v.ForwardRun(pieces, "test")
+    list(forward.tensors(model, ["r0"]))
+    changed = _reweighted(model, "W0", 2.0)
+    _assert_same(list(forward.tensors(changed, ["y"])), _whole(model, ["y"], pieces))
+    assert not np.array_equal(_whole(changed, ["y"], pieces)[0][0], _whole(model, ["y"], pieces)[0][0])
+
+
+def test_forward_run_of_a_fixed_batch_model_runs_from_the_inputs():
+    """A model declaring batch 1 whose Reshape names it cannot be fed a cut of many samples: its
+    tensors come, 1 sample at a time, from the inputs, equal to running each sample alone."""
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((4, 6)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1),
+         helper.make_node("Reshape", ["h", "shape"], ["y"])],
+        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([1, 2, 2], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    forward = v.ForwardRun([{"x": x}], "test")
+    list(forward.tensors(model, ["h"]))
+    (got,) = list(forward.tensors(model, ["y"]))
+    alone = np.concatenate([_whole(model, ["y"], [{"x": x[i:i + 1]}])[0][0] for i in range(3)])
+    np.testing.assert_array_equal(got[0], alone)
+
+
+def test_forward_run_whose_cut_holds_a_sequence_runs_from_the_inputs():
+    """A cut that would keep a tensor sequence cannot feed the next segment as a tensor: the
+    calls give, from the inputs, what the whole model gives."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("SequenceConstruct", ["r", "x"], ["s"]),
+         helper.make_node("SequenceAt", ["s", "zero"], ["t"]),
+         helper.make_node("ConcatFromSequence", ["s"], ["y"], axis=1)],
+        "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    pieces = [{"x": np.random.default_rng(3).standard_normal((4, 3)).astype(np.float32)}]
+    forward = v.ForwardRun(pieces, "test")
+    for names in (["t"], ["y"]):
+        _assert_same(list(forward.tensors(model, names)), _whole(model, names, pieces))
