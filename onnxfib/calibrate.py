@@ -131,8 +131,10 @@ class OriginalActivations:
                         keep[name] = []
             for name in keep:
                 keep[name].append(fresh[name])
-            yield [self._kept[n][index] if n in self._kept else fresh[n] for n in names]
-        self._kept.update(keep)
+            values = [self._kept[n][index] if n in self._kept else fresh[n] for n in names]
+            if index == len(self.pieces) - 1:  # before the last yield: a zip may never resume this
+                self._kept.update(keep)
+            yield values
 
 
 def refit(analysis: Analysis, original: onnx.ModelProto, batches: Sequence[Batch], *,
@@ -349,7 +351,7 @@ def _forward_selection(gram: np.ndarray, cross: np.ndarray, count: int, ridge: f
     g = gram + ridge * max(float(np.trace(gram)) / n, 1e-12) * np.eye(n)
     residual_g = np.diag(g).copy()
     residual_c = cross.copy()
-    basis: list[np.ndarray] = []  # rows a_j: g restricted to the selected columns, orthonormalised
+    basis = np.zeros((count + 1, n))  # rows a_j: g restricted to the selected columns, orthonormalised
     selected: list[int] = []
     for step in range(count + 1):
         if step == 0:
@@ -360,9 +362,9 @@ def _forward_selection(gram: np.ndarray, cross: np.ndarray, count: int, ridge: f
             gain[n - 1] = -np.inf
             pick = int(np.argmax(gain))
         norm = np.sqrt(max(residual_g[pick], 1e-300))
-        a = (g[pick] - sum(row * row[pick] for row in basis)) / norm
+        a = (g[pick] - basis[:step].T @ basis[:step, pick]) / norm
         residual_c -= np.outer(a, residual_c[pick] / norm)
-        basis.append(a)
+        basis[step] = a
         selected.append(pick)
         residual_g = residual_g - a * a
     return np.array(sorted(selected[1:]))

@@ -642,9 +642,9 @@ class ForwardRun:
                     cut = None
             if cut is not None:
                 cut.append({n: values[n] for n in keep})
+                if index == len(kept) - 1:  # before the last yield: a zip may never resume this
+                    self._ran, self._kept = ran, cut
             yield [np.asarray(values[n], dtype=np.float64) for n in names]
-        if cut is not None:
-            self._ran, self._kept = ran, cut
 
     def _segment(self, model: onnx.ModelProto, names: list[str]) -> list[onnx.NodeProto] | None:
         """The nodes, in graph order, that ``names`` need beyond the kept tensors; None when one of

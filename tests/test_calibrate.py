@@ -153,3 +153,21 @@ def test_normal_equations_match_the_explicit_intercept_column_in_float64():
         np.testing.assert_allclose(equations.cross, x.T @ t, rtol=1e-9)
         assert equations.samples == t.size
         np.testing.assert_allclose(equations.target_energy, np.sum(t * t), rtol=1e-12)
+
+
+def test_original_activations_are_kept_for_the_next_refit_when_read_alongside_the_compressed_model():
+    """A refit reads the original's tensors zipped with the compressed model's, so the generator is
+    not resumed after its last batch piece: the tensors it computed are still kept (within the
+    budget) and equal ONNX Runtime's on the original, and a second read gives the same values."""
+    from onnxfib.calibrate import OriginalActivations
+
+    model = build_mlp([8, 12, 10, 3])
+    pieces = [{"x": _calibration(40)}, {"x": _calibration(30, seed=2)}]
+    activations = OriginalActivations(model, pieces)
+    first = [values for _, values in zip(range(len(pieces)), activations(["r0", "r1"]))]
+    assert set(activations._kept) == {"r0", "r1"}
+    expected = list(run_tensors(model, ["r0", "r1"], pieces, "original"))
+    for got in (first, list(activations(["r0", "r1"]))):
+        for piece, reference in zip(got, expected):
+            for value, truth in zip(piece, reference):
+                np.testing.assert_array_equal(value, truth)
