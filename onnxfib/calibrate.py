@@ -49,7 +49,7 @@ from .partition import Partition
 from .report import RefitReport
 from .rules.base import activation_rows
 from .rules.linear import LinearSite
-from .validation import Batch, ForwardRun, chunked, node_reads, prefix, run_tensors
+from .validation import Batch, ForwardRun, chunked, node_reads
 
 #: Default ridge strength, relative to the mean diagonal of X^T X.
 DEFAULT_RIDGE = 1e-3
@@ -303,7 +303,7 @@ class Selector:
     closely, with a vanishing scale, so the kept row stays as it is and the reader's refit
     re-expresses the rest (merging into the most similar kept neuron, Neuron Merging's rule,
     with the coefficients fitted instead of guessed). The original model's statistics are
-    computed once per reader and cached.
+    computed once per reader (the original run forward reader by reader) and cached.
     """
 
     #: Scale of a folded channel relative to its kept one: small enough to leave the kept row be.
@@ -314,13 +314,14 @@ class Selector:
         self.batches = list(chunked(batches))
         self.ridge = ridge
         self._stats: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._forward = ForwardRun(self.batches, "original")
 
     def _statistics(self, reader: LinearSite) -> tuple[np.ndarray, np.ndarray]:
         """``[H, 1]^T [H, 1]`` and ``[H, 1]^T T`` for the reader's input H and pre-activations T."""
         key = (reader.inputs[0].name, reader.outputs[0].name)
         if key not in self._stats:
             equations = NormalEquations(reader.inputs[0].width, reader.outputs[0].width, intercept=True)
-            for x, y in run_tensors(prefix(self.original, list(key)), list(key), self.batches, "original"):
+            for x, y in self._forward.tensors(self.original, list(key)):
                 equations.add(reader.input_rows(x)[:, 0], activation_rows(y, reader.outputs[0].axis))
             self._stats[key] = (equations.gram, equations.cross)
         return self._stats[key]
