@@ -131,7 +131,13 @@ class Partition:
         """Sum (or mean) of ``array`` over the channels of each color along ``axis``."""
         if self.is_discrete:  # canonical discrete labels are 0..n-1 in order: nothing to do
             return np.asarray(array)
-        moved = np.moveaxis(np.asarray(array), axis, 0)
+        array = np.asarray(array)
+        if array.ndim > 1 and axis in (-1, array.ndim - 1):  # rows of samples: no strided move
+            order = np.argsort(self.labels, kind="stable")
+            _, starts = np.unique(self.labels[order], return_index=True)
+            out = np.add.reduceat(np.take(array, order, axis=-1), starts, axis=-1)
+            return out / self.sizes() if mean else out
+        moved = np.moveaxis(array, axis, 0)
         sizes = self.sizes()
         _, first = np.unique(self.labels, return_index=True)
         out = moved[first].copy()  # each color's first channel, then the others added per color

@@ -78,11 +78,12 @@ def test_flatten_colors_feature_by_channel_color_and_position(raw, spatial):
             assert (flat.labels[f] == flat.labels[g]) == same
 
 
-@given(labels, st.booleans())
-def test_reduce_sums_or_averages_each_color(raw, mean):
+@given(labels, st.booleans(), st.sampled_from([0, 1]))
+def test_reduce_sums_or_averages_each_color(raw, mean, axis):
+    """Along the last axis (rows of samples) and along another, each color's sum or mean."""
     p = Partition(raw)
     values = np.random.default_rng(len(raw)).standard_normal((3, len(p)))
-    out = p.reduce(values, 1, mean=mean)
+    out = p.reduce(values.T.copy(), 0, mean=mean).T if axis == 0 else p.reduce(values, 1, mean=mean)
     assert out.shape == (3, p.n_colors)
     for color in range(p.n_colors):
         members = values[:, p.labels == color]
