@@ -594,10 +594,11 @@ class ForwardRun:
     with what the earlier calls left: per piece, every tensor that a node not yet run still reads
     (one cut of the model over all pieces, kept while it fits in ``budget`` bytes). The model may
     change between calls in nodes not yet run (a refit's new weights); a call asking for what
-    lies behind the cut starts again from the inputs. Where a cut cannot be fed on its own (a
-    model that declares a fixed batch, whose reshapes may name it; a kept activation that is not a
-    tensor) or would not fit, every call runs the model cut to its tensors from the inputs
-    (:func:`prefix`): the same values, at the cost of the whole prefix each time."""
+    lies behind the cut starts again from the inputs. A model that declares a fixed batch runs
+    that many samples at a time (its reshapes may name the batch), the cut kept per chunk, as
+    :func:`run_tensors` feeds it. Where a cut would hold an activation that is not a tensor, or
+    would not fit, calls run the model cut to their tensors from the inputs (:func:`prefix`): the
+    same values, at the cost of the whole prefix each time."""
 
     def __init__(self, pieces: Sequence[Batch], role: str, *, budget: int = CUT_BYTES) -> None:
         self.pieces = list(pieces)
@@ -608,12 +609,23 @@ class ForwardRun:
 
     def _reset(self) -> None:
         self._ran: set[str] = set()
-        self._kept: list[Batch] | None = None
+        self._kept: list[Batch] | None = None  # per chunk fed, the cut
+
+    def _chunks(self, model: onnx.ModelProto) -> tuple[list[Batch], list[tuple[int, int]]]:
+        """The pieces as ``model`` is fed (:func:`fed_chunks`) and, per chunk, its piece and the
+        padding rows it carries."""
+        feed = _Feed(model)
+        chunks, owners = [], []
+        for index, piece in enumerate(self.pieces):
+            for chunk, short in fed_chunks(feed.cast(piece), feed.size):
+                chunks.append(chunk)
+                owners.append((index, short))
+        return chunks, owners
 
     def tensors(self, model: onnx.ModelProto, names: Sequence[str]) -> Iterator[list[np.ndarray]]:
         """The tensors ``names`` of ``model`` as float64 arrays, a list per piece."""
         names = list(dict.fromkeys(names))
-        if self._whole or declared_batch(model) is not None:
+        if self._whole:
             yield from run_tensors(prefix(model, names), names, self.pieces, self.role)
             return
         segment = self._segment(model, names)
@@ -621,15 +633,18 @@ class ForwardRun:
             self._reset()
             segment = self._segment(model, names)
             assert segment is not None, "from the inputs every node is still to run"
-        kept = self._kept if self._kept is not None else [_Feed(model).cast(piece) for piece in self.pieces]
+        chunks, owners = self._chunks(model)
+        size = declared_batch(model)
+        kept = self._kept if self._kept is not None else chunks
         ran = self._ran | {o for node in segment for o in node.output if o}
-        self._reset()  # until every piece has its new cut
+        self._reset()  # until every chunk has its new cut
         later = {n for node in model.graph.node if not ran.intersection(node.output) for n in node_reads(node)}
         keep = [n for n in dict.fromkeys([*kept[0], *(o for node in segment for o in node.output if o)])
                 if n in later]
         made = [n for n in dict.fromkeys([*names, *keep]) if n not in kept[0]]
         runs = self._run(model, segment, made, kept) if segment else ([] for _ in kept)
         cut: list[Batch] | None = []
+        parts: list[list[np.ndarray]] = []
         for index, (old, computed) in enumerate(zip(kept, runs)):
             values = {**old, **dict(zip(made, computed))}
             if index == 0:
@@ -644,7 +659,11 @@ class ForwardRun:
                 cut.append({n: values[n] for n in keep})
                 if index == len(kept) - 1:  # before the last yield: a zip may never resume this
                     self._ran, self._kept = ran, cut
-            yield [np.asarray(values[n], dtype=np.float64) for n in names]
+            piece, short = owners[index]
+            parts.append([_unpadded(np.asarray(values[n]), short, size) for n in names])
+            if index == len(kept) - 1 or owners[index + 1][0] != piece:
+                yield [np.asarray(value, dtype=np.float64) for value in _joined(parts)]
+                parts = []
 
     def _segment(self, model: onnx.ModelProto, names: list[str]) -> list[onnx.NodeProto] | None:
         """The nodes, in graph order, that ``names`` need beyond the kept tensors; None when one of
@@ -690,6 +709,42 @@ class ForwardRun:
                 holder.cleanup()
 
 
+def fed_chunks(batch: Mapping[str, np.ndarray], size: int | None) -> Iterator[tuple[Batch, int]]:
+    """``batch`` as a model declaring a fixed batch of ``size`` is fed, with the padding rows of
+    each chunk: whole where ``size`` is None, the inputs share no first axis or it holds ``size``
+    rows; otherwise ``size`` samples at a time, the last chunk padded with copies of its last
+    sample."""
+    rows = None if size is None else common_rows(batch)
+    if size is None or rows is None or rows == size:
+        yield dict(batch), 0
+        return
+    for start in range(0, rows, size):
+        chunk = {name: value[start:start + size] for name, value in batch.items()}
+        short = size - min(size, rows - start)
+        if short:
+            chunk = {name: np.concatenate([value, np.repeat(value[-1:], short, axis=0)])
+                     for name, value in chunk.items()}
+        yield chunk, short
+
+
+def _unpadded(value: np.ndarray, short: int, size: int | None) -> np.ndarray:
+    """A chunk's tensor without the rows its ``short`` padding samples gave (a UsageError where
+    its first axis is not the chunk's ``size`` samples)."""
+    if not short:
+        return value
+    if value.ndim == 0 or len(value) != size:
+        raise UsageError("the model runs a fixed number of samples at a time and some of its tensors "
+                         "have no batch axis; give a multiple of that many samples")
+    return value[:len(value) - short]
+
+
+def _joined(chunks: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """The tensors of a batch's chunks joined along their first axis (stacked where scalar)."""
+    if len(chunks) == 1:
+        return list(chunks[0])
+    return [np.concatenate(parts) if parts[0].ndim else np.stack(parts) for parts in zip(*chunks)]
+
+
 class _Feed:
     """How batches go into a model's session: each input cast to its declared dtype and, for a
     model with a ``declared_batch``, ``size`` samples at a time."""
@@ -709,26 +764,8 @@ class _Feed:
         ``size`` at a time, the last chunk padded with copies of its last sample, and the chunks'
         tensors are joined along their first axis (the padding's rows dropped; a tensor without
         that axis cannot be cut, a UsageError). InvalidModelError if ORT cannot run the model."""
-        size = self.size
-        rows = None if size is None else common_rows(batch)
-        if size is None or rows is None or rows == size:
-            return [convert(v) for v in self._run(session, names, batch, role)]
-        pieces: list[list[np.ndarray]] = []
-        for start in range(0, rows, size):
-            chunk = {name: value[start:start + size] for name, value in batch.items()}
-            short = size - min(size, rows - start)
-            if short:
-                chunk = {name: np.concatenate([value, np.repeat(value[-1:], short, axis=0)])
-                         for name, value in chunk.items()}
-            values = [convert(v) for v in self._run(session, names, chunk, role)]
-            if short:
-                if any(v.ndim == 0 or len(v) != size for v in values):
-                    raise UsageError(
-                        f"the model runs {size} samples at a time and some of its tensors have no batch axis; "
-                        f"give a multiple of {size} samples")
-                values = [v[:size - short] for v in values]
-            pieces.append(values)
-        return [np.concatenate(parts) if parts[0].ndim else np.stack(parts) for parts in zip(*pieces)]
+        return _joined([[_unpadded(convert(v), short, self.size) for v in self._run(session, names, chunk, role)]
+                        for chunk, short in fed_chunks(batch, self.size)])
 
     def _run(self, session: ort.InferenceSession, names: list[str], batch: Mapping[str, np.ndarray],
              role: str) -> list:

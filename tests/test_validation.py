@@ -421,24 +421,34 @@ def test_forward_run_does_not_run_a_node_twice():
     assert not np.array_equal(_whole(changed, ["y"], pieces)[0][0], _whole(model, ["y"], pieces)[0][0])
 
 
-def test_forward_run_of_a_fixed_batch_model_runs_from_the_inputs():
-    """A model declaring batch 1 whose Reshape names it cannot be fed a cut of many samples: its
-    tensors come, 1 sample at a time, from the inputs, equal to running each sample alone."""
+def test_forward_run_of_a_fixed_batch_model_runs_its_batch_at_a_time():
+    """A model declaring batch 2 whose Reshape names it runs 2 samples at a time, the last chunk of
+    each piece padded, each chunk's cut kept: every call equals running the samples in pairs
+    alone, also after a weight the next segment reads has changed."""
     rng = np.random.default_rng(2)
-    weight = rng.standard_normal((4, 6)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1),
-         helper.make_node("Reshape", ["h", "shape"], ["y"])],
-        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2])],
-        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([1, 2, 2], np.int64), "shape")])
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "V"], ["g"], transB=1),
+         helper.make_node("Reshape", ["g", "shape"], ["y"])],
+        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 2])],
+        [numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "V"),
+         numpy_helper.from_array(np.array([2, 2, 2], np.int64), "shape")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    x = rng.standard_normal((3, 6)).astype(np.float32)
-    forward = v.ForwardRun([{"x": x}], "test")
-    list(forward.tensors(model, ["h"]))
-    (got,) = list(forward.tensors(model, ["y"]))
-    alone = np.concatenate([_whole(model, ["y"], [{"x": x[i:i + 1]}])[0][0] for i in range(3)])
-    np.testing.assert_array_equal(got[0], alone)
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    pairs = [x[i:i + 2] if i + 2 <= len(x) else np.concatenate([x[i:], x[-1:]]) for i in range(0, len(x), 2)]
+
+    def alone(model: onnx.ModelProto, name: str) -> np.ndarray:
+        return np.concatenate([_whole(model, [name], [{"x": pair}])[0][0] for pair in pairs])
+
+    forward = v.ForwardRun([{"x": x[:3]}, {"x": x[3:]}], "test")
+    (first, second), = zip(*forward.tensors(model, ["r"]))
+    np.testing.assert_array_equal(np.concatenate([first, second]), alone(model, "r")[:5])
+    model = _reweighted(model, "V", 3.0)
+    got = [values[0] for values in forward.tensors(model, ["y"])]
+    np.testing.assert_array_equal(np.concatenate(got), alone(model, "y")[:5])
 
 
 def test_forward_run_whose_cut_holds_a_sequence_runs_from_the_inputs():
