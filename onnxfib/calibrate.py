@@ -23,10 +23,12 @@ projection; then each FFN layer). Both models run forward front by front
 (:class:`~onnxfib.validation.ForwardRun`): for a front, ONNX Runtime runs only the nodes between
 the last front's cut and this front's inputs (the compressed model, all upstream layers already
 refit) or outputs (the original, whose targets are kept across refits while they fit in a budget,
-see :class:`OriginalActivations`), so each refit runs each model about once. Layers of a front
-reading one tensor the same way share ``X^T X``. Memory: one cut of each model over the
-calibration set (what crosses from one front to the next, e.g. a transformer's residual stream),
-or, past ``CUT_BYTES``, one front's activations of one batch, each front then run from the inputs.
+see :class:`OriginalActivations`), so each refit runs each model about once (a model declaring
+a fixed batch, that many samples at a time). Layers of a front reading one tensor the same way
+share ``X^T X``. Memory: one cut of each model over the calibration set (what crosses from one
+front to the next, e.g. a transformer's residual stream), or, past
+``validation.CUT_BYTES``, one front's activations of one batch, each front then run from the
+inputs.
 Not refit: ConvTranspose (see its site), and ops outside ``LinearSite`` (LSTM/GRU, embeddings,
 attention's own products, LayerNorm), whose merged constants stay as the collapse made them.
 
