@@ -686,16 +686,8 @@ class ForwardRun:
     def _run(self, model: onnx.ModelProto, segment: list[onnx.NodeProto], names: list[str],
              kept: list[Batch]) -> Generator[list[object], None, None]:
         """The tensors ``names`` of the sub-model of ``segment`` fed from ``kept``, per piece."""
-        made = {o for node in segment for o in node.output}
         initializers = {t.name: t for t in model.graph.initializer}
-        reads = list(dict.fromkeys(n for node in segment for n in node_reads(node) if n not in made))
-        feeds = [n for n in reads if n not in initializers]
-        sub = onnx.helper.make_model(
-            onnx.helper.make_graph(segment, f"{model.graph.name}_segment",
-                                   [_value_info(n, np.asarray(kept[0][n])) for n in feeds],
-                                   [onnx.ValueInfoProto(name=n) for n in names],
-                                   [initializers[n] for n in reads if n in initializers]),
-            opset_imports=model.opset_import, ir_version=max(model.ir_version, 4), functions=model.functions)
+        sub, feeds = sub_model(model, segment, names, initializers, kept[0])
         session, holder = _session(sub, self.role)
         try:
             for piece in kept:
@@ -807,6 +799,26 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
     return [n for n in node.input if n] + sorted(set().union(*(outer_names(g) for g in subgraphs)))
 
 
+def sub_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: Sequence[str],
+              initializers: Mapping[str, onnx.TensorProto], values: Mapping[str, object]
+              ) -> tuple[onnx.ModelProto, list[str]]:
+    """The model of ``nodes`` (in order) computing ``outputs``, with the initializers they read,
+    and the names it is fed: the other tensors they read from outside, each typed like its entry
+    in ``values`` (every axis of unknown size; a missing or non-tensor entry is the caller's to
+    refuse before running it)."""
+    made = {o for node in nodes for o in node.output if o}
+    reads = list(dict.fromkeys(n for node in nodes for n in node_reads(node) if n not in made))
+    feeds = [n for n in reads if n not in initializers]
+    typed = [n for n in feeds if isinstance(values.get(n), np.ndarray)]
+    sub = onnx.helper.make_model(
+        onnx.helper.make_graph(nodes, f"{model.graph.name}_part",
+                               [_value_info(n, np.asarray(values[n])) for n in typed],
+                               [onnx.ValueInfoProto(name=n) for n in outputs],
+                               [initializers[n] for n in reads if n in initializers]),
+        opset_imports=model.opset_import, ir_version=max(model.ir_version, 4), functions=model.functions)
+    return sub, feeds
+
+
 def _value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
     """A graph input typed like ``value``, every axis of unknown size."""
     dims = [f"{name}_d{axis}" for axis in range(value.ndim)]
@@ -837,20 +849,12 @@ def run_by_layers(model: ModelFile, names: Sequence[str], inputs: Sequence[Mappi
     values: list[dict[str, np.ndarray]] = [feed.cast(batch) for batch in inputs]
     with tempfile.TemporaryDirectory() as tmp:
         for layer, needed in zip(parts, later):
-            made = {name for node in layer for name in node.output if name}
-            reads = list(dict.fromkeys(n for node in layer for n in node_reads(node) if n not in made))
-            feeds = [n for n in reads if n not in initializers]
             outs = [n for n in dict.fromkeys(o for node in layer for o in node.output) if n in needed]
             if not outs:
                 continue
+            sub, feeds = sub_model(graph, layer, outs, initializers, values[0])
             if any(not isinstance(values[0].get(n), np.ndarray) for n in feeds):
                 return _outputs(model, feed, names, inputs, role)
-            sub = onnx.helper.make_model(
-                onnx.helper.make_graph(layer, f"{graph.graph.name}_layer",
-                                       [_value_info(n, values[0][n]) for n in feeds],
-                                       [onnx.ValueInfoProto(name=n) for n in outs],
-                                       [initializers[n] for n in reads if n in initializers]),
-                opset_imports=graph.opset_import, ir_version=max(graph.ir_version, 4), functions=graph.functions)
             target = Path(tmp) / "layer.onnx"
             write_model(sub, target, external_data=True, source=source)
             sub_feed = _Feed(sub)
