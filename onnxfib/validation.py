@@ -611,16 +611,16 @@ class ForwardRun:
         self._ran: set[str] = set()
         self._kept: list[Batch] | None = None  # per chunk fed, the cut
 
-    def _chunks(self, model: onnx.ModelProto) -> tuple[list[Batch], list[tuple[int, int]]]:
-        """The pieces as ``model`` is fed (:func:`fed_chunks`) and, per chunk, its piece and the
-        padding rows it carries."""
+    def _chunks(self, model: onnx.ModelProto) -> tuple[list[Batch], list[tuple[int, int]], int | None]:
+        """The pieces as ``model`` is fed (:func:`fed_chunks`), per chunk its piece and the
+        padding rows it carries, and the model's declared batch."""
         feed = _Feed(model)
         chunks, owners = [], []
         for index, piece in enumerate(self.pieces):
             for chunk, short in fed_chunks(feed.cast(piece), feed.size):
                 chunks.append(chunk)
                 owners.append((index, short))
-        return chunks, owners
+        return chunks, owners, feed.size
 
     def tensors(self, model: onnx.ModelProto, names: Sequence[str]) -> Iterator[list[np.ndarray]]:
         """The tensors ``names`` of ``model`` as float64 arrays, a list per piece."""
@@ -633,8 +633,7 @@ class ForwardRun:
             self._reset()
             segment = self._segment(model, names)
             assert segment is not None, "from the inputs every node is still to run"
-        chunks, owners = self._chunks(model)
-        size = declared_batch(model)
+        chunks, owners, size = self._chunks(model)
         kept = self._kept if self._kept is not None else chunks
         ran = self._ran | {o for node in segment for o in node.output if o}
         self._reset()  # until every chunk has its new cut
