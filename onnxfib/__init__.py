@@ -1,7 +1,7 @@
 """onnxfib: compress ONNX models by merging neurons that share a fibration symmetry."""
 
 from onnxfib._version import __version__
-from onnxfib.api import CompressionResult, barriers, compress, inspect, sweep, validate
+from onnxfib.api import CompressionResult, barriers, compress, inspect, inspection, sweep, validate
 from onnxfib.errors import (
     InternalError,
     InvalidModelError,
@@ -21,6 +21,7 @@ __all__ = [
     "barriers",
     "compress",
     "inspect",
+    "inspection",
     "sweep",
     "validate",
 ]

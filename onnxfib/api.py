@@ -510,17 +510,38 @@ def sweep(
 
 
 class Inspection(NamedTuple):
-    """What ``inspection`` finds: the per-layer figures and the barriers."""
+    """What ``inspection`` finds: the per-layer figures, the barriers, and, where inputs were
+    given, the collapse's output errors against the original on them."""
 
     layers: list[LayerReport]
     barriers: list[Barrier]
+    validation: ValidationReport | None = None
 
 
 @_silent
-def inspection(model_or_path: io.ModelSource, *, eps: float = 0.0) -> Inspection:
+def inspection(model_or_path: io.ModelSource, *, eps: float = 0.0, data: Data | None = None,
+               input_shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0,
+               rtol: float | None = None, atol: float | None = None) -> Inspection:
     """Per-layer fiber, opfiber and cover figures of a model at tolerance ``eps`` and its barriers
-    (see ``barriers``), from one load and one analysis (external data read memory-mapped)."""
+    (see ``barriers``), from one load and one analysis (external data read memory-mapped).
+
+    With ``data`` or ``input_shapes`` the collapse at ``eps`` is also run against the original in
+    ONNX Runtime on those inputs (as ``compress`` checks it, with the same ``seed``, ``rtol`` and
+    ``atol``), and ``validation`` holds its per-output errors, whatever the verdict; nothing is
+    written."""
     eps = check_eps(eps)
+    if data is not None or input_shapes:
+        try:
+            result = compress(model_or_path, eps=eps, data=data, input_shapes=input_shapes, seed=seed, rtol=rtol,
+                              atol=atol)
+            if result.scratch is not None:
+                result.scratch.cleanup()
+            report = result.report
+        except ValidationMismatchError as exc:
+            if not isinstance(exc.report, CompressionReport):
+                raise
+            report = exc.report
+        return Inspection(report.layers, barriers(model_or_path), report.validation)
     loaded = io.open_model(model_or_path, lazy=True)
     with tempfile.TemporaryDirectory(prefix="onnxfib-") as scratch:
         storage = None if loaded.directory is None else io.Storage(loaded.directory, Path(scratch))

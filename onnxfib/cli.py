@@ -408,25 +408,38 @@ def _console() -> Console:
 def inspect(
     input: Path = typer.Argument(..., metavar="IN", help="The ONNX model to analyse."),
     eps: float = typer.Option(0.0, "--eps", metavar="FLOAT", help=EPS_HELP),
-    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the per-layer figures and the barriers as JSON."),
+    data: list[Path] | None = typer.Option(
+        None, "--data", metavar="PATH", help=DATA_HELP + " Given (or --input-shape): the collapse is run on them."),
+    input_shape: list[str] | None = typer.Option(None, "--input-shape", metavar="NAME:D1,D2", help=SHAPE_HELP),
+    rtol: float | None = typer.Option(None, "--rtol", metavar="FLOAT", help=RTOL_HELP, show_default=False),
+    atol: float | None = typer.Option(None, "--atol", metavar="FLOAT", help=ATOL_HELP, show_default=False),
+    seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the generated inputs (with --input-shape)."),
+    as_json: bool = typer.Option(False, "--json", metavar="",
+                                 help="Print the per-layer figures, the barriers and any errors measured as JSON."),
     quiet: bool = _quiet_option(stdout_json=True),
-    verbose: bool = _verbose_option(NOTHING_MORE.format("the table lists every layer")),
+    verbose: bool = _verbose_option("Show each output's rtol and atol in the table of errors measured."),
 ) -> None:
     """Show each layer's fibers, opfibers and covers, what a collapse removes, and the barriers.
 
     A collapse at --eps: each layer's width before and after and the parameters it would keep; \
-each barrier (an op reading a channel axis that no rule binds) with its rule's reason.
+each barrier (an op reading a channel axis that no rule binds) with its rule's reason. With --data \
+or --input-shape the collapse is also run against the original in ONNX Runtime on those inputs, \
+as compress checks it, and its errors are shown; nothing is written and the exit is 0 whatever they are.
 
-    Example: onnxfib inspect model.onnx --eps 0.1"""
-    layers, barriers = api.inspection(input, eps=eps)
+    Example: onnxfib inspect model.onnx --eps 0.1 --data inputs.npz"""
+    found = api.inspection(input, eps=eps, data=data or None, input_shapes=_shapes(input_shape), seed=seed,
+                           rtol=rtol, atol=atol)
     if as_json:
-        print(to_json({"layers": [layer.to_dict() for layer in layers],
-                       "barriers": [barrier.to_dict() for barrier in barriers]}))
+        measured = {} if found.validation is None else {"validation": found.validation.to_dict()}
+        print(to_json({"layers": [layer.to_dict() for layer in found.layers],
+                       "barriers": [barrier.to_dict() for barrier in found.barriers], **measured}))
     elif not quiet:
         console = _console()
-        console.print(_layers_table(layers, eps))
-        if barriers:
-            console.print(_barriers_table(barriers))
+        console.print(_layers_table(found.layers, eps))
+        if found.barriers:
+            console.print(_barriers_table(found.barriers))
+        if found.validation is not None:
+            console.print(_validation_table(found.validation, tolerances_shown=verbose))
 
 
 @app.command()

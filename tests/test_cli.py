@@ -106,6 +106,41 @@ def test_inspect_preprocesses_the_model_once_and_finds_what_separate_calls_find(
     assert [b["op_type"] for b in separate[1]] == ["Hardmax"]
 
 
+def test_inspect_with_data_measures_the_collapse_against_the_original_in_ort(tmp_path, mlp_path, capsys):
+    """With --data, inspect runs the collapse at --eps against the original: exact at eps 0 on the
+    planted MLP; at a large eps the errors it reports are those of the collapsed model run here in
+    ONNX Runtime beside the original, the exit is 0, and nothing is written."""
+    import onnxruntime as ort
+
+    from onnxfib import api
+
+    x = np.random.default_rng(3).standard_normal((40, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    before, listing = sha256(mlp_path), sorted(p.name for p in tmp_path.iterdir())
+    exact = api.inspection(mlp_path, data=[tmp_path / "d.npz"])
+    assert exact.validation is not None and exact.validation.ok and exact.validation.samples == 40
+    assert exact.validation.outputs[0].max_abs < 1e-5
+    loose = api.inspection(mlp_path, eps=1.0, data=[tmp_path / "d.npz"])
+    collapsed = api.compress(mlp_path, eps=1.0, check=False).model
+
+    def run(model):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    truth = float(np.max(np.abs(run(collapsed) - run(onnx.load_model(str(mlp_path))))))
+    assert loose.validation is not None and not loose.validation.ok and truth > 1e-3
+    assert loose.validation.outputs[0].max_abs == pytest.approx(truth, rel=1e-5)
+    free = api.inspection(mlp_path, eps=1.0)
+    assert [layer.to_dict() for layer in loose.layers] == [layer.to_dict() for layer in free.layers]
+    assert main(["inspect", str(mlp_path), "--eps", "1", "--data", str(tmp_path / "d.npz"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["validation"]["ok"] is False and printed["validation"]["outputs"][0]["max_abs"] == pytest.approx(truth)
+    assert main(["inspect", str(mlp_path), "--input-shape", "x:5,8"]) == 0
+    assert "max abs error" in capsys.readouterr().out
+    assert "validation" not in json.loads((main(["inspect", str(mlp_path), "--json"]), capsys.readouterr().out)[1])
+    assert sha256(mlp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
 def test_search_metadata_is_strict_json_for_an_infinite_error_target(mlp_model):
     """``max_error=inf`` is met by any collapse; its limit is recorded as the string "Infinity"
     (strict JSON), not as a bare Infinity."""
