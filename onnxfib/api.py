@@ -461,10 +461,11 @@ def _record_settings(model: onnx.ModelProto, layers: Sequence[LayerReport], *, e
 
 def _step_line(evaluator: Evaluates, outcome: Outcome, goal: tuple[TargetKind, float]) -> str:
     """A search step in a line: the parameters kept, and the output error (for a parameter
-    target) or where the step stands against the error or accuracy target."""
+    target: the relative mean squared error the search minimises, and the largest error) or where
+    the step stands against the error or accuracy target."""
     kind, _ = goal
-    where = (f"max abs output error {outcome.max_abs:.3g}" if kind is TargetKind.PARAMS
-             else evaluator.report(outcome, *goal).describe())
+    where = (f"output error {outcome.mse:.3g} (mean square / variance), max abs {outcome.max_abs:.3g}"
+             if kind is TargetKind.PARAMS else evaluator.report(outcome, *goal).describe())
     return f"keeps {outcome.params / evaluator.params_before:.2%} of the parameters; {where}"
 
 

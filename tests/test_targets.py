@@ -149,6 +149,21 @@ def test_allocation_announces_each_probe_before_its_first_allocation(model, data
     assert not announced[total].startswith("measuring layer ")  # then the allocation's step
 
 
+def test_parameter_target_steps_show_the_error_the_search_minimises(model, data):
+    """A parameter target's step lines give the output's mean squared error over its variance (what
+    the search and its exchange judge by) and the largest error; the last is the model returned,
+    measured here in ONNX Runtime."""
+    announced: list[str] = []
+    result = onnxfib.compress(model, data=data, target_params=0.6, check=False, progress=announced.append)
+    reference, compressed = _outputs(model, data), _outputs(result.model, data)
+    mse = float(np.mean((compressed - reference) ** 2) / np.var(reference))
+    largest = float(np.max(np.abs(compressed - reference)))
+    kept = stats.count_parameters(result.model) / stats.count_parameters(model)
+    steps = [line for line in announced if not line.startswith("measuring layer ")]
+    assert steps[-1] == (f"keeps {kept:.2%} of the parameters; output error {mse:.3g} (mean square / variance), "
+                         f"max abs {largest:.3g}")
+
+
 def test_sweep_progress_announces_every_point(model, data):
     lines: list[str] = []
     points = onnxfib.sweep(model, eps_values=[0.0, 0.3, 0.6], data=data, progress=lines.append)
