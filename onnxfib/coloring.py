@@ -70,7 +70,8 @@ def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
     n = len(rows)
     rows = np.asarray(rows, dtype=np.float64).reshape(n, -1)
     labels = np.arange(n, dtype=np.int64)  # non-finite rows keep labels of their own
-    projection = rows @ np.random.default_rng(0).standard_normal((rows.shape[1], 2))
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are set apart just below
+        projection = rows @ np.random.default_rng(0).standard_normal((rows.shape[1], 2))
     finite = np.flatnonzero(np.isfinite(projection).all(axis=1))  # NaN and infinities reach it
     if finite.size < 2:
         return labels

@@ -153,3 +153,15 @@ def test_exact_colors_read_from_a_tree_equal_the_max_norm_grouping(dims):
         colors = Tolerance(0.0, heights).cluster(chosen * 3.0).partition
         assert heights and colors == Partition(equal_row_labels(chosen, 1e-6))
     assert Tolerance(0.0, []).cluster(rows).partition.n_colors == 29
+
+
+def test_non_finite_rows_stay_apart_without_a_numpy_warning():
+    """Rows holding NaN or infinities are never grouped, equal finite rows still are, and numpy
+    warns of nothing on the way (the warning would reach a CLI user's stderr)."""
+    import warnings
+
+    rows = np.array([[1.0, 0.0], [np.inf, 1.0], [1.0, 0.0], [np.nan, 0.0], [np.inf, 1.0], [-np.inf, 0.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = equal_row_labels(rows, 0.1)
+    assert labels.tolist() == [0, 1, 0, 3, 4, 5]
