@@ -9,6 +9,7 @@ from onnxfib.errors import (
     UsageError,
     ValidationMismatchError,
 )
+from onnxfib.viewer import view
 
 __all__ = [
     "CompressionResult",
@@ -24,4 +25,5 @@ __all__ = [
     "inspection",
     "sweep",
     "validate",
+    "view",
 ]

@@ -471,7 +471,7 @@ def view(
 base: the collapsed model's own graph and weights.
 
     Example: onnxfib view model.onnx --settings-of small.onnx -o model.html"""
-    from onnxfib import view as views
+    from onnxfib import viewer as views
 
     if settings_of is not None and layer_eps:
         raise UsageError("--settings-of and --layer-eps both give the eps per layer: give one")

@@ -26,7 +26,7 @@ from lifting import lift_layers, onnx_mlp
 from onnxfib import api
 from onnxfib.errors import UsageError
 from onnxfib.partition import Partition
-from onnxfib.view import (
+from onnxfib.viewer import (
     KINDS,
     LAYER_STOP,
     SINGLETON_COLOR,
@@ -229,6 +229,25 @@ def test_data_holds_the_planted_fibers_and_base(planted):
     assert [reports[layer["name"]]["width_after"] for layer in data["layers"]] == [8, 6, 3]  # the base
     assert data["layers"][0]["next"] == [data["layers"][1]["name"]]
     assert json.loads(json.dumps(data)) == data  # plain JSON
+
+
+def test_package_view_returns_the_data_and_writes_the_page(planted, tmp_path, run_cli):
+    """``onnxfib.view`` gives what ``onnxfib view --json`` writes (each planted fiber one color at
+    eps 0), writes the page where asked, and never over the input."""
+    import onnxfib
+
+    path, sources = planted
+    before = sha256(path)
+    data = onnxfib.view(path, eps=0.2, path=tmp_path / "p.html")
+    assert run_cli("view", path, "--eps", "0.2", "--json", "d.json").returncode == 0
+    assert json.loads((tmp_path / "d.json").read_text()) == json.loads(json.dumps(data))
+    assert "ONNXFIB_DATA" not in (tmp_path / "p.html").read_text() and (tmp_path / "p.html").stat().st_size > 1000
+    exact = data["analyses"][data["eps_values"].index(0.0)]
+    for layer, source in zip(data["layers"][:2], sources):
+        assert Partition(exact["tensors"][layer["output"]]["fibers"]) == Partition(source)
+    with pytest.raises(UsageError, match="input file"):
+        onnxfib.view(path, path=path)
+    assert sha256(path) == before
 
 
 def test_edges_only_where_every_output_reads_every_input(tmp_path):

@@ -24,7 +24,7 @@ from .. import io
 from ..errors import UsageError
 from ..partition import Partition
 from ..plotting import pyplot
-from ..view import fiber_colors
+from ..viewer import fiber_colors
 from .adapter import TorchAnalysis
 
 KINDS = ("fibers", "opfibers", "covers")

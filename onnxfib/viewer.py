@@ -246,6 +246,26 @@ def view_data(
     return data
 
 
+def view(
+    model_or_path: io.ModelSource,
+    *,
+    eps: float = 0.0,
+    layer_eps: Mapping[str, float] | None = None,
+    symmetry: str = "fiber",
+    path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The data behind ``onnxfib view``'s page for the model (see :func:`view_data`: a plain,
+    JSON-serialisable dict), analysed at ``EPS_VALUES`` and ``eps``, with ``layer_eps`` (layer
+    name -> eps, ``eps`` for the rest) as the stop the page opens at; given ``path``, the page is
+    also written there, atomically and never over the input."""
+    data = view_data(model_or_path, eps=eps, eps_values=(*EPS_VALUES, eps), layer_eps=layer_eps,
+                     symmetry=symmetry)
+    if path is not None:
+        protect = [] if isinstance(model_or_path, onnx.ModelProto) else [model_or_path]
+        write_page(data, path, protect=protect)
+    return data
+
+
 def _bases(
     runs: list[Analysis], analyses: list[dict[str, Any]], tensors: list[str], layout: bool
 ) -> list[dict[str, Any]]:
