@@ -287,6 +287,8 @@ class Analysis:
         """Why a tensor's channel axis may not narrow, for every tensor that may not."""
         reasons: dict[str, str] = {}
         site_of = {id(n): site for site in self.sites for n in site.nodes}
+        holder = {id(inner): node for node in self.graph.graph.nodes
+                  for subgraph in node.subgraphs(recursive=True) for inner in subgraph.nodes}
         for name, uses in self._ports.items():
             tensor: gs.Variable = uses[0][1].tensor
             reason = self.graph.is_boundary(tensor)
@@ -297,11 +299,11 @@ class Analysis:
                 reason = reason or "its channel axis is read two ways"
             producer = tensor.inputs[0] if tensor.inputs else None
             if producer is not None and id(producer) not in site_of:
-                reason = reason or f"comes from {producer.op} '{producer.name}'"
+                reason = reason or f"comes from {_named(producer)}"
             for consumer in tensor.outputs:
                 site = site_of.get(id(consumer))
                 if site is None or all(p.name != name for p in site.inputs):
-                    reason = reason or f"feeds {consumer.op} '{consumer.name}'"
+                    reason = reason or f"feeds {_named(consumer, holder.get(id(consumer)))}"
             if reason:
                 reasons[name] = reason
         for site in self.sites:
@@ -440,6 +442,13 @@ def bind(graph: GraphView, registry: Registry) -> tuple[list[Site], list[Barrier
     barriers = [Barrier(node.name or node.outputs[0].name, node.op, node.domain or "", reason)
                 for node, reason in declined if id(node) not in covered]
     return sites, barriers
+
+
+def _named(node: gs.Node, holder: gs.Node | None = None) -> str:
+    """``node`` as a reason names it: its op and name, and the If, Loop or Scan of the main graph
+    whose subgraph holds it (``holder``)."""
+    text = f"{node.op} '{node.name}'" if node.name else f"an unnamed {node.op}"
+    return text if holder is None else f"{text} in a subgraph of {_named(holder)}"
 
 
 def analyze(model: onnx.ModelProto, *, eps: float, symmetry: str = "fiber",

@@ -398,3 +398,27 @@ def test_a_slice_of_a_concat_that_a_branch_reads_stays():
     for cond in (True, False):
         feeds["cond"] = np.array(cond)
         np.testing.assert_allclose(ort_outputs(result.model, feeds)[0], ort_outputs(model, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_a_branch_reads_is_frozen_naming_the_branchs_if():
+    """A hidden activation read inside an If's branch keeps its width (the branch reads it whole),
+    and the reason names the reader and the If of the main graph that holds it, not a blank name."""
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((4, 6)).astype(np.float32)
+    w0[:, 1] = w0[:, 0]  # an exact fiber the branch forbids merging
+    inits = [numpy_helper.from_array(w0, "W0"), numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "W1")]
+    vi = helper.make_tensor_value_info
+    then = helper.make_graph([helper.make_node("Relu", ["r0"], ["t"], name="inner")], "then", [],
+                             [vi("t", TensorProto.FLOAT, ["N", 6])])
+    other = helper.make_graph([helper.make_node("Neg", ["r0"], ["u"])], "else", [], [vi("u", TensorProto.FLOAT, ["N", 6])])
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["m0"], name="mm0"), helper.make_node("Relu", ["m0"], ["r0"]),
+             helper.make_node("MatMul", ["r0", "W1"], ["y"], name="mm1"),
+             helper.make_node("If", ["cond"], ["z"], name="gate", then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, ["N", 4]), vi("cond", TensorProto.BOOL, [])],
+                              [vi("y", TensorProto.FLOAT, ["N", 3]), vi("z", TensorProto.FLOAT, ["N", 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model, full_check=True)
+    frozen = {layer.name: (layer.width_after, layer.frozen) for layer in onnxfib.inspect(model)}
+    width, reason = frozen["mm0"]
+    assert width == 6 and reason in ("'r0' feeds Relu 'inner' in a subgraph of If 'gate'",
+                                     "'r0' feeds an unnamed Neg in a subgraph of If 'gate'")
