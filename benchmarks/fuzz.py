@@ -512,6 +512,7 @@ def _child(arguments: list[str], directory: str) -> None:
     sys.stderr.flush()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     Path("cpu").write_text(f"{usage.ru_utime + usage.ru_stime:.3f}")
+    Path("code").write_text(str(code))  # the forkserver can lose an exit status under load
     os._exit(code)
 
 
@@ -535,8 +536,10 @@ def _forked(arguments: list[str], directory: Path, timeout: float) -> tuple[int 
     else:
         code = process.exitcode
     read = [(logs / name).read_text(errors="replace") if (logs / name).exists() else ""
-            for name in ("stdout", "stderr", "cpu")]
+            for name in ("stdout", "stderr", "cpu", "code")]
     shutil.rmtree(logs)
+    if code is not None and read[3]:  # what the child said it exited with: the forkserver reads
+        code = int(read[3])  # 255 when its report of the status fails (seen once in CI)
     return code, read[0], read[1], float(read[2] or "nan")
 
 
