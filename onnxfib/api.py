@@ -527,9 +527,9 @@ def inspection(model_or_path: io.ModelSource, *, eps: float = 0.0, data: Data | 
     (see ``barriers``), from one load and one analysis (external data read memory-mapped).
 
     With ``data`` or ``input_shapes`` the collapse at ``eps`` is also run against the original in
-    ONNX Runtime on those inputs (as ``compress`` checks it, with the same ``seed``, ``rtol`` and
-    ``atol``), and ``validation`` holds its per-output errors, whatever the verdict; nothing is
-    written."""
+    ONNX Runtime on those inputs (``compress`` with its check, the same ``seed``, ``rtol`` and
+    ``atol``; the layers come from its report and the barriers from a second binding), and
+    ``validation`` holds its per-output errors, whatever the verdict; nothing is written."""
     eps = check_eps(eps)
     if data is not None or input_shapes:
         try:
