@@ -57,6 +57,10 @@ class Coloring:
         return self.scales / mean[partition.labels]
 
 
+#: Bytes of rows :func:`_spread` copies at a time.
+SPREAD_BYTES = 16 << 20
+
+
 def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
     """Labels grouping rows equal within ``tol`` in max-norm; about linear in ``rows.size``.
 
@@ -81,7 +85,7 @@ def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
     distinct = finite[first]
     if distinct.size == n and tol > 0:  # every row finite and distinct: no copy of the rows
         return _near_groups(rows, tol)
-    groups = _near_groups(rows[distinct], tol) if tol > 0 and distinct.size > 1 else np.arange(distinct.size)
+    groups = _near_groups(rows, tol, distinct) if tol > 0 and distinct.size > 1 else np.arange(distinct.size)
     labels[finite] = distinct[groups][inverse]
     stood_in = np.flatnonzero(distinct[inverse] != finite)  # a row represented by an equal projection
     rows_in, stand_in = finite[stood_in], distinct[inverse[stood_in]]
@@ -90,22 +94,25 @@ def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
     return labels
 
 
-def _near_groups(rows: np.ndarray, tol: float) -> np.ndarray:
-    """For distinct finite ``rows``, labels of :func:`equal_row_labels`. Along each coordinate,
-    the sorted values of a set of rows fall into runs whose steps are at most ``tol``; rows in
+def _near_groups(rows: np.ndarray, tol: float, subset: np.ndarray | None = None) -> np.ndarray:
+    """For the distinct finite rows ``subset`` of ``rows`` (all of them by default), labels of
+    :func:`equal_row_labels` as positions in ``subset`` (the rows are read where they are, not
+    copied). Along each coordinate, the sorted values of a set of rows fall into runs whose
+    steps are at most ``tol``; rows in
     different runs of any coordinate differ by more than ``tol``, so the set splits by its rows'
     runs on its widest-spread coordinates (hashed: a collision only delays a split; coordinates
     are added, widest first, until the set splits or none is left), and each part is split again,
     until a part spans at most ``tol`` on every coordinate (a group) or no coordinate splits it
     (a chain of steps within ``tol``: split around representatives)."""
-    labels = np.arange(len(rows), dtype=np.int64)
+    index = np.arange(len(rows)) if subset is None else subset
+    labels = np.arange(index.size, dtype=np.int64)
     weights = np.random.default_rng(0).integers(1, 1 << 62, size=(rows.shape[1], 2))
     pending = [labels.copy()]
     while pending:
-        members = pending.pop()
+        members = pending.pop()  # positions in index
         if members.size < 2:
             continue
-        spread = np.ptp(rows if members.size == len(rows) else rows[members], axis=0)
+        spread = _spread(rows, index[members])
         columns = np.argsort(spread)[::-1][: np.count_nonzero(spread > tol)]
         if columns.size == 0:
             labels[members] = members[0]
@@ -113,7 +120,7 @@ def _near_groups(rows: np.ndarray, tol: float) -> np.ndarray:
         key = np.zeros((members.size, 2), dtype=np.int64)
         for start in range(0, columns.size, 64):
             piece = columns[start:start + 64]
-            block = rows[np.ix_(members, piece)]
+            block = rows[np.ix_(index[members], piece)]
             order = np.argsort(block, axis=0, kind="stable")
             ordered = np.take_along_axis(block, order, axis=0)
             runs = np.zeros_like(order)  # each row's run number along each coordinate
@@ -129,26 +136,42 @@ def _near_groups(rows: np.ndarray, tol: float) -> np.ndarray:
             pending.extend(parts)
         else:
             while members.size > 1:
-                close = np.max(np.abs(rows[members] - rows[members[0]]), axis=1) <= tol
+                close = np.max(np.abs(rows[index[members]] - rows[index[members[0]]]), axis=1) <= tol
                 labels[members[close]] = members[0]
                 members = members[~close]
     return labels
 
 
-def fitted_scales(rows: np.ndarray, partition: Partition, norms: np.ndarray) -> np.ndarray:
+def _spread(rows: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """Per column, the range of the rows ``chosen`` (distinct indices), a block at a time."""
+    if chosen.size == len(rows):
+        return np.ptp(rows, axis=0)
+    high = np.full(rows.shape[1], -np.inf)
+    low = np.full(rows.shape[1], np.inf)
+    step = max(1, SPREAD_BYTES // max(rows[:1].nbytes, 1))
+    for start in range(0, chosen.size, step):
+        block = rows[chosen[start:start + step]]
+        np.maximum(high, block.max(axis=0), out=high)
+        np.minimum(low, block.min(axis=0), out=low)
+    return high - low
+
+
+def fitted_scales(rows: np.ndarray, partition: Partition, norms: np.ndarray, *,
+                  normalised: bool = False) -> np.ndarray:
     """Per channel, the scale ``t_i`` of the best rank-one fit of its color's rows, ``r_i ~ t_i u``
     with ``u`` a unit direction (least squares: ``u`` the leading right singular vector, ``t_i =
     r_i . u``); ``Plan.fit_base`` then returns ``u`` itself. Equal to the norms where rows are
     proportional; larger than the norms where a color's rows spread, which the plain norms would
     shrink. A channel pointing away from its color gets a vanishing positive scale (the scale
-    rule needs positive scales); channels alone in their color keep ``norms``."""
+    rule needs positive scales); channels alone in their color keep ``norms``. ``normalised``:
+    ``rows`` were divided by ``norms`` (the rows are these products)."""
     scales = np.asarray(norms, dtype=np.float64).copy()
     sizes = partition.sizes()
     order = np.argsort(partition.labels, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     for size in np.unique(sizes[sizes > 1]):  # colors of one size in one batched eigh
         members = order[starts[sizes == size][:, None] + np.arange(size)]  # (colors, size)
-        blocks = rows[members]
+        blocks = rows[members] * norms[members][..., None] if normalised else rows[members]
         values, vectors = np.linalg.eigh(blocks @ np.swapaxes(blocks, 1, 2))  # leading: r_i . u / sigma
         t = np.sqrt(np.maximum(values[:, -1:], 0.0)) * vectors[:, :, -1]
         t *= np.where(t.sum(axis=1, keepdims=True) >= 0, 1.0, -1.0)
@@ -350,35 +373,54 @@ class Tolerance:
     def exact(self) -> bool:
         return self.eps == 0.0
 
-    def cluster(self, signatures: np.ndarray) -> Coloring:
+    def cluster(self, signatures: np.ndarray, *, overwrite: bool = False) -> Coloring:
         """Fibers of rows of ``signatures`` under the scale rule: direction decides the color.
         Exact colors take each row's norm as its scale; approximate ones (eps > 0 or chosen) the
         least-squares scales of :func:`fitted_scales`. All-zero rows form one color of their own
-        (unless chosen otherwise)."""
+        (unless chosen otherwise). With ``overwrite`` (float64 signatures the caller no longer
+        needs) the rows are normalised in place, saving a copy the size of the layer."""
         if isinstance(self.chosen, Coloring) and len(self.chosen) == len(signatures):
             return self.chosen
         sig = np.asarray(signatures, dtype=np.float64).reshape(len(signatures), -1)
         norms = row_norms(sig)
-        partition = self._partition(sig, norms)
         scales = np.where((norms <= 1e-30) | ~np.isfinite(norms), 1.0, norms)
-        exact = self.exact and not isinstance(self.chosen, Partition)
-        return Coloring(partition, scales if exact else fitted_scales(sig, partition, scales))
+        normalised = self._normalise(sig, scales, overwrite)
+        partition = self._partition(sig, norms, normalised)
+        if self.exact and not isinstance(self.chosen, Partition):
+            return Coloring(partition, scales)
+        return Coloring(partition, fitted_scales(sig, partition, scales, normalised=normalised))
 
-    def partition(self, signatures: np.ndarray) -> Partition:
-        """The colors :meth:`cluster` gives, without the scales (opfibers need no more)."""
+    def partition(self, signatures: np.ndarray, *, overwrite: bool = False) -> Partition:
+        """The colors :meth:`cluster` gives, without the scales (opfibers need no more);
+        ``overwrite`` as there."""
         if isinstance(self.chosen, Coloring) and len(self.chosen) == len(signatures):
             return self.chosen.partition
         sig = np.asarray(signatures, dtype=np.float64).reshape(len(signatures), -1)
-        return self._partition(sig, row_norms(sig))
+        norms = row_norms(sig)
+        scales = np.where((norms <= 1e-30) | ~np.isfinite(norms), 1.0, norms)
+        return self._partition(sig, norms, self._normalise(sig, scales, overwrite))
 
-    def _partition(self, sig: np.ndarray, norms: np.ndarray) -> Partition:
-        if isinstance(self.chosen, Partition) and len(self.chosen) == len(sig):
+    @staticmethod
+    def _normalise(sig: np.ndarray, scales: np.ndarray, overwrite: bool) -> bool:
+        """Divide ``sig`` by ``scales`` row by row in place, with ``overwrite`` where ``sig`` is
+        writable (it is float64 already); whether it did."""
+        if overwrite and sig.flags.writeable:
+            np.divide(sig, scales[:, None], out=sig)
+            return True
+        return False
+
+    def _partition(self, rows: np.ndarray, norms: np.ndarray, normalised: bool = False) -> Partition:
+        """Colors of signatures ``rows`` of norms ``norms`` (``normalised``: already divided by
+        them where they are finite and non-zero)."""
+        if isinstance(self.chosen, Partition) and len(self.chosen) == len(rows):
             return self.chosen
-        labels = np.arange(len(sig), dtype=np.int64) + len(sig)  # non-finite rows: colors of their own
+        labels = np.arange(len(rows), dtype=np.int64) + len(rows)  # non-finite rows: colors of their own
         labels[norms <= 1e-30] = -1  # all-zero rows: one color
         live = np.flatnonzero(np.isfinite(norms) & (norms > 1e-30))
         if live.size:
-            unit = (sig if live.size == len(sig) else sig[live]) / norms[live, None]
+            unit = rows if live.size == len(rows) else rows[live]
+            if not normalised:
+                unit = unit / norms[live, None]
             wants_tree = self.heights is not None or self.merges is not None
             if live.size > 1 and (wants_tree or (self.trees is not None and not self.exact)):
                 tree = self.trees.tree(unit) if self.trees is not None else average_linkage(unit)

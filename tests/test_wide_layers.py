@@ -14,9 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from planted_utils import ort_run
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from onnxfib import coloring
+from onnxfib.api import compress
 from onnxfib.coloring import (
     Tolerance,
     TreeCache,
@@ -25,6 +27,7 @@ from onnxfib.coloring import (
     threshold_clusters,
 )
 from onnxfib.partition import Partition
+from onnxfib.rules import linear
 
 
 def unit_rows(rows: np.ndarray) -> np.ndarray:
@@ -162,3 +165,46 @@ def test_tree_cache_drops_the_least_recently_used_beyond_its_budget():
     cache.tree(third)  # over budget: ``other`` goes, ``small`` stays
     assert cache.tree(small) is kept
     assert cache.tree(other) is not dropped  # built again
+
+
+def planted_chain() -> tuple[onnx.ModelProto, int]:
+    """Gemm (transB) -> Relu -> MatMul (weight [in, out]) + bias -> Relu -> Gemm, the hidden
+    layers holding planted copies of channels; returns the model and its base's parameters."""
+    rng = np.random.default_rng(3)
+    w0, b0 = rng.standard_normal((24, 16)).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    w0[16:], b0[16:] = w0[:8], b0[:8]  # hidden 1: 24 channels, base 16
+    w1, b1 = rng.standard_normal((24, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)
+    w1[:, 14:], b1[14:] = w1[:, :6], b1[:6]  # hidden 2: 20 channels, base 14 (columns: out axis 1)
+    w2, b2 = rng.standard_normal((3, 20)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w0", "b0"], ["h0"], transB=1),
+        helper.make_node("Relu", ["h0"], ["r0"]),
+        helper.make_node("MatMul", ["r0", "w1"], ["m1"]),
+        helper.make_node("Add", ["m1", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Gemm", ["r1", "w2", "b2"], ["y"], transB=1),
+    ]
+    weights = {"w0": w0, "b0": b0, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model, (16 * 16 + 16) + (16 * 14 + 14) + (14 * 3 + 3)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+def test_signatures_and_collapse_by_blocks_reach_the_planted_base_as_whole(monkeypatch, eps):
+    # Wide layers are read and collapsed a block of rows (columns) at a time; with blocks of a
+    # few channels the planted base must come back, match ORT on the original, and give the
+    # very weights of one block per layer.
+    model, base = planted_chain()
+    whole = compress(model, eps=eps, input_shapes={"x": (5, 16)})
+    monkeypatch.setattr(linear, "BLOCK_BYTES", 3 * 8 * 24)  # three rows of the widest weight
+    monkeypatch.setattr(linear, "BLOCK", 2)
+    monkeypatch.setattr(coloring, "SPREAD_BYTES", 16)
+    blocked = compress(model, eps=eps, input_shapes={"x": (5, 16)})
+    assert blocked.report.params_after == whole.report.params_after == base
+    x = np.random.default_rng(0).standard_normal((7, 16)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(blocked.model, {"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+    for a, b in zip(whole.model.graph.initializer, blocked.model.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))

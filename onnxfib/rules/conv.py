@@ -191,9 +191,13 @@ class GroupedConvSite(ConvSite):
             full[rows, group * in_per : (group + 1) * in_per] = w[rows]
         return full
 
-    def matrix(self) -> np.ndarray:
-        w = self._full(self._stored(self.weight).astype(np.float64))
+    def matrix(self, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray:
+        w = self._full(self._stored(self.weight).astype(np.float64))[rows, columns]
         return w.reshape(w.shape[0], w.shape[1], -1)
+
+    def _shape(self) -> tuple[int, int, int]:
+        outs, per_group, rest = super()._shape()
+        return outs, per_group * self.groups, rest
 
     def constraints(self, ctx: Context) -> dict[str, np.ndarray]:
         return {

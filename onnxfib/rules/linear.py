@@ -11,6 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import GraphView
+from ..partition import Partition
 from .base import (
     Context,
     Declined,
@@ -22,6 +23,17 @@ from .base import (
     is_per_channel,
     merge_channels,
 )
+
+_ALL = slice(None)
+#: Bytes of float64 weight a linear site's signatures read at a time.
+BLOCK_BYTES = 32 << 20
+
+
+def _blocks(count: int, per_item: int) -> list[slice]:
+    """Slices cutting ``count`` items of ``per_item`` float64 values each into blocks of about
+    ``BLOCK_BYTES``."""
+    step = max(1, BLOCK_BYTES // (8 * max(per_item, 1)))
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
 @dataclass
@@ -61,14 +73,21 @@ class LinearSite(Site):
         node, index = ref
         return GraphView.constant(node.inputs[index])
 
-    def matrix(self) -> np.ndarray:
-        """The weight as (out channels, in channels, rest), alpha applied, float64."""
-        stored = self._stored(self.weight).astype(np.float64)
-        w = np.moveaxis(stored, (self.out_axis, self.in_axis), (0, 1))
+    def matrix(self, rows: slice = _ALL, columns: slice = _ALL) -> np.ndarray:
+        """The weight as (out channels, in channels, rest), alpha applied, float64; ``rows`` and
+        ``columns`` select output and input channels (only they are copied)."""
+        moved = np.moveaxis(self._stored(self.weight), (self.out_axis, self.in_axis), (0, 1))
+        w = moved[rows, columns].astype(np.float64)
         w = w.reshape(w.shape[0], w.shape[1], -1)
         if self.alpha != 1:
             w *= self.alpha  # in place: a wide layer's float64 copy is the largest array of a run
         return w
+
+    def _shape(self) -> tuple[int, int, int]:
+        """(out channels, in channels, rest) of :meth:`matrix`, without reading the weight."""
+        shape = self._stored(self.weight).shape
+        outs, ins = shape[self.out_axis], shape[self.in_axis]
+        return outs, ins, int(np.prod(shape)) // max(outs * ins, 1)
 
     @property
     def _bias_axis(self) -> int:
@@ -82,21 +101,33 @@ class LinearSite(Site):
         )
 
     def forward(self, ctx: Context) -> None:
+        """Fibers (Eq. 3): each output channel's row summed per input color (times the input's
+        scales), then its bias; a block of rows at a time, so that besides the signatures only
+        one block of the weight is held in float64."""
         x = ctx.fiber(self.inputs[0])
-        w = self.matrix()
-        w *= x.scales[None, :, None]
-        aggregated = x.partition.reduce(w, 1).reshape(w.shape[0], -1)
-        del w  # the copies below and the clustering need the memory
+        outs, ins, rest = self._shape()
         bias = self.bias_rows()
-        signature = aggregated if bias is None else np.hstack([aggregated, bias])
-        del aggregated
-        ctx.set_fiber(self.outputs[0], ctx.tol.cluster(signature))
+        width = x.partition.n_colors * rest
+        signature = np.empty((outs, width + (0 if bias is None else bias.shape[1])))
+        for rows in _blocks(outs, ins * rest):
+            block = self.matrix(rows=rows)
+            block *= x.scales[None, :, None]
+            signature[rows, :width] = x.partition.reduce(block, 1).reshape(len(block), width)
+        if bias is not None:
+            signature[:, width:] = bias
+        ctx.set_fiber(self.outputs[0], ctx.tol.cluster(signature, overwrite=True))
 
     def backward(self, ctx: Context) -> None:
-        w = self.matrix()
-        per_opfiber = ctx.opfiber(self.outputs[0]).reduce(w, 0)  # (out colors, in, rest)
-        signature = np.moveaxis(per_opfiber, 1, 0).reshape(w.shape[1], -1)
-        ctx.add_opfiber(self.inputs[0], ctx.tol.partition(signature))
+        """Opfibers (Eq. 5): each input channel's column summed per output opfiber, a block of
+        columns at a time."""
+        opfibers = ctx.opfiber(self.outputs[0])
+        outs, ins, rest = self._shape()
+        width = opfibers.n_colors * rest
+        signature = np.empty((ins, width))
+        for columns in _blocks(ins, outs * rest):
+            per_opfiber = opfibers.reduce(self.matrix(columns=columns), 0)  # (colors, block, rest)
+            signature[columns] = np.moveaxis(per_opfiber, 1, 0).reshape(-1, width)
+        ctx.add_opfiber(self.inputs[0], ctx.tol.partition(signature, overwrite=True))
 
     def rewrite(self, ctx: Context) -> None:
         inp, out = ctx.plan(self.inputs[0]), ctx.plan(self.outputs[0])
@@ -215,43 +246,50 @@ class LinearSite(Site):
         return int(total)
 
 
-#: Rows (then columns) of a weight collapsed at a time, so that a wide layer's float64 working
-#: copies stay a block, not the whole matrix.
+#: Rows of a weight collapsed at a time, so that a wide layer's float64 working copies stay a
+#: block, not the whole matrix.
 BLOCK = 1024
-
-
-def _part(array: np.ndarray, axis: int, start: int) -> tuple[slice, ...]:
-    """The index of entries ``start`` to ``start + BLOCK`` of ``array`` along ``axis``."""
-    index = [slice(None)] * array.ndim
-    index[axis] = slice(start, start + BLOCK)
-    return tuple(index)
 
 
 def _collapsed(stored: np.ndarray, inp: Plan | None, in_axis: int, out: Plan | None,
                out_axis: int) -> np.ndarray:
     """Eq. 10 with the scale rule on a weight: input channels summed per color times their
     scales (``inp``), then output channels fitted per color (``out.fit_base``), in float64 and
-    returned in the stored dtype. Each output entry depends on one block of rows (columns) only,
-    so the work goes a BLOCK at a time with the same sums as on the whole matrix."""
-    columns = stored
-    if inp is not None:
-        shape = list(stored.shape)
-        shape[in_axis] = inp.partition.n_colors
-        columns = np.empty(shape, np.float64 if out is not None else stored.dtype)
-        for start in range(0, stored.shape[out_axis], BLOCK):
-            part = _part(stored, out_axis, start)
-            block = stored[part].astype(np.float64)
-            block *= _along(inp.scales, in_axis, block.ndim)
-            columns[part] = inp.partition.reduce(block, in_axis)
+    returned in the stored dtype. Output colors are fitted a few at a time from their own rows
+    (gathered in color order, about BLOCK of them), with the same sums as on the whole matrix,
+    so no float64 copy of the whole weight is made."""
+    n_out = stored.shape[out_axis]
     if out is None:
-        return columns
-    shape = list(columns.shape)
-    shape[out_axis] = out.partition.n_colors
+        order, bounds = np.arange(n_out), np.arange(n_out + 1)
+    else:
+        order = np.argsort(out.partition.labels, kind="stable")  # each color's rows in index order
+        bounds = np.concatenate([[0], np.cumsum(out.partition.sizes())])
+    shape = list(stored.shape)
+    shape[out_axis] = len(bounds) - 1
+    if inp is not None:
+        shape[in_axis] = inp.partition.n_colors
     result = np.empty(shape, stored.dtype)
-    for start in range(0, columns.shape[in_axis], BLOCK):
-        part = _part(columns, in_axis, start)
-        result[part] = out.fit_base(columns[part], out_axis)
+    color = 0
+    while color < len(bounds) - 1:
+        last = max(color + 1, int(np.searchsorted(bounds, bounds[color] + BLOCK, side="right")) - 1)
+        rows = order[bounds[color]:bounds[last]]
+        block = np.take(stored, rows, axis=out_axis).astype(np.float64)
+        if inp is not None:
+            block *= _along(inp.scales, in_axis, block.ndim)
+            block = inp.partition.reduce(block, in_axis)
+        if out is not None:
+            colors = Plan(Partition(out.partition.labels[rows]), out.scales[rows])
+            block = colors.fit_base(block, out_axis)
+        result[_span(result.ndim, out_axis, color, last)] = block
+        color = last
     return result
+
+
+def _span(ndim: int, axis: int, start: int, stop: int) -> tuple[slice, ...]:
+    """The index of entries ``start`` to ``stop`` along ``axis`` of an ``ndim`` array."""
+    index = [slice(None)] * ndim
+    index[axis] = slice(start, stop)
+    return tuple(index)
 
 
 def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
