@@ -89,13 +89,17 @@ class CompressionResult:
         """The compressed model in memory (a streamed one's tensors read from ``directory`` now)."""
         if self.directory is not None and io.has_external(self.stored):
             external_data_helper.load_external_data_for_model(self.stored, str(self.directory))
+            for tensor in io.all_tensors(self.stored):  # inline as a model read from one file is
+                if tensor.data_location == onnx.TensorProto.DEFAULT:
+                    tensor.ClearField("data_location")
         return self.stored
 
     def save(self, path: str | os.PathLike, *, external_data: bool = False,
              size_threshold: int = io.EXTERNAL_THRESHOLD) -> Path:
         """Write the model atomically, its tensors of at least ``size_threshold`` bytes in
         ``<path>.data`` when ``external_data`` is set, the input had external data, or the model
-        exceeds 2 GB; refuses to overwrite the input's model or data files."""
+        exceeds 2 GB (else inline, also where a large inline input was streamed); refuses to
+        overwrite the input's model or data files."""
         return io.save_model(self.stored, path, external_data=external_data or self.external_data,
                              protect=self.inputs, source=self.directory, size_threshold=size_threshold)
 
@@ -343,20 +347,23 @@ def compress(
         raise UsageError("a target chooses every layer's eps: give no eps or per-layer eps with it")
     check_mode(check, 0)  # a bad value is refused before the model is read
     streamable = goal is None and not calibrate
-    loaded = io.open_model(model_or_path, lazy=streamable)
-    original = loaded.model
-    size = sum(f.stat().st_size for f in loaded.files) if loaded.files else io.tensor_bytes(original)
-    mode = check_mode(check, size)
-    checking = mode != "none"
-    reference: ModelFile = loaded.path if loaded.path is not None else original
-    batches = _inputs(original, data, input_shapes, seed, goal is not None) if checking or calibrate or goal else None
-    fallback = _one_row(original, input_shapes, seed) if checking and data is None and goal is None else None
-    label_array = _labels(labels, batches) if batches is not None else None
-    if not (checking or calibrate or goal or io.too_large(original) or size > memory_bytes() // 2):
-        check_runs(reference, _probe(original, input_shapes, seed))  # else the original runs anyway, first
-    scratch = tempfile.TemporaryDirectory(prefix="onnxfib-") if loaded.directory is not None else None
-    storage = None if scratch is None else io.Storage(loaded.directory, Path(scratch.name))
+    scratch = tempfile.TemporaryDirectory(prefix="onnxfib-") if streamable else None
     try:
+        loaded = io.open_model(model_or_path, lazy=streamable, spill=None if scratch is None else Path(scratch.name))
+        if loaded.directory is None and scratch is not None:  # held in memory after all
+            scratch.cleanup()
+            scratch = None
+        original = loaded.model
+        size = sum(f.stat().st_size for f in loaded.files) if loaded.files else io.tensor_bytes(original)
+        mode = check_mode(check, size)
+        checking = mode != "none"
+        reference: ModelFile = loaded.path if loaded.path is not None else original
+        batches = _inputs(original, data, input_shapes, seed, goal is not None) if checking or calibrate or goal else None
+        fallback = _one_row(original, input_shapes, seed) if checking and data is None and goal is None else None
+        label_array = _labels(labels, batches) if batches is not None else None
+        if not (checking or calibrate or goal or io.too_large(original) or size > memory_bytes() // 2):
+            check_runs(reference, _probe(original, input_shapes, seed))  # else the original runs anyway, first
+        storage = None if scratch is None else io.Storage(loaded.directory, Path(scratch.name))
         result = _compress(original, reference, batches, fallback, label_array, storage, eps=eps, layer_eps=layer_eps,
                            symmetry=symmetry, calibrate=calibrate, ridge=ridge, goal=goal, progress=progress,
                            mode=mode, rtol=rtol, atol=atol, start=start)

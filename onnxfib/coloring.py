@@ -57,7 +57,7 @@ class Coloring:
         return self.scales / mean[partition.labels]
 
 
-#: Bytes of rows :func:`_spread` copies at a time.
+#: Bytes of rows :func:`_spread` and :func:`equal_row_labels` copy at a time.
 SPREAD_BYTES = 16 << 20
 
 
@@ -89,7 +89,9 @@ def equal_row_labels(rows: np.ndarray, tol: float) -> np.ndarray:
     labels[finite] = distinct[groups][inverse]
     stood_in = np.flatnonzero(distinct[inverse] != finite)  # a row represented by an equal projection
     rows_in, stand_in = finite[stood_in], distinct[inverse[stood_in]]
-    unequal = np.max(np.abs(rows[rows_in] - rows[stand_in]), axis=1, initial=0.0) > tol
+    step = max(1, SPREAD_BYTES // max(rows[:1].nbytes, 1))
+    unequal = np.concatenate([np.max(np.abs(rows[rows_in[i:i + step]] - rows[stand_in[i:i + step]]), axis=1) > tol
+                              for i in range(0, rows_in.size, step)] or [np.zeros(0, bool)])
     labels[rows_in[unequal]] = rows_in[unequal]  # projections collided: the rows stay apart
     return labels
 

@@ -26,6 +26,11 @@ PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF
 
 #: Tensors of at least this many bytes go to the external data file (onnx's own default).
 EXTERNAL_THRESHOLD = 1024
+#: Tensor bytes held inline from which ``open_model(lazy=True, spill=)`` streams a model (its
+#: tensors moved to external data in the spill directory) instead of holding it in memory.
+STREAM_INLINE_BYTES = 64 << 20
+#: The name of that working copy in the spill directory.
+SOURCE_MODEL = "source.onnx"
 #: Tensors of at least this many bytes start at a page boundary of the data file, so that readers
 #: (numpy, ONNX Runtime) can map them instead of copying them.
 ALIGNED_BYTES = 1 << 20
@@ -36,10 +41,11 @@ ModelSource = str | os.PathLike | onnx.ModelProto
 
 
 class LoadedModel(NamedTuple):
-    """A checked model, the file it came from (None when given in memory), whether that file kept
-    its tensors in external data, every file it was read from (model and data files) and, when
-    its external data was left on disk (``open_model(lazy=True)``), the directory its tensors'
-    locations are relative to."""
+    """A checked model, the file it came from (None when given in memory; for an inline model
+    streamed through a spill directory, its working copy there), whether the input kept its
+    tensors in external data, every file it was read from (model and data files) and, when its
+    tensors were left on disk (``open_model(lazy=True)``), the directory their locations are
+    relative to."""
 
     model: onnx.ModelProto
     path: Path | None
@@ -166,19 +172,30 @@ def stored_bytes(model: onnx.ModelProto) -> int:
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data the main graph holds in memory: initializers' and Constant nodes'
-    values (raw or typed; external data not loaded counts nothing), read off the tensors
-    without serializing the model."""
+    values (raw ones as their shape and type declare, which the checker holds them to; typed
+    ones; external data not loaded counts nothing), read off the tensors without serializing
+    the model."""
     tensors = list(model.graph.initializer) + [
         attribute.t for node in model.graph.node if node.op_type == "Constant"
         for attribute in node.attribute if attribute.HasField("t")]
     total = 0
     for tensor in tensors:
-        if tensor.raw_data:
-            total += len(tensor.raw_data)
+        if tensor.HasField("raw_data"):  # from its shape: reading raw_data (or ByteSize) copies it
+            total += _declared_bytes(tensor)
         else:
             total += 8 * max(len(tensor.float_data), len(tensor.int32_data), len(tensor.int64_data),
                              len(tensor.double_data), len(tensor.uint64_data)) + sum(map(len, tensor.string_data))
     return total
+
+
+def _declared_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes of a raw tensor's values as its shape and type declare them (sub-byte types
+    counted a byte each); the bytes themselves where numpy has no such type."""
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return len(tensor.raw_data)
+    return math.prod(tensor.dims) * itemsize
 
 
 def too_large(model: onnx.ModelProto) -> bool:
@@ -204,11 +221,14 @@ def _check(model: onnx.ModelProto, path: Path | None) -> None:
         onnx.checker.check_model(model, full_check=True)
 
 
-def open_model(source: ModelSource, *, lazy: bool = False) -> LoadedModel:
+def open_model(source: ModelSource, *, lazy: bool = False, spill: Path | None = None) -> LoadedModel:
     """Load ``source`` (a path, or a ModelProto that is copied, never modified) with its external
     data in memory (with ``lazy``, left on disk: ``LoadedModel.directory`` says where) and pass it
     through the full checker; any failure raises InvalidModelError (UsageError for a source of
-    another type)."""
+    another type). With ``lazy`` and a directory ``spill``, a file holding at least
+    ``STREAM_INLINE_BYTES`` of tensors inline is streamed too: its tensors are written once to
+    ``spill / SOURCE_MODEL`` with external data, and that copy is what ``path`` and
+    ``directory`` name (``files`` still name the input)."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -235,10 +255,19 @@ def open_model(source: ModelSource, *, lazy: bool = False) -> LoadedModel:
         if external_data_helper.uses_external_data(t)
     }
     external = bool(data_files)
+    streamed = lazy and spill is not None and not external and tensor_bytes(model) >= STREAM_INLINE_BYTES
+    if streamed and spill is not None:  # written out before the checker reads the file again
+        copy = spill / SOURCE_MODEL
+        try:
+            model = write_model(model, copy, external_data=True)  # the proto read from the file goes
+        except OSError as exc:
+            raise UsageError(f"cannot write the input's working copy ({first_line(exc)})") from exc
     try:
         _check(model, path)
     except Exception as exc:
         raise InvalidModelError(f"{path}: model fails the ONNX checker: {first_line(exc)}") from exc
+    if streamed and spill is not None:
+        return LoadedModel(model, copy, False, (path,), spill)
     if external and lazy:
         try:
             _check_regions(model, path.resolve().parent)
@@ -298,10 +327,17 @@ def check_output_path(path: str | os.PathLike, *, protect: Iterable[str | os.Pat
 
 def _shallow(message, skip: str):
     """A copy of a protobuf ``message`` without its field ``skip``."""
+    return _fields(message, lambda field: field.name != skip)
+
+
+def _fields(message, keep):
+    """A copy of a protobuf ``message`` holding only the fields ``keep(field descriptor)`` takes."""
     copy = type(message)()
-    for field, value in message.ListFields():
-        if field.name == skip:
+    for field in message.DESCRIPTOR.fields:  # values are read only where kept (a read copies bytes)
+        if not keep(field) or not (len(getattr(message, field.name)) if field.is_repeated
+                                   else message.HasField(field.name)):
             continue
+        value = getattr(message, field.name)
         if field.is_repeated:
             getattr(copy, field.name).extend(value)
         elif field.type == field.TYPE_MESSAGE:
@@ -315,6 +351,12 @@ def _copy_region(source: Path, offset: int, length: int, handle) -> int:
     """Append ``length`` bytes of ``source`` from ``offset`` to ``handle`` (aligned as
     ``append_aligned``), a chunk at a time; returns where they start."""
     start = _aligned_end(handle, length)
+    _copy_bytes(source, offset, length, handle)
+    return start
+
+
+def _copy_bytes(source: Path, offset: int, length: int, handle) -> None:
+    """Write ``length`` bytes of ``source`` from ``offset`` to ``handle``, a chunk at a time."""
     with open(source, "rb") as src:
         src.seek(offset)
         remaining = length
@@ -324,7 +366,72 @@ def _copy_region(source: Path, offset: int, length: int, handle) -> int:
                 raise OSError(f"{source}: shorter than its tensors say")
             handle.write(chunk)
             remaining -= len(chunk)
-    return start
+
+
+def _varint(value: int) -> bytes:
+    """``value`` (non-negative) as a protobuf base-128 varint."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _delimited(number: int, length: int) -> bytes:
+    """The key and length that open a length-delimited protobuf field ``number`` of ``length``
+    bytes (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _inline_parts(tensor: onnx.TensorProto, source: Path) -> tuple[bytes, Path, int, int, bytes]:
+    """An external tensor inline, in pieces: its fields before ``raw_data`` serialized, the file,
+    offset and length of its bytes, and its fields after (external_data and data_location
+    dropped, as loading the data leaves them)."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    path = Path(info.location) if os.path.isabs(info.location) else source / info.location
+    length = info.length or (path.stat().st_size - (info.offset or 0))
+    inline = _fields(tensor, lambda f: f.name not in ("external_data", "data_location", "raw_data"))
+    raw = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+    head = _fields(inline, lambda f: f.number < raw).SerializeToString()
+    tail = _fields(inline, lambda f: f.number > raw).SerializeToString()
+    return head + _delimited(raw, length), path, info.offset or 0, length, tail
+
+
+def write_inline(model: onnx.ModelProto, target: Path, *, source: Path) -> None:
+    """Serialize ``model`` to ``target`` as one protobuf with every tensor inline: the bytes
+    ``SerializeToString`` gives once its external data is loaded (locations relative to
+    ``source``, or absolute), written a piece at a time, so that no main-graph initializer is
+    held in memory whole (their bytes are copied from their files in chunks; other external
+    tensors are read in first). ``model`` is not changed."""
+    graph_number = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_number = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    rest = _shallow(model, "graph")
+    graph = _shallow(model.graph, "initializer")
+    rest.graph.CopyFrom(graph)
+    if has_external(rest):
+        external_data_helper.load_external_data_for_model(rest, str(source))
+        graph = rest.graph
+    parts = {i: _inline_parts(t, source) for i, t in enumerate(model.graph.initializer)
+             if external_data_helper.uses_external_data(t)}
+    sizes = [len(parts[i][0]) + parts[i][3] + len(parts[i][4]) if i in parts else t.ByteSize()
+             for i, t in enumerate(model.graph.initializer)]
+    graph_size = graph.ByteSize() + sum(len(_delimited(init_number, size)) + size for size in sizes)
+    with open(target, "wb") as handle:
+        handle.write(_fields(rest, lambda f: f.number < graph_number).SerializeToString())
+        handle.write(_delimited(graph_number, graph_size))
+        handle.write(_fields(graph, lambda f: f.number < init_number).SerializeToString())
+        for index, (tensor, size) in enumerate(zip(model.graph.initializer, sizes)):
+            handle.write(_delimited(init_number, size))
+            if index in parts:
+                head, path, offset, length, tail = parts[index]
+                handle.write(head)
+                _copy_bytes(path, offset, length, handle)
+                handle.write(tail)
+            else:
+                handle.write(tensor.SerializeToString())
+        handle.write(_fields(graph, lambda f: f.number > init_number).SerializeToString())
+        handle.write(_fields(rest, lambda f: f.number > graph_number).SerializeToString())
 
 
 def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool,
@@ -354,8 +461,15 @@ def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool,
 
         for tensor in model.graph.initializer:  # one tensor's bytes in memory at a time
             copy = written.graph.initializer.add()
-            copy.CopyFrom(tensor)
-            store(copy)
+            raw = tensor.raw_data if tensor.HasField("raw_data") else None  # each read copies
+            if raw is not None and len(raw) >= size_threshold:
+                # the bytes go straight to the file: copied into ``written`` they would stay in
+                # its memory (protobuf frees a cleared field only with the whole message)
+                copy.CopyFrom(_shallow(tensor, "raw_data"))
+                _locate(copy, location, append_aligned(handle, raw), len(raw))
+            else:
+                copy.CopyFrom(tensor)
+                store(copy)
         others = itertools.islice(all_tensors(written), len(written.graph.initializer), None)
         for tensor in others:  # tensors in nodes' attributes stay inline unless stored externally
             if external_data_helper.uses_external_data(tensor):
@@ -499,15 +613,16 @@ def save_model(
     the target and renamed into place, so the output appears whole or not at all, and a model
     with external data replaces an existing pair wholly (see ``_install_external``). Tensors
     (initializers of at least ``size_threshold`` bytes) go to ``<name>.data`` when
-    ``external_data`` is set, the model keeps tensors in external data (read relative to
-    ``source``, see ``write_model``) or it is too large for one protobuf. Temporary files of
+    ``external_data`` is set or the model is too large for one protobuf; otherwise every tensor
+    is written inline, those the model keeps in external data (read relative to ``source``)
+    streamed in by ``write_inline``. Temporary files of
     killed runs in the directory are removed first. Refuses (UsageError) to overwrite ``protect``,
     to write into a missing/unwritable directory, or a ``size_threshold`` that is not a
     non-negative integer."""
     protect = tuple(protect)
     size_threshold = check_size_threshold(size_threshold)
     out = check_output_path(path, protect=protect)
-    use_external = external_data or has_external(model) or too_large(model)
+    use_external = external_data or (stored_bytes(model) >= PROTOBUF_LIMIT if has_external(model) else too_large(model))
     if use_external:
         _refuse_input(out.with_name(out.name + ".data"), protect)
     parent = out.resolve().parent
@@ -522,7 +637,10 @@ def save_model(
             _install_external(model, target, tmp, protect, source, size_threshold)
         else:
             read_before = _referenced_data(target) if target.exists() else set()
-            write_model(model, tmp / out.name, external_data=False)
+            if has_external(model):  # its tensors streamed in from their files
+                write_inline(model, tmp / out.name, source=source or parent)
+            else:
+                write_model(model, tmp / out.name, external_data=False)
             _seal(tmp / out.name)
             os.replace(tmp / out.name, target)
             _remove_unread(target, protect, read_before)

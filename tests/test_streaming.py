@@ -131,3 +131,35 @@ def test_truncated_external_data_is_a_one_line_error(external_mlp: Path, tmp_pat
     done = run_cli("compress", external_mlp, "out.onnx")
     assert done.returncode == 2 and "cannot read its external data" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not any(tmp_path.glob("out.onnx*"))
+
+
+@pytest.mark.parametrize("planted", [True, False])
+def test_a_large_inline_model_is_streamed_and_saved_inline_as_held_in_memory(
+        write_model, tmp_path: Path, monkeypatch, planted: bool) -> None:
+    # Past STREAM_INLINE_BYTES an inline file's tensors go to a working copy with external data
+    # (set to 0 here, so this small model takes that path); the saved model must be inline and
+    # byte for byte the one compress makes holding the model in memory (given as a proto).
+    path = write_model(build_mlp(SIZES, planted=planted), "inline.onnx")
+    before = sha256(path)
+    in_memory = onnxfib.compress(onnx.load(str(path)), eps=0.0)
+    assert in_memory.directory is None
+    monkeypatch.setattr(onnxfib.io, "STREAM_INLINE_BYTES", 0)
+    streamed = onnxfib.compress(path, eps=0.0)
+    assert streamed.directory is not None and streamed.report.validation.ok
+    assert streamed.report.params_after == (_params(BASE) if planted else _params(SIZES))
+    out = streamed.save(tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx.data").exists()  # inline, as the input was
+    expected = in_memory.save(tmp_path / "expected.onnx")
+    assert out.read_bytes() == expected.read_bytes()
+    x = _inputs()
+    np.testing.assert_allclose(_run(out, x), _run(path, x), rtol=1e-5, atol=1e-5)
+    assert sha256(path) == before
+
+
+def test_write_inline_gives_the_bytes_of_the_loaded_model(external_mlp: Path, tmp_path: Path) -> None:
+    skeleton = onnx.load(str(external_mlp), load_external_data=False)
+    onnxfib.io.write_inline(skeleton, tmp_path / "inline.onnx", source=external_mlp.parent)
+    loaded = onnx.load(str(external_mlp))
+    for tensor in onnxfib.io.all_tensors(loaded):
+        tensor.ClearField("data_location")  # what loading sets; a model written inline lacks it
+    assert (tmp_path / "inline.onnx").read_bytes() == loaded.SerializeToString()

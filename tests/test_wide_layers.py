@@ -200,7 +200,6 @@ def test_signatures_and_collapse_by_blocks_reach_the_planted_base_as_whole(monke
     model, base = planted_chain()
     whole = compress(model, eps=eps, input_shapes={"x": (5, 16)})
     monkeypatch.setattr(linear, "BLOCK_BYTES", 3 * 8 * 24)  # three rows of the widest weight
-    monkeypatch.setattr(linear, "BLOCK", 2)
     monkeypatch.setattr(coloring, "SPREAD_BYTES", 16)
     blocked = compress(model, eps=eps, input_shapes={"x": (5, 16)})
     assert blocked.report.params_after == whole.report.params_after == base

@@ -191,7 +191,8 @@ class GroupedConvSite(ConvSite):
             full[rows, group * in_per : (group + 1) * in_per] = w[rows]
         return full
 
-    def matrix(self, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray:
+    def matrix(self, rows: slice | np.ndarray = slice(None), columns: slice = slice(None)
+               ) -> np.ndarray:
         w = self._full(self._stored(self.weight).astype(np.float64))[rows, columns]
         return w.reshape(w.shape[0], w.shape[1], -1)
 

@@ -3,7 +3,7 @@ either side, optionally followed by the Add of a constant bias (paper Eq. 3 and 
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -25,15 +25,27 @@ from .base import (
 )
 
 _ALL = slice(None)
-#: Bytes of float64 weight a linear site's signatures read at a time.
+#: Bytes of float64 weight a linear site's signatures and collapse read at a time.
 BLOCK_BYTES = 32 << 20
 
 
-def _blocks(count: int, per_item: int) -> list[slice]:
-    """Slices cutting ``count`` items of ``per_item`` float64 values each into blocks of about
-    ``BLOCK_BYTES``."""
+def _color_blocks(
+    labels: np.ndarray | None, count: int, per_item: int
+) -> Iterator[tuple[np.ndarray, int, int]]:
+    """``count`` channels of ``per_item`` float64 values each, in the order of their colors
+    (canonical ``labels``; None: each its own), cut into blocks of whole colors of about
+    BLOCK_BYTES (one color at least): ``(channels, first color, end color)``."""
+    if labels is None:
+        order, bounds = np.arange(count), np.arange(count + 1)
+    else:
+        order = np.argsort(labels, kind="stable")  # each color's channels in index order
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(labels))])
     step = max(1, BLOCK_BYTES // (8 * max(per_item, 1)))
-    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+    color = 0
+    while color < len(bounds) - 1:
+        last = max(color + 1, int(np.searchsorted(bounds, bounds[color] + step, side="right")) - 1)
+        yield order[bounds[color]:bounds[last]], color, last
+        color = last
 
 
 @dataclass
@@ -73,7 +85,7 @@ class LinearSite(Site):
         node, index = ref
         return GraphView.constant(node.inputs[index])
 
-    def matrix(self, rows: slice = _ALL, columns: slice = _ALL) -> np.ndarray:
+    def matrix(self, rows: slice | np.ndarray = _ALL, columns: slice = _ALL) -> np.ndarray:
         """The weight as (out channels, in channels, rest), alpha applied, float64; ``rows`` and
         ``columns`` select output and input channels (only they are copied)."""
         moved = np.moveaxis(self._stored(self.weight), (self.out_axis, self.in_axis), (0, 1))
@@ -109,24 +121,25 @@ class LinearSite(Site):
         bias = self.bias_rows()
         width = x.partition.n_colors * rest
         signature = np.empty((outs, width + (0 if bias is None else bias.shape[1])))
-        for rows in _blocks(outs, ins * rest):
+        for rows, _, _ in _color_blocks(None, outs, ins * rest):
             block = self.matrix(rows=rows)
             block *= x.scales[None, :, None]
             signature[rows, :width] = x.partition.reduce(block, 1).reshape(len(block), width)
+            ctx.graph.release()  # a streamed weight's pages, once read, are not needed again
         if bias is not None:
             signature[:, width:] = bias
         ctx.set_fiber(self.outputs[0], ctx.tol.cluster(signature, overwrite=True))
 
     def backward(self, ctx: Context) -> None:
-        """Opfibers (Eq. 5): each input channel's column summed per output opfiber, a block of
-        columns at a time."""
+        """Opfibers (Eq. 5): each input channel's column summed per output opfiber, the rows
+        of a few opfibers at a time."""
         opfibers = ctx.opfiber(self.outputs[0])
         outs, ins, rest = self._shape()
-        width = opfibers.n_colors * rest
-        signature = np.empty((ins, width))
-        for columns in _blocks(ins, outs * rest):
-            per_opfiber = opfibers.reduce(self.matrix(columns=columns), 0)  # (colors, block, rest)
-            signature[columns] = np.moveaxis(per_opfiber, 1, 0).reshape(-1, width)
+        signature = np.empty((ins, opfibers.n_colors * rest))
+        for rows, first, last in _color_blocks(opfibers.labels, outs, ins * rest):
+            per_opfiber = Partition(opfibers.labels[rows]).reduce(self.matrix(rows=rows), 0)
+            signature[:, first * rest:last * rest] = np.moveaxis(per_opfiber, 1, 0).reshape(ins, -1)
+            ctx.graph.release()
         ctx.add_opfiber(self.inputs[0], ctx.tol.partition(signature, overwrite=True))
 
     def rewrite(self, ctx: Context) -> None:
@@ -246,9 +259,6 @@ class LinearSite(Site):
         return int(total)
 
 
-#: Rows of a weight collapsed at a time, so that a wide layer's float64 working copies stay a
-#: block, not the whole matrix.
-BLOCK = 1024
 
 
 def _collapsed(stored: np.ndarray, inp: Plan | None, in_axis: int, out: Plan | None,
@@ -256,23 +266,16 @@ def _collapsed(stored: np.ndarray, inp: Plan | None, in_axis: int, out: Plan | N
     """Eq. 10 with the scale rule on a weight: input channels summed per color times their
     scales (``inp``), then output channels fitted per color (``out.fit_base``), in float64 and
     returned in the stored dtype. Output colors are fitted a few at a time from their own rows
-    (gathered in color order, about BLOCK of them), with the same sums as on the whole matrix,
-    so no float64 copy of the whole weight is made."""
+    (:func:`_color_blocks`), with the same sums as on the whole matrix, so no float64 copy of
+    the whole weight is made."""
     n_out = stored.shape[out_axis]
-    if out is None:
-        order, bounds = np.arange(n_out), np.arange(n_out + 1)
-    else:
-        order = np.argsort(out.partition.labels, kind="stable")  # each color's rows in index order
-        bounds = np.concatenate([[0], np.cumsum(out.partition.sizes())])
     shape = list(stored.shape)
-    shape[out_axis] = len(bounds) - 1
+    shape[out_axis] = n_out if out is None else out.partition.n_colors
     if inp is not None:
         shape[in_axis] = inp.partition.n_colors
     result = np.empty(shape, stored.dtype)
-    color = 0
-    while color < len(bounds) - 1:
-        last = max(color + 1, int(np.searchsorted(bounds, bounds[color] + BLOCK, side="right")) - 1)
-        rows = order[bounds[color]:bounds[last]]
+    labels = None if out is None else out.partition.labels
+    for rows, first, last in _color_blocks(labels, n_out, stored.size // max(n_out, 1)):
         block = np.take(stored, rows, axis=out_axis).astype(np.float64)
         if inp is not None:
             block *= _along(inp.scales, in_axis, block.ndim)
@@ -280,8 +283,7 @@ def _collapsed(stored: np.ndarray, inp: Plan | None, in_axis: int, out: Plan | N
         if out is not None:
             colors = Plan(Partition(out.partition.labels[rows]), out.scales[rows])
             block = colors.fit_base(block, out_axis)
-        result[_span(result.ndim, out_axis, color, last)] = block
-        color = last
+        result[_span(result.ndim, out_axis, first, last)] = block
     return result
 
 
