@@ -207,7 +207,7 @@ def apart_distance(dims: int) -> float:
 
 
 #: Rows up to which :func:`threshold_clusters` builds the whole tree (its memory is quadratic).
-FULL_TREE_ROWS = 4096
+FULL_TREE_ROWS = 1024
 #: Rows per block of the neighbour search in :func:`threshold_clusters` (bounds its memory).
 BLOCK_ROWS = 2048
 #: Dimensions of the random projection on which :func:`threshold_clusters` looks for candidate
