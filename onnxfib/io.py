@@ -388,14 +388,21 @@ def _inline_parts(tensor: onnx.TensorProto, source: Path) -> tuple[bytes, Path, 
     """An external tensor inline, in pieces: its fields before ``raw_data`` serialized, the file,
     offset and length of its bytes, and its fields after (external_data and data_location
     dropped, as loading the data leaves them)."""
-    info = external_data_helper.ExternalDataInfo(tensor)
-    path = Path(info.location) if os.path.isabs(info.location) else source / info.location
-    length = info.length or (path.stat().st_size - (info.offset or 0))
+    path, offset, length = _region(tensor, source)
     inline = _fields(tensor, lambda f: f.name not in ("external_data", "data_location", "raw_data"))
     raw = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
     head = _fields(inline, lambda f: f.number < raw).SerializeToString()
     tail = _fields(inline, lambda f: f.number > raw).SerializeToString()
-    return head + _delimited(raw, length), path, info.offset or 0, length, tail
+    return head + _delimited(raw, length), path, offset, length, tail
+
+
+def _region(tensor: onnx.TensorProto, source: Path) -> tuple[Path, int, int]:
+    """The file (a relative location resolved against ``source``), offset and length of an
+    external tensor's bytes (without a length: to the end of the file)."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    path = Path(info.location) if os.path.isabs(info.location) else source / info.location
+    offset = info.offset or 0
+    return path, offset, info.length or (path.stat().st_size - offset)
 
 
 def write_inline(model: onnx.ModelProto, target: Path, *, source: Path) -> None:
@@ -452,10 +459,8 @@ def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool,
     with open(target.parent / location, "wb") as handle:
         def store(tensor: onnx.TensorProto) -> None:
             if external_data_helper.uses_external_data(tensor):
-                info = external_data_helper.ExternalDataInfo(tensor)
-                path = Path(info.location) if os.path.isabs(info.location) else (source or target.parent) / info.location
-                length = info.length or (path.stat().st_size - (info.offset or 0))
-                _locate(tensor, location, _copy_region(path, info.offset or 0, length, handle), length)
+                path, offset, length = _region(tensor, source or target.parent)
+                _locate(tensor, location, _copy_region(path, offset, length, handle), length)
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= size_threshold:
                 _locate(tensor, location, append_aligned(handle, tensor.raw_data), len(tensor.raw_data))
 
