@@ -132,20 +132,20 @@ class Partition:
         if self.is_discrete:  # canonical discrete labels are 0..n-1 in order: nothing to do
             return np.asarray(array)
         array = np.asarray(array)
-        if array.ndim > 1 and axis in (-1, array.ndim - 1):  # rows of samples: no strided move
+        if array.ndim > 1 and axis in (-1, array.ndim - 1):  # rows of samples: one gather, one reduceat
             order = np.argsort(self.labels, kind="stable")
             _, starts = np.unique(self.labels[order], return_index=True)
             out = np.add.reduceat(np.take(array, order, axis=-1), starts, axis=-1)
             return out / self.sizes() if mean else out
-        moved = np.moveaxis(array, axis, 0)
         sizes = self.sizes()
         _, first = np.unique(self.labels, return_index=True)
-        out = moved[first].copy()  # each color's first channel, then the others added per color
+        out = np.take(array, first, axis=axis)  # each color's first channel, then the others added
         rest = np.setdiff1d(np.arange(len(self)), first, assume_unique=True)
-        if rest.size:
+        if rest.size:  # gathered along ``axis`` itself: moving it first made every gather strided
             order = rest[np.argsort(self.labels[rest], kind="stable")]
             colors, starts = np.unique(self.labels[order], return_index=True)
-            out[colors] += np.add.reduceat(moved[order], starts, axis=0)
+            at = (slice(None),) * (axis % array.ndim) + (colors,)
+            out[at] += np.add.reduceat(np.take(array, order, axis=axis), starts, axis=axis)
         if mean:
-            out = out / sizes.reshape((-1,) + (1,) * (out.ndim - 1))
-        return np.moveaxis(out, 0, axis)
+            out = out / sizes.reshape((-1,) + (1,) * (out.ndim - 1 - axis % array.ndim))
+        return out

@@ -91,6 +91,19 @@ def test_reduce_sums_or_averages_each_color(raw, mean, axis):
         np.testing.assert_allclose(out[:, color], expected)
 
 
+@given(labels, st.booleans())
+def test_reduce_along_a_middle_axis_sums_or_averages_each_color(raw, mean):
+    """A weight block (out channels, in channels, rest) reduced over its in channels."""
+    p = Partition(raw)
+    values = np.random.default_rng(len(raw)).standard_normal((3, len(p), 2))
+    out = p.reduce(values, 1, mean=mean)
+    assert out.shape == (3, p.n_colors, 2)
+    for color in range(p.n_colors):
+        members = values[:, p.labels == color]
+        expected = members.mean(axis=1) if mean else members.sum(axis=1)
+        np.testing.assert_allclose(out[:, color], expected)
+
+
 def test_from_rows_colors_equal_rows_alike():
     p = Partition.from_rows(np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [3.0, 4.0], [0.0, 0.0]]))
     assert p.labels.tolist() == [0, 1, 0, 1, 2]
