@@ -132,7 +132,8 @@ class Partition:
         if self.is_discrete:  # canonical discrete labels are 0..n-1 in order: nothing to do
             return np.asarray(array)
         array = np.asarray(array)
-        if array.ndim > 1 and axis in (-1, array.ndim - 1):  # rows of samples: one gather, one reduceat
+        axis %= max(array.ndim, 1)
+        if array.ndim > 1 and axis == array.ndim - 1:  # rows of samples: one gather, one reduceat
             order = np.argsort(self.labels, kind="stable")
             _, starts = np.unique(self.labels[order], return_index=True)
             out = np.add.reduceat(np.take(array, order, axis=-1), starts, axis=-1)
@@ -144,8 +145,8 @@ class Partition:
         if rest.size:  # gathered along ``axis`` itself: moving it first made every gather strided
             order = rest[np.argsort(self.labels[rest], kind="stable")]
             colors, starts = np.unique(self.labels[order], return_index=True)
-            at = (slice(None),) * (axis % array.ndim) + (colors,)
+            at = (slice(None),) * axis + (colors,)
             out[at] += np.add.reduceat(np.take(array, order, axis=axis), starts, axis=axis)
         if mean:
-            out = out / sizes.reshape((-1,) + (1,) * (out.ndim - 1 - axis % array.ndim))
+            out = out / sizes.reshape((-1,) + (1,) * (out.ndim - 1 - axis))
         return out
