@@ -120,8 +120,10 @@ def _near_groups(rows: np.ndarray, tol: float, subset: np.ndarray | None = None)
             labels[members] = members[0]
             continue
         key = np.zeros((members.size, 2), dtype=np.int64)
-        for start in range(0, columns.size, 64):
-            piece = columns[start:start + 64]
+        start, width, parts = 0, 1, 1
+        while start < columns.size:  # coordinates 1, 2, 4, ... 64 at a time, until the parts stop multiplying
+            piece = columns[start:start + width]
+            start, width = start + width, min(2 * width, 64)
             block = rows[np.ix_(index[members], piece)]
             order = np.argsort(block, axis=0, kind="stable")
             ordered = np.take_along_axis(block, order, axis=0)
@@ -130,12 +132,15 @@ def _near_groups(rows: np.ndarray, tol: float, subset: np.ndarray | None = None)
             np.put_along_axis(runs, order, np.cumsum(steps, axis=0), 0)
             key += runs @ weights[piece]  # wraps around: only a hash
             _, part = np.unique(key, axis=0, return_inverse=True)
-            if part.max() > 0:  # split: the parts go on from their own spreads
-                break
+            count = int(part.max()) + 1
+            if count == members.size or 1 < count == parts:
+                break  # every row apart, or split and no further: the parts go on from their own spreads
+            parts = count
         part = part.ravel()
-        if part.max() > 0:
-            parts = np.split(members[np.argsort(part, kind="stable")], np.cumsum(np.bincount(part))[:-1])
-            pending.extend(parts)
+        if part.max() > 0:  # parts of one row are done: each keeps its own label
+            counts = np.bincount(part)
+            ordered_members, ends = members[np.argsort(part, kind="stable")], np.cumsum(counts)
+            pending.extend(ordered_members[ends[i] - counts[i]:ends[i]] for i in np.flatnonzero(counts > 1))
         else:
             while members.size > 1:
                 close = np.max(np.abs(rows[index[members]] - rows[index[members[0]]]), axis=1) <= tol

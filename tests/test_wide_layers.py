@@ -63,6 +63,18 @@ def test_equal_row_labels_groups_lie_within_tol_of_their_representative(n, dim, 
                 assert labels[i] == labels[j]
 
 
+@given(st.integers(2, 400), st.integers(20, 300), st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_equal_row_labels_recovers_near_copies_of_coarse_wide_rows(distinct, dim, seed):
+    # Entries of only three values: one coordinate splits a set into at most three runs, so
+    # the grouping must combine many coordinates before it sets rows apart.
+    rng = np.random.default_rng(seed)
+    base = np.unique(rng.integers(0, 3, (distinct, dim)).astype(np.float64), axis=0)
+    source = np.concatenate([np.arange(len(base)), rng.integers(0, len(base), len(base) // 2 + 1)])
+    rows = base[source] + rng.uniform(-0.03, 0.03, (len(source), dim))  # copies within 0.06 of each other
+    assert Partition(equal_row_labels(rows, 0.1)) == Partition(source)
+
+
 def test_non_finite_rows_are_never_grouped():
     rows = np.array([[1.0, 0.0], [1.0, 0.0], [np.nan, 0.0], [np.nan, 0.0], [np.inf, 1.0], [np.inf, 1.0]])
     labels = equal_row_labels(rows, 1e-6)
