@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import external_data_helper
@@ -262,8 +263,12 @@ def open_model(source: ModelSource, *, lazy: bool = False, spill: Path | None = 
             model = write_model(model, copy, external_data=True)  # the proto read from the file goes
         except OSError as exc:
             raise UsageError(f"cannot write the input's working copy ({first_line(exc)})") from exc
-    try:
-        _check(model, path)
+    try:  # the working copy, when there is one, holds the same model with its large bytes moved out
+        if streamed and spill is not None:
+            _check(model, copy)
+            _check_moved_lengths(model)  # what the checker would have found in the moved bytes
+        else:
+            _check(model, path)
     except Exception as exc:
         raise InvalidModelError(f"{path}: model fails the ONNX checker: {first_line(exc)}") from exc
     if streamed and spill is not None:
@@ -280,6 +285,33 @@ def open_model(source: ModelSource, *, lazy: bool = False, spill: Path | None = 
     except Exception as exc:
         raise InvalidModelError(f"{path}: cannot read its external data ({first_line(exc)})") from exc
     return LoadedModel(model, path, external, (path, *sorted(data_files)))
+
+
+def _value_bits(dtype: np.dtype) -> int:
+    """Bits one value of ``dtype`` takes in raw data: 2, 4 and 6-bit types pack several to a byte."""
+    if dtype.itemsize == 1:
+        for info in (ml_dtypes.iinfo, ml_dtypes.finfo):
+            with contextlib.suppress(TypeError, ValueError):
+                return int(info(dtype).bits)
+    return 8 * dtype.itemsize
+
+
+def _check_moved_lengths(model: onnx.ModelProto) -> None:
+    """ValueError where a tensor ``write_model`` moved to external data holds fewer bytes than
+    its shape and type need (sub-byte types packed), as the checker finds for inline bytes."""
+    for tensor in all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        except (KeyError, TypeError, ValueError):
+            continue
+        bits = _value_bits(dtype)
+        needed = -(-math.prod(tensor.dims) * bits // 8)
+        length = external_data_helper.ExternalDataInfo(tensor).length or 0
+        if length < needed:
+            raise ValueError(f"TensorProto (tensor name: {tensor.name}) raw_data size ({length} bytes) is too "
+                             f"small for the declared shape and type ({needed} bytes)")
 
 
 def _check_regions(model: onnx.ModelProto, directory: Path) -> None:
@@ -523,18 +555,27 @@ def remove_stale_temporaries(directory: Path) -> None:
                 os.unlink(entry.path)
 
 
-def _referenced_data(path: Path) -> set[str]:
-    """The external data files (names relative to its directory) the model at ``path`` reads;
-    empty when it has none or cannot be read."""
-    try:
-        model = onnx.load_model(str(path), format="protobuf", load_external_data=False)
-    except Exception:  # a corrupt or foreign file: nothing of it to keep consistent
-        return set()
+def _data_locations(model: onnx.ModelProto) -> set[str]:
+    """The external data files (names relative to its directory) ``model`` reads."""
     return {
         os.path.normpath(external_data_helper.ExternalDataInfo(t).location)
         for t in all_tensors(model)
         if external_data_helper.uses_external_data(t)
     }
+
+
+def _previous_reads(out: Path) -> set[str]:
+    """The external data files the model now at ``out`` reads, as far as replacing it needs to
+    know: whether it reads ``<out>.data``. Where that file does not exist (or ``out`` does not,
+    or cannot be read) the answer is empty without parsing ``out`` (a large inline model would
+    cost a full read)."""
+    if not (out.exists() and out.with_name(out.name + ".data").exists()):
+        return set()
+    try:
+        model = onnx.load_model(str(out), format="protobuf", load_external_data=False)
+    except Exception:  # a corrupt or foreign file: nothing of it to keep consistent
+        return set()
+    return _data_locations(model)
 
 
 def _seal(path: Path) -> None:
@@ -566,7 +607,7 @@ def _install_external(model: onnx.ModelProto, out: Path, tmp: Path, protect: tup
     with several links). A run killed in between leaves a consistent pair and a unique file that
     the next save of ``out`` removes."""
     parent, data_name = out.parent, out.name + ".data"
-    read_before = _referenced_data(out) if out.exists() else set()
+    read_before = _previous_reads(out)
     busy = data_name in read_before
     name = f"{out.name}.{secrets.token_hex(6)}.data" if busy else data_name
     written = write_model(model, tmp / out.name, external_data=True, location=name, source=source,
@@ -589,14 +630,14 @@ def _install_external(model: onnx.ModelProto, out: Path, tmp: Path, protect: tup
         _seal(tmp / out.name)
         os.replace(tmp / data_name, parent / data_name)  # the old data: read by no model now
         os.replace(tmp / out.name, out)
-    _remove_unread(out, protect, read_before)
+    _remove_unread(out, protect, read_before, {data_name} if busy and has_data else _data_locations(written))
 
 
-def _remove_unread(out: Path, protect: tuple, read_before: set[str]) -> None:
-    """Remove the data files of ``out`` that the model now at ``out`` does not read: left-over
-    uniquely named ones, and ``<out>.data`` when the model it replaced read it; never inputs."""
+def _remove_unread(out: Path, protect: tuple, read_before: set[str], read: set[str]) -> None:
+    """Remove the data files of ``out`` that the model now at ``out`` (which reads ``read``) does
+    not read: left-over uniquely named ones, and ``<out>.data`` when the model it replaced read
+    it (``read_before``); never inputs."""
     pattern = re.compile(re.escape(out.name) + r"\.[0-9a-f]{12}\.data")
-    read = _referenced_data(out)
     guarded = {Path(p).resolve() for p in protect}
     for entry in os.scandir(out.parent):
         mine = pattern.fullmatch(entry.name) or (entry.name == out.name + ".data" and entry.name in read_before)
@@ -641,14 +682,14 @@ def save_model(
         if use_external:
             _install_external(model, target, tmp, protect, source, size_threshold)
         else:
-            read_before = _referenced_data(target) if target.exists() else set()
+            read_before = _previous_reads(target)
             if has_external(model):  # its tensors streamed in from their files
                 write_inline(model, tmp / out.name, source=source or parent)
             else:
                 write_model(model, tmp / out.name, external_data=False)
             _seal(tmp / out.name)
             os.replace(tmp / out.name, target)
-            _remove_unread(target, protect, read_before)
+            _remove_unread(target, protect, read_before, set())  # every tensor inline
     except OSError as exc:
         raise UsageError(f"{out}: cannot write the output ({first_line(exc)})") from exc
     finally:

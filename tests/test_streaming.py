@@ -163,3 +163,23 @@ def test_write_inline_gives_the_bytes_of_the_loaded_model(external_mlp: Path, tm
     for tensor in onnxfib.io.all_tensors(loaded):
         tensor.ClearField("data_location")  # what loading sets; a model written inline lacks it
     assert (tmp_path / "inline.onnx").read_bytes() == loaded.SerializeToString()
+
+
+@pytest.mark.parametrize("stream_from", [0, 1 << 40])
+def test_a_short_tensor_is_the_checkers_error_whether_streamed_or_not(
+        write_model, tmp_path: Path, monkeypatch, run_cli, stream_from: int) -> None:
+    # A streamed file is checked through its working copy, whose moved bytes the checker does
+    # not measure: the error must be the one the checker gives the inline file (and no output).
+    model = build_mlp(SIZES)
+    weight = next(t for t in model.graph.initializer if len(t.dims) == 2 and t.dims[0] == 512 == t.dims[1])
+    weight.raw_data = weight.raw_data[:-4]
+    path = write_model(model, "short.onnx")
+    with pytest.raises(Exception) as inline:
+        onnx.checker.check_model(str(path), full_check=True)
+    monkeypatch.setattr(onnxfib.io, "STREAM_INLINE_BYTES", stream_from)
+    with pytest.raises(onnxfib.errors.InvalidModelError, match="too small for the declared shape") as caught:
+        onnxfib.compress(path, eps=0.0)
+    assert weight.name in str(caught.value) and "too small" in str(inline.value)
+    done = run_cli("compress", path, "out.onnx")
+    assert done.returncode == 2 and "too small" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.glob("out.onnx*"))

@@ -27,7 +27,8 @@ class EmbeddingSite(Site):
         return GraphView.constant(self.nodes[0].inputs[0])
 
     def forward(self, ctx: Context) -> None:
-        ctx.set_fiber(self.outputs[0], ctx.tol.cluster(self._table().astype(np.float64).T))
+        columns = self._table().astype(np.float64).T  # a copy of our own: normalised in place
+        ctx.set_fiber(self.outputs[0], ctx.tol.cluster(columns, overwrite=True))
 
     def backward(self, ctx: Context) -> None:
         """No channel input: nothing to contribute."""
