@@ -23,7 +23,7 @@ from onnxfib.analysis import SYMMETRIES, analyze, bind
 from onnxfib.calibrate import DEFAULT_RIDGE
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
-from onnxfib.graph import SPILL_FILE, GraphView
+from onnxfib.graph import GraphView
 from onnxfib.report import (Barrier, CompressionReport, LayerReport, RefitReport, SweepPoint, TargetKind, TargetReport,
                             ValidationReport, to_json)
 from onnxfib.rules import default_registry
@@ -410,8 +410,6 @@ def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dic
     compressed = _record_settings(compressed, layers, eps=eps, symmetry=symmetry, calibrate=calibrate, goal=goal,
                                   storage=storage)
     candidate = compressed if storage is None else storage.scratch / io.SCRATCH_MODEL
-    if storage is not None:
-        (storage.scratch / SPILL_FILE).unlink(missing_ok=True)  # the written model holds its tensors now
     validation = (validate_models(reference, candidate, batches, rtol=rtol, atol=atol, mode=mode, fallback=fallback)
                   if mode != "none" else None)
     report = CompressionReport(

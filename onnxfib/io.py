@@ -475,12 +475,13 @@ def write_inline(model: onnx.ModelProto, target: Path, *, source: Path) -> None:
 
 def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool,
                 location: str | None = None, source: Path | None = None,
-                size_threshold: int = EXTERNAL_THRESHOLD) -> onnx.ModelProto:
+                size_threshold: int = EXTERNAL_THRESHOLD, in_place: bool = False) -> onnx.ModelProto:
     """Serialize to ``target`` (not atomic); external data goes to ``location`` beside it (default
     ``<target name>.data``), one tensor at a time: main-graph initializers of at least
     ``size_threshold`` bytes held in memory, and every tensor already stored externally (read from
-    its location relative to ``source``, or absolute). Returns the proto as written (tensors moved
-    out of it); ``model`` is not changed."""
+    its location relative to ``source``, or absolute). With ``in_place``, a tensor stored in a
+    file of ``target``'s own directory is not copied: the model reads it where it lies. Returns the
+    proto as written (tensors moved out of it); ``model`` is not changed."""
     if not external_data:
         onnx.save_model(model, str(target), format="protobuf")
         return model
@@ -492,7 +493,10 @@ def write_model(model: onnx.ModelProto, target: Path, *, external_data: bool,
         def store(tensor: onnx.TensorProto) -> None:
             if external_data_helper.uses_external_data(tensor):
                 path, offset, length = _region(tensor, source or target.parent)
-                _locate(tensor, location, _copy_region(path, offset, length, handle), length)
+                if in_place and path.resolve().parent == target.parent.resolve():
+                    _locate(tensor, path.name, offset, length)
+                else:
+                    _locate(tensor, location, _copy_region(path, offset, length, handle), length)
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= size_threshold:
                 _locate(tensor, location, append_aligned(handle, tensor.raw_data), len(tensor.raw_data))
 
@@ -759,13 +763,14 @@ def finalize_model(model: onnx.ModelProto, *, eps: float, symmetry: str,
     then require the full checker and strict shape inference to pass; a failure is an internal
     bug and raises InternalError. Modifies and returns ``model``; with ``storage`` (a model whose
     tensors are on disk) the model is first written to ``storage.scratch / SCRATCH_MODEL`` with
-    its data beside it, checked from there, and returned as written (data relative to scratch)."""
+    its data beside it (tensors already in scratch read where they lie), checked from there, and
+    returned as written (data relative to scratch)."""
     settings = {"onnxfib.version": __version__, "onnxfib.eps": repr(float(eps)), "onnxfib.symmetry": symmetry}
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **settings})
     target = None if storage is None else storage.scratch / SCRATCH_MODEL
     try:
         if storage is not None and target is not None:
-            model = write_model(model, target, external_data=True, source=storage.source)
+            model = write_model(model, target, external_data=True, source=storage.source, in_place=True)
             onnx.checker.check_model(str(target), full_check=True)  # strict shape inference included
         else:
             _check(model, None)
