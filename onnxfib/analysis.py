@@ -395,6 +395,7 @@ class Analysis:
                 eps=self.layer_eps[id(site)],
                 nonfinite=site.nonfinite_channels() if isinstance(site, LinearSite) else 0,
             ))
+            self.graph.release()  # the weights' pages the finiteness check read
         return reports
 
     # -- output -----------------------------------------------------------------------------

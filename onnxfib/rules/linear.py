@@ -26,7 +26,7 @@ from .base import (
 
 _ALL = slice(None)
 #: Bytes of float64 weight a linear site's signatures and collapse read at a time.
-BLOCK_BYTES = 32 << 20
+BLOCK_BYTES = 8 << 20
 
 
 def _color_blocks(
@@ -46,6 +46,14 @@ def _color_blocks(
         last = max(color + 1, int(np.searchsorted(bounds, bounds[color] + step, side="right")) - 1)
         yield order[bounds[color]:bounds[last]], color, last
         color = last
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether every entry of ``values`` is finite, read a block at a time (no mask the size of
+    a wide layer's weight)."""
+    flat = values.reshape(-1)
+    step = max(1, BLOCK_BYTES // 8)
+    return all(np.isfinite(flat[start:start + step]).all() for start in range(0, flat.size, step))
 
 
 @dataclass
@@ -219,7 +227,7 @@ class LinearSite(Site):
         stored = [self._stored(self.weight)] + (
             [] if self.bias is None else [self._stored(self.bias)]
         )
-        if all(np.isfinite(values).all() for values in stored):
+        if all(_all_finite(values) for values in stored):
             return 0
         w, b, _ = self.flat()
         return int(np.count_nonzero(~(np.isfinite(w).all(axis=1) & np.isfinite(b))))
