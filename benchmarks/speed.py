@@ -379,8 +379,11 @@ def markdown(data: dict) -> str:
         "### Goals (issue 11)", "", "| goal | target | measured | met |", "|---|---|---:|---|",
         *(f"| {g['goal']} | {g['target']} | {_num(g['measured'])} | "
           f"{'–' if g['met'] is None else ('yes' if g['met'] else '**no**')} |" for g in data["goals"]),
+        "", "The ratios count system time, and system time is what varies most between runs on a shared "
+        "host (onnxslim's above all: the page faults of its in-memory copies); the table below splits each "
+        "figure into user + sys.",
         "", "### Per model", "",
-        "| model | parameters | base (planted) | file MiB | tool | CPU s | wall s | peak RSS MiB | RSS / file "
+        "| model | parameters | base (planted) | file MiB | tool | CPU s (user + sys) | wall s | peak RSS MiB | RSS / file "
         "| parameters after | CPU / onnxslim | RSS / onnxslim |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -397,7 +400,10 @@ def markdown(data: dict) -> str:
                 continue
             after = f"{s['params_after']:,}" + (" (base)" if first and case["base_reached"] else
                                                 " (**not the base**)" if first else "")
-            lines.append(head + f"| {tool} | {s['cpu_s']:.1f} | {s['wall_s']:.1f} | {s['peak_rss_mb']:,.0f} | "
+            done = [r for r in case["runs"][tool] if r["exit"] == 0]
+            split = (f" ({statistics.median(r['user_s'] for r in done):.1f} + "
+                     f"{statistics.median(r['sys_s'] for r in done):.1f})")
+            lines.append(head + f"| {tool} | {s['cpu_s']:.1f}{split} | {s['wall_s']:.1f} | {s['peak_rss_mb']:,.0f} | "
                          f"{s['rss_over_file']:.2f} | {after} | {_num(s.get('cpu_ratio_vs_onnxslim'))} | "
                          f"{_num(s.get('rss_ratio_vs_onnxslim'))} |")
     lines += ["", f"Scaling exponents (least-squares slope of log CPU s against log parameters, models of "
