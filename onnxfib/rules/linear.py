@@ -96,7 +96,10 @@ class LinearSite(Site):
     def matrix(self, rows: slice | np.ndarray = _ALL, columns: slice = _ALL) -> np.ndarray:
         """The weight as (out channels, in channels, rest), alpha applied, float64; ``rows`` and
         ``columns`` select output and input channels (only they are copied)."""
-        moved = np.moveaxis(self._stored(self.weight), (self.out_axis, self.in_axis), (0, 1))
+        stored = self._stored(self.weight)
+        if isinstance(rows, np.ndarray):  # along the stored axis: on a moved view it is strided
+            stored, rows = np.take(stored, rows, axis=self.out_axis), _ALL
+        moved = np.moveaxis(stored, (self.out_axis, self.in_axis), (0, 1))
         w = moved[rows, columns].astype(np.float64)
         w = w.reshape(w.shape[0], w.shape[1], -1)
         if self.alpha != 1:
