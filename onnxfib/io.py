@@ -69,10 +69,10 @@ def mapped(tensor: onnx.TensorProto, directory: Path) -> np.ndarray | None:
     ``directory``); None where numpy cannot map it (a dtype numpy does not hold natively, a length
     that disagrees with the shape, a missing file)."""
     info = external_data_helper.ExternalDataInfo(tensor)
-    try:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
-    except (KeyError, TypeError, ValueError):
+    dtype = _numpy_dtype(tensor)
+    if dtype is None:
         return None
+    dtype = dtype.newbyteorder("<")
     shape = tuple(int(d) for d in tensor.dims)
     length = math.prod(shape) * dtype.itemsize
     if dtype.kind not in "biuf" or (info.length and info.length != length) or length == 0:
@@ -189,14 +189,19 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def _numpy_dtype(tensor: onnx.TensorProto) -> np.dtype | None:
+    """The numpy dtype of ``tensor``'s values; None for a type numpy does not hold."""
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _declared_bytes(tensor: onnx.TensorProto) -> int:
     """The bytes of a raw tensor's values as its shape and type declare them (sub-byte types
     counted a byte each); the bytes themselves where numpy has no such type."""
-    try:
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        return len(tensor.raw_data)
-    return math.prod(tensor.dims) * itemsize
+    dtype = _numpy_dtype(tensor)
+    return len(tensor.raw_data) if dtype is None else math.prod(tensor.dims) * dtype.itemsize
 
 
 def too_large(model: onnx.ModelProto) -> bool:
@@ -302,12 +307,10 @@ def _check_moved_lengths(model: onnx.ModelProto) -> None:
     for tensor in all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        except (KeyError, TypeError, ValueError):
+        dtype = _numpy_dtype(tensor)
+        if dtype is None:
             continue
-        bits = _value_bits(dtype)
-        needed = -(-math.prod(tensor.dims) * bits // 8)
+        needed = -(-math.prod(tensor.dims) * _value_bits(dtype) // 8)
         length = external_data_helper.ExternalDataInfo(tensor).length or 0
         if length < needed:
             raise ValueError(f"TensorProto (tensor name: {tensor.name}) raw_data size ({length} bytes) is too "
@@ -323,9 +326,9 @@ def _check_regions(model: onnx.ModelProto, directory: Path) -> None:
         info = external_data_helper.ExternalDataInfo(tensor)
         size = (directory / info.location).stat().st_size
         offset, length = info.offset or 0, info.length
-        if not length:
-            with contextlib.suppress(KeyError, TypeError, ValueError):  # a type numpy lacks: the offset only
-                length = math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        dtype = _numpy_dtype(tensor)
+        if not length and dtype is not None:  # a type numpy lacks: the offset only
+            length = math.prod(tensor.dims) * dtype.itemsize
         if offset + (length or 0) > size:
             raise ValueError(f"tensor '{tensor.name}' needs bytes {offset} to {offset + (length or 0)} of "
                              f"{info.location}, which holds {size}")
@@ -559,15 +562,6 @@ def remove_stale_temporaries(directory: Path) -> None:
                 os.unlink(entry.path)
 
 
-def _data_locations(model: onnx.ModelProto) -> set[str]:
-    """The external data files (names relative to its directory) ``model`` reads."""
-    return {
-        os.path.normpath(external_data_helper.ExternalDataInfo(t).location)
-        for t in all_tensors(model)
-        if external_data_helper.uses_external_data(t)
-    }
-
-
 def _previous_reads(out: Path) -> set[str]:
     """The external data files the model now at ``out`` reads, as far as replacing it needs to
     know: whether it reads ``<out>.data``. Where that file does not exist (or ``out`` does not,
@@ -579,7 +573,11 @@ def _previous_reads(out: Path) -> set[str]:
         model = onnx.load_model(str(out), format="protobuf", load_external_data=False)
     except Exception:  # a corrupt or foreign file: nothing of it to keep consistent
         return set()
-    return _data_locations(model)
+    return {
+        os.path.normpath(external_data_helper.ExternalDataInfo(t).location)
+        for t in all_tensors(model)
+        if external_data_helper.uses_external_data(t)
+    }
 
 
 def _seal(path: Path) -> None:
@@ -634,7 +632,7 @@ def _install_external(model: onnx.ModelProto, out: Path, tmp: Path, protect: tup
         _seal(tmp / out.name)
         os.replace(tmp / data_name, parent / data_name)  # the old data: read by no model now
         os.replace(tmp / out.name, out)
-    _remove_unread(out, protect, read_before, {data_name} if busy and has_data else _data_locations(written))
+    _remove_unread(out, protect, read_before, {data_name} if has_data else set())  # what ``out`` reads now
 
 
 def _remove_unread(out: Path, protect: tuple, read_before: set[str], read: set[str]) -> None:
