@@ -176,15 +176,20 @@ def fitted_scales(rows: np.ndarray, partition: Partition, norms: np.ndarray, *,
     sizes = partition.sizes()
     order = np.argsort(partition.labels, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    for size in np.unique(sizes[sizes > 1]):  # colors of one size in one batched eigh
-        members = order[starts[sizes == size][:, None] + np.arange(size)]  # (colors, size)
-        blocks = rows[members] * norms[members][..., None] if normalised else rows[members]
-        values, vectors = np.linalg.eigh(blocks @ np.swapaxes(blocks, 1, 2))  # leading: r_i . u / sigma
-        t = np.sqrt(np.maximum(values[:, -1:], 0.0)) * vectors[:, :, -1]
-        t *= np.where(t.sum(axis=1, keepdims=True) >= 0, 1.0, -1.0)
-        top = t.max(axis=1, keepdims=True)
-        fitted = np.maximum(t, 1e-4 * top)
-        scales[members] = np.where(top > 0, fitted, scales[members])
+    for size in np.unique(sizes[sizes > 1]):  # colors of one size in batched eighs
+        first = starts[sizes == size]
+        step = max(1, SPREAD_BYTES // (size * max(rows[:1].nbytes, 1)))  # bounded gathers
+        for start in range(0, first.size, step):
+            members = order[first[start:start + step, None] + np.arange(size)]  # (colors, size)
+            blocks = rows[members]
+            gram = blocks @ np.swapaxes(blocks, 1, 2)
+            if normalised:
+                gram *= norms[members][:, :, None] * norms[members][:, None, :]
+            values, vectors = np.linalg.eigh(gram)  # leading: r_i . u / sigma
+            t = np.sqrt(np.maximum(values[:, -1:], 0.0)) * vectors[:, :, -1]
+            t *= np.where(t.sum(axis=1, keepdims=True) >= 0, 1.0, -1.0)
+            top = t.max(axis=1, keepdims=True)
+            scales[members] = np.where(top > 0, np.maximum(t, 1e-4 * top), scales[members])
     return scales
 
 
@@ -213,8 +218,10 @@ def apart_distance(dims: int) -> float:
 
 #: Rows up to which :func:`threshold_clusters` builds the whole tree (its memory is quadratic).
 FULL_TREE_ROWS = 1024
-#: Rows per block of the neighbour search in :func:`threshold_clusters` (bounds its memory).
-BLOCK_ROWS = 2048
+#: Values per block of the neighbour search in :func:`threshold_clusters`: bounds its memory
+#: (a float32 copy of all wide rows cost more in fresh pages than its products); much smaller
+#: blocks make too many short matrix products, whose threads wait on each other.
+BLOCK_VALUES = 1 << 24
 #: Dimensions of the random projection on which :func:`threshold_clusters` looks for candidate
 #: neighbours among wider rows (each candidate is then checked exactly).
 PROJECTED_DIMS = 256
@@ -229,27 +236,37 @@ def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
     quadratic tree for many rows: two clusters merge below ``eps`` only if some pair of their
     rows is within ``eps``, so the clusters lie inside the connected components of the graph of
     pairs within ``eps``, and average linkage run inside each component gives the same cut.
-    Pairs come from blocks of a matrix product (on a random projection for wide rows, each
-    candidate then checked exactly), so memory grows with the rows and the close pairs."""
+    Pairs come from blocks of a float32 matrix product (on a random projection for wide rows),
+    each candidate then checked in float64, so memory grows with the rows and the close pairs."""
     n, dims = unit.shape
     if n <= FULL_TREE_ROWS:
         return fcluster(average_linkage(unit), t=eps, criterion="distance")
+    step = max(1, BLOCK_VALUES // max(n, dims))
     if dims > 2 * PROJECTED_DIMS:  # float32 products: their rounding is far inside the slack
         projection = np.random.default_rng(0).standard_normal((dims, PROJECTED_DIMS), dtype=np.float32)
-        probe = unit.astype(np.float32) @ projection
+        probe = np.empty((n, PROJECTED_DIMS), dtype=np.float32)
+        rows32 = np.empty((step, dims), dtype=np.float32)
+        for start in range(0, n, step):  # through one buffer, not a float32 copy of all rows
+            piece = rows32[:min(step, n - start)]
+            piece[...] = unit[start:start + step]
+            np.matmul(piece, projection, out=probe[start:start + step])
         probe /= np.maximum(row_norms(probe), 1e-30)[:, None]
         slack = PROJECTION_SIGMAS * (1.0 - (1.0 - eps) ** 2) / np.sqrt(PROJECTED_DIMS)
-    else:
-        probe, slack = unit, 1e-9
+    else:  # the rows themselves, in float32 too: slack for its rounding of (dims + 2) units
+        probe, slack = unit.astype(np.float32), (dims + 2) * float(np.finfo(np.float32).eps)
     pairs = []
-    for start in range(0, n, BLOCK_ROWS):
-        block = probe[start:start + BLOCK_ROWS] @ probe[start:].T
-        rows, cols = np.nonzero(block >= 1.0 - eps - slack)
-        keep = rows + start < cols + start
+    products = np.empty(step * n, dtype=probe.dtype)  # one buffer for every block
+    near = np.empty(step * n, dtype=bool)
+    for start in range(0, n, step):
+        count = min(step, n - start)
+        block = products[:count * (n - start)].reshape(count, n - start)
+        np.matmul(probe[start:start + count], probe[start:].T, out=block)
+        rows, cols = np.nonzero(np.greater_equal(block, 1.0 - eps - slack, out=near[:block.size].reshape(block.shape)))
+        keep = rows < cols
         pairs.append(np.stack([rows[keep] + start, cols[keep] + start], axis=1))
     candidates = np.concatenate(pairs)
     close = np.ones(len(candidates), dtype=bool)
-    step = max(1, (1 << 22) // dims)
+    step = max(1, BLOCK_VALUES // dims)
     for first in range(0, len(candidates), step):  # exactly, in pieces of bounded memory
         piece = candidates[first:first + step]
         cosine = np.einsum("ij,ij->i", unit[piece[:, 0]], unit[piece[:, 1]])
@@ -258,10 +275,14 @@ def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
     graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     labels = np.arange(n, dtype=np.int64)
-    order = np.argsort(component, kind="stable")
-    next_label = n
+    sizes = np.bincount(component)
+    pairs = sizes[component] == 2  # two rows joined by an edge: within eps, one cluster
+    labels[pairs] = n + component[pairs]
+    next_label = n + len(sizes)
+    larger = np.flatnonzero(sizes[component] > 2)
+    order = larger[np.argsort(component[larger], kind="stable")]
     for members in np.split(order, np.flatnonzero(np.diff(component[order])) + 1):
-        if members.size > 1:
+        if members.size:
             inner = fcluster(average_linkage(unit[members]), t=eps, criterion="distance")
             labels[members] = next_label + inner
             next_label += int(inner.max()) + 1

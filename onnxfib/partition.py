@@ -38,7 +38,7 @@ def _canonical(labels: np.ndarray) -> np.ndarray:
 class Partition:
     """A partition of ``n`` channels into colors, held as canonical labels."""
 
-    __slots__ = ("labels",)
+    __slots__ = ("labels", "_plan")
 
     def __init__(self, labels: np.ndarray | Sequence[int]) -> None:
         labels = np.asarray(labels)
@@ -46,6 +46,7 @@ class Partition:
             raise ValueError("partition labels must be one-dimensional")
         self.labels = _canonical(labels)
         self.labels.setflags(write=False)
+        self._plan: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def discrete(cls, n: int) -> Partition:
@@ -133,20 +134,28 @@ class Partition:
             return np.asarray(array)
         array = np.asarray(array)
         axis %= max(array.ndim, 1)
-        if array.ndim > 1 and axis == array.ndim - 1:  # rows of samples: one gather, one reduceat
-            order = np.argsort(self.labels, kind="stable")
-            _, starts = np.unique(self.labels[order], return_index=True)
-            out = np.add.reduceat(np.take(array, order, axis=-1), starts, axis=-1)
-            return out / self.sizes() if mean else out
-        sizes = self.sizes()
-        _, first = np.unique(self.labels, return_index=True)
+        shape = array.shape
+        if array.ndim > axis + 1 and int(np.prod(shape[axis + 1:])) == 1:  # a view: gathers along
+            array = array.reshape(shape[:axis + 1])  # the last axis move whole items, not 1-item chunks
+        first, rest, colors, starts = self._gather_plan()
         out = np.take(array, first, axis=axis)  # each color's first channel, then the others added
-        rest = np.setdiff1d(np.arange(len(self)), first, assume_unique=True)
         if rest.size:  # gathered along ``axis`` itself: moving it first made every gather strided
-            order = rest[np.argsort(self.labels[rest], kind="stable")]
-            colors, starts = np.unique(self.labels[order], return_index=True)
             at = (slice(None),) * axis + (colors,)
-            out[at] += np.add.reduceat(np.take(array, order, axis=axis), starts, axis=axis)
+            out[at] += np.add.reduceat(np.take(array, rest, axis=axis), starts, axis=axis)
         if mean:
-            out = out / sizes.reshape((-1,) + (1,) * (out.ndim - 1 - axis))
-        return out
+            out = out / self.sizes().reshape((-1,) + (1,) * (out.ndim - 1 - axis))
+        return out.reshape(shape[:axis] + (out.shape[axis],) + shape[axis + 1:])
+
+    def _gather_plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """How :meth:`reduce` gathers, computed once per partition: each color's first channel
+        (canonical labels: in color order), the other channels grouped by color, the colors they
+        belong to and where each color's group starts."""
+        if self._plan is None:
+            seen = np.maximum.accumulate(self.labels)
+            is_first = np.ones(len(self), dtype=bool)
+            is_first[1:] = seen[1:] > seen[:-1]
+            rest = np.flatnonzero(~is_first)
+            rest = rest[np.argsort(self.labels[rest], kind="stable")]
+            colors, starts = np.unique(self.labels[rest], return_index=True)
+            self._plan = (np.flatnonzero(is_first), rest, colors, starts)
+        return self._plan

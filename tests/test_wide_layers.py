@@ -134,12 +134,28 @@ def test_average_linkage_is_scipys_cosine_average_linkage(seed):
 @pytest.mark.parametrize("eps", [0.05, 0.3, 0.6])
 def test_threshold_clusters_cut_average_linkage_exactly(monkeypatch, dims, eps):
     monkeypatch.setattr(coloring, "FULL_TREE_ROWS", 50)  # take the component path on 600 rows
-    monkeypatch.setattr(coloring, "BLOCK_ROWS", 128)
+    monkeypatch.setattr(coloring, "BLOCK_VALUES", 128 * max(600, dims))  # several blocks
     unit = clustered_rows(7, 600, dims)
     truth = fcluster(linkage(unit, method="average", metric="cosine"), t=eps, criterion="distance")
     found = threshold_clusters(unit, eps)
     assert Partition(found) == Partition(truth)
     assert 1 < Partition(truth).n_colors < len(unit)  # the cut merges some rows, not all
+
+
+@pytest.mark.parametrize("dims", [30, 1200])
+def test_threshold_clusters_joins_pairs_and_cuts_larger_components_as_average_linkage(monkeypatch, dims):
+    """Near copies make components of two rows (joined without a tree) and of three or more
+    (cut by average linkage): the labels are scipy's cut."""
+    monkeypatch.setattr(coloring, "FULL_TREE_ROWS", 50)
+    rng = np.random.default_rng(3)
+    base = unit_rows(rng.standard_normal((400, dims)))
+    copies = [base[i] + 0.35 * rng.standard_normal(dims) / np.sqrt(dims) for i in range(0, 200, 2)]
+    chain = [base[5] + 0.3 * rng.standard_normal(dims) / np.sqrt(dims) for _ in range(3)]
+    unit = unit_rows(np.vstack([base, *copies, *chain]))
+    truth = Partition(fcluster(linkage(unit, method="average", metric="cosine"), t=0.1, criterion="distance"))
+    sizes = truth.sizes()
+    assert (sizes == 2).sum() >= 50 and sizes.max() >= 3  # both kinds of component are there
+    assert Partition(threshold_clusters(unit, 0.1)) == truth
 
 
 def test_tree_cache_builds_each_distinct_tree_once():
