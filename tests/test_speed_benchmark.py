@@ -65,3 +65,13 @@ def test_planted_bert_reaches_its_base(tmp_path):
     model = onnx.load(str(case.path))
     assert case.params == count_parameters(model)
     assert onnxfib.compress(model, eps=0.0, check=False).report.params_after == case.base_params
+
+
+def test_cluster_layer_times_both_clusterings_of_a_planted_layer(tmp_path):
+    case = speed.build_mlp(tmp_path / "mlp.onnx", (16, 40, 48, 8))  # W1: 48 rows, the last 6 copies
+    result = speed.cluster_layer(case.path, "W1", "b1", eps=0.3)
+    assert "error" not in result, result
+    assert result["rows"] == 48 and result["fibers"]["colors"] <= 42  # the planted copies merged
+    assert 1 <= result["opfibers"]["colors"] <= 40
+    assert result["cpu_s"] == pytest.approx(sum(result[k]["user_s"] + result[k]["sys_s"]
+                                                for k in ("fibers", "opfibers")), abs=2e-3)
