@@ -55,6 +55,17 @@ class Given:
         return None if self.value is None else [int(v) for v in self.value]
 
 
+def _hand_back(values: np.ndarray) -> None:
+    """Drop this process's pages of the memory map under ``values`` (none: nothing); the file keeps
+    them and they are read again when next needed."""
+    base = values.base
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    handle = getattr(base, "_mmap", None)
+    if handle is not None:
+        handle.madvise(mmap.MADV_DONTNEED)
+
+
 class GraphView:
     """The model's main graph, preprocessed by :data:`~onnxfib.graph.passes.PREPARATION`
     (Constant nodes materialised as constants, constant subexpressions folded, ..., in
@@ -141,12 +152,7 @@ class GraphView:
         """Hand back the pages of memory-mapped weights this process has read (the file keeps them;
         they are read again when next needed), so a streamed run holds about one layer at a time."""
         for values, _ in self._lazy.values():
-            base = values.base
-            while base is not None and not isinstance(base, np.memmap):
-                base = getattr(base, "base", None)
-            handle = getattr(base, "_mmap", None)
-            if handle is not None:
-                handle.madvise(mmap.MADV_DONTNEED)
+            _hand_back(values)
 
     def _spilled(self, values: np.ndarray) -> tuple[np.ndarray, LazyValues | None]:
         """``values`` written to the storage's scratch directory and mapped back, with their stored
@@ -256,6 +262,9 @@ class GraphView:
     def _store(self, constant: gs.Constant, values: np.ndarray) -> None:
         """Give ``constant`` its new ``values`` (spilled to the storage when large)."""
         values, stored = self._spilled(values)
+        replaced = self._lazy.get(id(constant))
+        if replaced is not None:  # the pages its rewrite read: the view leaves _lazy, so release()
+            _hand_back(replaced[0])  # no longer sees it, while a graph copy may keep it mapped
         constant.values = values
         # where the source kept it: its new values are exported as given
         constant.data_location = None
