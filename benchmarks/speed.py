@@ -5,6 +5,7 @@
     python benchmarks/speed.py --only mlp --widths 256 1024 --no-write
     python benchmarks/speed.py --large          # also a 4 x 12288 x 12288 MLP (external data, ~10 GB)
     python benchmarks/speed.py --streaming      # external-data MLPs 4 x 4096 and 4 x 12288, --check full/layers
+    python benchmarks/speed.py --streaming --llama   # and a 1.1B Llama (4.1 GiB; ~10 min, ~7 GB to export)
 
 Every model is built into a temporary directory with planted copies, so that eps 0 has something
 to merge and the fibration base's parameter count is known: BERT (``transformers.BertConfig()``
@@ -21,7 +22,9 @@ seconds and the child's peak RSS. eps 0 must reach exactly the planted base. Wri
 same planted copies, always written with external data): ``onnxfib compress --eps 0`` with
 ``--check full`` and with ``--check layers``, peak RSS against the files' size and against issue 11's
 goals (at most 2x the files with full validation, at most 1 GiB plus the largest layer with layers).
-Writes ``results/speed_streaming.json`` and the ``streaming`` section of ``RESULTS.md``.
+With ``--llama`` also a Llama-shaped decoder (``build_llama``: TinyLlama-1.1B's shape, planted copies
+in every MLP, exported in a child process whose CPU time and peak RSS are recorded; ``--llama-layers``
+makes it shallower). Writes ``results/speed_streaming.json`` and the ``streaming`` section of ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from planted_utils import MINILM_INPUTS as BERT_INPUTS  # noqa: E402
-from planted_utils import export_hf_encoder  # noqa: E402
+from planted_utils import export_hf_encoder, quiet  # noqa: E402
 from sections import markers, write_section  # noqa: E402
 
 import onnxfib  # noqa: E402
@@ -265,6 +268,102 @@ def build_bert(path: Path, layers: int, seed: int = SEED, **config) -> Case:
     return Case("bert", f"BERT {layers} layers", path, params, params - removed, options)
 
 
+LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+             num_key_value_heads=4, vocab_size=32000)  # TinyLlama-1.1B's shape: 1,100,048,384 parameters
+
+
+def _single_data_file(path: Path) -> None:
+    """Gather the external tensors of ``path`` (the legacy exporter writes one file per tensor past
+    2 GB) into ``path.data``, a tensor at a time, and drop the per-tensor files."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    model = onnx.load(str(path), load_external_data=False)
+    target, olds = path.parent / (path.name + ".data"), set()
+    with target.open("wb") as out:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != TensorProto.EXTERNAL:
+                continue
+            info = ExternalDataInfo(tensor)
+            source = path.parent / info.location
+            if source == target:
+                raise ValueError(f"{path} already keeps a tensor in {target.name}")
+            with source.open("rb") as f:
+                f.seek(info.offset or 0)
+                data = f.read(info.length) if info.length else f.read()
+            offset = out.tell()
+            out.write(data)
+            out.write(b"\0" * (-out.tell() % 64))  # keep every tensor aligned for mapping
+            del tensor.external_data[:]  # (set_external_data wants raw_data, which an external tensor lacks)
+            for key, value in (("location", target.name), ("offset", offset), ("length", len(data))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            olds.add(source)
+    onnx.save_model(model, str(path))
+    for source in olds:
+        source.unlink()
+
+
+def build_llama(path: Path, seed: int = SEED, seq: int = SEQ, **config) -> Case:
+    """LlamaForCausalLM(LlamaConfig(**(LLAMA | config))), random init from ``seed`` (the RMSNorm
+    weights drawn too, so that no two initializers are equal), eager attention, no cache, exported
+    by the legacy exporter (opset 17, dynamic batch and sequence axes) with input ``input_ids`` and
+    output ``logits``, its weights always in one external ``path.data``; in every layer the last
+    1/PLANTED rows of ``mlp.gate_proj`` and ``mlp.up_proj`` copy the first ones, so the base drops
+    them and the matching columns of ``mlp.down_proj``. Validated on 1 x ``seq`` tokens."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = LLAMA | {"attn_implementation": "eager", "use_cache": False, "tie_word_embeddings": False} | config
+    model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
+    removed = 0
+    with torch.no_grad():
+        for param in model.parameters():  # RMSNorm weights start at one: make them differ
+            if param.dim() == 1:
+                param.normal_(1.0, 0.02)
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            assert mlp.gate_proj.bias is None and mlp.up_proj.bias is None and mlp.down_proj.bias is None
+            copies = _planted(mlp.gate_proj.out_features)
+            for proj in (mlp.gate_proj, mlp.up_proj):
+                proj.weight[-copies:] = proj.weight[:copies].clone()
+            removed += copies * (2 * mlp.gate_proj.in_features + mlp.down_proj.out_features)
+
+    class _Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):  # an all-ones mask: without one, transformers traces aten::diff (no ONNX)
+            mask = torch.ones_like(input_ids)
+            return self.inner(input_ids=input_ids, attention_mask=mask, use_cache=False, return_dict=False)[0]
+
+    axes = {0: "batch", 1: "seq"}
+    with quiet(), torch.no_grad():
+        torch.onnx.export(_Logits(model).eval(), (torch.ones((1, 16), dtype=torch.int64),), str(path), dynamo=False,
+                          opset_version=17, input_names=["input_ids"], output_names=["logits"],
+                          dynamic_axes={"input_ids": axes, "logits": axes})
+    expected = sum(p.numel() for p in model.parameters())
+    del model
+    external = any(t.data_location == TensorProto.EXTERNAL
+                   for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+    if external:
+        _single_data_file(path)
+    else:  # onnx.save_model appends to an existing data file
+        small = onnx.load(str(path))
+        (path.parent / (path.name + ".data")).unlink(missing_ok=True)
+        onnx.save_model(small, str(path), save_as_external_data=True, location=path.name + ".data")
+        del small
+    exported = onnx.load(str(path), load_external_data=False)
+    weights = sum(int(np.prod(t.dims)) for t in exported.graph.initializer if t.data_type == TensorProto.FLOAT)
+    assert weights == expected, (weights, expected)  # every torch parameter is one initializer, none shared
+    params = count_parameters(exported)  # and the graph's float constants (rotary inv_freq, eps, ...)
+    layers = settings["num_hidden_layers"]
+    return Case("llama", f"Llama {layers} layers, hidden {settings['hidden_size']}", path, params, params - removed,
+                ["--input-shape", f"input_ids:1,{seq}"], True)
+
+
 def run_case(case: Case, tmp: Path, repeat: int, timeout: float) -> dict:
     """Every tool on ``case``, ``repeat`` times (tools alternating), with the parameters each left."""
     runs: dict[str, list[dict]] = {tool: [] for tool in TOOLS}
@@ -470,16 +569,54 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def run_streaming(timeout: float) -> dict:
-    """Every model of STREAMED, built with external data, compressed at eps 0 with each of CHECKS."""
+#: Run as a child by _build_llama_child: build_llama(argv[2], **json(argv[3])), its Case to argv[4].
+LLAMA_CHILD = """import dataclasses, json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import speed
+case = speed.build_llama(Path(sys.argv[2]), **json.loads(sys.argv[3]))
+Path(sys.argv[4]).write_text(json.dumps(dataclasses.asdict(case) | {"path": str(case.path)}))
+"""
+
+
+def _build_llama_child(path: Path, config: dict, timeout: float) -> tuple[Case | None, dict]:
+    """build_llama in a child process (torch and the exporter's memory leave with it), measured
+    like a tool: the Case (None if the export failed) and the export's figures."""
+    result_path = path.with_name("case.json")
+    export = measure([sys.executable, "-c", LLAMA_CHILD, str(HERE), str(path), json.dumps(config), str(result_path)],
+                     timeout)
+    if export["exit"] != 0 or not result_path.exists():
+        return None, export
+    fields = json.loads(result_path.read_text())
+    return Case(**(fields | {"path": Path(fields["path"])})), export
+
+
+def largest_tensor_bytes(path: Path) -> int:
+    """Bytes of the largest initializer of the model at ``path`` (its external data not read)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return max(int(np.prod(t.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+               for t in graph.initializer)
+
+
+def run_streaming(timeout: float, llama: dict | None = None) -> dict:
+    """Every model of STREAMED, built with external data, compressed at eps 0 with each of CHECKS;
+    with ``llama`` (build_llama's config overrides, ``{}`` for TinyLlama's shape) a Llama too."""
     start, cases = time.perf_counter(), []
-    for sizes in STREAMED:
+    builders = [lambda path, sizes=sizes: (build_mlp(path, sizes, external=True), None) for sizes in STREAMED]
+    if llama is not None:
+        builders.append(lambda path: _build_llama_child(path, llama, timeout))
+    for builder in builders:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            case = build_mlp(tmp / "mlp.onnx", sizes, external=True)
+            case, export = builder(tmp / "model.onnx")
+            if case is None:
+                print(f"Llama export failed: {_status(export)}", file=sys.stderr)
+                cases.append({"name": "Llama", "export": export, "exit": export["exit"]})
+                continue
             size = case.file_bytes
-            largest = 4 * max(i * o for i, o in zip(sizes[:-1], sizes[1:]))
-            print(f"{case.name}: {case.params:,} parameters, {size / 2**20:.0f} MiB", file=sys.stderr)
+            largest = largest_tensor_bytes(case.path)
+            print(f"{case.name}: {case.params:,} parameters, {size / 2**20:.0f} MiB"
+                  + (f" (export: {_status(export)})" if export else ""), file=sys.stderr)
             for check in CHECKS:
                 out, report = tmp / "out.onnx", tmp / "report.json"
                 argv = [sys.executable, "-m", "onnxfib", "compress", str(case.path), str(out), "--eps", "0",
@@ -490,6 +627,8 @@ def run_streaming(timeout: float) -> dict:
                 row = {"name": case.name, "params": case.params, "base_params": case.base_params,
                        "file_mb": round(size / 2**20, 1), "largest_layer_mb": round(largest / 2**20, 1),
                        "check": check, "limit_mb": round(limit / 2**20, 1)} | result
+                if export:
+                    row["export"] = export
                 if result["exit"] == 0:
                     done = json.loads(report.read_text())
                     row |= {"params_after": done["params_after"], "base_reached": done["params_after"] == case.base_params,
@@ -517,7 +656,12 @@ def streaming_markdown(data: dict) -> str:
              "| model | parameters | base (planted) | files MiB | check | CPU s | wall s | peak RSS MiB | RSS / files "
              "| goal MiB | met | parameters after | max abs error |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    exports = {}
     for c in data["cases"]:
+        if "export" in c:
+            exports[c["name"]] = c["export"]
+        if "check" not in c:  # its export failed
+            continue
         if c["exit"] != 0:
             why = "timed out" if c["timed_out"] else f"failed (exit {c['exit']})"
             lines.append(f"| {c['name']} | {c['params']:,} | {c['base_params']:,} | {c['file_mb']:,.0f} | {c['check']} "
@@ -528,8 +672,15 @@ def streaming_markdown(data: dict) -> str:
                      f"| {c['cpu_s']:.1f} | {c['wall_s']:.1f} | {c['peak_rss_mb']:,.0f} | {c['rss_over_file']:.2f} "
                      f"| {c['limit_mb']:,.0f} | {'yes' if c['goal_met'] else '**no**'} | {after} "
                      f"| {c['max_abs_error']:.3g} |")
-    lines += ["", f"Regenerate: `python benchmarks/speed.py --streaming` ({data['seconds']:.0f} s here; onnxfib "
-              f"{data['onnxfib']}).", end]
+    for name, e in exports.items():
+        lines += ["", f"{name}: `transformers` LlamaForCausalLM, random init (seed 0), eager attention, no cache, "
+                  "input_ids 1 x 128, the last eighth of every MLP's gate_proj and up_proj rows copying the first; "
+                  "exported by torch's legacy exporter (opset 17) in a child process: "
+                  + (f"{e['cpu_s']:.1f} CPU s ({e['user_s']:.1f} user + {e['sys_s']:.1f} sys), {e['wall_s']:.0f} s "
+                     f"wall, peak RSS {e['peak_rss_mb']:,.0f} MiB." if e["exit"] == 0 else
+                     f"**failed** (exit {e['exit']}): {e.get('output', '')[-200:]!r}.")]
+    lines += ["", f"Regenerate: `python benchmarks/speed.py --streaming{' --llama' if exports else ''}` "
+              f"({data['seconds']:.0f} s here; onnxfib {data['onnxfib']}).", end]
     return "\n".join(lines)
 
 
@@ -542,6 +693,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large", action="store_true", help="also the 4 x 12288 x 12288 MLP (~10 GB)")
     parser.add_argument("--streaming", action="store_true",
                         help="only the external-data MLPs (4096^5, 12288^5) with --check full and layers")
+    parser.add_argument("--llama", action="store_true",
+                        help="with --streaming: also the 1.1B Llama-shaped decoder (build_llama)")
+    parser.add_argument("--llama-layers", type=int, default=None,
+                        help="with --llama: this many decoder layers instead of TinyLlama's 22")
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool and model (median)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per run")
     parser.add_argument("--no-write", action="store_true", help="print the section, write nothing")
@@ -551,7 +706,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.section:
             write_section(STREAMING, streaming_markdown(json.loads(STREAMING_JSON.read_text())))
             return 0
-        data = run_streaming(args.timeout)
+        llama = None if not args.llama else ({} if args.llama_layers is None else
+                                              {"num_hidden_layers": args.llama_layers})
+        data = run_streaming(args.timeout, llama)
         section = streaming_markdown(data)
         print(section)
         if not args.no_write:

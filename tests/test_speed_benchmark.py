@@ -75,3 +75,17 @@ def test_cluster_layer_times_both_clusterings_of_a_planted_layer(tmp_path):
     assert 1 <= result["opfibers"]["colors"] <= 40
     assert result["cpu_s"] == pytest.approx(sum(result[k]["user_s"] + result[k]["sys_s"]
                                                 for k in ("fibers", "opfibers")), abs=2e-3)
+
+
+@pytest.mark.slow
+def test_planted_llama_is_built_in_a_child_with_one_data_file_and_reaches_its_base(tmp_path):
+    config = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 100}
+    case, export = speed._build_llama_child(tmp_path / "llama.onnx", config, timeout=300)
+    assert case is not None and export["exit"] == 0 and export["peak_rss_mb"] > 0, export
+    assert sorted(p.name for p in tmp_path.glob("llama.onnx*")) == ["llama.onnx", "llama.onnx.data"]
+    assert case.external and case.options == ["--input-shape", "input_ids:1,128"]
+    assert speed.largest_tensor_bytes(case.path) == 4 * 128 * 64  # an MLP weight (the embedding: 100 x 64)
+    result = onnxfib.compress(case.path, eps=0.0, check="full", input_shapes={"input_ids": (1, 128)})
+    assert result.report.validation.ok and result.report.params_after == case.base_params
+    assert case.params - case.base_params == 2 * (128 // speed.PLANTED) * 3 * 64  # gate, up rows; down columns
