@@ -118,7 +118,8 @@ class Analysis:
     merges) do not name; a site that is not a layer uses the tolerance of the site producing
     its first input. ``layers`` report the eps each layer ran at. With ``record_heights`` each
     layer's merge distances are kept in ``heights`` (layer name -> sorted cosine distances at
-    which its rows would merge).
+    which its rows would merge), but for layers whose outputs are all frozen (no search steps
+    them: their rows are clustered without the tree).
     ``layer_colorings`` imposes a layer's output coloring (layer name -> coloring of its output
     channels, or a partition whose scales are fitted to the rows: ``coloring.fitted_scales``)
     instead of clustering its rows: merges chosen from calibration data or by folding. ``trees``
@@ -162,7 +163,8 @@ class Analysis:
         of_layer: dict[str, float] = {}  # the eps of each layer run
         for index, site in enumerate(self.sites):
             site_eps, merges = self._site_eps(site, float(eps), layer_eps or {}, layer_cuts or {}, of_tensor, of_layer)
-            recording = site.layer and (record_heights or merges is not None)
+            frozen = all(port.name in self._freeze for port in site.outputs)  # no search steps it
+            recording = site.layer and (merges is not None or (record_heights and not frozen))
             self.tol = Tolerance(site_eps, [] if recording else None, (layer_colorings or {}).get(site.name), trees,
                                  merges)
             done = self._forward(index, site, forwards)

@@ -325,6 +325,10 @@ class TreeCache:
     def __init__(self, budget: int = 256 << 20) -> None:
         self._results: Budgeted[np.ndarray] = Budgeted(budget)
 
+    def __len__(self) -> int:
+        """How many results it holds."""
+        return len(self._results)
+
     def tree(self, unit: np.ndarray) -> np.ndarray:
         """The tree of :func:`average_linkage` for ``unit``, built once per distinct matrix."""
         return self._cached(b"tree", unit, average_linkage)
@@ -377,7 +381,9 @@ class Tolerance:
     colors :meth:`cluster` returns whatever the signatures (a layer whose merge was chosen
     otherwise: from calibration data, or by folding): a Coloring as it is, a Partition with
     the least-squares scales of :func:`fitted_scales`. ``trees``, when given, keeps the linkage
-    trees of signatures seen before (a search re-analyses mostly unchanged layers). With
+    trees of signatures seen before (a search re-analyses mostly unchanged layers), of up to
+    ``FULL_TREE_ROWS`` rows where no heights or merges ask for a tree (wider ones are cut by
+    :func:`threshold_clusters`, the same clusters). With
     ``merges``, eps is not known in advance (pass NaN): the first clustering settles it at the
     eps where its rows make that many merges (:func:`cut_eps` of its own tree), and ``eps``
     holds it from then on (:meth:`settle` settles it for a site that clustered no two rows)."""
@@ -451,7 +457,8 @@ class Tolerance:
             if not normalised:
                 unit = unit / norms[live, None]
             wants_tree = self.heights is not None or self.merges is not None
-            if live.size > 1 and (wants_tree or (self.trees is not None and not self.exact)):
+            cached_tree = self.trees is not None and not self.exact and live.size <= FULL_TREE_ROWS
+            if live.size > 1 and (wants_tree or cached_tree):  # wider rows: no quadratic tree unless wanted
                 tree = self.trees.tree(unit) if self.trees is not None else average_linkage(unit)
                 distances = np.maximum.accumulate(tree[:, 2])
                 if self.heights is not None:

@@ -355,3 +355,14 @@ def test_a_cut_recurrent_layer_runs_at_the_eps_its_cut_gives(tmp_path):
     given = analyze(model, eps=0.0, layer_eps={lstm: 1.5}, figures=False)
     (report,), (expected,) = [[layer for layer in a.layers if layer.name == lstm] for a in (cut, given)]
     assert report.eps == 1.5 and report.width_after == expected.width_after < report.width
+
+
+def test_merge_distances_are_recorded_for_the_layers_a_search_can_step_only():
+    """A layer whose outputs are all frozen (here the graph output's) is never stepped by a search:
+    its rows are clustered without the tree, and no merge distances are kept for it; every layer
+    that may narrow has them."""
+    deep, _ = _deep_mlp()
+    analysis = analyze(deep, eps=0.3, record_heights=True, figures=False)
+    free = {layer.name for layer in analysis.layers if layer.frozen is None}
+    frozen = {layer.name for layer in analysis.layers} - free
+    assert frozen and free and set(analysis.heights) == free

@@ -235,3 +235,16 @@ def test_signatures_and_collapse_by_blocks_reach_the_planted_base_as_whole(monke
     np.testing.assert_allclose(ort_run(blocked.model, {"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
     for a, b in zip(whole.model.graph.initializer, blocked.model.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_a_tree_cache_keeps_no_tree_of_wide_rows_it_only_cuts(monkeypatch):
+    """With a TreeCache but no merge distances asked for, rows wider than FULL_TREE_ROWS are cut
+    by threshold_clusters (no quadratic tree is built or kept), into scipy's clusters."""
+    monkeypatch.setattr(coloring, "FULL_TREE_ROWS", 50)
+    unit = clustered_rows(5, 300, 24)
+    cache = TreeCache()
+    found = Tolerance(0.3, trees=cache).partition(unit)
+    assert len(cache) == 0
+    assert found == Partition(fcluster(linkage(unit, method="average", metric="cosine"), t=0.3, criterion="distance"))
+    Tolerance(0.3, trees=cache, heights=[]).partition(unit)  # merge distances asked for: the tree
+    assert len(cache) == 1
