@@ -222,6 +222,9 @@ FULL_TREE_ROWS = 1024
 #: (a float32 copy of all wide rows cost more in fresh pages than its products); much smaller
 #: blocks make too many short matrix products, whose threads wait on each other.
 BLOCK_VALUES = 1 << 24
+#: Values per piece of the exact check of candidate pairs in :func:`threshold_clusters` (two
+#: float64 gathers of 8 MiB: larger ones are fresh pages each time, which cost more than the sums).
+CHECK_VALUES = 1 << 20
 #: Dimensions of the random projection on which :func:`threshold_clusters` looks for candidate
 #: neighbours among wider rows (each candidate is then checked exactly).
 PROJECTED_DIMS = 256
@@ -267,8 +270,8 @@ def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
         pairs.append(np.stack([rows[keep] + start, cols[keep] + start], axis=1))
     candidates = np.concatenate(pairs)
     close = np.ones(len(candidates), dtype=bool)
-    step = max(1, BLOCK_VALUES // dims)
-    for first in range(0, len(candidates), step):  # exactly, in pieces of bounded memory
+    step = max(1, CHECK_VALUES // dims)
+    for first in range(0, len(candidates), step):  # exactly, in pieces the allocator reuses
         piece = candidates[first:first + step]
         cosine = np.einsum("ij,ij->i", unit[piece[:, 0]], unit[piece[:, 1]])
         close[first:first + step] = cosine >= 1.0 - eps - 1e-12
