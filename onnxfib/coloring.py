@@ -257,7 +257,7 @@ def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
         slack = PROJECTION_SIGMAS * (1.0 - (1.0 - eps) ** 2) / np.sqrt(PROJECTED_DIMS)
     else:  # the rows themselves, in float32 too: slack for its rounding of (dims + 2) units
         probe, slack = unit.astype(np.float32), (dims + 2) * float(np.finfo(np.float32).eps)
-    pairs = []
+    found = []
     products = np.empty(step * n, dtype=probe.dtype)  # one buffer for every block
     near = np.empty(step * n, dtype=bool)
     for start in range(0, n, step):
@@ -267,21 +267,21 @@ def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
         hits = np.flatnonzero(np.greater_equal(block, 1.0 - eps - slack, out=near[:block.size].reshape(block.shape)))
         rows, cols = np.divmod(hits, n - start)  # 15x faster than a 2-D nonzero on a mostly False block
         keep = rows < cols
-        pairs.append(np.stack([rows[keep] + start, cols[keep] + start], axis=1))
-    candidates = np.concatenate(pairs)
+        found.append(np.stack([rows[keep] + start, cols[keep] + start], axis=1))
+    candidates = np.concatenate(found)
     close = np.ones(len(candidates), dtype=bool)
-    step = max(1, CHECK_VALUES // dims)
-    for first in range(0, len(candidates), step):  # exactly, in pieces the allocator reuses
-        piece = candidates[first:first + step]
+    per_piece = max(1, CHECK_VALUES // dims)
+    for first in range(0, len(candidates), per_piece):  # exactly, in pieces the allocator reuses
+        piece = candidates[first:first + per_piece]
         cosine = np.einsum("ij,ij->i", unit[piece[:, 0]], unit[piece[:, 1]])
-        close[first:first + step] = cosine >= 1.0 - eps - 1e-12
+        close[first:first + per_piece] = cosine >= 1.0 - eps - 1e-12
     edges = candidates[close]
     graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     labels = np.arange(n, dtype=np.int64)
     sizes = np.bincount(component)
-    pairs = sizes[component] == 2  # two rows joined by an edge: within eps, one cluster
-    labels[pairs] = n + component[pairs]
+    paired = sizes[component] == 2  # two rows joined by an edge: within eps, one cluster
+    labels[paired] = n + component[paired]
     next_label = n + len(sizes)
     larger = np.flatnonzero(sizes[component] > 2)
     order = larger[np.argsort(component[larger], kind="stable")]

@@ -134,9 +134,6 @@ class Partition:
             return np.asarray(array)
         array = np.asarray(array)
         axis %= max(array.ndim, 1)
-        shape = array.shape
-        if array.ndim > axis + 1 and int(np.prod(shape[axis + 1:])) == 1:  # a view: gathers along
-            array = array.reshape(shape[:axis + 1])  # the last axis move whole items, not 1-item chunks
         first, rest, colors, starts = self._gather_plan()
         out = np.take(array, first, axis=axis)  # each color's first channel, then the others added
         if rest.size:  # gathered along ``axis`` itself: moving it first made every gather strided
@@ -144,7 +141,7 @@ class Partition:
             out[at] += np.add.reduceat(np.take(array, rest, axis=axis), starts, axis=axis)
         if mean:
             out = out / self.sizes().reshape((-1,) + (1,) * (out.ndim - 1 - axis))
-        return out.reshape(shape[:axis] + (out.shape[axis],) + shape[axis + 1:])
+        return out
 
     def _gather_plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """How :meth:`reduce` gathers, computed once per partition: each color's first channel
