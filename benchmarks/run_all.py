@@ -7,7 +7,8 @@
 Runs, in order: ``fashion_cnn.py`` (the CNN across eps), ``lenet_fashion.py`` (LeNet-300-100
 and 784-500-500-500-10 against the baselines of ``baselines.py``), ``continual.py`` (continual
 learning in four regimes where SGD loses plasticity: five methods), ``collapse_retrain.py`` (Algorithm 1) and
-``speed.py`` (CPU time and memory against onnxslim on BERT and wide MLPs).
+``speed.py`` (CPU time and memory against onnxslim on BERT and wide MLPs) and ``latency.py``
+(ONNX Runtime latency of compressed models against torch exports of the same widths).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SCRIPTS = ("fashion_cnn", "lenet_fashion", "continual", "collapse_retrain", "speed")
+SCRIPTS = ("fashion_cnn", "lenet_fashion", "continual", "collapse_retrain", "speed", "latency")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -251,10 +251,8 @@ def build_bert(path: Path, layers: int, seed: int = SEED, **config) -> Case:
     torch.manual_seed(seed)
     model = BertModel(BertConfig(num_hidden_layers=layers, attn_implementation="eager", **config)).eval()
     removed = 0
+    drawn_vectors(model)
     with torch.no_grad():
-        for name, param in model.named_parameters():  # biases and LayerNorms start constant: make them differ
-            if param.dim() == 1:
-                param.normal_(1.0 if "LayerNorm.weight" in name else 0.0, 0.02)
         for layer in model.encoder.layer:
             dense = layer.intermediate.dense
             copies = _planted(dense.out_features)
@@ -266,6 +264,18 @@ def build_bert(path: Path, layers: int, seed: int = SEED, **config) -> Case:
     seq = min(SEQ, model.config.max_position_embeddings)
     options = [arg for k in BERT_INPUTS for arg in ("--input-shape", f"{k}:1,{seq}")]
     return Case("bert", f"BERT {layers} layers", path, params, params - removed, options)
+
+
+def drawn_vectors(model):
+    """``model`` with its biases and LayerNorm parameters drawn at random (in place): they start
+    constant, and the exporter would share equal initializers."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.normal_(1.0 if "LayerNorm.weight" in name else 0.0, 0.02)
+    return model
 
 
 LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
