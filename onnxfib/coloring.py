@@ -226,12 +226,93 @@ BLOCK_VALUES = 1 << 24
 #: float64 gathers of 8 MiB: larger ones are fresh pages each time, which cost more than the sums).
 CHECK_VALUES = 1 << 20
 #: Dimensions of the random projection on which :func:`threshold_clusters` looks for candidate
-#: neighbours among wider rows (each candidate is then checked exactly).
+#: neighbours among wider rows: a first half finds candidates among all pairs, the whole
+#: projection then screens them (each survivor is then checked exactly).
 PROJECTED_DIMS = 256
 #: Standard deviations of slack the projected cosine distance is given: the projected cosine of
-#: unit rows at cosine c deviates from c with a standard deviation of about
-#: (1 - c^2) / sqrt(PROJECTED_DIMS), so a pair within eps is missed with probability ~1e-9.
+#: unit rows at cosine c deviates from c with a standard deviation of about (1 - c^2) / sqrt(k)
+#: on k dimensions, so at each stage a pair within eps is missed with probability ~1e-9.
 PROJECTION_SIGMAS = 6.0
+
+
+def projection_slack(eps: float, dims: int) -> float:
+    """How far below ``1 - eps`` the cosine of a pair within ``eps`` can fall when estimated on a
+    random projection to ``dims`` dimensions (``PROJECTION_SIGMAS`` standard deviations)."""
+    return PROJECTION_SIGMAS * (1.0 - (1.0 - eps) ** 2) / np.sqrt(dims)
+
+
+def projected(rows: np.ndarray, projection: np.ndarray, step: int, index: np.ndarray | None = None) -> np.ndarray:
+    """``rows @ projection`` (``rows[index] @ projection`` when ``index`` is given) in float32,
+    ``step`` rows at a time through reused buffers rather than a float32 copy of all of them;
+    ``index``'s rows are gathered ``CHECK_VALUES`` values at a time (a matrix product of fewer
+    rows would be far slower: its threads wait on each other)."""
+    count = len(rows) if index is None else len(index)
+    out = np.empty((count, projection.shape[1]), dtype=np.float32)
+    cast = np.empty((min(step, count), rows.shape[1]), dtype=np.float32)
+    gather = max(1, CHECK_VALUES // rows.shape[1])
+    gathered = np.empty((gather if index is not None else 0, rows.shape[1]), dtype=rows.dtype)
+    for start in range(0, count, step):
+        piece = cast[:min(step, count - start)]
+        if index is None:
+            piece[...] = rows[start:start + step]
+        else:
+            for first in range(0, len(piece), gather):
+                some = index[start + first:start + min(first + gather, len(piece))]
+                piece[first:first + len(some)] = np.take(rows, some, axis=0, out=gathered[:len(some)])
+        np.matmul(piece, projection, out=out[start:start + step])
+    return out
+
+
+def pairs_above(probe: np.ndarray, threshold: float, step: int) -> np.ndarray:
+    """The pairs ``(i, j)``, i < j, of unit rows of ``probe`` whose dot product is at least
+    ``threshold``: ``step`` rows at a time against the rows after them, in one reused buffer."""
+    n = len(probe)
+    found = []
+    products = np.empty(step * n, dtype=probe.dtype)
+    near = np.empty(step * n, dtype=bool)
+    for start in range(0, n, step):
+        count = min(step, n - start)
+        block = products[:count * (n - start)].reshape(count, n - start)
+        np.matmul(probe[start:start + count], probe[start:].T, out=block)
+        hits = np.flatnonzero(np.greater_equal(block, threshold, out=near[:block.size].reshape(block.shape)))
+        rows, cols = np.divmod(hits, n - start)  # 15x faster than a 2-D nonzero on a mostly False block
+        keep = rows < cols
+        found.append(np.stack([rows[keep] + start, cols[keep] + start], axis=1))
+    return np.concatenate(found)
+
+
+def pair_dots(rows: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """The dot product of the two rows of each pair, in pieces of ``CHECK_VALUES`` values."""
+    dots = np.empty(len(pairs), dtype=rows.dtype)
+    per_piece = max(1, CHECK_VALUES // rows.shape[1])
+    for first in range(0, len(pairs), per_piece):  # pieces the allocator reuses
+        piece = pairs[first:first + per_piece]
+        dots[first:first + per_piece] = np.einsum("ij,ij->i", rows[piece[:, 0]], rows[piece[:, 1]])
+    return dots
+
+
+def candidate_pairs(unit: np.ndarray, eps: float, step: int) -> np.ndarray:
+    """Pairs of unit rows that may lie within cosine distance ``eps`` (every pair that does, but
+    with probability ~1e-9 per such pair for wide rows), from float32 products: of the rows
+    themselves, with slack for their rounding of (dims + 2) units; for rows wider than twice
+    ``PROJECTED_DIMS``, of the first half of a random projection over all pairs, then of the whole
+    projection over the candidates it found (the second half projects only their rows)."""
+    dims = unit.shape[1]
+    if dims <= 2 * PROJECTED_DIMS:  # float32 rounding is far inside the slack
+        probe = unit.astype(np.float32)
+        return pairs_above(probe, 1.0 - eps - (dims + 2) * float(np.finfo(np.float32).eps), step)
+    projection = np.random.default_rng(0).standard_normal((dims, PROJECTED_DIMS), dtype=np.float32)
+    half = PROJECTED_DIMS // 2
+    first = projected(unit, np.ascontiguousarray(projection[:, :half]), step)
+    norms = np.maximum(row_norms(first), 1e-30)
+    pairs = pairs_above(first / norms[:, None], 1.0 - eps - projection_slack(eps, half), step)
+    rows, index = np.unique(pairs, return_inverse=True)
+    whole = np.empty((len(rows), PROJECTED_DIMS), dtype=np.float32)
+    whole[:, :half] = first[rows]
+    whole[:, half:] = projected(unit, np.ascontiguousarray(projection[:, half:]), step, rows)
+    whole /= np.maximum(row_norms(whole), 1e-30)[:, None]
+    close = pair_dots(whole, index.reshape(pairs.shape)) >= 1.0 - eps - projection_slack(eps, PROJECTED_DIMS)
+    return pairs[close]
 
 
 def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
@@ -239,43 +320,13 @@ def threshold_clusters(unit: np.ndarray, eps: float) -> np.ndarray:
     quadratic tree for many rows: two clusters merge below ``eps`` only if some pair of their
     rows is within ``eps``, so the clusters lie inside the connected components of the graph of
     pairs within ``eps``, and average linkage run inside each component gives the same cut.
-    Pairs come from blocks of a float32 matrix product (on a random projection for wide rows),
-    each candidate then checked in float64, so memory grows with the rows and the close pairs."""
+    Pairs come from :func:`candidate_pairs`, each then checked in float64, so memory grows with
+    the rows and the close pairs."""
     n, dims = unit.shape
     if n <= FULL_TREE_ROWS:
         return fcluster(average_linkage(unit), t=eps, criterion="distance")
-    step = max(1, BLOCK_VALUES // max(n, dims))
-    if dims > 2 * PROJECTED_DIMS:  # float32 products: their rounding is far inside the slack
-        projection = np.random.default_rng(0).standard_normal((dims, PROJECTED_DIMS), dtype=np.float32)
-        probe = np.empty((n, PROJECTED_DIMS), dtype=np.float32)
-        rows32 = np.empty((step, dims), dtype=np.float32)
-        for start in range(0, n, step):  # through one buffer, not a float32 copy of all rows
-            piece = rows32[:min(step, n - start)]
-            piece[...] = unit[start:start + step]
-            np.matmul(piece, projection, out=probe[start:start + step])
-        probe /= np.maximum(row_norms(probe), 1e-30)[:, None]
-        slack = PROJECTION_SIGMAS * (1.0 - (1.0 - eps) ** 2) / np.sqrt(PROJECTED_DIMS)
-    else:  # the rows themselves, in float32 too: slack for its rounding of (dims + 2) units
-        probe, slack = unit.astype(np.float32), (dims + 2) * float(np.finfo(np.float32).eps)
-    found = []
-    products = np.empty(step * n, dtype=probe.dtype)  # one buffer for every block
-    near = np.empty(step * n, dtype=bool)
-    for start in range(0, n, step):
-        count = min(step, n - start)
-        block = products[:count * (n - start)].reshape(count, n - start)
-        np.matmul(probe[start:start + count], probe[start:].T, out=block)
-        hits = np.flatnonzero(np.greater_equal(block, 1.0 - eps - slack, out=near[:block.size].reshape(block.shape)))
-        rows, cols = np.divmod(hits, n - start)  # 15x faster than a 2-D nonzero on a mostly False block
-        keep = rows < cols
-        found.append(np.stack([rows[keep] + start, cols[keep] + start], axis=1))
-    candidates = np.concatenate(found)
-    close = np.ones(len(candidates), dtype=bool)
-    per_piece = max(1, CHECK_VALUES // dims)
-    for first in range(0, len(candidates), per_piece):  # exactly, in pieces the allocator reuses
-        piece = candidates[first:first + per_piece]
-        cosine = np.einsum("ij,ij->i", unit[piece[:, 0]], unit[piece[:, 1]])
-        close[first:first + per_piece] = cosine >= 1.0 - eps - 1e-12
-    edges = candidates[close]
+    candidates = candidate_pairs(unit, eps, max(1, BLOCK_VALUES // max(n, dims)))
+    edges = candidates[pair_dots(unit, candidates) >= 1.0 - eps - 1e-12]
     graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     labels = np.arange(n, dtype=np.int64)
