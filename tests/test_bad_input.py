@@ -144,6 +144,7 @@ def test_bad_input_exits_2_cleanly(workdir, run_cli, case):
         assert "ONNX Runtime cannot run the " + ("input" if "no check" in case else "reference") + " model" in lines[0]
 
 
+@pytest.mark.slow
 def test_inspect_conv_kernel_disagreeing_with_group_is_a_barrier(tmp_path, write_model, run_cli):
     """inspect does not run the model: the Conv it cannot read keeps its neighbours' widths."""
     write_model(_bad_group_model(), "badgroup.onnx")

@@ -166,6 +166,7 @@ def _bfloat16_tail_model() -> onnx.ModelProto:
     return model
 
 
+@pytest.mark.slow
 def test_graphsurgeon_warnings_stay_off_stdout(tmp_path, write_model, run_cli):
     write_model(_bfloat16_tail_model(), "bf16.onnx")
     result = run_cli("inspect", "bf16.onnx", "--json")
@@ -180,6 +181,7 @@ def test_validate_same_model(mlp_path, capsys):
     assert "y" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_validate_json_is_the_report_on_stdout_with_unchanged_exit_codes(tmp_path, mlp_path, write_model, run_cli):
     result = run_cli("validate", mlp_path, mlp_path, "--json")
     assert result.returncode == 0 and result.stderr == "", result.stderr
@@ -222,6 +224,7 @@ def test_version_and_help(capsys):
     assert main([]) == 2  # no command: help, and the usage-error exit code
 
 
+@pytest.mark.slow
 def test_help_shows_choices_metavars_and_an_example(run_cli, capsys):
     for command in ("inspect", "validate", "sweep", "rules"):
         assert main([command, "--help"]) == 0
@@ -258,6 +261,7 @@ def test_search_progress_shows_in_a_terminal_and_not_in_a_pipe(tmp_path, mlp_pat
     assert b"searching: keeps" in shown
 
 
+@pytest.mark.slow
 def test_search_progress_in_a_pipe_is_plain_lines_and_quiet_silences_it(tmp_path, mlp_path, run_cli):
     """Piped stderr gets plain progress lines (the first probe at once, the last step at the
     end); stdout is the same summary as without them; -q prints nothing at all."""
@@ -424,6 +428,7 @@ def test_library_and_cli_import_without_matplotlib():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+@pytest.mark.slow
 def test_library_and_cli_import_without_torch():
     code = "import sys; sys.modules['torch'] = None; import onnxfib, onnxfib.cli; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -28,6 +28,7 @@ def _interval(values: list[float]) -> tuple[float, float, float]:
     return values.mean(), values.mean() - half, values.mean() + half
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_regimes_and_its_figures_are_recomputed(tmp_path: Path) -> None:
     regimes = ["bit_flipping"] + (["permuted"] if fashion_mnist.available() else [])
     methods = ["sgd", "continual_backprop", "symmetry_breaking"]

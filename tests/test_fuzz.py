@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import fuzz  # noqa: E402
 
 
+@pytest.mark.slow
 def test_every_mutation_kind_keeps_the_contract():
     records = fuzz.fuzz(fuzz.cases(len(fuzz.KINDS), seed=0), jobs=2)
     assert [r["kinds"] for r in records] == [[kind] for kind in fuzz.KINDS]
@@ -25,6 +27,7 @@ def test_every_mutation_kind_keeps_the_contract():
     assert exits >= {0, 2}  # both valid mutants (compressed) and invalid ones (refused) were run
 
 
+@pytest.mark.slow
 def test_the_real_entry_point_keeps_the_contract_on_a_truncated_and_a_valid_model():
     """Two cases through ``python -m onnxfib`` itself, not a forked child."""
     selected = [case for case in fuzz.cases(len(fuzz.KINDS), seed=0)

@@ -242,6 +242,7 @@ def test_stale_temporary_files_of_dead_runs_are_removed(tmp_path, mlp_model):
     assert sorted(os.listdir(tmp_path)) == [f".onnxfib-{os.getpid()}-mine", "out.onnx", "r.json"]
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_nothing_the_next_run_keeps(tmp_path):
     """A real SIGKILL while the output is being written; the next save removes its leftovers."""
     code = (  # noqa: UP031 (a %r template of Python source)

@@ -21,6 +21,7 @@ import onnxfib  # noqa: E402
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, vocab_size=100)
 
 
+@pytest.mark.slow
 def test_twin_of_a_compressed_bert_holds_its_parameters_and_fuses_the_same(tmp_path):
     import torch
     from transformers import BertConfig, BertModel

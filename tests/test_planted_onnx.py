@@ -35,6 +35,7 @@ def planted_mlps(draw):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(planted_mlps())
+@pytest.mark.slow
 def test_hand_made_lift_collapses_to_base(case):
     n_in, widths, n_out, extra, activation, proportional, use_gemm, seed = case
     rng = np.random.default_rng(seed)

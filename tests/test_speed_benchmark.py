@@ -18,6 +18,7 @@ from onnxfib.stats import count_parameters  # noqa: E402
 BURN = "import numpy\na = numpy.ones(40_000_000)\ns = 0\nfor i in range(1_000_000):\n    s += i"
 
 
+@pytest.mark.slow
 def test_measure_reports_cpu_time_and_memory_of_a_busy_child():
     result = speed.measure([sys.executable, "-c", BURN])
     assert result["exit"] == 0 and not result["timed_out"]
@@ -67,6 +68,7 @@ def test_planted_bert_reaches_its_base(tmp_path):
     assert onnxfib.compress(model, eps=0.0, check=False).report.params_after == case.base_params
 
 
+@pytest.mark.slow
 def test_cluster_layer_times_both_clusterings_of_a_planted_layer(tmp_path):
     case = speed.build_mlp(tmp_path / "mlp.onnx", (16, 40, 48, 8))  # W1: 48 rows, the last 6 copies
     result = speed.cluster_layer(case.path, "W1", "b1", eps=0.3)

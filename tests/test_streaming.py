@@ -97,6 +97,7 @@ def test_layer_check_fails_on_a_changed_weight(external_mlp: Path, tmp_path: Pat
         assert not report.ok and report.outputs[0].max_abs > 1e-3, mode
 
 
+@pytest.mark.slow
 def test_cli_check_layers_says_so_and_refuses_contradictions(external_mlp: Path, run_cli) -> None:
     done = run_cli("compress", external_mlp, "out.onnx", "--check", "layers")
     assert done.returncode == 0, done.stderr
@@ -116,6 +117,7 @@ def test_default_check_is_layers_only_past_half_the_machines_memory() -> None:
     assert check_mode("layers", 1) == "layers"
 
 
+@pytest.mark.slow
 def test_streamed_mismatch_writes_nothing_and_leaves_no_scratch(external_mlp: Path, tmp_path: Path) -> None:
     scratch = tmp_path / "tmp"
     scratch.mkdir()
@@ -127,6 +129,7 @@ def test_streamed_mismatch_writes_nothing_and_leaves_no_scratch(external_mlp: Pa
     assert [p.name for p in scratch.iterdir()] in ([], [".ses"])  # importing onnxruntime leaves .ses there
 
 
+@pytest.mark.slow
 def test_truncated_external_data_is_a_one_line_error(external_mlp: Path, tmp_path: Path, run_cli) -> None:
     data = external_mlp.with_name("big.onnx.data")
     data.write_bytes(data.read_bytes()[:500_000])
@@ -168,6 +171,7 @@ def test_write_inline_gives_the_bytes_of_the_loaded_model(external_mlp: Path, tm
 
 
 @pytest.mark.parametrize("stream_from", [0, 1 << 40])
+@pytest.mark.slow
 def test_a_short_tensor_is_the_checkers_error_whether_streamed_or_not(
         write_model, tmp_path: Path, monkeypatch, run_cli, stream_from: int) -> None:
     # A streamed file is checked through its working copy, whose moved bytes the checker does

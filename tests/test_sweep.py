@@ -78,6 +78,7 @@ def test_accuracy_of_a_classifier_with_a_label_output(tmp_path):
     assert result.report.target.met and result.report.target.accuracy_after >= clf.score(X[1200:], labels) - 0.02
 
 
+@pytest.mark.slow
 def test_sweep_plot_without_matplotlib_is_a_one_line_usage_error(tmp_path, mlp_path):
     out_png = tmp_path / "sweep.png"
     code = ("import sys; sys.modules['matplotlib'] = None; from onnxfib.cli import main; "

@@ -250,6 +250,7 @@ def _deep_mlp():
     return deep, rows
 
 
+@pytest.mark.slow
 def test_allocation_measures_a_few_collapses_per_layer_however_far_the_target():
     """A parameter target is reached by allocation: a probe per layer and round, then one
     measured collapse per round and the exchange's trades, not a collapse per layer per step.
@@ -266,6 +267,7 @@ def test_allocation_measures_a_few_collapses_per_layer_however_far_the_target():
         assert evaluate.calls <= 4 * layers + 40
 
 
+@pytest.mark.slow
 def test_lazy_greedy_measures_far_fewer_collapses_than_layers_times_steps():
     """A fidelity target is met by the greedy, which measures every layer at its first step,
     then only layers whose earlier score could still win: an eager greedy measures every layer

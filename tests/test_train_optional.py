@@ -14,6 +14,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_core_and_cli_import_without_torch() -> None:
     done = _run("import onnxfib, onnxfib.cli\nassert 'onnxfib.train' not in sys.modules\nprint('ok')")
     assert done.returncode == 0, done.stderr

@@ -301,6 +301,7 @@ def test_compare_outputs_equal_infinities_and_nans_agree():
         assert not out.ok and out.max_abs == np.inf
 
 
+@pytest.mark.slow
 def test_models_with_infinite_outputs_validate_and_compress(tmp_path, run_cli):
     model = _infinite_outputs_model()
     inputs = v.generate_inputs(model, rows=8)
@@ -313,6 +314,7 @@ def test_models_with_infinite_outputs_validate_and_compress(tmp_path, run_cli):
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
+@pytest.mark.slow
 def test_validate_json_is_strict_json_where_an_error_is_infinite(tmp_path, run_cli):
     """A candidate that gives finite values where the reference gives +inf has an infinite max
     error; ``validate --json`` still prints strict JSON (no bare Infinity/NaN), the error as the

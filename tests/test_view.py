@@ -231,6 +231,7 @@ def test_data_holds_the_planted_fibers_and_base(planted):
     assert json.loads(json.dumps(data)) == data  # plain JSON
 
 
+@pytest.mark.slow
 def test_package_view_returns_the_data_and_writes_the_page(planted, tmp_path, run_cli):
     """``onnxfib.view`` gives what ``onnxfib view --json`` writes (each planted fiber one color at
     eps 0), writes the page where asked, and never over the input."""
@@ -291,6 +292,7 @@ def test_fiber_colors_follow_the_partition():
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_page_shows_inspects_figures_at_each_eps(tmp_path):
     page = write_page(view_data(DIGITS, eps=0.0, eps_values=(0.3,)), tmp_path / "digits.html")
     for eps in (0.0, 0.3):
@@ -315,6 +317,7 @@ def test_page_shows_inspects_figures_at_each_eps(tmp_path):
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_panel_colors_are_the_planted_fibers_and_toggles(planted, tmp_path):
     path, sources = planted
     data = view_data(path, eps=0.0, eps_values=(0.5,))
@@ -336,6 +339,7 @@ def test_panel_colors_are_the_planted_fibers_and_toggles(planted, tmp_path):
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_mouse_and_keys_drive_the_controls(tmp_path):
     page = write_page(view_data(DIGITS, eps=0.0, eps_values=(0.0, 0.1)), tmp_path / "digits.html")
     browser = _Browser(page, tmp_path / "profile")
@@ -369,6 +373,7 @@ def test_mouse_and_keys_drive_the_controls(tmp_path):
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_wide_layer_histogram_counts_the_planted_fibers(tmp_path):
     model, sources = _planted([6, 100, 3], [200], seed=3)
     onnx.save(model, tmp_path / "wide.onnx")
@@ -382,6 +387,7 @@ def test_wide_layer_histogram_counts_the_planted_fibers(tmp_path):
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_page_is_self_contained(tmp_path):
     page = write_page(view_data(DIGITS, eps=0.1, eps_values=(0.0,)), tmp_path / "digits.html")
     html = page.read_text()
@@ -412,6 +418,7 @@ def _nodes(dom: _Elements) -> dict[str, dict[str, str]]:
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_settings_of_a_compressed_model_is_the_stop_the_page_opens_at(planted, tmp_path, run_cli):
     path, _ = planted
     result = run_cli("compress", path, "small.onnx", "--target-params", "0.5", "--report", "run.json", "-q")
@@ -450,6 +457,7 @@ def test_settings_of_a_compressed_model_is_the_stop_the_page_opens_at(planted, t
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_a_layer_compressed_otherwise_than_its_recorded_eps_is_marked(planted, tmp_path, run_cli):
     path, _ = planted
     result = run_cli("compress", path, "small.onnx", "--layer-eps", "fc0=0.5", "--no-check", "-q")
@@ -471,6 +479,7 @@ def test_a_layer_compressed_otherwise_than_its_recorded_eps_is_marked(planted, t
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_base_draws_the_collapsed_models_own_graph_and_weights(planted, tmp_path, run_cli):
     path, sources = planted
     result = run_cli("compress", path, "small.onnx", "--eps", "0", "-q")
@@ -504,6 +513,7 @@ def _in_group(dom: _Elements, line: dict[str, str], tensor: str) -> bool:
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_packed_page_unpacks_to_the_data(tmp_path):
     model, _ = _planted([6, 300, 100, 3], [20, 200], seed=4)  # 300 and 100 classes: 16- and 8-bit labels
     data = view_data(model, eps=0.0, eps_values=(), layout=True)
@@ -521,6 +531,7 @@ def test_packed_page_unpacks_to_the_data(tmp_path):
     assert seen == [{name: [f[k] for k in KINDS] for name, f in a["tensors"].items()} for a in data["analyses"]]
 
 
+@pytest.mark.slow
 def test_layered_layout_without_dot(planted, tmp_path, monkeypatch):
     path, _ = planted
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no dot on the PATH
@@ -558,6 +569,7 @@ def test_figure_draws_every_neuron_in_its_fiber_color(planted):
     plt.close(chosen)
 
 
+@pytest.mark.slow
 def test_cli_writes_page_figure_and_json(planted, tmp_path, run_cli):
     path, _ = planted
     result = run_cli("view", path, "--eps", "0.2", "-o", "m.html", "--png", "m.png", "--svg", "m.svg", "--json", "m.json")
