@@ -175,15 +175,22 @@ print(json.dumps(result))
 """
 
 
-def cluster_layer(path: Path, weight: str, bias: str, eps: float = 0.3) -> dict:
-    """:data:`CLUSTER_LAYER` on one layer of ``path``: the CPU seconds of its fibers' and opfibers'
-    clusterings, their sum (``cpu_s``) and the colors each found; ``{"error": ...}`` if it fails."""
-    done = subprocess.run([sys.executable, "-c", CLUSTER_LAYER, str(path), weight, bias, str(eps)],
-                          capture_output=True, text=True, timeout=TIMEOUT)
-    if done.returncode:
-        return {"error": done.stderr[-600:]}
-    result = json.loads(done.stdout)
-    return result | {"cpu_s": round(sum(result[k]["user_s"] + result[k]["sys_s"] for k in ("fibers", "opfibers")), 3)}
+def cluster_layer(path: Path, weight: str, bias: str, eps: float = 0.3, repeat: int = 1) -> dict:
+    """:data:`CLUSTER_LAYER` on one layer of ``path``, ``repeat`` times (each its own child): the
+    run of median total CPU seconds, with its fibers' and opfibers' figures, their sum
+    (``cpu_s``) and the colors each found, and every run's total (``runs_cpu_s``);
+    ``{"error": ...}`` if a run fails."""
+    runs = []
+    for _ in range(repeat):
+        done = subprocess.run([sys.executable, "-c", CLUSTER_LAYER, str(path), weight, bias, str(eps)],
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        if done.returncode:
+            return {"error": done.stderr[-600:]}
+        result = json.loads(done.stdout)
+        runs.append(result | {"cpu_s": round(sum(result[k]["user_s"] + result[k]["sys_s"]
+                                                 for k in ("fibers", "opfibers")), 3)})
+    totals = [run["cpu_s"] for run in runs]
+    return sorted(runs, key=lambda run: run["cpu_s"])[(len(runs) - 1) // 2] | {"runs_cpu_s": totals}
 
 
 def exponent(params: list[int], seconds: list[float]) -> float | None:
@@ -490,7 +497,7 @@ def run(families: list[str], layers: tuple[int, ...], widths: tuple[int, ...], r
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
             cases.append(run_case(case, tmp, repeat, timeout))
             if family == "mlp" and size[1] == max(widths):  # its square hidden layer, W1
-                cases[-1]["layer_clustering"] = cluster_layer(case.path, "W1", "b1")
+                cases[-1]["layer_clustering"] = cluster_layer(case.path, "W1", "b1", repeat=repeat)
         data = summarize(info, startup, cases, repeat, timeout, time.perf_counter() - start)
         if checkpoint and index < len(plan) - 1:
             checkpoint.write_text(json.dumps(data | {"partial": True}, indent=2) + "\n")
@@ -535,9 +542,11 @@ def markdown(data: dict) -> str:
           f"{'–' if g['met'] is None else ('yes' if g['met'] else '**no**')} |" for g in data["goals"]),
         *([] if not (layer := next((c["layer_clustering"] for c in data["cases"] if "layer_clustering" in c), None))
           or "error" in layer else
-          ["", f"The layer's clustering runs in a child process on its own weight (the signature the analysis "
-           f"builds where the layer's input colors are all distinct, in float64): fibers of its {layer['rows']:,} "
-           f"rows {layer['fibers']['user_s']:.1f} + {layer['fibers']['sys_s']:.1f} CPU s (user + sys), "
+          ["", "The layer's clustering runs in a child process on its own weight (the signature the analysis "
+           "builds where the layer's input colors are all distinct, in float64)"
+           + (f", {len(runs)} times, the run of median CPU time shown (all: {', '.join(f'{t:.1f}' for t in runs)} s)"
+              if (runs := layer.get("runs_cpu_s", [])) else "")
+           + f": fibers of its {layer['rows']:,} rows {layer['fibers']['user_s']:.1f} + {layer['fibers']['sys_s']:.1f} CPU s (user + sys), "
            f"{layer['fibers']['colors']:,} colors; opfibers of its columns {layer['opfibers']['user_s']:.1f} + "
            f"{layer['opfibers']['sys_s']:.1f} CPU s, {layer['opfibers']['colors']:,} colors."]),
         "", "The ratios count system time, and system time is what varies most between runs on a shared "
