@@ -17,8 +17,16 @@ collapses the search measured, and the parameters kept. The collapses are set be
 eager greedy measures at least (one per searchable layer per step), which is what every step
 cost before the search became lazy. Since parameter targets are met by allocation (one probe per
 layer and round, then a few measured collapses), *collapses* counts probes and measured collapses
-alike; cases recorded by the earlier greedy are kept and marked ``"search": "greedy"``. Writes ``results/search_speed.json`` and the
-``search_speed`` section of ``RESULTS.md``.
+alike; cases recorded by the earlier greedy are kept and marked ``"search": "greedy"``.
+
+With ``--calib-rows N`` each search is calibrated instead (``compress(..., data=rows,
+calibrate=True)``, recorded as ``calib_rows``): N real text lines, fragments of the Debian
+``fortunes-min`` riddles rendered with the DejaVu fonts (``real_models.text_lines`` and
+``render``), preprocessed as each model's own code does (PP-OCR: ``real_models.strip_image``;
+ddddocr: grayscale, height 64 by LANCZOS with the aspect kept, scaled to [0, 1], as its
+``OcrEngine._preprocess_image``; to the fixed width here, squeezed where wider, padded with the
+page's shade where narrower). ddddocr's batch is fixed at 1, so its rows run one at a time.
+Writes ``results/search_speed.json`` and the ``search_speed`` section of ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -33,8 +41,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from real_models import render, strip_image, text_lines  # noqa: E402
 from sections import markers, wheel_models, write_section  # noqa: E402
 
 NAME = "search_speed"
@@ -47,12 +58,34 @@ MODELS = {
     "ppocr_rec": (RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "x", (8, 3, 48, 320)),
     "ddddocr": (DDDDOCR, "ddddocr/common.onnx", "input1", (1, 1, 64, 256)),
 }
+#: Each model's longest calibration line (characters), about what fills its input's width.
+LONGEST = {"ppocr_cls": 24, "ppocr_rec": 22, "ddddocr": 12}
+
+
+def gray_strip(image, height: int, width: int) -> np.ndarray:
+    """A ddddocr line: grayscale, resized to ``height`` with its aspect kept (LANCZOS), squeezed to
+    ``width`` where wider, padded on the right with its last column where narrower, scaled to
+    [0, 1]: float32 [1, height, width]."""
+    from PIL import Image
+
+    scaled = min(width, max(1, round(image.width * height / image.height)))
+    pixels = np.asarray(image.convert("L").resize((scaled, height), Image.LANCZOS), dtype=np.float32) / 255.0
+    return np.pad(pixels, ((0, 0), (0, width - scaled)), mode="edge")[None]
+
+
+def calibration_rows(model: str, count: int) -> np.ndarray:
+    """``count`` rendered fortunes lines preprocessed for ``model``'s input (``MODELS``' shape)."""
+    _, _, _, shape = MODELS[model]
+    height, width = shape[2:]
+    strip = gray_strip if model == "ddddocr" else strip_image
+    lines = text_lines("riddles", count, 5, LONGEST[model])
+    return np.stack([strip(render(line, 5 * 7919 + i), height, width) for i, line in enumerate(lines)])
 
 CHILD = r"""
 import json, sys
 import onnxfib
 from onnxfib import targets
-path, name, shape, keep = sys.argv[1], sys.argv[2], tuple(json.loads(sys.argv[3])), float(sys.argv[4])
+path, name, shape, keep, data = sys.argv[1], sys.argv[2], tuple(json.loads(sys.argv[3])), float(sys.argv[4]), sys.argv[5]
 collapses = {"n": 0}
 def counting(method):
     def counted(self, *args, **kwargs):
@@ -62,7 +95,8 @@ def counting(method):
 targets.Evaluator.__call__ = counting(targets.Evaluator.__call__)
 targets.Evaluator.probe = counting(targets.Evaluator.probe)
 steps = []
-result = onnxfib.compress(path, target_params=keep, input_shapes={name: shape}, check=False, progress=steps.append)
+measuring = {"data": data, "calibrate": True} if data else {"input_shapes": {name: shape}}
+result = onnxfib.compress(path, target_params=keep, check=False, progress=steps.append, **measuring)
 print(json.dumps({"params_before": result.report.params_before, "params_after": result.report.params_after,
                   "met": result.report.target.met, "collapses": collapses["n"],
                   "steps": sum(not line.startswith("measuring layer ") for line in steps),
@@ -71,11 +105,12 @@ print(json.dumps({"params_before": result.report.params_before, "params_after": 
 """
 
 
-def run_search(path: Path, name: str, shape: tuple[int, ...], keep: float, timeout: float) -> dict:
-    """One search in a child process: its figures, wall seconds and peak RSS (the largest of
-    any child so far: run one search per process for exact figures)."""
+def run_search(path: Path, name: str, shape: tuple[int, ...], keep: float, timeout: float, data: str = "") -> dict:
+    """One search in a child process (calibrated on the ``.npz`` file ``data`` when given): its
+    figures, wall seconds and peak RSS (the largest of any child so far: run one search per
+    process for exact figures)."""
     start = time.time()
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), name, json.dumps(shape), str(keep)],
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), name, json.dumps(shape), str(keep), data],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = child.communicate(timeout=timeout)
@@ -95,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=float, nargs="+", default=[0.5])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["ppocr_cls"])
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--calib-rows", type=int, default=0,
+                        help="calibrate each search on this many rendered text lines (0: data-free)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "onnxfib-bench-wheels")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--append", action="store_true",
@@ -104,45 +141,58 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown commit"
     cases = []
-    for name in args.models:
-        wheel, member, input_name, shape = MODELS[name]
-        path = wheel_models(args.cache, wheel) / member
-        for keep in args.keep:
-            before, load = os.times(), round(os.getloadavg()[0], 1)
-            figures = run_search(path, input_name, shape, keep, args.timeout)
-            after = os.times()
-            figures.update(model=name, keep=keep, search=f"allocation ({commit})", timeout_s=args.timeout, load_at_start=load,
-                           cpu_s=round(after.children_user + after.children_system
-                                       - before.children_user - before.children_system, 1))
-            cases.append(figures)
-            print(json.dumps(figures), flush=True)
+    with tempfile.TemporaryDirectory(prefix="search-speed-") as scratch:
+        for name in args.models:
+            wheel, member, input_name, shape = MODELS[name]
+            path = wheel_models(args.cache, wheel) / member
+            data = ""
+            if args.calib_rows:
+                data = str(Path(scratch) / f"{name}.npz")
+                np.savez(data, **{input_name: calibration_rows(name, args.calib_rows)})
+            for keep in args.keep:
+                before, load = os.times(), round(os.getloadavg()[0], 1)
+                figures = run_search(path, input_name, shape, keep, args.timeout, data)
+                after = os.times()
+                figures.update(model=name, keep=keep, calib_rows=args.calib_rows, search=f"allocation ({commit})",
+                               timeout_s=args.timeout, load_at_start=load,
+                               cpu_s=round(after.children_user + after.children_system
+                                           - before.children_user - before.children_system, 1))
+                cases.append(figures)
+                print(json.dumps(figures), flush=True)
     if args.append and RESULTS_JSON.exists():
-        ran = {(c["model"], c["keep"], c["search"]) for c in cases}
+        ran = {case_key(c) for c in cases}
         earlier = [{**c, "search": c.get("search", "greedy")} for c in json.loads(RESULTS_JSON.read_text())["cases"]]
-        cases = [c for c in earlier if (c["model"], c["keep"], c["search"]) not in ran] + cases
+        cases = [c for c in earlier if case_key(c) not in ran] + cases
     if not args.no_write:
         RESULTS_JSON.write_text(json.dumps({"cases": cases, "cpus": os.cpu_count()}, indent=2) + "\n")
         write_section(NAME, markdown(cases))
     return 0
 
 
+def case_key(case: dict) -> tuple:
+    """What a rerun replaces: the model, share kept, calibration rows (0: data-free) and search."""
+    return case["model"], case["keep"], case.get("calib_rows", 0), case.get("search", "greedy")
+
+
 def markdown(cases: list[dict]) -> str:
     lines = [BEGIN, "## Target-search speed on a trained CNN (`benchmarks/search_speed.py`)", "",
-             f"Data-free `target_params` searches on trained OCR models from PyPI wheels (the PP-OCR classifier "
-             f"and recogniser of `{RAPIDOCR}`, the recogniser of `{DDDDOCR}`), on generated "
-             f"rows (128 per distribution for the classifier, 8 for the PP-OCRv4 recogniser), on a machine with {os.cpu_count()} cores (shared). *Eager at least* (greedy cases) is one "
+             f"`target_params` searches on trained OCR models from PyPI wheels (the PP-OCR classifier "
+             f"and recogniser of `{RAPIDOCR}`, the recogniser of `{DDDDOCR}`), data-free on generated "
+             f"rows (128 per distribution for the classifier, 8 for the PP-OCRv4 recogniser) or, with "
+             f"*calibration rows*, calibrated on that many rendered text lines (`--calib-rows`), on a machine with {os.cpu_count()} cores (shared). *Eager at least* (greedy cases) is one "
              "collapse per searchable layer per step, what the greedy measured before it became lazy. Error "
              "and agreement are the compressed model's against the original on the measuring rows (ddddocr answers "
-             "blank almost everywhere on generated rows, so its agreement of 1 says nothing of its quality). "
+             "blank almost everywhere on generated rows, so its data-free agreement of 1 says nothing of its "
+             "quality; calibrated, they are the rows it was refit on). "
              "*Search* names the commit a case ran at.", "",
-             "| model | keep | search | status | CPU s | wall s | steps | collapses | eager at least | parameters kept | "
-             "max rel. error | agreement | load at start |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | keep | calibration rows | search | status | CPU s | wall s | peak MiB | steps | collapses | "
+             "eager at least | parameters kept | max rel. error | agreement | load at start |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cases:
         kept = f"{c['params_after'] / c['params_before']:.1%}" if "params_after" in c else "-"
         figure = {key: f"{c[key]:.3g}" if isinstance(c.get(key), float) else "-" for key in ("max_rel", "agreement")}
-        lines.append(f"| {c['model']} | {c['keep']} | {c.get('search', 'greedy')} | {c['status']} | {c.get('cpu_s', '-')} | "
-                     f"{c.get('wall_s', '-')} | "
+        lines.append(f"| {c['model']} | {c['keep']} | {c.get('calib_rows', 0) or '-'} | {c.get('search', 'greedy')} | "
+                     f"{c['status']} | {c.get('cpu_s', '-')} | {c.get('wall_s', '-')} | {c.get('peak_rss_mib', '-')} | "
                      f"{c.get('steps', '-')} | {c.get('collapses', '-')} | {c.get('eager_at_least', '-')} | {kept} | "
                      f"{figure['max_rel']} | {figure['agreement']} | {c.get('load_at_start', '-')} |")
     return "\n".join(lines + ["", END])
