@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -418,13 +418,9 @@ def check_runs(model: ModelFile, batch: Mapping[str, np.ndarray] | None = None) 
             holder.cleanup()
 
 
-def _as_array(value: object) -> np.ndarray:
-    """ORT outputs as float64 arrays; sequences of maps (e.g. ZipMap probabilities) become rows."""
-    return _native(value).astype(np.float64)
-
-
 def _native(value: object) -> np.ndarray:
-    """ORT outputs as arrays of their own dtype; sequences of maps become float64 rows."""
+    """ORT outputs as arrays of their own dtype; sequences of maps (e.g. ZipMap probabilities)
+    become float64 rows."""
     if isinstance(value, list) and value and isinstance(value[0], dict):
         return np.array([[row[k] for k in sorted(row)] for row in value], dtype=np.float64)
     return np.asarray(value)
@@ -465,7 +461,7 @@ def _outputs(model: ModelFile, feed: _Feed, names: Sequence[str], inputs: Sequen
     as ``feed`` (the model's :class:`_Feed`) says, in their own dtypes."""
     session, holder = _session(model, role)
     try:
-        return [dict(zip(names, feed.run(session, list(names), batch, role, _native))) for batch in inputs]
+        return [dict(zip(names, feed.run(session, list(names), batch, role, None))) for batch in inputs]
     finally:
         del session
         if holder is not None:
@@ -661,7 +657,7 @@ class ForwardRun:
             piece, short = owners[index]
             parts.append([_unpadded(np.asarray(values[n]), short, size) for n in names])
             if index == len(kept) - 1 or owners[index + 1][0] != piece:
-                yield [np.asarray(value, dtype=np.float64) for value in _joined(parts)]
+                yield _joined(parts, np.float64)
                 parts = []
 
     def _segment(self, model: onnx.ModelProto, names: list[str]) -> list[onnx.NodeProto] | None:
@@ -729,11 +725,13 @@ def _unpadded(value: np.ndarray, short: int, size: int | None) -> np.ndarray:
     return value[:len(value) - short]
 
 
-def _joined(chunks: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
-    """The tensors of a batch's chunks joined along their first axis (stacked where scalar)."""
+def _joined(chunks: Sequence[Sequence[np.ndarray]], dtype: type | None = None) -> list[np.ndarray]:
+    """The tensors of a batch's chunks joined along their first axis (stacked where scalar), as
+    ``dtype`` when given (cast in the one copy that joins them)."""
     if len(chunks) == 1:
-        return list(chunks[0])
-    return [np.concatenate(parts) if parts[0].ndim else np.stack(parts) for parts in zip(*chunks)]
+        return [np.asarray(value, dtype=dtype) for value in chunks[0]]
+    return [np.concatenate(parts, dtype=dtype, casting="unsafe") if parts[0].ndim
+            else np.stack(parts, dtype=dtype, casting="unsafe") for parts in zip(*chunks)]
 
 
 class _Feed:
@@ -750,13 +748,13 @@ class _Feed:
         return {name: np.ascontiguousarray(value, dtype=self.dtypes.get(name)) for name, value in batch.items()}
 
     def run(self, session: ort.InferenceSession, names: list[str], batch: Mapping[str, np.ndarray],
-            role: str, convert: Callable[[object], np.ndarray] = _as_array) -> list[np.ndarray]:
-        """The named tensors on ``batch`` as float64 arrays (or as ``convert`` makes them). With a declared batch the samples go in
+            role: str, dtype: type | None = np.float64) -> list[np.ndarray]:
+        """The named tensors on ``batch`` as ``dtype`` arrays (None: their own dtypes). With a declared batch the samples go in
         ``size`` at a time, the last chunk padded with copies of its last sample, and the chunks'
         tensors are joined along their first axis (the padding's rows dropped; a tensor without
         that axis cannot be cut, a UsageError). InvalidModelError if ORT cannot run the model."""
-        return _joined([[_unpadded(convert(v), short, self.size) for v in self._run(session, names, chunk, role)]
-                        for chunk, short in fed_chunks(batch, self.size)])
+        return _joined([[_unpadded(_native(v), short, self.size) for v in self._run(session, names, chunk, role)]
+                        for chunk, short in fed_chunks(batch, self.size)], dtype)
 
     def _run(self, session: ort.InferenceSession, names: list[str], batch: Mapping[str, np.ndarray],
              role: str) -> list:
