@@ -260,11 +260,15 @@ class Evaluator:
         runs = list(run_tensors(model, self.names, self.batches, "compressed"))
         max_abs, max_rel, mse = 0.0, 0.0, 0.0
         for k, (variance, scale) in enumerate(zip(self.variance, self.scales)):
-            diffs = [run[k] - ref[k] for run, ref in zip(runs, self.reference)]
-            largest = max(float(np.max(np.abs(d), initial=0.0)) for d in diffs)
+            largests, energies = [], []
+            for run, ref in zip(runs, self.reference):  # one batch's difference at a time
+                d = run[k] - ref[k]
+                largests.append(float(np.max(np.abs(d), initial=0.0)))
+                energies.append(np.mean(d * d))
+            largest = max(largests)
             max_abs = max(max_abs, largest)
             max_rel = max(max_rel, largest / scale if scale > 0 else (0.0 if largest == 0 else math.inf))
-            mse += float(np.mean([np.mean(d * d) for d in diffs])) / variance
+            mse += float(np.mean(energies)) / variance
         agreement = float(np.mean(self._classes(runs) == self.classes))
         cosine = min(float(np.mean(np.concatenate([row_cosines(ref[k], run[k]) for run, ref in zip(runs, self.reference)])))
                      for k in self.embeddings)
