@@ -141,6 +141,7 @@ def test_inspect_with_data_measures_the_collapse_against_the_original_in_ort(tmp
     assert sha256(mlp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
+@pytest.mark.slow
 def test_search_metadata_is_strict_json_for_an_infinite_error_target(mlp_model):
     """``max_error=inf`` is met by any collapse; its limit is recorded as the string "Infinity"
     (strict JSON), not as a bare Infinity."""

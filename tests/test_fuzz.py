@@ -37,6 +37,7 @@ def test_the_real_entry_point_keeps_the_contract_on_a_truncated_and_a_valid_mode
     assert sorted(r["exit"] for r in records) == [0, 2]
 
 
+@pytest.mark.slow
 def test_a_run_past_its_timeout_counts_as_a_hang(tmp_path):
     case = fuzz.Case(0, "digits_mlp", ("tensor_as_constant",), "compress", 1)
     record = fuzz.run_case(case, fuzz.seeds()["digits_mlp"], tmp_path, timeout=0.05)

@@ -39,6 +39,7 @@ def test_twin_of_a_compressed_bert_holds_its_parameters_and_fuses_the_same(tmp_p
     assert latency.fused_ops(compressed, tmp_path) == latency.fused_ops(tmp_path / "twin.onnx", tmp_path)
 
 
+@pytest.mark.slow
 def test_twin_attention_computes_what_transformers_does():
     import torch
     from transformers import BertConfig, BertModel
@@ -54,6 +55,7 @@ def test_twin_attention_computes_what_transformers_does():
     np.testing.assert_allclose(same.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_narrow_bert_refuses_heads_of_unequal_query_and_key_widths():
     from transformers import BertConfig, BertModel
 

@@ -56,6 +56,7 @@ def fixed_batch_cnn(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_calibrated_search_runs_on_a_fixed_batch_model(tmp_path):
     data = tmp_path / "rows.npz"
     np.savez(data, x=np.random.default_rng(1).uniform(0, 1, (12, 1, 8, 16)).astype(np.float32))
