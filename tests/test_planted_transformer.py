@@ -223,6 +223,39 @@ def test_minilm_head_lift_collapses_to_base(exports, minilm, variant, exporter):
     assert sorted({l.width_after for l in result.report.layers}) == [384, 1536], _layers(result)
 
 
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_one_layers_value_copies_merge_where_every_view_shares_its_target(tmp_path, exporter):
+    """Value dimensions copied in one layer of a small BERT only. Dynamo builds every attention
+    view's target from one ``[batch, seq, -1, head]`` Concat, so that layer's value view must get
+    a target of its own while every other view keeps the shared one: exactly the base (each
+    head's copied value row and the output projection's matching column gone), the outputs of
+    the original in ONNX Runtime."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    heads, size, hidden = 4, 8, 32
+    model = BertModel(BertConfig(num_hidden_layers=2, hidden_size=hidden, num_attention_heads=heads,
+                                 intermediate_size=64, max_position_embeddings=64, vocab_size=100,
+                                 attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for param in model.parameters():  # biases and LayerNorms start constant, and would be shared
+            if param.dim() == 1:
+                param.normal_(0.0, 0.1)
+        value = model.encoder.layer[1].attention.self.value
+        for h in range(heads):  # in every head, dimension 7 repeats dimension 0
+            value.weight[h * size + 7], value.bias[h * size + 7] = value.weight[h * size], value.bias[h * size]
+    rng = np.random.default_rng(0)
+    batches = [{"input_ids": rng.integers(0, 100, (2, 7)), "attention_mask": np.ones((2, 7), np.int64),
+                "token_type_ids": np.zeros((2, 7), np.int64)} for _ in range(2)]
+    path = export_hf_encoder(model, tmp_path / "bert.onnx", batches[0], exporter)
+    if exporter == "dynamo":
+        targets = [node.input[1] for node in onnx.load(str(path)).graph.node if node.op_type == "Reshape"]
+        assert max(targets.count(t) for t in targets) >= 6  # the views of both layers share one target
+    result = onnxfib.compress(str(path), eps=0.0, data=batches)
+    assert count_parameters(result.model) == count_parameters(onnx.load(str(path))) - heads * (hidden + 1 + hidden)
+    assert_same_outputs_feeds(path, result.model, batches, rtol=1e-5, atol_rel=1e-5)
+
+
 def test_minilm_stream_lift_collapses_to_base(exports, minilm):
     """A planted residual-stream lift (embedding columns, writers' rows and every LayerNorm's
     weight and bias copied, readers' columns split) merges through the 13 LayerNorms with

@@ -379,7 +379,9 @@ class GraphView:
 
     def set_reshape_entry(self, reshape: gs.Node, entry: int, value: int) -> None:
         """Write ``value`` as target entry ``entry`` (counted from the end) of a Reshape whose
-        entry is a constant (an inferred -1 or a copying 0 stays)."""
+        entry is a constant (an inferred -1 or a copying 0 stays). A target built by a Concat
+        that other nodes read too (dynamo shares one ``[batch, seq, -1, head]`` among every
+        attention view) is first given to this Reshape alone, as a copy of that Concat."""
         piece = self._target_piece(reshape, entry)
         assert piece is not None, "the entry is a constant (target_entry_is_constant)"
         node, index, position = piece
@@ -388,7 +390,21 @@ class GraphView:
         values = current.ravel().copy()
         if values[position] > 0:
             values[position] = value
+            if node is not reshape and len(reshape.inputs[1].outputs) > 1:
+                node = self._own_target(reshape)
             self.set_constant(node, index, values)
+
+    def _own_target(self, reshape: gs.Node) -> gs.Node:
+        """A copy of the Concat building ``reshape``'s target, read by ``reshape`` alone."""
+        concat, shared = reshape.inputs[1].inputs[0], reshape.inputs[1]
+        suffix = f"__onnxfib_for_{reshape.name or id(reshape)}"
+        target = gs.Variable(shared.name + suffix, shared.dtype, shared.shape)
+        copy = gs.Node("Concat", (concat.name or shared.name) + suffix, dict(concat.attrs),
+                       list(concat.inputs), [target])
+        where = next(i for i, node in enumerate(self.graph.nodes) if node is reshape)
+        self.graph.nodes.insert(where, copy)
+        reshape.inputs[1] = target
+        return copy
 
     def replace_nodes(self, old: list[gs.Node], new: gs.Node | list[gs.Node]) -> None:
         """Let ``new`` produce the outputs it names instead of the nodes ``old``, which go."""
