@@ -202,10 +202,10 @@ def build_cnn(folder: Path) -> tuple[Path, Path]:
     original = folder / "cnn.onnx"
     export_cnn(model, original)
     compressed = folder / "cnn.compressed.onnx"
-    onnxfib.compress(original, eps=0.0, input_shapes={"x": (1, *CNN_INPUT)}).save(compressed)
-    kept = onnx.load(compressed)
-    dims = {t.name: int(t.dims[0]) for t in kept.graph.initializer}
-    out_channels = [dims[node.input[1]] for node in kept.graph.node if node.op_type == "Conv"]
+    kept = onnxfib.compress(original, eps=0.0, input_shapes={"x": (1, *CNN_INPUT)})
+    kept.save(compressed)
+    dims = {t.name: int(t.dims[0]) for t in kept.model.graph.initializer}
+    out_channels = [dims[node.input[1]] for node in kept.model.graph.node if node.op_type == "Conv"]
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]  # in the order they run and export
     twin = folder / "cnn.twin.onnx"
     export_cnn(drawn_batchnorm(ResNet(tuple(out_channels[convs.index(b.conv1)] for b in model.blocks()))), twin)
@@ -224,11 +224,11 @@ def build_bert_base(folder: Path) -> tuple[Path, Path]:
     original = folder / "bert.onnx"
     speed.build_bert(original, 12)
     compressed = folder / "bert.compressed.onnx"
-    onnxfib.compress(original, eps=0.0, check=False,
-                     input_shapes={k: (1, SEQ) for k in speed.BERT_INPUTS}).save(compressed)
+    kept = onnxfib.compress(original, eps=0.0, check=False, input_shapes={k: (1, SEQ) for k in speed.BERT_INPUTS})
+    kept.save(compressed)
     torch.manual_seed(SEED)
     model = speed.drawn_vectors(narrow_bert(BertModel(BertConfig(num_hidden_layers=12, attn_implementation="eager")),
-                                            linear_shapes(onnx.load(compressed))))
+                                            linear_shapes(kept.model)))
     twin = folder / "bert.twin.onnx"
     export_hf_encoder(model, twin, {k: np.ones((1, 16), np.int64) for k in speed.BERT_INPUTS})
     return compressed, twin
@@ -242,11 +242,12 @@ def build_minilm(folder: Path, cache: Path) -> tuple[Path, Path]:
 
     original = real_models.minilm_model(cache)
     compressed = folder / "minilm.compressed.onnx"
-    onnxfib.compress(original, target_params=MINILM_KEEP, check=False,
-                     input_shapes={k: (1, SEQ) for k in real_models.MINILM_INPUTS}).save(compressed)
+    kept = onnxfib.compress(original, target_params=MINILM_KEEP, check=False,
+                            input_shapes={k: (1, SEQ) for k in real_models.MINILM_INPUTS})
+    kept.save(compressed)
     model, _ = real_models.minilm()
     twin = folder / "minilm.twin.onnx"
-    real_models.export_minilm(narrow_bert(model, linear_shapes(onnx.load(compressed))), twin)
+    real_models.export_minilm(narrow_bert(model, linear_shapes(kept.model)), twin)
     return compressed, twin
 
 
@@ -310,9 +311,10 @@ def case(name: str, build: Callable[[], tuple[Path, Path]], original: Callable[[
     if shapes[0] != shapes[1]:
         raise SystemExit(f"error: {name}: the twin's parameters differ from the compressed model's: "
                          f"only compressed {dict(shapes[0] - shapes[1])}, only twin {dict(shapes[1] - shapes[0])}")
-    params = [sum(int(np.prod(s)) * n for s, n in c.items()) for c in (float_shapes(onnx.load(original())), shapes[0])]
-    fused = fused_ops(compressed, compressed.parent), fused_ops(twin, twin.parent)
     paths = {"original": original(), "compressed": compressed, "twin": twin}
+    params = [sum(int(np.prod(s)) * n for s, n in c.items()) for c in (float_shapes(onnx.load(paths["original"])),
+                                                                       shapes[0])]
+    fused = fused_ops(compressed, compressed.parent), fused_ops(twin, twin.parent)
     latency = {str(batch): timed_rounds(paths, batch, rounds) for batch in BATCHES}
     return {"model": name, "params_before": params[0], "params_after": params[1], "build_cpu_s": round(built_s, 1),
             "fused_ops": dict(fused[0]),
