@@ -27,10 +27,10 @@ from onnxfib.graph import GraphView
 from onnxfib.report import (Barrier, CompressionReport, LayerReport, RefitReport, SweepPoint, TargetKind, TargetReport,
                             ValidationReport, to_json)
 from onnxfib.rules import default_registry
-from onnxfib.targets import HELD_OUT_FOLDS, Evaluates, Evaluator, HeldOut, Outcome, can_deal, search
+from onnxfib.targets import HELD_OUT_FOLDS, Evaluates, Evaluator, HeldOut, Outcome, Subsampled, can_deal, search
 from onnxfib.targets import sweep as sweep_eps
-from onnxfib.validation import (VALIDATION_ELEMENTS, VALIDATION_ROWS, ModelFile, check_data, check_runs,
-                                generate_inputs, load_data, validate_models)
+from onnxfib.validation import (VALIDATION_ELEMENTS, VALIDATION_ROWS, ModelFile, check_data, check_runs, common_rows,
+                                generate_inputs, load_data, rows_within, validate_models)
 
 #: ``data`` may be a .npz/.npy path or directory, a list of them (``validation.load_data``: one
 #: batch per file), one batch (input name -> array), or a list of batches.
@@ -326,6 +326,10 @@ def compress(
     ``min_cosine`` (embeddings). A calibrated target other than ``target_params`` is
     measured held out (``targets.HeldOut``: each of 4 parts of the rows on a refit of the other
     three), so the figure is not flattered by the refit having seen the rows it is measured on.
+    A calibrated ``target_params`` search, whose figure does not depend on the data, chooses on
+    as many of the rows as generated measuring rows would be (``MEASURING_ROWS``, fewer within
+    ``MEASURING_MACS``; every k-th row), then refits and measures its choice on all of them
+    (``targets.Subsampled``).
     With a target the verdict is the target (an approximate model never matches within
     rtol/atol; the errors are still reported). ``progress``, when given, is called with a
     one-line summary after every step of a target search (searches can take minutes).
@@ -388,8 +392,14 @@ def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dic
     if goal is not None:
         options = {"symmetry": symmetry, "labels": label_array, "calibrate": calibrate, "ridge": ridge,
                    "folder": Folder(original)}
+        search_rows = _search_rows(original, batches) if calibrate and goal[0] is TargetKind.PARAMS else None
         if calibrate and goal[0] is not TargetKind.PARAMS and can_deal(batches, HELD_OUT_FOLDS):
             evaluator: Evaluates = HeldOut(original, batches, folds=HELD_OUT_FOLDS, **options)
+        elif search_rows is not None:
+            evaluator = subsampled = Subsampled(original, batches, rows=search_rows, **options)
+            if progress is not None:
+                progress(f"searching on {subsampled.rows} of the {subsampled.total} calibration rows (spread over "
+                         "all of them); the result is refit and measured on every row")
         else:
             evaluator = Evaluator(original, batches, **options)
         announce = None if progress is None else lambda step: progress(_step_line(evaluator, step, goal))
@@ -439,6 +449,18 @@ def _compress(original: onnx.ModelProto, reference: ModelFile, batches: list[dic
                         for o in validation.outputs if not o.ok)
         raise ValidationMismatchError(f"compressed model differs from the original beyond tolerance on {bad}", report)
     return CompressionResult(compressed, report)
+
+
+def _search_rows(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> int | None:
+    """How many of the calibration rows a calibrated parameter search chooses on
+    (``targets.Subsampled``): as many as generated measuring rows would be (MEASURING_ROWS, fewer
+    within MEASURING_MACS); None where that is all of them or the rows cannot be dealt."""
+    if not can_deal(batches, 2):
+        return None
+    first = batches[0]
+    rows = rows_within(model, {name: np.shape(value) for name, value in first.items()}, list(first),
+                       MEASURING_ROWS, MEASURING_MACS)
+    return rows if rows < sum(common_rows(batch) or 0 for batch in batches) else None
 
 
 def _record_settings(model: onnx.ModelProto, layers: Sequence[LayerReport], *, eps: float, symmetry: str,

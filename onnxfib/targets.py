@@ -286,6 +286,14 @@ class Evaluator:
         return replace(outcome, analysis=self._analyze(outcome.layer_eps, outcome.eps, figures=True,
                                                        layer_colorings=outcome.colorings))
 
+    def redo(self, outcome: Outcome) -> Outcome:
+        """``outcome``'s collapse (its eps, grouping and colorings, as another evaluator chose
+        them) made again on this evaluator's data, refit there when calibrating, and measured
+        there, with the analysis worked out in full."""
+        analysis = self._analyze(outcome.layer_eps, outcome.eps, figures=True, layer_colorings=outcome.colorings)
+        return self._collapse(outcome.layer_eps, analysis, outcome.heights, outcome.grouping, outcome.eps,
+                              outcome.colorings)
+
     def figure(self, outcome: Outcome, kind: TargetKind) -> float:
         """The outcome's figure for a target ``kind``."""
         if kind is TargetKind.PARAMS:
@@ -307,7 +315,8 @@ class Evaluator:
 
 
 class Evaluates(Protocol):
-    """What a search asks of the evaluator it is given (:class:`Evaluator`, :class:`HeldOut`)."""
+    """What a search asks of the evaluator it is given (:class:`Evaluator`, :class:`HeldOut`,
+    :class:`Subsampled`)."""
 
     params_before: int
 
@@ -377,6 +386,50 @@ class HeldOut:
 
     def report(self, outcome: Outcome, kind: TargetKind | str, limit: float) -> TargetReport:
         return self.whole.report(outcome, kind, limit)
+
+
+class Subsampled:
+    """An evaluator that searches on a share of the rows and finishes on all of them: for
+    calibrated ``params`` targets, whose figure does not depend on the data while each of the
+    search's dozens of refits costs in proportion to its rows. The rows are dealt
+    (:func:`deal_rows`) into as many parts as give the first about ``rows`` of them (every k-th
+    row, spread over the whole data); an :class:`Evaluator` of that part (``search``) probes,
+    counts, cuts and measures for the search, and :meth:`finish` refits the outcome it returns
+    (its eps, grouping and colorings as chosen) on every row and measures it on every row
+    (``whole``, an :class:`Evaluator` of all the data, made then, sharing the search's trees and
+    forward passes), so the model returned and its figures are those of all the data."""
+
+    def __init__(self, original: onnx.ModelProto, batches: Sequence[Batch], *, rows: int,
+                 labels: np.ndarray | None = None, **options) -> None:
+        self.original, self.batches, self.labels, self.options = original, list(batches), labels, options
+        self.total = sum(common_rows(batch) or 0 for batch in self.batches)
+        parts, part_labels, counts = deal_rows(self.batches, labels, max(1, -(-self.total // rows)))
+        self.rows = counts[0]
+        self.search = Evaluator(original, [parts[0]], labels=part_labels[0], **options)
+        self.whole: Evaluator | None = None
+        self.params_before = self.search.params_before
+
+    def __call__(self, layer_eps: Mapping[str, float], eps: float = 0.0) -> Outcome:
+        return self.search(layer_eps, eps)
+
+    def probe(self, layer_eps: Mapping[str, float]) -> Outcome:
+        return self.search.probe(layer_eps)
+
+    def params(self, layer_eps: Mapping[str, float]) -> int:
+        return self.search.params(layer_eps)
+
+    def cut(self, layer_eps: Mapping[str, float], cuts: Mapping[str, Cut]) -> dict[str, float]:
+        return self.search.cut(layer_eps, cuts)
+
+    def finish(self, outcome: Outcome) -> Outcome:
+        """The outcome refit and measured on all the rows (see the class)."""
+        self.whole = Evaluator(self.original, self.batches, labels=self.labels, trees=self.search.trees,
+                               forwards=self.search.forwards, **self.options)
+        return self.whole.redo(outcome)
+
+    def report(self, outcome: Outcome, kind: TargetKind | str, limit: float) -> TargetReport:
+        """Against all the rows once finished, against the searched ones before."""
+        return (self.search if self.whole is None else self.whole).report(outcome, kind, limit)
 
 
 def can_deal(batches: Sequence[Batch], folds: int) -> bool:

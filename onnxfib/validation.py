@@ -159,10 +159,11 @@ def _measuring_rows(resolved: dict[str, tuple[int, ...]], widened: Sequence[str]
 FEWEST_BUDGETED_ROWS = 8
 
 
-def _rows_within(model: onnx.ModelProto, resolved: Mapping[str, tuple[int, ...]], widened: Sequence[str],
+def rows_within(model: onnx.ModelProto, resolved: Mapping[str, tuple[int, ...]], widened: Sequence[str],
                  rows: int, max_macs: int) -> int:
     """``rows``, or as many as one run of ``model`` spends at most ``max_macs`` on
-    (``stats.count_macs`` of one row), at least ``FEWEST_BUDGETED_ROWS``."""
+    (``stats.count_macs`` of one row: the ``widened`` inputs of ``resolved`` one row long), at
+    least ``FEWEST_BUDGETED_ROWS``."""
     per_row = count_macs(model, {name: (1, *dims[1:]) if name in widened else dims for name, dims in resolved.items()})
     if not per_row:
         return rows
@@ -191,7 +192,7 @@ def generate_inputs(
     batch_size = declared_batch(model)
     widened = _widened(inputs, given, rows, batch_size, widen_given=widen_given)
     if max_macs is not None and widened:
-        rows = _rows_within(model, resolved, widened, rows, max_macs)
+        rows = rows_within(model, resolved, widened, rows, max_macs)
         widened = _widened(inputs, given, rows, batch_size, widen_given=widen_given)
     resolved = _measuring_rows(resolved, widened, rows, batch_size,
                                max_elements=MAX_GENERATED_ELEMENTS if max_elements is None else max_elements)

@@ -15,7 +15,7 @@ from onnxfib import stats
 from onnxfib.analysis import Cut, ForwardMemo, analyze
 from onnxfib.errors import UsageError, ValidationMismatchError
 from onnxfib.folding import Folder
-from onnxfib.targets import Evaluator, HeldOut, can_deal, deal_rows, search
+from onnxfib.targets import Evaluator, HeldOut, Subsampled, can_deal, deal_rows, search
 from onnxfib.validation import run_tensors
 
 
@@ -228,6 +228,56 @@ def test_held_out_figures_predict_fresh_data_better_than_in_sample_ones():
     on_fresh = float(np.mean((compressed - reference) ** 2) / np.var(reference))
     assert abs(measured.mse - on_fresh) < abs(in_sample(layer_eps).mse - on_fresh)
     assert in_sample(layer_eps).mse < measured.mse  # the refit flatters the rows it saw
+
+
+def _relative_mse(model, compressed, batches) -> float:
+    """The compressed model's mean squared output error over the original's output variance,
+    from ONNX Runtime on ``batches``."""
+    reference = np.concatenate([y for y, in run_tensors(model, ["y"], batches, "original")])
+    output = np.concatenate([y for y, in run_tensors(compressed, ["y"], batches, "compressed")])
+    return float(np.mean((output - reference) ** 2) / np.var(reference))
+
+
+def test_subsampled_search_chooses_on_every_kth_row_and_refits_on_all():
+    """The search sees every fourth row; the model it returns is refit on all of them, which fits
+    all of them better than the searched rows' refit of the same collapse, and its figures are
+    those of all the rows (ONNX Runtime against the original)."""
+    model = build_mlp([8, 24, 16, 3], seed=3, planted=False)
+    x = np.random.default_rng(5).standard_normal((96, 8)).astype(np.float32)
+    calibration = [{"x": x}]
+    options = {"calibrate": True, "ridge": 1e-6, "folder": Folder(model)}
+    evaluator = Subsampled(model, calibration, rows=24, **options)
+    assert (evaluator.rows, evaluator.total) == (24, 96)
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in evaluator.search.batches]), x[::4])
+    chosen = search(evaluator.search, "params", 0.6)  # what Subsampled's search returns before finish
+    finished = evaluator.finish(chosen)
+    params = stats.count_parameters(finished.model)
+    assert (finished.layer_eps, finished.grouping) == (chosen.layer_eps, chosen.grouping)
+    assert finished.params == chosen.params == params <= 0.6 * stats.count_parameters(model)
+    on_all = _relative_mse(model, finished.model, calibration)
+    assert finished.mse == pytest.approx(on_all, rel=1e-3)
+    assert on_all < _relative_mse(model, chosen.model, calibration)
+    assert evaluator.report(finished, "params", 0.6).met
+
+
+@pytest.mark.slow
+def test_calibrated_params_target_searches_on_a_share_of_many_rows(model):
+    """With more calibration rows than a search measures on, compress says it searches on a
+    share, and the target it reports (met, counted on the written model) comes with the
+    figures of all the rows."""
+    x = np.random.default_rng(9).standard_normal((400, 12)).astype(np.float32)
+    lines: list[str] = []
+    result = onnxfib.compress(model, data={"x": x}, target_params=0.5, calibrate=True, progress=lines.append)
+    assert lines[0] == ("searching on 100 of the 400 calibration rows (spread over all of them); the result is "
+                        "refit and measured on every row")
+    assert stats.count_parameters(result.model) <= 0.5 * stats.count_parameters(model)
+    reference, output = _outputs(model, {"x": x}), _outputs(result.model, {"x": x})
+    largest = float(np.max(np.abs(output - reference)))
+    assert result.report.target.met
+    assert result.report.target.max_rel == pytest.approx(largest / float(np.max(np.abs(reference))), rel=1e-4)
+    few: list[str] = []
+    onnxfib.compress(model, data={"x": x[:128]}, target_params=0.5, calibrate=True, progress=few.append)
+    assert not any(line.startswith("searching on") for line in few)
 
 
 class _CountingEvaluator(Evaluator):
