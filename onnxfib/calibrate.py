@@ -42,6 +42,7 @@ from collections.abc import Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from scipy.linalg import solve_triangular
 
 from .analysis import Analysis
@@ -153,11 +154,25 @@ def refit(analysis: Analysis, original: onnx.ModelProto, batches: Sequence[Batch
     forward = ForwardRun(pieces, "compressed")
     reports: list[RefitReport] = []
     for front in _fronts(model, _to_refit(analysis)):
-        done = [report for _, report in _refit_front(analysis, front, model, activations, forward, ridge)]
-        reports.extend(done)
-        if done:
-            model = analysis.graph.export()
+        done = list(_refit_front(analysis, front, model, activations, forward, ridge))
+        reports.extend(report for _, report in done)
+        model = _with_refit_weights(model, analysis, [site for site, _ in done])
     return model, reports
+
+
+def _with_refit_weights(model: onnx.ModelProto, analysis: Analysis, sites: Sequence[LinearSite]) -> onnx.ModelProto:
+    """``model`` (the analysis's collapse, earlier fronts' refits in) with the weights and biases
+    the analysis's graph now holds for ``sites`` written into its initializers of the same names,
+    in place: a refit changes values only, and exporting the whole graph per front cost more than
+    the refit of a small front. The graph is exported instead where a site's tensor is not such
+    an initializer (a shared tensor rewritten under a new name)."""
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    tensors = [node.inputs[index] for site in sites for node, index in filter(None, (site.weight, site.bias))]
+    if any(tensor.name not in initializers for tensor in tensors):
+        return analysis.graph.export()
+    for tensor in tensors:
+        initializers[tensor.name].CopyFrom(numpy_helper.from_array(np.asarray(tensor.values), tensor.name))
+    return model
 
 
 def _to_refit(analysis: Analysis) -> list[LinearSite]:

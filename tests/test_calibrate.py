@@ -49,6 +49,30 @@ def test_refit_improves_every_layer_along_the_graph():
     assert _sse(refit_model, original, x) < _sse(analyze(original, eps=0.8).collapse(), original, x)
 
 
+@pytest.mark.parametrize("build", ["mlp", "cnn"])
+def test_refit_model_holds_what_an_export_of_the_refit_graph_holds(build):
+    """The refit writes each front's weights into the collapse in place instead of exporting the
+    whole graph per front: the model it returns is the one an export gives, node for node and
+    value for value."""
+    if build == "mlp":
+        original, x = build_mlp([8, 24, 20, 16, 3], seed=4, planted=False), _calibration(seed=2)
+    else:
+        original, x = _cnn(), np.random.default_rng(4).standard_normal((40, 3, 9, 9)).astype(np.float32)
+    analysis = analyze(original, eps=0.8)
+    refit_model, reports = refit(analysis, original, [{"x": x}])
+    assert len(reports) >= (3 if build == "mlp" else 1)
+    exported = analysis.graph.export()
+    assert [(n.op_type, list(n.input)) for n in refit_model.graph.node] == [
+        (n.op_type, list(n.input)) for n in exported.graph.node]
+    mine = {t.name: numpy_helper.to_array(t) for t in refit_model.graph.initializer}
+    theirs = {t.name: numpy_helper.to_array(t) for t in exported.graph.initializer}
+    assert mine.keys() == theirs.keys()
+    for name, values in theirs.items():
+        np.testing.assert_array_equal(mine[name], values)
+    merged = {t.name: numpy_helper.to_array(t) for t in analysis.collapse().graph.initializer}
+    assert any(not np.array_equal(merged[name], values) for name, values in mine.items())  # something was refit
+
+
 def test_refit_is_independent_of_the_batching():
     original = build_mlp([8, 24, 3], seed=3, planted=False)
     x = _calibration()
