@@ -164,9 +164,11 @@ class Evaluator:
         self.calibrate = calibrate
         self.ridge = ridge
         self.names = [o.name for o in original.graph.output]
-        self.reference = list(run_tensors(original, self.names, self.batches, "original"))
+        # in the outputs' own dtypes (float64 would double what the largest data's outputs hold)
+        self.reference = list(run_tensors(original, self.names, self.batches, "original", dtype=None))
         self.variance = [
-            max(float(np.mean([np.var(run[k]) for run in self.reference])), 1e-30) for k in range(len(self.names))
+            max(float(np.mean([np.var(run[k], dtype=np.float64) for run in self.reference])), 1e-30)
+            for k in range(len(self.names))
         ]
         self.scales = list(scales) if scales is not None else [
             max(float(np.max(np.abs(np.where(np.isfinite(run[k]), run[k], 0.0)), initial=0.0)) for run in self.reference)
@@ -257,23 +259,32 @@ class Evaluator:
         else:
             model, refits = refit(analysis, self.original, self.fit_batches, ridge=self.ridge,
                                   activations=self.activations)
-        runs = list(run_tensors(model, self.names, self.batches, "compressed"))
+        outputs = range(len(self.names))
+        largests: list[list[float]] = [[] for _ in outputs]
+        energies: list[list[float]] = [[] for _ in outputs]
+        cosines: dict[int, list[np.ndarray]] = {k: [] for k in self.embeddings}
+        classes = []
+        for run, reference in zip(run_tensors(model, self.names, self.batches, "compressed"), self.reference):
+            for k in outputs:  # one batch at a time: the runs are never held together
+                ref = np.asarray(reference[k], dtype=np.float64)
+                d = run[k] - ref
+                largests[k].append(float(np.max(np.abs(d), initial=0.0)))
+                energies[k].append(float(np.mean(d * d)))
+                if k in cosines:
+                    cosines[k].append(row_cosines(ref, run[k]))
+            classes.append(predicted_classes(run, self.label_index))
         max_abs, max_rel, mse = 0.0, 0.0, 0.0
         for k, (variance, scale) in enumerate(zip(self.variance, self.scales)):
-            largests, energies = [], []
-            for run, ref in zip(runs, self.reference):  # one batch's difference at a time
-                d = run[k] - ref[k]
-                largests.append(float(np.max(np.abs(d), initial=0.0)))
-                energies.append(np.mean(d * d))
-            largest = max(largests)
+            largest = max(largests[k])
             max_abs = max(max_abs, largest)
             max_rel = max(max_rel, largest / scale if scale > 0 else (0.0 if largest == 0 else math.inf))
-            mse += float(np.mean(energies)) / variance
-        agreement = float(np.mean(self._classes(runs) == self.classes))
-        cosine = min(float(np.mean(np.concatenate([row_cosines(ref[k], run[k]) for run, ref in zip(runs, self.reference)])))
-                     for k in self.embeddings)
+            mse += float(np.mean(energies[k])) / variance
+        predicted = np.concatenate(classes)
+        agreement = float(np.mean(predicted == self.classes))
+        cosine = min(float(np.mean(np.concatenate(cosines[k]))) for k in self.embeddings)
+        accuracy = None if self.labels is None else float(np.mean(predicted == self.labels))
         return Outcome(dict(layer_eps), analysis, heights, model, stats.count_parameters(model), max_abs, mse,
-                       self._accuracy(runs), refits, max_rel=max_rel, agreement=agreement, cosine=cosine,
+                       accuracy, refits, max_rel=max_rel, agreement=agreement, cosine=cosine,
                        grouping=grouping, eps=eps, colorings=colorings)
 
     def params(self, layer_eps: Mapping[str, float]) -> int:

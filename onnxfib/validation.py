@@ -546,9 +546,10 @@ def chunked(batches: Iterable[Mapping[str, np.ndarray]], rows: int = 256) -> Ite
 
 
 def run_tensors(model: onnx.ModelProto, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]],
-                role: str) -> Iterator[list[np.ndarray]]:
+                role: str, dtype: type | None = np.float64) -> Iterator[list[np.ndarray]]:
     """For each batch, the named tensors of ``model`` (outputs or intermediate activations) as
-    float64 arrays, computed by ONNX Runtime; InvalidModelError if it cannot load or run it."""
+    ``dtype`` arrays (None: their own dtypes), computed by ONNX Runtime; InvalidModelError if it
+    cannot load or run it."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     listed = {o.name for o in probe.graph.output}
@@ -557,7 +558,7 @@ def run_tensors(model: onnx.ModelProto, names: Sequence[str], batches: Iterable[
     session, holder = _session(probe, role)
     try:
         for batch in batches:
-            yield feed.run(session, list(names), batch, role)
+            yield feed.run(session, list(names), batch, role, dtype)
     finally:
         if holder is not None:
             holder.cleanup()
