@@ -43,17 +43,42 @@ def test_calibration_rows_are_distinct_dark_lines_on_light_pages(rendered: np.nd
     assert all(np.median(row) > 0.7 and row.min() < 0.35 for row in rendered)
 
 
-def fixed_batch_cnn(path: Path) -> Path:
-    """A small Conv/Relu network declaring batch 1, as ddddocr's recogniser does."""
+def fixed_batch_cnn(path: Path, planted: bool = False) -> Path:
+    """A small Conv/Relu network declaring batch 1, as ddddocr's recogniser does; ``planted``:
+    the first layer's last four filters (and biases) copy its first four."""
     rng = np.random.default_rng(0)
     b = Builder()
-    h = b.op("Relu", [b.op("Conv", ["x", b.const(rng.standard_normal((8, 1, 3, 3))), b.const(rng.standard_normal(8))],
-                           pads=[1, 1, 1, 1])])
+    w, bias = rng.standard_normal((8, 1, 3, 3)), rng.standard_normal(8)
+    if planted:
+        w[4:], bias[4:] = w[:4], bias[:4]
+    h = b.op("Relu", [b.op("Conv", ["x", b.const(w), b.const(bias)], pads=[1, 1, 1, 1])])
     h = b.op("Relu", [b.op("Conv", [h, b.const(rng.standard_normal((8, 8, 3, 3)) / 8), b.const(rng.standard_normal(8))],
                            pads=[1, 1, 1, 1])])
     y = b.op("Conv", [h, b.const(rng.standard_normal((4, 8, 1, 1)) / 3), b.const(np.zeros(4))])
     onnx.save(b.model({"x": [1, 1, 8, 16]}, y, [1, 4, 8, 16]), str(path))
     return path
+
+
+def test_held_out_lines_are_distinct_and_none_is_a_calibration_line(rendered: np.ndarray):
+    calibration = set(search_speed.text_lines("riddles", 300, search_speed.CALIBRATION_SEED, 12))
+    held = search_speed.held_out_lines("ddddocr", 200, 300)
+    assert len(set(held)) == 200 and not calibration.intersection(held)
+    drawn = search_speed.text_lines("riddles", 800, search_speed.HELD_OUT_SEED, 12)
+    assert calibration.intersection(drawn)  # the corpus repeats fragments: the exclusion has work to do
+
+
+@pytest.mark.slow
+def test_held_out_answers_of_an_exact_collapse_all_agree(tmp_path):
+    """With the first layer's filters planted twice, its exact collapse keeps 53% of the
+    parameters, so it meets keep 0.6, and it answers as the original does on any rows."""
+    data, held = tmp_path / "rows.npz", tmp_path / "held.npz"
+    rng = np.random.default_rng(1)
+    np.savez(data, x=rng.uniform(0, 1, (12, 1, 8, 16)).astype(np.float32))
+    np.savez(held, x=rng.uniform(0, 1, (5, 1, 8, 16)).astype(np.float32))
+    figures = search_speed.run_search(fixed_batch_cnn(tmp_path / "cnn.onnx", planted=True), "x", (1, 1, 8, 16), 0.6,
+                                      300, str(data), str(held))
+    assert figures["status"] == "ok", figures
+    assert (figures["held_out_rows"], figures["held_out_agreement"], figures["held_out_lines_equal"]) == (5, 1.0, 1.0)
 
 
 @pytest.mark.slow
