@@ -254,13 +254,14 @@ def markdown(cases: list[dict]) -> str:
     return "\n".join(lines + ["", END])
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def held_out(case: dict) -> str:
     """A case's held-out figures in a cell: position agreement, lines equal (rows), or -."""
     if "held_out_agreement" not in case:
         return "-"
     return (f"{case['held_out_agreement']:.3f}, {case['held_out_lines_equal']:.3f} "
             f"({case['held_out_rows']} lines)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -93,9 +93,11 @@ def test_a_calibrated_search_runs_on_a_fixed_batch_model(tmp_path):
 
 def test_calibrated_and_data_free_cases_are_kept_and_shown_apart():
     free = {"model": "ddddocr", "keep": 0.5, "search": "allocation (abc)", "status": "ok", "calib_rows": 0}
-    calibrated = {**free, "calib_rows": 1024, "peak_rss_mib": 900}
+    calibrated = {**free, "calib_rows": 1024, "peak_rss_mib": 900, "held_out_rows": 256,
+                  "held_out_agreement": 0.97461, "held_out_lines_equal": 0.484375}
     assert search_speed.case_key(free) != search_speed.case_key(calibrated)
     assert search_speed.case_key({k: v for k, v in free.items() if k != "calib_rows"}) == search_speed.case_key(free)
     rows = [line for line in search_speed.markdown([free, calibrated]).splitlines() if line.startswith("| ddddocr")]
     assert [line.split(" | ")[2] for line in rows] == ["-", "1024"]
     assert rows[1].split(" | ")[7] == "900"
+    assert [line.split(" | ")[14] for line in rows] == ["-", "0.975, 0.484 (256 lines)"]
