@@ -3,18 +3,19 @@
 All gates share one partition of the hidden units, found as the coarsest partition that is
 stable under the recurrence: start with one color, and refine by each unit's signature (its
 rows of W aggregated by the input's fibers, of R by the current hidden colors, its biases and
-peepholes) until nothing changes. Both directions of a bidirectional layer share it, since
-their outputs share one channel axis.
+peepholes) until nothing changes. A tolerant eps clusters the signatures once, R aggregated by
+that exact partition (``RecurrentSite._stable_partition``). Both directions of a bidirectional
+layer share it, since their outputs share one channel axis.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..coloring import Coloring
+from ..coloring import Coloring, Tolerance
 from ..graph import GraphView
 from ..partition import Partition
 from .base import Context, Link, Plan, Port, Site
@@ -75,7 +76,14 @@ class RecurrentSite(Site):
         return {self.outputs[0].name: self.hidden} if self.apart else {}
 
     def _stable_partition(self, ctx: Context, direction: int) -> Partition:
-        """Coarsest hidden partition of one direction that the recurrence keeps."""
+        """The hidden partition of one direction. Exact (eps 0): the coarsest one the recurrence
+        keeps, refined from one color by each unit's signature (its rows of W aggregated by the
+        input's fibers, of R by the current hidden colors, its biases and peepholes) until
+        nothing changes. Tolerant: the units clustered once at eps by their signatures with R
+        aggregated by that exact partition, so a larger eps never keeps more colors (refining
+        at eps again and again is not monotone in eps: on a trained LSTM eps 0.99 kept 479 of
+        512 units where 0.97 kept 426). Either way the merge distances recorded are those of
+        the clustering the tolerant pass makes."""
         x = ctx.fiber(self.inputs[0])
         w = self._per_unit(1, self.gates)[direction] * x.scales
         recurrent = self._per_unit(2, self.gates)[direction]
@@ -84,16 +92,20 @@ class RecurrentSite(Site):
             extra = self._per_unit(index, blocks)
             if extra is not None:
                 fixed.append(extra[direction])
-        hidden = Partition.uniform(self.hidden)
-        while True:
+
+        def clustered(tol: Tolerance, hidden: Partition) -> Partition:
             parts = [*fixed, hidden.reduce(recurrent, 2)]
             signature = np.concatenate(
                 [np.moveaxis(p, 1, 0).reshape(self.hidden, -1) for p in parts], axis=1
             )
-            refined = ctx.tol.unit(ctx.tol.cluster(signature)).partition.meet(hidden)
-            if refined == hidden:
-                return hidden
-            hidden = refined
+            return tol.unit(tol.cluster(signature)).partition
+
+        exact = replace(ctx.tol, eps=0.0, heights=None, chosen=None, merges=None)
+        stable = Partition.uniform(self.hidden)
+        while (refined := clustered(exact, stable).meet(stable)) != stable:
+            stable = refined
+        tolerant = clustered(ctx.tol, stable)
+        return stable if ctx.tol.exact and ctx.tol.chosen is None else tolerant
 
     def forward(self, ctx: Context) -> None:
         parts = [self._stable_partition(ctx, d) for d in range(self.directions)]
